@@ -1,0 +1,177 @@
+"""nnU-Net backbones: PlainConvUNet / ResidualEncoderUNet built exactly as nnU-Net builds them.
+
+``"nnunet"`` reads the architecture from an nnU-Net plans file and configuration and builds it with nnU-Net's own
+``get_network_from_plans``, so the weights fit that dataset's trainer. ``"plain_conv_unet"`` and ``"resenc_unet"``
+derive the topology from a patch size (and spacing) with nnU-Net's ``get_pool_and_conv_props``, as its planners do.
+Tokens are the bottleneck (the encoder's last skip); the reconstruction comes from the last decoder stage.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+
+from . import register_backbone
+from .base import Backbone, positive_triple
+
+_SUPPORTED = ("PlainConvUNet", "ResidualEncoderUNet")
+# Constants of nnU-Net 2.8's ExperimentPlanner / ResEncUNetPlanner (instance attributes there, so not importable).
+_BASE_FEATURES, _MAX_FEATURES_3D, _MIN_FEATURE_MAP_EDGE = 32, 320, 4
+_PLAIN_CONVS_ENCODER, _PLAIN_CONVS_DECODER = 2, 2
+_RESENC_BLOCKS_ENCODER, _RESENC_CONVS_DECODER = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6), 1
+
+
+class NNUNetBackbone(Backbone):
+    encoder_prefixes = ("encoder.",)  # nnU-Net's decoder aliases it as decoder.encoder (same tensors)
+
+    def spatial_divisor(self):
+        strides = self.config["architecture"]["arch_kwargs"]["strides"]
+        divisor = [1, 1, 1]
+        for stride in strides:
+            stride = [stride] * 3 if isinstance(stride, int) else stride
+            divisor = [d * s for d, s in zip(divisor, stride)]
+        return tuple(divisor)
+
+    def features(self, x):
+        # UNetDecoder.forward (dynamic_network_architectures 0.4) without its segmentation layers.
+        skips = self.network.encoder(x)
+        decoder = self.network.decoder
+        lres = skips[-1]
+        for s in range(len(decoder.stages)):
+            up = decoder.transpconvs[s](lres)
+            lres = decoder.stages[s](torch.cat((up, skips[-(s + 2)]), 1))
+        return skips[-1], lres
+
+
+def _load_plans(plans: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any]:
+    if isinstance(plans, dict):
+        return plans
+    try:
+        with open(plans) as f:
+            return json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read the nnU-Net plans file {plans}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the nnU-Net plans file {plans} is not valid JSON ({e}); pass nnU-Net's "
+                         f"nnUNetPlans.json from nnUNet_preprocessed/DATASET/") from None
+
+
+def architecture_from_plans(plans: Union[str, os.PathLike, Dict[str, Any]],
+                            configuration: str = "3d_fullres") -> tuple[Dict[str, Any], tuple]:
+    """``(architecture dict, patch_size)`` of a plans configuration, with nnU-Net's inheritance resolved."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = _load_plans(plans)
+    if not isinstance(plans, dict) or "configurations" not in plans:
+        raise ValueError("the plans have no 'configurations' key: pass an nnU-Net v2 plans file (nnUNetPlans.json)")
+    if configuration not in plans["configurations"]:
+        raise ValueError(f"configuration {configuration!r} is not in the plans; available: "
+                         f"{sorted(plans['configurations'])}")
+    cm = PlansManager(plans).get_configuration(configuration)
+    arch = {"network_class_name": cm.network_arch_class_name,
+            "arch_kwargs": copy.deepcopy(cm.network_arch_init_kwargs),
+            "_kw_requires_import": list(cm.network_arch_init_kwargs_req_import)}
+    return arch, tuple(cm.patch_size)
+
+
+def architecture_for_patch(patch_size: Sequence[int], spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                           family: str = "plain", base_features: int = _BASE_FEATURES,
+                           max_features: int = _MAX_FEATURES_3D) -> Dict[str, Any]:
+    """nnU-Net's planned 3D architecture (``plans['configurations'][c]['architecture']``) for a patch size.
+
+    Topology from nnU-Net's ``get_pool_and_conv_props``; widths, blocks and ops as its ``ExperimentPlanner``
+    (``family="plain"``) or ``ResEncUNetPlanner`` (``family="resenc"``) write them; ``base_features`` and
+    ``max_features`` are the planners' ``UNet_base_num_features`` and ``UNet_max_features_3d``.
+    """
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+    _, strides, kernels, planned_patch, _ = get_pool_and_conv_props(list(spacing), list(patch_size),
+                                                                    _MIN_FEATURE_MAP_EDGE, 999999)
+    if tuple(int(p) for p in planned_patch) != tuple(patch_size):
+        raise ValueError(f"patch size {tuple(patch_size)} does not fit nnU-Net's pooling for spacing {tuple(spacing)}; "
+                         f"nnU-Net would use {tuple(int(p) for p in planned_patch)}")
+    n = len(strides)
+    kwargs: Dict[str, Any] = {
+        "n_stages": n,
+        "features_per_stage": [min(max_features, base_features * 2 ** i) for i in range(n)],
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [list(k) for k in kernels],
+        "strides": [list(s) for s in strides],
+    }
+    if family == "plain":
+        cls = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+        kwargs["n_conv_per_stage"] = [_PLAIN_CONVS_ENCODER] * n
+        kwargs["n_conv_per_stage_decoder"] = [_PLAIN_CONVS_DECODER] * (n - 1)
+    elif family == "resenc":
+        cls = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+        kwargs["n_blocks_per_stage"] = list(_RESENC_BLOCKS_ENCODER[:n])
+        kwargs["n_conv_per_stage_decoder"] = [_RESENC_CONVS_DECODER] * (n - 1)
+    else:
+        raise ValueError(f"family must be 'plain' or 'resenc', got {family!r}")
+    kwargs.update({"conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                   "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                   "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}})
+    return {"network_class_name": cls, "arch_kwargs": kwargs,
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+
+
+@register_backbone("nnunet")
+def build_nnunet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None, *,
+                 plans: Union[str, os.PathLike, Dict[str, Any], None] = None, configuration: str = "3d_fullres",
+                 architecture: Optional[Dict[str, Any]] = None, num_classes: int = 2) -> Backbone:
+    """The network ``get_network_from_plans`` builds for ``plans`` + ``configuration`` (or for a plans-style
+    ``architecture`` dict). ``patch_size`` defaults to the configuration's. ``num_classes`` only sizes the unused
+    segmentation layers, which nnU-Net's ``-pretrained_weights`` skips."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    if (plans is None) == (architecture is None):
+        raise ValueError("the nnunet backbone needs exactly one of plans= (a plans.json path or dict, with "
+                         "configuration=) or architecture= (a plans 'architecture' dict)")
+    if plans is not None:
+        architecture, planned_patch = architecture_from_plans(plans, configuration)
+        patch_size = patch_size or planned_patch
+    if not isinstance(architecture, dict) or not {"network_class_name", "arch_kwargs"} <= set(architecture):
+        raise ValueError("architecture must be a plans 'architecture' dict with network_class_name and arch_kwargs")
+    class_name = architecture["network_class_name"].rsplit(".", 1)[-1]
+    if class_name not in _SUPPORTED:
+        raise ValueError(f"nnU-Net architecture {architecture['network_class_name']} is not supported; "
+                         f"supported: {', '.join(_SUPPORTED)}")
+    if patch_size is None:
+        raise ValueError("patch_size is required when building the nnunet backbone from an architecture dict")
+    patch = positive_triple("patch_size", patch_size)
+    if "Conv3d" not in str(architecture["arch_kwargs"].get("conv_op", "")):
+        raise ValueError(f"the nnU-Net configuration is not 3D (conv_op {architecture['arch_kwargs'].get('conv_op')}); "
+                         f"use a 3d_* configuration")
+    network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                     architecture.get("_kw_requires_import", ()), in_channels, num_classes,
+                                     allow_init=True, deep_supervision=False)
+    features = architecture["arch_kwargs"]["features_per_stage"]
+    config = dict(name="nnunet", in_channels=in_channels, patch_size=list(patch), architecture=architecture,
+                  num_classes=num_classes)
+    backbone = NNUNetBackbone(network, in_channels, patch, token_dim=features[-1], decoder_dim=features[0],
+                              config=config)
+    backbone.check_spatial_shape(patch)
+    return backbone
+
+
+@register_backbone("plain_conv_unet")
+def build_plain_conv_unet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None,
+                          spacing: Sequence[float] = (1.0, 1.0, 1.0), num_classes: int = 2,
+                          base_features: int = _BASE_FEATURES, max_features: int = _MAX_FEATURES_3D) -> Backbone:
+    """nnU-Net's default PlainConvUNet for ``patch_size`` (default 96^3) at ``spacing``."""
+    patch = positive_triple("patch_size", patch_size or (96, 96, 96))
+    arch = architecture_for_patch(patch, spacing, "plain", base_features, max_features)
+    return build_nnunet(in_channels, patch, architecture=arch, num_classes=num_classes)
+
+
+@register_backbone("resenc_unet")
+def build_resenc_unet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None,
+                      spacing: Sequence[float] = (1.0, 1.0, 1.0), num_classes: int = 2,
+                      base_features: int = _BASE_FEATURES, max_features: int = _MAX_FEATURES_3D) -> Backbone:
+    """nnU-Net's ResidualEncoderUNet (ResEnc planner topology) for ``patch_size`` (default 96^3) at ``spacing``."""
+    patch = positive_triple("patch_size", patch_size or (96, 96, 96))
+    arch = architecture_for_patch(patch, spacing, "resenc", base_features, max_features)
+    return build_nnunet(in_channels, patch, architecture=arch, num_classes=num_classes)

@@ -1,0 +1,53 @@
+"""MONAI SwinUNETR backbone: tokens from the bottleneck block ``encoder10``, reconstruction from ``decoder1``."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from . import register_backbone
+from .base import Backbone, positive_triple
+
+DEFAULT_PATCH_SIZE = (96, 96, 96)
+
+
+class SwinUNETRBackbone(Backbone):
+    encoder_prefixes = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")
+
+    def spatial_divisor(self):
+        return (self.network.patch_size ** 5,) * 3  # SwinUNETR's own input check: 5 downsamplings
+
+    def features(self, x):
+        # Same modules, same order as SwinUNETR.forward (MONAI 1.5/1.6), without the segmentation head.
+        net = self.network
+        hidden = net.swinViT(x, net.normalize)
+        enc0 = net.encoder1(x)
+        enc1 = net.encoder2(hidden[0])
+        enc2 = net.encoder3(hidden[1])
+        enc3 = net.encoder4(hidden[2])
+        dec4 = net.encoder10(hidden[4])
+        dec3 = net.decoder5(dec4, hidden[3])
+        dec2 = net.decoder4(dec3, enc3)
+        dec1 = net.decoder3(dec2, enc2)
+        dec0 = net.decoder2(dec1, enc1)
+        return dec4, net.decoder1(dec0, enc0)
+
+
+@register_backbone("swin_unetr")
+def build_swin_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None, **network_kwargs):
+    """MONAI ``SwinUNETR(in_channels, out_channels=2, feature_size=48, **network_kwargs)``; tokens are
+    ``16 * feature_size`` wide (768 by default), one per 32^3 block of the patch."""
+    from monai.networks.nets import SwinUNETR
+
+    patch = positive_triple("patch_size", patch_size or DEFAULT_PATCH_SIZE)
+    if "img_size" in network_kwargs:
+        raise ValueError("SwinUNETR takes no img_size since MONAI 1.5; pass patch_size to build_backbone instead")
+    kwargs = {"out_channels": 2, "feature_size": 48, **network_kwargs}
+    try:
+        network = SwinUNETR(in_channels=in_channels, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"SwinUNETR rejected the arguments {kwargs}: {e}") from None
+    backbone = SwinUNETRBackbone(network, in_channels, patch, token_dim=16 * kwargs["feature_size"],
+                                 decoder_dim=kwargs["feature_size"],
+                                 config=dict(name="swin_unetr", in_channels=in_channels, patch_size=list(patch),
+                                             network_kwargs=kwargs))
+    backbone.check_spatial_shape(patch)
+    return backbone

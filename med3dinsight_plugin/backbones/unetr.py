@@ -1,0 +1,55 @@
+"""MONAI UNETR backbone: tokens are the ViT's output sequence, reconstruction comes from ``decoder2``."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from . import register_backbone
+from .base import Backbone, positive_triple
+
+DEFAULT_PATCH_SIZE = (96, 96, 96)
+
+
+class UNETRBackbone(Backbone):
+    encoder_prefixes = ("vit.", "encoder1.", "encoder2.", "encoder3.", "encoder4.")
+
+    def check_spatial_shape(self, shape):
+        # The ViT's learnable position embedding fixes the input size.
+        if tuple(shape) != self.patch_size:
+            raise ValueError(f"unetr was built for patches of {self.patch_size} (its position embedding has one entry "
+                             f"per 16^3 patch) but got spatial size {tuple(shape)}; crop to {self.patch_size}")
+
+    def features(self, x):
+        # Same modules, same order as UNETR.forward (MONAI 1.4-1.6), without the segmentation head.
+        net = self.network
+        tokens, hidden = net.vit(x)
+        enc1 = net.encoder1(x)
+        enc2 = net.encoder2(net.proj_feat(hidden[3]))
+        enc3 = net.encoder3(net.proj_feat(hidden[6]))
+        enc4 = net.encoder4(net.proj_feat(hidden[9]))
+        dec3 = net.decoder5(net.proj_feat(tokens), enc4)
+        dec2 = net.decoder4(dec3, enc3)
+        dec1 = net.decoder3(dec2, enc2)
+        return tokens, net.decoder2(dec1, enc1)
+
+
+@register_backbone("unetr")
+def build_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None, **network_kwargs):
+    """MONAI ``UNETR(in_channels, out_channels=2, img_size=patch_size, **network_kwargs)`` with MONAI's ViT-B/16
+    defaults (hidden 768, 12 layers, 12 heads, feature_size 16); one token per 16^3 block of the patch."""
+    from monai.networks.nets import UNETR
+
+    patch = positive_triple("patch_size", patch_size or DEFAULT_PATCH_SIZE)
+    if "img_size" in network_kwargs:
+        raise ValueError("pass the UNETR input size as patch_size to build_backbone, not as img_size")
+    if any(p % 16 for p in patch):
+        raise ValueError(f"unetr needs a patch size divisible by 16 (ViT patches of 16^3), got {patch}")
+    kwargs = {"out_channels": 2, "feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12,
+              **network_kwargs}
+    try:
+        network = UNETR(in_channels=in_channels, img_size=patch, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"UNETR rejected the arguments {kwargs}: {e}") from None
+    return UNETRBackbone(network, in_channels, patch, token_dim=kwargs["hidden_size"],
+                         decoder_dim=kwargs["feature_size"],
+                         config=dict(name="unetr", in_channels=in_channels, patch_size=list(patch),
+                                     network_kwargs=kwargs))
