@@ -110,7 +110,8 @@ class PartialOTAlignment(nn.Module):
         batched transport problem -> scalar or (T,)."""
         for target in z2d.unbind(0) if z2d.dim() == 3 else (z2d,):
             _check_pairs(z3d, target)
-        cost = self.cost(z3d.float(), z2d.float())
+        dtype = torch.promote_types(z3d.dtype, torch.float32)  # never solve OT in half precision
+        cost = self.cost(z3d.to(dtype), z2d.to(dtype))
         n = cost.shape[-1]
         uniform = cost.new_full((n,), 1.0 / n)
         log_plan = log_entropic_partial_wasserstein(uniform, uniform, cost, self.reg, self.mass, self.num_iter,

@@ -139,12 +139,12 @@ def build_nnunet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = Non
     if class_name not in _SUPPORTED:
         raise ValueError(f"nnU-Net architecture {architecture['network_class_name']} is not supported; "
                          f"supported: {', '.join(_SUPPORTED)}")
-    if patch_size is None:
-        raise ValueError("patch_size is required when building the nnunet backbone from an architecture dict")
-    patch = positive_triple("patch_size", patch_size)
     if "Conv3d" not in str(architecture["arch_kwargs"].get("conv_op", "")):
         raise ValueError(f"the nnU-Net configuration is not 3D (conv_op {architecture['arch_kwargs'].get('conv_op')}); "
                          f"use a 3d_* configuration")
+    if patch_size is None:
+        raise ValueError("patch_size is required when building the nnunet backbone from an architecture dict")
+    patch = positive_triple("patch_size", patch_size)
     network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
                                      architecture.get("_kw_requires_import", ()), in_channels, num_classes,
                                      allow_init=True, deep_supervision=False)

@@ -50,4 +50,7 @@ def build_swin_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] =
                                  config=dict(name="swin_unetr", in_channels=in_channels, patch_size=list(patch),
                                              network_kwargs=kwargs))
     backbone.check_spatial_shape(patch)
+    if min(patch) < 2 * backbone.spatial_divisor()[0]:
+        raise ValueError(f"swin_unetr needs patch sizes of at least {2 * backbone.spatial_divisor()[0]} per axis (a "
+                         f"{patch} patch leaves one bottleneck voxel, which InstanceNorm rejects), got {patch}")
     return backbone

@@ -1,0 +1,30 @@
+"""Packaging promises: a light core import and the documented layout."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_core_import_pulls_in_no_framework():
+    code = ("import sys, med3dinsight_plugin, nnunet_trainers; "
+            "heavy = [m for m in ('monai', 'nnunetv2', 'open_clip', 'transformers', 'batchgenerators', 'ot', "
+            "'dynamic_network_architectures') if m in sys.modules]; print(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
+
+
+def test_layout_promised_to_users():
+    for path in ("med3dinsight_plugin", "nnunet_trainers", "examples", "tests", "benchmarks", "setup.cfg",
+                 "pyproject.toml", "README.md", ".ci/run"):
+        assert (ROOT / path).exists(), path
+
+
+def test_public_api():
+    import med3dinsight_plugin as m
+
+    for name in ("PlaneSliceAwareTransformer", "build_backbone", "Med3DInsightModel", "Med3DInsightLoss",
+                 "clip_loss"):
+        assert hasattr(m, name)
+    from med3dinsight_plugin.ot import entropic_partial_wasserstein  # noqa: F401
+    from med3dinsight_plugin.alignment import clip_loss  # noqa: F401
