@@ -8,7 +8,7 @@ Bregman projections, Benamou et al. 2015, prop. 5), rewritten for training:
 * **potentials, not matrices** -- POT keeps three full correction matrices ``q1, q2, q3`` and multiplies by
   ``diag(...)`` with a dense matmul (O(n^3) per iteration). Each correction is in fact a row vector, a column vector
   and a scalar (``q1 = 1 / min(a / rowsum, 1)`` etc.), so the plan is always ``exp(-M/reg + f_i + g_j + c)`` and an
-  iteration costs two log-sum-exps over the matrix.
+  iteration costs two matrix-vector products with a stabilised kernel (see :func:`_iterate`).
 * **batched** -- leading dimensions of ``M`` are independent problems solved together (e.g. image and text terms).
 * **differentiable** -- autograd runs through the iterations (``grad_iters=None``), or, to bound memory on large
   batches, through only the last ``grad_iters`` iterations started from the converged potentials.
@@ -131,25 +131,43 @@ def _log_plan(L0, state):
     return L0 + f.unsqueeze(-1) + g.unsqueeze(-2) + c[..., None, None]
 
 
+# Potentials may drift this far (in log units) from the kernel they were absorbed into before it is recomputed:
+# e^30 keeps every product far from float32 overflow, and a kernel entry that underflowed (< 1e-38) stays
+# negligible (< 1e-25) until the next absorption recomputes it exactly from the log-domain potentials.
+_ABSORB_AT = 30.0
+
+
 def _iterate(L0, log_a, log_b, log_m, state, num_iter, stop_thr, verbose, info):
-    """Dykstra iterations on the potentials; ``stop_thr=None`` runs exactly ``num_iter`` without error checks."""
+    """Dykstra iterations on the potentials; ``stop_thr=None`` runs exactly ``num_iter`` without error checks.
+
+    Row and column sums are matrix-vector products with a stabilised kernel ``K = exp(L0 + F + G + C)`` (the
+    plan at the last absorption), scaled by ``exp(f - F)``, ``exp(g - G)``, ``exp(c - C)``: two matvecs per
+    iteration instead of log-sum-exps over the matrix, with log-domain accuracy because the kernel is
+    re-absorbed whenever the potentials drift by more than ``_ABSORB_AT``.
+    """
     f, g, c, q1, q2, q3 = state
+    tiny = torch.finfo(L0.dtype).tiny
+    kernel = None
     for it in range(num_iter):
+        if kernel is None or _drift(f, F, g, G, c, C) > _ABSORB_AT:
+            F, G, C = f, g, c
+            kernel = _log_plan(L0, (F, G, C)).exp()
         prev = (f, g, c) if stop_thr is not None and it % 10 == 0 else None
         # Row projection: scale each row by min(a_i / rowsum_i, 1), after re-applying its correction.
         f = f + q1
-        rows = torch.logsumexp(L0 + g.unsqueeze(-2), -1) + f + c.unsqueeze(-1)
+        row_sum = _matvec(kernel, (g - G).exp()).clamp_min(tiny)  # clamp: an empty row has log-sum -inf
+        rows = row_sum.log() + (f - F) + (c - C).unsqueeze(-1)
         s = (log_a - rows).clamp(max=0.0)  # log min(a_i / rowsum_i, 1)
         f, q1 = f + s, -s
         # Column projection.
         g = g + q2
-        col_lse = torch.logsumexp(L0 + f.unsqueeze(-1), -2)  # reused for the total mass below
-        cols = col_lse + g + c.unsqueeze(-1)
+        col_sum = _matvec(kernel.transpose(-2, -1), (f - F).exp()).clamp_min(tiny)  # reused for the mass below
+        cols = col_sum.log() + (g - G) + (c - C).unsqueeze(-1)
         t = (log_b - cols).clamp(max=0.0)
         g, q2 = g + t, -t
         # Total-mass projection: rescale to mass m.
         c = c + q3
-        total = torch.logsumexp(col_lse + g, -1) + c
+        total = ((g - G).exp() * col_sum).sum(-1).clamp_min(tiny).log() + (c - C)
         c, q3 = c + log_m - total, total - log_m
         info["n_iter"] = it + 1
         if prev is not None:
@@ -160,6 +178,15 @@ def _iterate(L0, log_a, log_b, log_m, state, num_iter, stop_thr, verbose, info):
             if err <= stop_thr:
                 break
     return f, g, c, q1, q2, q3
+
+
+def _matvec(matrix, vector):
+    return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
+
+
+def _drift(f, F, g, G, c, C):
+    with torch.no_grad():
+        return float(torch.stack([(f - F).abs().max(), (g - G).abs().max(), (c - C).abs().max()]).max())
 
 
 def _plan_change(L0, prev, cur):
