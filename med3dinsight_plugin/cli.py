@@ -17,9 +17,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     names = args.backbones or [n for n in list_backbones() if n != "nnunet"]  # "nnunet" needs a plans file
     print(f"Med3DInsight models on random data: batch {args.batch}, {args.slices} slices per volume, "
-          f"patch {tuple(args.patch_size)}, device {args.device}")
+          f"patch {tuple(args.patch_size)}, PSAT preset {args.psat!r}, device {args.device}")
     for name in names:
-        s = summarize(name, args.patch_size, args.batch, args.slices, args.device)
+        s = summarize(name, args.patch_size, args.batch, args.slices, args.device, psat=args.psat)
         print(f"\n{name} ({s['network']})")
         print(f"  parameters   network {s['network_params'] / 1e6:.2f}M, PSAT {s['psat_params'] / 1e6:.2f}M, "
               f"total {s['total_params'] / 1e6:.2f}M")
@@ -27,6 +27,43 @@ def _cmd_models(args: argparse.Namespace) -> int:
               f"reconstruction {s['reconstruction']}")
         print(f"  losses {s['losses']} ({s['seconds']} s)")
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.to, args.output, plans=args.plans,
+                               configuration=args.configuration)
+    print(f"wrote {result['path']} ({result['format']}, {result['tensors']} tensors)")
+    if result["note"]:
+        print(f"note: {result['note']}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    params = sum(t.numel() for t in {id(t): t for t in ckpt.state_dict.values()}.values())
+    print(f"{ckpt.path}: {ckpt.source_format}, {len(ckpt.state_dict)} network tensors, {params / 1e6:.2f}M values")
+    meta = ckpt.metadata
+    if ckpt.source_format == "med3dinsight":
+        cfg = meta["backbone"]
+        print(f"  backbone      {cfg['name']} ({meta['network_class'].rsplit('.', 1)[-1]}), in_channels "
+              f"{meta['in_channels']}, patch {tuple(meta['patch_size'])}")
+        if "configuration" in cfg:
+            print(f"  nnU-Net plans {cfg['plans'].get('plans_name')} of {cfg['plans'].get('dataset_name')}, "
+                  f"configuration {cfg['configuration']}")
+        print(f"  encoder       {', '.join(meta['encoder_prefixes'])}")
+        for key in sorted(set(meta) - _SHOWN):
+            print(f"  {key:<13} {meta[key]}")
+    elif ckpt.encoder_prefixes:
+        print(f"  encoder       {', '.join(ckpt.encoder_prefixes)}")
+    return 0
+
+
+_SHOWN = {"format", "format_version", "backbone", "network_class", "in_channels", "patch_size", "encoder_prefixes",
+          "adaptation_plan", "aliases"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--slices", type=int, default=4, help="slices aligned per volume (K)")
+    p.add_argument("--psat", default="paper", help="PSAT preset: paper (the authors' configuration) or small")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("export", help="write a checkpoint in the format nnU-Net, MONAI or nnssl loads unmodified")
+    p.add_argument("checkpoint", help="a med3dinsight .safetensors checkpoint")
+    p.add_argument("--to", required=True, choices=["nnunet", "monai", "nnssl"])
+    p.add_argument("-o", "--output", required=True, help="file to write")
+    p.add_argument("--plans", help="nnunet: the target dataset's plans.json, to check the export fits it")
+    p.add_argument("--configuration", default="3d_fullres", help="nnunet: configuration in --plans")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("inspect", help="print what a checkpoint holds (any supported format)")
+    p.add_argument("checkpoint")
+    p.set_defaults(func=_cmd_inspect)
     return parser
 
 

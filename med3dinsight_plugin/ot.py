@@ -3,8 +3,9 @@
 Same problem, arguments and iterations as POT's ``ot.partial.entropic_partial_wasserstein`` (Dykstra's iterative
 Bregman projections, Benamou et al. 2015, prop. 5), rewritten for training:
 
-* **log domain** -- the kernel ``exp(-M / reg)`` underflows for small ``reg`` (POT issue #723); here every quantity
-  is a log, so the plan is finite for any ``reg > 0`` and ``log(plan)`` is exact (the alignment loss needs it).
+* **log domain** -- the kernel ``exp(-M / reg)`` underflows for small ``reg`` (POT issue #723); here the state is
+  log-domain potentials, so the plan is finite for any ``reg > 0`` and ``log(plan)`` is exact (the alignment loss
+  takes its log).
 * **potentials, not matrices** -- POT keeps three full correction matrices ``q1, q2, q3`` and multiplies by
   ``diag(...)`` with a dense matmul (O(n^3) per iteration). Each correction is in fact a row vector, a column vector
   and a scalar (``q1 = 1 / min(a / rowsum, 1)`` etc.), so the plan is always ``exp(-M/reg + f_i + g_j + c)`` and an
@@ -87,6 +88,8 @@ def _check_inputs(a, b, M, reg, m):
                          f"{tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}")
     if not M.dtype.is_floating_point:
         raise ValueError(f"M must be a floating-point tensor, got {M.dtype}")
+    if not bool(torch.isfinite(M).all()):
+        raise ValueError("the cost matrix M contains NaN or Inf")
     if not (isinstance(reg, (int, float)) and reg > 0):
         raise ValueError(f"reg must be a positive number, got {reg!r}")
     n, k = M.shape[-2:]
@@ -119,9 +122,8 @@ def _marginal(w, size, batch, M, name):
 
 def _init_state(L0, log_m):
     """Potentials (f, g, c) and Dykstra corrections (q1, q2, q3) of the mass-normalised kernel."""
-    n, k = L0.shape[-2:]
     f = L0.new_zeros(L0.shape[:-1])
-    g = L0.new_zeros(L0.shape[:-2] + (k,))
+    g = L0.new_zeros(L0.shape[:-2] + L0.shape[-1:])
     c = log_m - torch.logsumexp(L0.flatten(-2), -1)
     return f, g, c, torch.zeros_like(f), torch.zeros_like(g), torch.zeros_like(c)
 

@@ -18,7 +18,14 @@ from torch import nn
 
 from .planes import check_plane_position, position_bins
 
-__all__ = ["PlaneSliceAwareTransformer"]
+__all__ = ["PSAT_PRESETS", "PlaneSliceAwareTransformer"]
+
+# "paper": the authors' configuration (the constructor's defaults). "small": about 10x fewer FLOPs per slice, for
+# aligning many slices per volume on modest hardware (see benchmarks/step_overhead.py).
+PSAT_PRESETS = {
+    "paper": dict(width=768, depth=6, heads=8, num_queries=300),
+    "small": dict(width=384, depth=4, heads=8, num_queries=32),
+}
 
 
 class _Attention(nn.Module):
@@ -102,6 +109,13 @@ class PlaneSliceAwareTransformer(nn.Module):
         self.head = nn.Linear(width, out_dim)
         nn.init.normal_(self.queries, std=0.02)
         nn.init.normal_(self.plane_slice_embed, std=0.02)
+
+    @classmethod
+    def from_preset(cls, preset: str, in_dim: int = 768, **overrides) -> "PlaneSliceAwareTransformer":
+        """Build a named configuration of :data:`PSAT_PRESETS`; ``overrides`` change single arguments."""
+        if preset not in PSAT_PRESETS:
+            raise ValueError(f"unknown PSAT preset {preset!r}: expected one of {sorted(PSAT_PRESETS)}")
+        return cls(in_dim=in_dim, **{**PSAT_PRESETS[preset], **overrides})
 
     def slice_embedding(self, plane: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Plane-slice position embedding, shape ``plane.shape + (width,)``."""

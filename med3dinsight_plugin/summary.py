@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 
@@ -17,9 +17,9 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 def summarize(name: str, patch_size: Sequence[int] = (64, 64, 64), batch: int = 2, slices: int = 4,
-              device: str = "cpu", seed: int = 0, psat_kwargs: Optional[Dict[str, Any]] = None,
-              **network_kwargs) -> Dict[str, Any]:
-    """Build ``name`` with the default PSAT and loss, run one forward pass on random volumes and teacher embeddings.
+              device: str = "cpu", seed: int = 0, psat: str = "paper", **network_kwargs) -> Dict[str, Any]:
+    """Build ``name`` with a PSAT preset and the default loss; run one forward pass on random volumes and teacher
+    embeddings.
 
     Returns:
         A dict with parameter counts (network, PSAT, total), the token, prediction and reconstruction shapes, the
@@ -27,22 +27,22 @@ def summarize(name: str, patch_size: Sequence[int] = (64, 64, 64), batch: int = 
     """
     torch.manual_seed(seed)
     backbone = build_backbone(name, in_channels=1, patch_size=patch_size, **network_kwargs)
-    psat = PlaneSliceAwareTransformer(in_dim=backbone.token_dim, **(psat_kwargs or {}))
-    model = Med3DInsightModel(backbone, psat).to(device).eval()
+    transformer = PlaneSliceAwareTransformer.from_preset(psat, in_dim=backbone.token_dim)
+    model = Med3DInsightModel(backbone, transformer).to(device).eval()
     volume = torch.randn(batch, 1, *backbone.patch_size, device=device)
     plane = torch.randint(0, 3, (batch, slices), device=device)
     position = torch.rand(batch, slices, device=device)
-    image_emb, text_emb = torch.randn(2, batch, slices, psat.out_dim, device=device).unbind(0)
+    image_emb, text_emb = torch.randn(2, batch, slices, transformer.out_dim, device=device).unbind(0)
     start = time.perf_counter()
     with torch.no_grad():
         tokens, reconstruction = backbone(volume)
-        z3d = psat(tokens, plane, position)
+        z3d = transformer(tokens, plane, position)
         losses = model(volume, plane, position, image_emb, text_emb)
     return {
         "backbone": name,
         "network": type(backbone.network).__name__,
         "network_params": count_parameters(backbone.network),
-        "psat_params": count_parameters(psat),
+        "psat_params": count_parameters(transformer),
         "total_params": count_parameters(model),
         "input": tuple(volume.shape),
         "tokens": tuple(tokens.shape),

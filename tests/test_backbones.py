@@ -7,6 +7,7 @@ import torch
 
 from helpers import TINY_BACKBONES
 from med3dinsight_plugin import build_backbone, list_backbones
+from med3dinsight_plugin.backbones import build_backbone_from_config
 from med3dinsight_plugin.backbones.nnunet import architecture_for_patch
 
 
@@ -25,7 +26,7 @@ def _plain_network(backbone):
         from monai.networks.nets import UNETR
         return UNETR(in_channels=cfg["in_channels"], img_size=cfg["patch_size"], **cfg["network_kwargs"])
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    arch = cfg["architecture"]
+    arch = backbone.architecture
     return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
                                   cfg["in_channels"], cfg["num_classes"], deep_supervision=True)
 
@@ -73,8 +74,7 @@ def test_decoder_features_reproduce_the_networks_own_forward(tiny_backbone_name)
 def test_config_rebuilds_the_same_backbone(tiny_backbone_name):
     backbone = _tiny(tiny_backbone_name)
     config = json.loads(json.dumps(backbone.config))  # checkpoint metadata must survive JSON
-    rebuilt = build_backbone(**{k: v for k, v in config.items()
-                                if k not in ("network_kwargs",)}, **config.get("network_kwargs", {}))
+    rebuilt = build_backbone_from_config(config)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
            {k: v.shape for k, v in backbone.state_dict().items()}
 
@@ -86,13 +86,16 @@ def test_nnunet_from_real_plans_and_planner_replica(nnunet_plans, family):
     backbone = build_backbone("nnunet", plans=nnunet_plans[family], configuration="3d_fullres")
     assert backbone.patch_size == tuple(config["patch_size"])
     assert type(backbone.network).__name__ == ("PlainConvUNet" if family == "plain" else "ResidualEncoderUNet")
-    assert backbone.config["architecture"] == config["architecture"]
+    assert backbone.architecture == config["architecture"]
+    assert backbone.config["configuration"] == "3d_fullres" and backbone.config["plans"] == plans
     # architecture_for_patch reproduces what nnU-Net's planner wrote for this patch size and spacing
     assert architecture_for_patch(config["patch_size"], config["spacing"], family) == config["architecture"]
     tokens, reconstruction = backbone(torch.randn(1, 1, *backbone.patch_size))
     assert tokens.shape[-1] == config["architecture"]["arch_kwargs"]["features_per_stage"][-1]
     from_dict = build_backbone("nnunet", plans=plans, configuration="3d_fullres")
     assert from_dict.config == backbone.config
+    assert (backbone.key_to_encoder, backbone.key_to_stem) == (backbone.network.key_to_encoder,
+                                                               backbone.network.key_to_stem)
 
 
 def test_nnunet_plans_errors(nnunet_plans, tmp_path):

@@ -113,5 +113,8 @@ def test_shape_mismatch_and_zero_weights_raise():
     with pytest.raises(ValueError, match="strictly positive"):
         entropic_partial_wasserstein(torch.tensor([0.5, 0.5, 0.0]), torch.full((3,), 1 / 3), torch.rand(3, 3), 0.1,
                                      0.5)
+    with pytest.raises(ValueError, match="contains NaN or Inf"):
+        entropic_partial_wasserstein(torch.ones(2) / 2, torch.ones(2) / 2, torch.tensor([[0.0, 1], [float("nan"), 0]]),
+                                     0.1, 0.5)
     with pytest.raises(ValueError, match="M must be a tensor of shape"):
         entropic_partial_wasserstein(torch.ones(3), torch.ones(3), torch.rand(3), 0.1, 0.5)

@@ -30,6 +30,14 @@ def test_default_is_the_paper_configuration():
     assert psat.plane_slice_embed.shape == (3, 128, 768)
 
 
+def test_presets():
+    small = PlaneSliceAwareTransformer.from_preset("small", in_dim=320, num_queries=16)
+    assert small.config["width"] == 384 and small.config["depth"] == 4 and small.config["num_queries"] == 16
+    assert PlaneSliceAwareTransformer.from_preset("paper").config == PlaneSliceAwareTransformer().config
+    with pytest.raises(ValueError, match="unknown PSAT preset 'tiny'"):
+        PlaneSliceAwareTransformer.from_preset("tiny")
+
+
 def test_shapes_single_and_k_slices_and_unit_norm():
     torch.manual_seed(0)
     psat = PlaneSliceAwareTransformer(**tiny_psat_kwargs(in_dim=20)).eval()

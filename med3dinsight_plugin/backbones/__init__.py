@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .base import Backbone, BackboneOutput
+from torch import nn
 
-__all__ = ["Backbone", "BackboneOutput", "build_backbone", "list_backbones", "register_backbone"]
+from .base import Backbone, BackboneOutput, NetworkSpec
+
+__all__ = ["Backbone", "BackboneOutput", "NetworkSpec", "build_backbone", "build_backbone_from_config",
+           "list_backbones", "network_spec", "register_backbone"]
 
 _REGISTRY: Dict[str, Callable[..., Backbone]] = {}
 
@@ -59,6 +62,29 @@ def build_backbone(name: str, in_channels: int = 1, patch_size: Optional[Sequenc
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
     return _REGISTRY[name](in_channels=in_channels, patch_size=patch_size, **network_kwargs)
+
+
+def build_backbone_from_config(config: dict) -> Backbone:
+    """Rebuild a backbone from its ``.config`` (as stored in checkpoint metadata), with fresh weights."""
+    config = dict(config)
+    network_kwargs = config.pop("network_kwargs", {})
+    return build_backbone(**config, **network_kwargs)
+
+
+def network_spec(network: nn.Module) -> Optional[NetworkSpec]:
+    """Encoder prefixes and input/position-embedding weights of a plain SwinUNETR, UNETR, PlainConvUNet or
+    ResidualEncoderUNet (or a subclass); ``None`` for any other module (e.g. a bare encoder)."""
+    names = {c.__name__ for c in type(network).__mro__}
+    for backbone_cls in _backbone_classes(Backbone):
+        if names & set(backbone_cls.network_classes):
+            return backbone_cls.network_spec(network)
+    return None
+
+
+def _backbone_classes(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _backbone_classes(sub)
 
 
 # Registration happens on import; these modules import MONAI / nnU-Net lazily inside their builders.

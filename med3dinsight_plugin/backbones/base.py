@@ -1,10 +1,17 @@
 """What every backbone provides: the real downstream network, bottleneck tokens and a reconstruction."""
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+
+class NetworkSpec(NamedTuple):
+    """Where the pretrained parts sit in a plain downstream network's ``state_dict``."""
+    encoder_prefixes: Tuple[str, ...]
+    keys_to_in_proj: Tuple[str, ...]  # modules reading the input channels
+    key_to_lpe: Optional[str]  # learnable position embedding, if any
 
 
 class BackboneOutput(NamedTuple):
@@ -26,10 +33,18 @@ class Backbone(nn.Module):
     Attributes:
         token_dim: width of the tokens.
         encoder_prefixes: ``state_dict`` key prefixes of ``network`` that form the pretrained encoder.
+        key_to_encoder, key_to_stem, keys_to_in_proj, key_to_lpe: where the encoder, its stem, the weights that read
+            the input channels and the learnable position embedding sit in ``network`` (nnssl's adaptation-plan
+            fields; ``keys_to_in_proj`` are module paths, ``key_to_lpe`` a parameter name or ``None``).
         config: the ``build_backbone`` arguments that rebuild this backbone (checkpoint metadata).
     """
 
+    network_classes: Tuple[str, ...] = ()  # class names of the networks this backbone wraps
     encoder_prefixes: Tuple[str, ...] = ()
+    key_to_encoder: str = ""
+    key_to_stem: str = ""
+    keys_to_in_proj: Tuple[str, ...] = ()
+    key_to_lpe: Optional[str] = None
 
     def __init__(self, network: nn.Module, in_channels: int, patch_size: Sequence[int], token_dim: int,
                  decoder_dim: int, config: Dict[str, Any]):
@@ -41,10 +56,24 @@ class Backbone(nn.Module):
         self.token_dim = token_dim
         self.config = config
 
+    @classmethod
+    def network_spec(cls, network: nn.Module) -> NetworkSpec:
+        """The :class:`NetworkSpec` of a plain network of one of ``network_classes``."""
+        return NetworkSpec(cls.encoder_prefixes, cls.keys_to_in_proj, cls.key_to_lpe)
+
     def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(bottleneck, decoder_features)``: the bottleneck as (B, C, d, h, w) or as tokens (B, N, C), and
         the last decoder stage's features at input resolution (B, F, D, H, W)."""
         raise NotImplementedError
+
+    def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The bottleneck alone (no decoder), as (B, C, d, h, w) or tokens (B, N, C): for classification."""
+        return self.features(x)[0]
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Validated input -> bottleneck tokens (B, N, C), without running the decoder."""
+        self.check_input(x)
+        return _as_tokens(self.encoder_features(x))
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is (B, in_channels, D, H, W) with a spatial shape the network accepts."""
@@ -69,8 +98,11 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         self.check_input(x)
         bottleneck, decoded = self.features(x)
-        tokens = bottleneck.flatten(2).transpose(1, 2) if bottleneck.dim() == 5 else bottleneck
-        return BackboneOutput(tokens, self.reconstruction_head(decoded))
+        return BackboneOutput(_as_tokens(bottleneck), self.reconstruction_head(decoded))
+
+
+def _as_tokens(bottleneck: torch.Tensor) -> torch.Tensor:
+    return bottleneck.flatten(2).transpose(1, 2) if bottleneck.dim() == 5 else bottleneck
 
 
 def positive_triple(name: str, value: Sequence[int] | int | None) -> Tuple[int, int, int]:

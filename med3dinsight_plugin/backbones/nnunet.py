@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 
 from . import register_backbone
-from .base import Backbone, positive_triple
+from .base import Backbone, NetworkSpec, positive_triple
 
 _SUPPORTED = ("PlainConvUNet", "ResidualEncoderUNet")
 # Constants of nnU-Net 2.8's ExperimentPlanner / ResEncUNetPlanner (instance attributes there, so not importable).
@@ -25,15 +25,24 @@ _RESENC_BLOCKS_ENCODER, _RESENC_CONVS_DECODER = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6
 
 
 class NNUNetBackbone(Backbone):
+    network_classes = _SUPPORTED
     encoder_prefixes = ("encoder.",)  # nnU-Net's decoder aliases it as decoder.encoder (same tensors)
 
+    @classmethod
+    def network_spec(cls, network):
+        # dynamic_network_architectures keeps the weight locations beside the network
+        return NetworkSpec(cls.encoder_prefixes, tuple(network.keys_to_in_proj), None)
+
     def spatial_divisor(self):
-        strides = self.config["architecture"]["arch_kwargs"]["strides"]
+        strides = self.architecture["arch_kwargs"]["strides"]
         divisor = [1, 1, 1]
         for stride in strides:
             stride = [stride] * 3 if isinstance(stride, int) else stride
             divisor = [d * s for d, s in zip(divisor, stride)]
         return tuple(divisor)
+
+    def encoder_features(self, x):
+        return self.network.encoder(x)[-1]
 
     def features(self, x):
         # UNetDecoder.forward (dynamic_network_architectures 0.4) without its segmentation layers.
@@ -60,8 +69,8 @@ def _load_plans(plans: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any
 
 
 def architecture_from_plans(plans: Union[str, os.PathLike, Dict[str, Any]],
-                            configuration: str = "3d_fullres") -> tuple[Dict[str, Any], tuple]:
-    """``(architecture dict, patch_size)`` of a plans configuration, with nnU-Net's inheritance resolved."""
+                            configuration: str = "3d_fullres") -> tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(plans dict, resolved configuration dict)``: the configuration with nnU-Net's inheritance resolved."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans = _load_plans(plans)
@@ -70,11 +79,11 @@ def architecture_from_plans(plans: Union[str, os.PathLike, Dict[str, Any]],
     if configuration not in plans["configurations"]:
         raise ValueError(f"configuration {configuration!r} is not in the plans; available: "
                          f"{sorted(plans['configurations'])}")
-    cm = PlansManager(plans).get_configuration(configuration)
-    arch = {"network_class_name": cm.network_arch_class_name,
-            "arch_kwargs": copy.deepcopy(cm.network_arch_init_kwargs),
-            "_kw_requires_import": list(cm.network_arch_init_kwargs_req_import)}
-    return arch, tuple(cm.patch_size)
+    resolved = copy.deepcopy(PlansManager(plans).get_configuration(configuration).configuration)
+    if "architecture" not in resolved:
+        raise ValueError(f"configuration {configuration!r} of the plans has no 'architecture'; nnU-Net v2.4+ plans "
+                         f"describe the network there: re-plan with nnUNetv2_plan_experiment")
+    return plans, resolved
 
 
 def architecture_for_patch(patch_size: Sequence[int], spacing: Sequence[float] = (1.0, 1.0, 1.0),
@@ -130,9 +139,15 @@ def build_nnunet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = Non
     if (plans is None) == (architecture is None):
         raise ValueError("the nnunet backbone needs exactly one of plans= (a plans.json path or dict, with "
                          "configuration=) or architecture= (a plans 'architecture' dict)")
+    config: Dict[str, Any] = dict(name="nnunet", in_channels=in_channels)
+    plans_configuration = None
     if plans is not None:
-        architecture, planned_patch = architecture_from_plans(plans, configuration)
-        patch_size = patch_size or planned_patch
+        plans, plans_configuration = architecture_from_plans(plans, configuration)
+        architecture = plans_configuration["architecture"]
+        patch_size = patch_size or plans_configuration["patch_size"]
+        config.update(plans=plans, configuration=configuration)
+    else:
+        config["architecture"] = architecture
     if not isinstance(architecture, dict) or not {"network_class_name", "arch_kwargs"} <= set(architecture):
         raise ValueError("architecture must be a plans 'architecture' dict with network_class_name and arch_kwargs")
     class_name = architecture["network_class_name"].rsplit(".", 1)[-1]
@@ -149,10 +164,13 @@ def build_nnunet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = Non
                                      architecture.get("_kw_requires_import", ()), in_channels, num_classes,
                                      allow_init=True, deep_supervision=False)
     features = architecture["arch_kwargs"]["features_per_stage"]
-    config = dict(name="nnunet", in_channels=in_channels, patch_size=list(patch), architecture=architecture,
-                  num_classes=num_classes)
+    config.update(patch_size=list(patch), num_classes=num_classes)
     backbone = NNUNetBackbone(network, in_channels, patch, token_dim=features[-1], decoder_dim=features[0],
                               config=config)
+    backbone.architecture, backbone.plans_configuration = architecture, plans_configuration
+    # dynamic_network_architectures keeps these beside the network (nnssl's adaptation-plan fields)
+    backbone.key_to_encoder, backbone.key_to_stem = network.key_to_encoder, network.key_to_stem
+    backbone.keys_to_in_proj = tuple(network.keys_to_in_proj)
     backbone.check_spatial_shape(patch)
     return backbone
 

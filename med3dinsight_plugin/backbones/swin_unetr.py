@@ -10,10 +10,17 @@ DEFAULT_PATCH_SIZE = (96, 96, 96)
 
 
 class SwinUNETRBackbone(Backbone):
+    network_classes = ("SwinUNETR",)
     encoder_prefixes = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")
+    key_to_encoder = "swinViT"
+    key_to_stem = "swinViT.patch_embed"
+    keys_to_in_proj = ("swinViT.patch_embed.proj", "encoder1.layer.conv1.conv", "encoder1.layer.conv3.conv")
 
     def spatial_divisor(self):
         return (self.network.patch_size ** 5,) * 3  # SwinUNETR's own input check: 5 downsamplings
+
+    def encoder_features(self, x):
+        return self.network.encoder10(self.network.swinViT(x, self.network.normalize)[4])
 
     def features(self, x):
         # Same modules, same order as SwinUNETR.forward (MONAI 1.5/1.6), without the segmentation head.

@@ -10,13 +10,21 @@ DEFAULT_PATCH_SIZE = (96, 96, 96)
 
 
 class UNETRBackbone(Backbone):
+    network_classes = ("UNETR",)
     encoder_prefixes = ("vit.", "encoder1.", "encoder2.", "encoder3.", "encoder4.")
+    key_to_encoder = "vit"
+    key_to_stem = "vit.patch_embedding"
+    keys_to_in_proj = ("vit.patch_embedding.patch_embeddings", "encoder1.layer.conv1.conv", "encoder1.layer.conv3.conv")
+    key_to_lpe = "vit.patch_embedding.position_embeddings"
 
     def check_spatial_shape(self, shape):
         # The ViT's learnable position embedding fixes the input size.
         if tuple(shape) != self.patch_size:
             raise ValueError(f"unetr was built for patches of {self.patch_size} (its position embedding has one entry "
                              f"per 16^3 patch) but got spatial size {tuple(shape)}; crop to {self.patch_size}")
+
+    def encoder_features(self, x):
+        return self.network.vit(x)[0]
 
     def features(self, x):
         # Same modules, same order as UNETR.forward (MONAI 1.4-1.6), without the segmentation head.

@@ -1,0 +1,78 @@
+"""Cost of Med3DInsight's alignment on top of training the backbone alone.
+
+Run: python benchmarks/step_overhead.py [--backbones swin_unetr plain_conv_unet] [--patch 64] [--batch 2]
+                                         [--slices 8] [--repeats 5] [--psat paper|small] [--device cpu]
+
+For each backbone, two training steps are timed alternately in one process (medians):
+  backbone  forward + reconstruction loss + backward of the backbone alone
+  full      backbone + PSAT on K slices per volume + image/text partial-OT alignment + reconstruction, backward
+and their ratio is printed (goal <= 1.20). ``--psat paper`` is the authors' PSAT (6 layers, width 768,
+300 queries); ``--psat small`` a 4-layer, 384-wide, 32-query PSAT.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from med3dinsight_plugin import Med3DInsightModel, PlaneSliceAwareTransformer, build_backbone, reconstruction_loss
+from med3dinsight_plugin.psat import PSAT_PRESETS
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step_time(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", nargs="+", default=["swin_unetr", "plain_conv_unet"])
+    parser.add_argument("--patch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--slices", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--psat", choices=sorted(PSAT_PRESETS), nargs="+", default=["paper", "small"])
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    dev = args.device
+    print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads; patch {args.patch}^3, "
+          f"batch {args.batch}, K={args.slices} slices per volume")
+    print(f"{'backbone':>16} {'PSAT':>6} {'backbone s':>11} {'full s':>9} {'ratio':>7} {'pairs/step':>11}")
+    for name, preset in [(n, p) for n in args.backbones for p in args.psat]:
+        torch.manual_seed(0)
+        backbone = build_backbone(name, patch_size=(args.patch,) * 3)
+        psat = PlaneSliceAwareTransformer.from_preset(preset, in_dim=backbone.token_dim)
+        model = Med3DInsightModel(backbone, psat).to(dev).train()
+        b, k = args.batch, args.slices
+        volume = torch.randn(b, 1, *backbone.patch_size, device=dev)
+        plane = torch.randint(0, 3, (b, k), device=dev)
+        position = torch.rand(b, k, device=dev)
+        image, text = torch.randn(2, b, k, psat.out_dim, device=dev).unbind(0)
+
+        def backbone_step():
+            model.zero_grad(set_to_none=True)
+            reconstruction_loss(model.backbone(volume).reconstruction, volume).backward()
+
+        def full_step():
+            model.zero_grad(set_to_none=True)
+            model(volume, plane, position, image, text)["loss"].backward()
+
+        backbone_step(), full_step()  # warm-up
+        t_backbone, t_full = [], []
+        for _ in range(args.repeats):
+            t_backbone.append(step_time(backbone_step, dev))
+            t_full.append(step_time(full_step, dev))
+        tb, tf = statistics.median(t_backbone), statistics.median(t_full)
+        print(f"{name:>16} {preset:>6} {tb:>11.3f} {tf:>9.3f} {tf / tb:>7.2f} {b * k:>11}")
+
+
+if __name__ == "__main__":
+    main()

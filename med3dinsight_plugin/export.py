@@ -1,0 +1,111 @@
+"""Export a med3dinsight checkpoint to the files other tools load unmodified.
+
+* ``nnunet``: ``{"network_weights": full state dict}``, which ``nnUNetv2_train ... -pretrained_weights FILE`` accepts
+  with the plain nnUNetTrainer -- it requires every non-segmentation key with the same shape, so the network must be
+  the one the target plans build. Pass those plans to have that checked here instead of at training time.
+* ``monai``: the SwinUNETR / UNETR state dict without the segmentation head ``out.*``: plain
+  ``model.load_state_dict(sd, strict=False)`` loads it with no unexpected key and every encoder key present.
+* ``nnssl``: ``network_weights`` + ``nnssl_adaptation_plan``, as nnssl writes them (loads with ``weights_only=True``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, _atomic_write, load_checkpoint
+
+__all__ = ["export_checkpoint", "rebuild_backbone", "EXPORT_FORMATS"]
+
+EXPORT_FORMATS = ("nnunet", "monai", "nnssl")
+PathLike = Union[str, os.PathLike]
+
+
+def rebuild_backbone(checkpoint: Union[PathLike, Checkpoint]):
+    """Rebuild the backbone a med3dinsight checkpoint was saved from, with its weights (strict)."""
+    from .backbones import build_backbone_from_config
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    if ckpt.source_format != "med3dinsight":
+        raise CheckpointError(f"{ckpt.path} is a {ckpt.source_format} file without med3dinsight metadata, so its "
+                              f"architecture is unknown; export needs a checkpoint written by save_pretrained")
+    backbone = build_backbone_from_config(ckpt.metadata["backbone"])
+    missing, unexpected = backbone.network.load_state_dict(ckpt.state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt.path} does not match the architecture in its own metadata ({len(missing)} "
+                              f"missing, {len(unexpected)} unexpected keys); the file is damaged, re-save it")
+    if "reconstruction_head" in ckpt.extras:
+        backbone.reconstruction_head.load_state_dict(ckpt.extras["reconstruction_head"])
+    return backbone
+
+
+def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Optional[PathLike] = None,
+                      configuration: str = "3d_fullres") -> Dict[str, Any]:
+    """Write ``checkpoint`` in the format ``to`` (one of :data:`EXPORT_FORMATS`) to ``out``, atomically.
+
+    Args:
+        checkpoint: a checkpoint written by :func:`save_pretrained`.
+        to: ``"nnunet"``, ``"monai"`` or ``"nnssl"``.
+        out: the file to write.
+        plans, configuration: for ``nnunet``, the target dataset's plans; the export is refused unless the network
+            those plans build takes every non-segmentation tensor of the checkpoint with the same shape.
+
+    Returns:
+        A summary: ``{"format", "path", "tensors", "note"}``.
+    """
+    if to not in EXPORT_FORMATS:
+        raise ValueError(f"--to must be one of {', '.join(EXPORT_FORMATS)}, got {to!r}")
+    ckpt = load_checkpoint(checkpoint)
+    backbone = rebuild_backbone(ckpt)
+    name = backbone.config["name"]
+    state = backbone.network.state_dict()
+    note = ""
+    if to == "nnunet":
+        if name != "nnunet":
+            raise CheckpointError(f"{ckpt.path} holds a {name} backbone; nnU-Net's -pretrained_weights only takes "
+                                  f"PlainConvUNet/ResidualEncoderUNet weights built from the dataset's plans. Use "
+                                  f"nnUNetv2_train -tr Med3DInsightTrainer_{'SwinUNETR' if name == 'swin_unetr' else 'UNETR'}")
+        if plans is not None:
+            _check_nnunet_plans(state, backbone.in_channels, plans, configuration, ckpt.path)
+            note = f"checked against {plans} ({configuration}): every non-segmentation tensor fits"
+        elif "plans" not in backbone.config:
+            note = ("pretrained on an architecture derived from a patch size, not from your dataset's plans: "
+                    "-pretrained_weights accepts it only if your plans build the identical network (check with "
+                    "--plans), otherwise use nnUNetv2_train -tr Med3DInsightTrainer")
+        payload: Dict[str, Any] = {"network_weights": state}
+    elif to == "monai":
+        if name not in ("swin_unetr", "unetr"):
+            raise CheckpointError(f"{ckpt.path} holds a {name} backbone; --to monai exports SwinUNETR/UNETR weights. "
+                                  f"Use --to nnunet or --to nnssl for nnU-Net networks")
+        payload = {k: v for k, v in state.items() if not k.startswith("out.")}
+        note = "load with model.load_state_dict(torch.load(path, weights_only=True), strict=False)"
+    else:
+        from .checkpoint import adaptation_plan
+        payload = {"network_weights": state, "nnssl_adaptation_plan": adaptation_plan(backbone)}
+    out = Path(out)
+    _atomic_write(out, lambda tmp: torch.save(payload, tmp))
+    tensors = len(payload.get("network_weights", payload))
+    return {"format": to, "path": str(out), "tensors": tensors, "note": note}
+
+
+def _check_nnunet_plans(state, in_channels, plans, configuration, source):
+    """Refuse unless the network the plans build has every non-segmentation key of ``state`` with its shape,
+    exactly what nnU-Net's load_pretrained_weights asserts."""
+    from .backbones import build_backbone
+
+    target = build_backbone("nnunet", in_channels=in_channels, plans=plans, configuration=configuration).network
+    problems = []
+    for key, tensor in target.state_dict().items():
+        if ".seg_layers." in key:
+            continue
+        if key not in state:
+            problems.append(f"{key} missing")
+        elif state[key].shape != tensor.shape:
+            problems.append(f"{key} {list(state[key].shape)} vs plans {list(tensor.shape)}")
+    if problems:
+        raise CheckpointError(f"{source} was not pretrained on the network that {plans} ({configuration}) builds: "
+                              f"{len(problems)} tensors differ ({'; '.join(problems[:3])}). nnU-Net's "
+                              f"-pretrained_weights cannot load it; use nnUNetv2_train -tr Med3DInsightTrainer, "
+                              f"which loads the encoder it can match and reports the rest")

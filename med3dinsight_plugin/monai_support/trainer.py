@@ -1,0 +1,83 @@
+"""``Med3DInsightSupervisedTrainer``: MONAI's SupervisedTrainer that starts from a pretrained encoder."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, List, Optional, Union
+
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from torch import nn
+
+from ..backbones import network_spec
+from ..checkpoint import Checkpoint, unwrap
+from ..loading import load_pretrained_encoder, target_network
+from .handlers import FinetuneSchedule
+
+__all__ = ["Med3DInsightSupervisedTrainer", "finetune_param_groups"]
+
+
+def finetune_param_groups(network: nn.Module, lr: float, encoder_lr: Optional[float] = None) -> List[dict]:
+    """Two optimizer groups: the pretrained encoder (``encoder_lr``, default ``lr``) and everything else (``lr``).
+
+    The encoder is what :func:`~med3dinsight_plugin.backbones.network_spec` names for the network (or the network
+    inside a classifier / Backbone); parameters with ``requires_grad=False`` are left out.
+    """
+    target = target_network(network)
+    spec = network_spec(target)
+    if spec is None:
+        raise ValueError(f"cannot tell the encoder of a {type(target).__name__}; pass your own parameter groups")
+    encoder_ids = {id(p) for n, p in target.named_parameters() if n.startswith(spec.encoder_prefixes)}
+    params = [p for p in unwrap(network).parameters() if p.requires_grad]
+    encoder = [p for p in params if id(p) in encoder_ids]
+    other = [p for p in params if id(p) not in encoder_ids]
+    groups = [{"params": encoder, "lr": encoder_lr if encoder_lr is not None else lr, "encoder": True}]
+    return groups + ([{"params": other, "lr": lr, "encoder": False}] if other else [])
+
+
+class Med3DInsightSupervisedTrainer(SupervisedTrainer):
+    """Fine-tune a network from a pretrained encoder with the schedule a pretrained encoder needs.
+
+    Loads the encoder at construction (exact, or :class:`~med3dinsight_plugin.IncompatibleCheckpointError`), builds
+    the optimizer with separate learning rates for the encoder and the new layers, warms up linearly, decays
+    polynomially, optionally keeps the encoder frozen (learning rate 0) for the first epochs, and logs the load report
+    when training starts and the learning rates after each epoch.
+
+    Args:
+        device, max_epochs, train_data_loader, network, loss_function: as ``SupervisedTrainer``.
+        checkpoint: the pretrained weights (any format :func:`~med3dinsight_plugin.load_checkpoint` reads).
+        lr: peak learning rate of the new layers (nnssl's transformer recipe: AdamW 1e-4).
+        encoder_lr: peak learning rate of the encoder; default ``lr``.
+        optimizer: ``"adamw"`` (betas 0.9, 0.98) or ``"sgd"`` (momentum 0.99, Nesterov; nnssl's CNN recipe, lr 1e-3).
+        weight_decay: default 5e-2 (AdamW) as nnssl.
+        warmup_epochs: linear warm-up; default 10 % of ``max_epochs``.
+        frozen_encoder_epochs: epochs with the encoder held at learning rate 0.
+        strict_encoder, adapt_channels: as :func:`~med3dinsight_plugin.load_pretrained_encoder`.
+        **kwargs: passed to ``SupervisedTrainer`` (inferer, amp, train_handlers, ...).
+
+    Attributes:
+        load_report: the :class:`~med3dinsight_plugin.LoadReport`.
+        schedule: the :class:`FinetuneSchedule` attached to this engine.
+    """
+
+    def __init__(self, device: Union[str, torch.device], max_epochs: int, train_data_loader: Iterable,
+                 network: nn.Module, loss_function: Callable, checkpoint: Union[str, os.PathLike, Checkpoint],
+                 lr: float = 1e-4, encoder_lr: Optional[float] = None, optimizer: str = "adamw",
+                 weight_decay: float = 5e-2, warmup_epochs: Optional[float] = None, frozen_encoder_epochs: int = 0,
+                 strict_encoder: bool = True, adapt_channels: bool = True, **kwargs):
+        report = load_pretrained_encoder(network, checkpoint, strict_encoder=strict_encoder,
+                                         adapt_channels=adapt_channels)
+        groups = finetune_param_groups(network, lr, encoder_lr)
+        if optimizer == "adamw":
+            opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+        elif optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, momentum=0.99, nesterov=True)
+        else:
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        super().__init__(device=device, max_epochs=max_epochs, train_data_loader=train_data_loader, network=network,
+                         optimizer=opt, loss_function=loss_function, **kwargs)
+        self.load_report = report
+        warmup = 0.1 * max_epochs if warmup_epochs is None else warmup_epochs
+        self.schedule = FinetuneSchedule(opt, warmup, frozen_encoder_epochs)
+        self.schedule.attach(self)
+        self.add_event_handler(Events.STARTED, lambda engine: engine.logger.info("%s", report))
