@@ -21,8 +21,8 @@ class Med3DInsightClassifier(nn.Module):
         pooling: ``"avg"``, ``"max"`` or ``"attention"`` (a learned query attends over the tokens).
         dropout: before the linear head.
 
-    Only the encoder runs; the decoder's parameters are frozen (``requires_grad=False``) so DDP needs no
-    ``find_unused_parameters``. ``load_pretrained_encoder(classifier, checkpoint)`` loads into its network.
+    Only the path to the bottleneck runs; the other parameters (decoder, skip-connection blocks, parameters the
+    network never uses) are frozen (``requires_grad=False``) so DDP needs no ``find_unused_parameters``. ``load_pretrained_encoder(classifier, checkpoint)`` loads into its network.
     """
 
     def __init__(self, backbone: Union[Backbone, str], num_classes: int, pooling: str = "avg", dropout: float = 0.0,
@@ -40,8 +40,10 @@ class Med3DInsightClassifier(nn.Module):
             self.query = nn.Parameter(torch.zeros(1, 1, width))
             self.attention = nn.MultiheadAttention(width, num_heads=max(1, width // 64), batch_first=True)
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Dropout(dropout), nn.Linear(width, num_classes))
+        used = tuple(f"network.{q}" for q in backbone.bottleneck_prefixes)
+        dead = {f"network.{n}" for n in backbone.dead_parameters()}
         for name, p in backbone.named_parameters():
-            if not name.startswith(tuple(f"network.{q}" for q in backbone.encoder_prefixes)):
+            if not name.startswith(used) or name in dead:
                 p.requires_grad_(False)
 
     @classmethod

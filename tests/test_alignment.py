@@ -46,7 +46,7 @@ def test_ot_alignment_equals_pot_reference():
     cost /= cost.max()
     plan = ot.partial.entropic_partial_wasserstein(np.full(10, 0.1), np.full(10, 0.1), cost, 0.03, 0.95)
     expected = -np.log(np.diag(plan)).mean()
-    assert float(align(z3d, z2d)) == pytest.approx(expected, rel=1e-9)
+    assert align(z3d, z2d).item() == pytest.approx(expected, rel=1e-9)
 
 
 def test_ot_metric_is_explicitly_diagonal_and_positive_with_the_authors_init():

@@ -33,6 +33,7 @@ class Backbone(nn.Module):
     Attributes:
         token_dim: width of the tokens.
         encoder_prefixes: ``state_dict`` key prefixes of ``network`` that form the pretrained encoder.
+        bottleneck_prefixes: the subset of the encoder on the path to the bottleneck (what a classifier uses).
         key_to_encoder, key_to_stem, keys_to_in_proj, key_to_lpe: where the encoder, its stem, the weights that read
             the input channels and the learnable position embedding sit in ``network`` (nnssl's adaptation-plan
             fields; ``keys_to_in_proj`` are module paths, ``key_to_lpe`` a parameter name or ``None``).
@@ -41,6 +42,7 @@ class Backbone(nn.Module):
 
     network_classes: Tuple[str, ...] = ()  # class names of the networks this backbone wraps
     encoder_prefixes: Tuple[str, ...] = ()
+    bottleneck_prefixes: Tuple[str, ...] = ()  # the part of the encoder that encoder_features() runs
     key_to_encoder: str = ""
     key_to_stem: str = ""
     keys_to_in_proj: Tuple[str, ...] = ()
@@ -69,6 +71,11 @@ class Backbone(nn.Module):
     def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
         """The bottleneck alone (no decoder), as (B, C, d, h, w) or tokens (B, N, C): for classification."""
         return self.features(x)[0]
+
+    def dead_parameters(self) -> Tuple[str, ...]:
+        """Names (in ``network``) of parameters no forward pass uses; freeze them so that DDP needs no
+        ``find_unused_parameters``."""
+        return ()
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Validated input -> bottleneck tokens (B, N, C), without running the decoder."""

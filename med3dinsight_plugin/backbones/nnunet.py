@@ -27,6 +27,7 @@ _RESENC_BLOCKS_ENCODER, _RESENC_CONVS_DECODER = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6
 class NNUNetBackbone(Backbone):
     network_classes = _SUPPORTED
     encoder_prefixes = ("encoder.",)  # nnU-Net's decoder aliases it as decoder.encoder (same tensors)
+    bottleneck_prefixes = ("encoder.",)  # what encoder_features runs
 
     @classmethod
     def network_spec(cls, network):

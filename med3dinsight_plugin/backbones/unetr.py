@@ -12,6 +12,7 @@ DEFAULT_PATCH_SIZE = (96, 96, 96)
 class UNETRBackbone(Backbone):
     network_classes = ("UNETR",)
     encoder_prefixes = ("vit.", "encoder1.", "encoder2.", "encoder3.", "encoder4.")
+    bottleneck_prefixes = ("vit.",)  # what encoder_features runs
     key_to_encoder = "vit"
     key_to_stem = "vit.patch_embedding"
     keys_to_in_proj = ("vit.patch_embedding.patch_embeddings", "encoder1.layer.conv1.conv", "encoder1.layer.conv3.conv")
@@ -22,6 +23,10 @@ class UNETRBackbone(Backbone):
         if tuple(shape) != self.patch_size:
             raise ValueError(f"unetr was built for patches of {self.patch_size} (its position embedding has one entry "
                              f"per 16^3 patch) but got spatial size {tuple(shape)}; crop to {self.patch_size}")
+
+    def dead_parameters(self):
+        # MONAI's TransformerBlock builds norm_cross_attn even without cross-attention; it never runs.
+        return tuple(n for n, _ in self.network.named_parameters() if ".norm_cross_attn." in n)
 
     def encoder_features(self, x):
         return self.network.vit(x)[0]
