@@ -104,7 +104,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError) as e:
-        print(f"med3dinsight {args.command}: error: {e}", file=sys.stderr)
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__  # details (a load report) follow it
+        print(f"med3dinsight {args.command}: error: {first_line}", file=sys.stderr)
         return 2
 
 

@@ -6,8 +6,9 @@ nnU-Net's trainers and the MONAI handlers both call this. It is exact or it refu
 2. Normalise source keys: drop ``module.`` / ``_orig_mod.``; rename MONAI's ``mlp.fc1/fc2 -> mlp.linear1/linear2``
    when that is what makes keys match; then pick the prefix change (strip one, add one, or both) that matches the
    most target keys -- e.g. ``swinViT.`` for MONAI's official SSL weights, or nothing for this package's files.
-3. The expected tensors are the target's encoder (known networks) or all of it (a bare encoder), within what the
-   checkpoint declares as its encoder. Tensors are counted by storage, so nnU-Net's aliased ``decoder.encoder.*``
+3. The expected tensors are the target's encoder (known networks) or all of it (a bare encoder), narrowed to what
+   the checkpoint declares as its encoder when that includes the target's main encoder (MONAI's SSL file holds
+   ``swinViT`` only, so SwinUNETR's convolutional ``encoder1..10`` blocks are not expected from it). Tensors are counted by storage, so nnU-Net's aliased ``decoder.encoder.*``
    keys and ``all_modules`` duplicates count once.
 4. Shapes must match exactly. Two named adapters, both reported: input channels 1 -> N (repeat and divide by N, as
    nnssl does) and a learnable position embedding resized trilinearly (UNETR at another patch size). No broadcasting.
@@ -136,6 +137,8 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
     encoder = spec.encoder_prefixes if spec else ("",)
     declared = None if ckpt.encoder_prefixes is None else tuple(
         add + p[len(strip):] for p in (_strip_wrappers(q) for q in ckpt.encoder_prefixes) if p.startswith(strip))
+    if spec and declared is not None and not (spec.key_to_encoder + ".").startswith(declared):
+        declared = None  # the file's encoder is not this network's (another architecture): expect the whole encoder
     in_scope = lambda k: k.startswith(encoder) and (declared is None or k.startswith(declared))
     is_head = lambda k: k.startswith("out.") or ".seg_layers." in k  # segmentation heads are never pretrained
 
@@ -174,16 +177,29 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
     report.outside_encoder = len(all_ids - set(expected_ids) - {_storage_id(target_sd[k]) for k in new_state})
 
     if report.expected == 0 or (strict_encoder and report.loaded < report.expected):
-        why = ("no tensor of the checkpoint matches the model's encoder" if report.loaded == 0
-               else f"only {report.loaded} of {report.expected} encoder tensors match")
-        raise IncompatibleCheckpointError(
-            f"{report.source} does not fit this {report.target}: {why}. Build the model with the checkpoint's "
-            f"architecture (its metadata: med3dinsight inspect), or pass strict_encoder=False to load what "
-            f"matches.\n{report}", report)
+        raise IncompatibleCheckpointError(f"{report.source} does not fit this {report.target}: "
+                                          f"{_diagnose(report, spec, adapt_channels)}\n{report}", report)
     with torch.no_grad():
         target.load_state_dict(new_state, strict=False)
     report.applied = True
     return report
+
+
+def _diagnose(report: LoadReport, spec, adapt_channels: bool) -> str:
+    """One line: what is wrong and what to do."""
+    in_proj = [k for k, (src, dst) in report.mismatched.items()
+               if spec and k.rsplit(".", 1)[0] in spec.keys_to_in_proj and len(src) > 1 and src[1] != dst[1]]
+    if in_proj:
+        src, dst = report.mismatched[in_proj[0]]
+        if src[1] == 1 and not adapt_channels:
+            return (f"the checkpoint reads 1 input channel, the model {dst[1]}, and channel adaptation is off; "
+                    f"pass adapt_channels=True to repeat the input layer over the channels")
+        return (f"the checkpoint reads {src[1]} input channel(s), the model {dst[1]}; only 1 -> N can be adapted. "
+                f"Pretrain with {dst[1]} channels, or build the model for {src[1]}")
+    what = ("no tensor of the checkpoint matches the model's encoder" if report.loaded == 0
+            else f"only {report.loaded} of {report.expected} encoder tensors match")
+    return (f"{what}. Build the model with the checkpoint's architecture (see: med3dinsight inspect CHECKPOINT), "
+            f"or pass strict_encoder=False to load what matches")
 
 
 def _as_checkpoint(checkpoint) -> Checkpoint:

@@ -10,6 +10,7 @@ from torch import nn
 class NetworkSpec(NamedTuple):
     """Where the pretrained parts sit in a plain downstream network's ``state_dict``."""
     encoder_prefixes: Tuple[str, ...]
+    key_to_encoder: str  # the main encoder (Swin / ViT / conv stages), without the skip-connection blocks
     keys_to_in_proj: Tuple[str, ...]  # modules reading the input channels
     key_to_lpe: Optional[str]  # learnable position embedding, if any
 
@@ -61,7 +62,7 @@ class Backbone(nn.Module):
     @classmethod
     def network_spec(cls, network: nn.Module) -> NetworkSpec:
         """The :class:`NetworkSpec` of a plain network of one of ``network_classes``."""
-        return NetworkSpec(cls.encoder_prefixes, cls.keys_to_in_proj, cls.key_to_lpe)
+        return NetworkSpec(cls.encoder_prefixes, cls.key_to_encoder, cls.keys_to_in_proj, cls.key_to_lpe)
 
     def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(bottleneck, decoder_features)``: the bottleneck as (B, C, d, h, w) or as tokens (B, N, C), and

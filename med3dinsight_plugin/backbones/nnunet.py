@@ -32,7 +32,7 @@ class NNUNetBackbone(Backbone):
     @classmethod
     def network_spec(cls, network):
         # dynamic_network_architectures keeps the weight locations beside the network
-        return NetworkSpec(cls.encoder_prefixes, tuple(network.keys_to_in_proj), None)
+        return NetworkSpec(cls.encoder_prefixes, network.key_to_encoder, tuple(network.keys_to_in_proj), None)
 
     def spatial_divisor(self):
         strides = self.architecture["arch_kwargs"]["strides"]
@@ -176,21 +176,18 @@ def build_nnunet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = Non
     return backbone
 
 
-@register_backbone("plain_conv_unet")
-def build_plain_conv_unet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None,
-                          spacing: Sequence[float] = (1.0, 1.0, 1.0), num_classes: int = 2,
-                          base_features: int = _BASE_FEATURES, max_features: int = _MAX_FEATURES_3D) -> Backbone:
-    """nnU-Net's default PlainConvUNet for ``patch_size`` (default 96^3) at ``spacing``."""
-    patch = positive_triple("patch_size", patch_size or (96, 96, 96))
-    arch = architecture_for_patch(patch, spacing, "plain", base_features, max_features)
-    return build_nnunet(in_channels, patch, architecture=arch, num_classes=num_classes)
+def _planned(family: str, description: str):
+    """A builder of nnU-Net's planned topology of ``family`` for a patch size, without a plans file."""
+    def build(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None,
+              spacing: Sequence[float] = (1.0, 1.0, 1.0), num_classes: int = 2,
+              base_features: int = _BASE_FEATURES, max_features: int = _MAX_FEATURES_3D) -> Backbone:
+        patch = positive_triple("patch_size", patch_size or (96, 96, 96))
+        arch = architecture_for_patch(patch, spacing, family, base_features, max_features)
+        return build_nnunet(in_channels, patch, architecture=arch, num_classes=num_classes)
+    build.__doc__ = f"{description} for ``patch_size`` (default 96^3) at ``spacing``."
+    return build
 
 
-@register_backbone("resenc_unet")
-def build_resenc_unet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None,
-                      spacing: Sequence[float] = (1.0, 1.0, 1.0), num_classes: int = 2,
-                      base_features: int = _BASE_FEATURES, max_features: int = _MAX_FEATURES_3D) -> Backbone:
-    """nnU-Net's ResidualEncoderUNet (ResEnc planner topology) for ``patch_size`` (default 96^3) at ``spacing``."""
-    patch = positive_triple("patch_size", patch_size or (96, 96, 96))
-    arch = architecture_for_patch(patch, spacing, "resenc", base_features, max_features)
-    return build_nnunet(in_channels, patch, architecture=arch, num_classes=num_classes)
+build_plain_conv_unet = register_backbone("plain_conv_unet")(_planned("plain", "nnU-Net's default PlainConvUNet"))
+build_resenc_unet = register_backbone("resenc_unet")(
+    _planned("resenc", "nnU-Net's ResidualEncoderUNet (ResEnc planner topology)"))
