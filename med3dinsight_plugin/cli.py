@@ -62,6 +62,30 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_nnunet_env(args: argparse.Namespace) -> int:
+    import importlib.util
+    import os
+    import shlex
+
+    shim = importlib.util.find_spec("nnunet_trainers.ext").submodule_search_locations[0]
+    existing = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p and p != shim]
+    print(f"export nnUNet_extTrainer={shlex.quote(os.pathsep.join([shim, *existing]))}")
+    return 0
+
+
+def _cmd_nnunet_attach(args: argparse.Namespace) -> int:
+    from nnunet_trainers.attach import attach_checkpoint
+
+    result = attach_checkpoint(args.dataset, args.plans, args.checkpoint, name=args.name,
+                               configuration=args.configuration, adapt_architecture=args.adapt_architecture)
+    print(result["report"])
+    for change in result["changes"]:
+        print(f"changed in the plans: {change}")
+    print(f"wrote {result['plans_file']}")
+    print(f"now train with:  {result['command']}")
+    return 0
+
+
 _SHOWN = {"format", "format_version", "backbone", "network_class", "in_channels", "patch_size", "encoder_prefixes",
           "adaptation_plan", "aliases"}
 
@@ -88,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plans", help="nnunet: the target dataset's plans.json, to check the export fits it")
     p.add_argument("--configuration", default="3d_fullres", help="nnunet: configuration in --plans")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("nnunet-env", help="print the export line that lets nnU-Net find the Med3DInsight trainers "
+                                          "(use: eval \"$(med3dinsight nnunet-env)\")")
+    p.set_defaults(func=_cmd_nnunet_env)
+
+    p = sub.add_parser("nnunet-attach", help="write nnU-Net plans that carry a pretrained checkpoint")
+    p.add_argument("-d", "--dataset", required=True, help="nnU-Net dataset id or name")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans to start from (default nnUNetPlans)")
+    p.add_argument("-c", "--checkpoint", required=True, help="the pretrained checkpoint")
+    p.add_argument("-n", "--name", help="name of the new plans (default PLANS__med3dinsight)")
+    p.add_argument("--configuration", default="3d_fullres")
+    p.add_argument("--adapt-architecture", action="store_true",
+                   help="train the checkpoint's architecture (required for SwinUNETR / UNETR checkpoints)")
+    p.set_defaults(func=_cmd_nnunet_attach)
 
     p = sub.add_parser("inspect", help="print what a checkpoint holds (any supported format)")
     p.add_argument("checkpoint")

@@ -54,14 +54,19 @@ def test_trainer_refuses_a_checkpoint_for_another_network(unetr_ckpt):
 
 
 def test_schedule_warmup_poly_and_frozen_encoder():
-    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
-    opt = torch.optim.SGD([{"params": [params[0]], "lr": 1.0, "encoder": True},
-                           {"params": [params[1]], "lr": 2.0}], lr=1.0)
+    from med3dinsight_plugin.finetune import finetune_lr_factor
+
+    # 16 steps, 4 of warm-up: 1/4 .. 4/4, then poly from the peak over the remaining 12
+    assert [finetune_lr_factor(i, 16, 4) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert finetune_lr_factor(4, 16, 4) == 1.0 and finetune_lr_factor(10, 16, 4) == pytest.approx(0.5 ** 0.9)
+    assert finetune_lr_factor(15, 16, 4) == pytest.approx((1 / 12) ** 0.9)
+    # frozen encoder: 0 for 4 steps, then its own warm-up; other groups are unaffected
+    assert [finetune_lr_factor(i, 16, 4, frozen=4, encoder=True) for i in (0, 3, 4, 7)] == [0.0, 0.0, 0.25, 1.0]
+    assert finetune_lr_factor(3, 16, 4, frozen=4, encoder=False) == 1.0
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0, "encoder": True}], lr=1.0)
     schedule = FinetuneSchedule(opt, warmup_epochs=1, frozen_encoder_epochs=1)
-    f = lambda it: schedule.factors(it, epoch_length=4, max_epochs=4)
-    assert f(0) == (0.0, 0.25) and f(3)[0] == 0.0 and f(3)[1] == pytest.approx((1 - 3 / 16) ** 0.9)
-    assert f(4)[0] == pytest.approx(0.25 * (1 - 4 / 16) ** 0.9)  # encoder warms up after unfreezing
-    assert f(15)[0] == pytest.approx((1 / 16) ** 0.9)
+    assert schedule.factor(3, epoch_length=4, max_epochs=4, encoder=True) == 0.0
+    assert schedule.factor(4, epoch_length=4, max_epochs=4, encoder=True) == 0.25
 
 
 def test_handler_in_a_plain_supervised_trainer_and_from_a_bundle_config(unetr_ckpt):

@@ -4,7 +4,8 @@ Importing this package imports MONAI's engines and pytorch-ignite; the core pack
 """
 from ..classifier import Med3DInsightClassifier
 from .handlers import FinetuneSchedule, PretrainedEncoderLoader
-from .trainer import Med3DInsightSupervisedTrainer, finetune_param_groups
+from ..finetune import finetune_param_groups
+from .trainer import Med3DInsightSupervisedTrainer
 
 __all__ = ["FinetuneSchedule", "Med3DInsightClassifier", "Med3DInsightSupervisedTrainer", "PretrainedEncoderLoader",
            "finetune_param_groups"]

@@ -9,6 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..loading import LoadReport, load_pretrained_encoder
+from ..finetune import finetune_lr_factor
 
 __all__ = ["FinetuneSchedule", "PretrainedEncoderLoader"]
 
@@ -50,12 +51,13 @@ class PretrainedEncoderLoader:
 
 
 class FinetuneSchedule:
-    """Per-iteration learning rates for fine-tuning a pretrained encoder.
+    """Per-iteration learning rates for fine-tuning a pretrained encoder
+    (:func:`~med3dinsight_plugin.finetune.finetune_lr_factor`).
 
-    Every parameter group warms up linearly from 0 over ``warmup_epochs``, then decays polynomially to 0 at the last
-    iteration (nnU-Net's poly, exponent 0.9). Groups marked ``"encoder": True`` are held at learning rate 0 for the
-    first ``frozen_encoder_epochs`` (frozen by learning rate, not ``requires_grad``, which is safe under DDP) and then
-    get their own warm-up. Each group's peak rate is its ``"lr"`` when the schedule is created.
+    Every parameter group warms up linearly from 0 over ``warmup_epochs``, then decays polynomially (nnU-Net's poly,
+    exponent 0.9) from its peak to 0 at the last iteration. Groups marked ``"encoder": True`` are held at learning
+    rate 0 for the first ``frozen_encoder_epochs`` (frozen by learning rate, not ``requires_grad``, which is safe
+    under DDP) and then get their own warm-up. Each group's peak rate is its ``"lr"`` when the schedule is created.
 
     Args:
         optimizer: the optimizer whose groups to drive.
@@ -80,20 +82,16 @@ class FinetuneSchedule:
         engine.add_event_handler(Events.ITERATION_STARTED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._log)
 
-    def factors(self, iteration: int, epoch_length: int, max_epochs: int) -> Tuple[float, float]:
-        """``(encoder factor, other factor)`` of the peak rates at a 0-based iteration."""
-        total = max(1, epoch_length * max_epochs)
-        decay = (1 - iteration / total) ** self.exponent
-        warm = lambda start: min(1.0, (iteration - start + 1) / (self.warmup_epochs * epoch_length)) \
-            if self.warmup_epochs > 0 else 1.0
-        frozen_until = self.frozen * epoch_length
-        encoder = 0.0 if iteration < frozen_until else warm(frozen_until) * decay
-        return encoder, warm(0) * decay
+    def factor(self, iteration: int, epoch_length: int, max_epochs: int, encoder: bool) -> float:
+        """Fraction of the peak rate at a 0-based iteration."""
+        return finetune_lr_factor(iteration, epoch_length * max_epochs, self.warmup_epochs * epoch_length,
+                                  self.frozen * epoch_length, encoder, self.exponent)
 
     def __call__(self, engine: Engine) -> None:
-        encoder, other = self.factors(engine.state.iteration - 1, engine.state.epoch_length, engine.state.max_epochs)
+        state = engine.state
         for group in self.optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * (encoder if group.get("encoder") else other)
+            group["lr"] = group["peak_lr"] * self.factor(state.iteration - 1, state.epoch_length, state.max_epochs,
+                                                         bool(group.get("encoder")))
 
     def _log(self, engine: Engine) -> None:
         lrs = [g["lr"] for g in self.optimizer.param_groups]

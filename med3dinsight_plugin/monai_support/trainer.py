@@ -2,37 +2,19 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, List, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from torch import nn
 
-from ..backbones import network_spec
-from ..checkpoint import Checkpoint, unwrap
-from ..loading import load_pretrained_encoder, target_network
+from ..checkpoint import Checkpoint
+from ..finetune import finetune_param_groups
+from ..loading import load_pretrained_encoder
 from .handlers import FinetuneSchedule
 
-__all__ = ["Med3DInsightSupervisedTrainer", "finetune_param_groups"]
-
-
-def finetune_param_groups(network: nn.Module, lr: float, encoder_lr: Optional[float] = None) -> List[dict]:
-    """Two optimizer groups: the pretrained encoder (``encoder_lr``, default ``lr``) and everything else (``lr``).
-
-    The encoder is what :func:`~med3dinsight_plugin.backbones.network_spec` names for the network (or the network
-    inside a classifier / Backbone); parameters with ``requires_grad=False`` are left out.
-    """
-    target = target_network(network)
-    spec = network_spec(target)
-    if spec is None:
-        raise ValueError(f"cannot tell the encoder of a {type(target).__name__}; pass your own parameter groups")
-    encoder_ids = {id(p) for n, p in target.named_parameters() if n.startswith(spec.encoder_prefixes)}
-    params = [p for p in unwrap(network).parameters() if p.requires_grad]
-    encoder = [p for p in params if id(p) in encoder_ids]
-    other = [p for p in params if id(p) not in encoder_ids]
-    groups = [{"params": encoder, "lr": encoder_lr if encoder_lr is not None else lr, "encoder": True}]
-    return groups + ([{"params": other, "lr": lr, "encoder": False}] if other else [])
+__all__ = ["Med3DInsightSupervisedTrainer"]
 
 
 class Med3DInsightSupervisedTrainer(SupervisedTrainer):

@@ -1,0 +1,61 @@
+"""Fine-tuning a pretrained encoder: parameter groups and the learning-rate schedule, shared by the nnU-Net trainers
+(per epoch) and the MONAI trainer (per iteration).
+
+nnssl's recipe for a pretrained encoder: a linear warm-up to the peak rate, then nnU-Net's polynomial decay over the
+remaining steps, restarted from the peak (nnssl's ``Lin_incr_LRScheduler`` then ``PolyLRScheduler_offset``). An
+optional frozen-encoder start holds the encoder at rate 0 -- frozen by learning rate, which is DDP-safe, unlike
+toggling ``requires_grad`` -- and then gives it its own warm-up.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+from torch import nn
+
+__all__ = ["finetune_lr_factor", "finetune_param_groups"]
+
+
+def finetune_param_groups(network: nn.Module, lr: float, encoder_lr: Optional[float] = None) -> List[dict]:
+    """Two optimizer groups: the pretrained encoder (``encoder_lr``, default ``lr``, marked ``"encoder": True``) and
+    everything else (``lr``).
+
+    The encoder is what :func:`~med3dinsight_plugin.backbones.network_spec` names for the network (or the network
+    inside a classifier / Backbone; DDP and compile wrappers are looked through); parameters with
+    ``requires_grad=False`` are left out.
+    """
+    from .backbones import network_spec
+    from .checkpoint import unwrap
+    from .loading import target_network
+
+    target = target_network(network)
+    spec = network_spec(target)
+    if spec is None:
+        raise ValueError(f"cannot tell the encoder of a {type(target).__name__}; pass your own parameter groups")
+    encoder_ids = {id(p) for n, p in target.named_parameters() if n.startswith(spec.encoder_prefixes)}
+    params = [p for p in unwrap(network).parameters() if p.requires_grad]
+    encoder = [p for p in params if id(p) in encoder_ids]
+    other = [p for p in params if id(p) not in encoder_ids]
+    groups = [{"params": encoder, "lr": encoder_lr if encoder_lr is not None else lr, "encoder": True}]
+    return groups + ([{"params": other, "lr": lr, "encoder": False}] if other else [])
+
+
+def finetune_lr_factor(step: int, total: int, warmup: float, frozen: int = 0, encoder: bool = False,
+                       exponent: float = 0.9) -> float:
+    """Fraction of its peak learning rate a parameter group uses at 0-based ``step`` of ``total``.
+
+    Args:
+        step: current step (epoch or iteration), counted from 0.
+        total: number of steps in the run.
+        warmup: steps of linear warm-up (0: none).
+        frozen: steps during which encoder groups stay at 0.
+        encoder: whether the group is the pretrained encoder.
+        exponent: poly decay exponent (nnU-Net: 0.9).
+    """
+    start = frozen if encoder else 0
+    if step < start:
+        return 0.0
+    t = step - start
+    if t < warmup:
+        return (t + 1) / warmup
+    remaining = max(1.0, total - start - warmup)
+    return max(0.0, 1.0 - (t - warmup) / remaining) ** exponent

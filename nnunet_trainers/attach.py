@@ -1,0 +1,178 @@
+"""Tie a pretrained checkpoint to an nnU-Net plans file: ``med3dinsight nnunet-attach``.
+
+The new plans file (``nnUNet_preprocessed/DATASET/NAME.json``) is a copy of the original with a ``"med3dinsight"``
+key naming the checkpoint and its metadata. nnU-Net copies plans into the results folder, so every run records the
+weights it started from; the preprocessed data are shared (the data identifiers do not change). With
+``--adapt-architecture`` the configuration's architecture becomes the checkpoint's (a SwinUNETR / UNETR for the MONAI
+families, with the patch size made acceptable to them), so ``nnUNetv2_predict`` rebuilds it from the plans alone.
+Before anything is written, the network the new plans build is test-loaded: an incompatible checkpoint fails here,
+not at epoch 0.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from med3dinsight_plugin.checkpoint import CheckpointError, _atomic_write, load_checkpoint
+
+__all__ = ["ENV_CHECKPOINT", "PLANS_KEY", "attach_checkpoint", "configured_checkpoint", "MONAI_NETWORKS"]
+
+PLANS_KEY = "med3dinsight"
+ENV_CHECKPOINT = "MED3DINSIGHT_CHECKPOINT"
+MONAI_NETWORKS = {"swin_unetr": "nnunet_trainers.networks.SwinUNETRForNNUNet",
+                  "unetr": "nnunet_trainers.networks.UNETRForNNUNet"}
+_PATCH_MULTIPLE = {"swin_unetr": (32, 64), "unetr": (16, 32)}  # (divisor, minimum) per axis
+
+
+def configured_checkpoint(plans: Dict[str, Any]) -> Tuple[Optional[str], str]:
+    """``(checkpoint path, where it came from)``: ``$MED3DINSIGHT_CHECKPOINT`` overrides the plans' entry."""
+    if os.environ.get(ENV_CHECKPOINT):
+        return os.environ[ENV_CHECKPOINT], f"${ENV_CHECKPOINT}"
+    entry = plans.get(PLANS_KEY) or {}
+    return entry.get("checkpoint"), f"plans '{plans.get('plans_name')}'"
+
+
+def file_sha256(path: os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, name: Optional[str] = None,
+                      configuration: str = "3d_fullres", adapt_architecture: bool = False) -> Dict[str, Any]:
+    """Write ``NAME.json`` beside ``PLANS_NAME.json`` carrying ``checkpoint`` (see the module docstring).
+
+    Args:
+        dataset: nnU-Net dataset id or name (``990`` or ``Dataset990_Tiny``).
+        plans_name: the plans to start from (``nnUNetPlans``).
+        checkpoint: the pretrained checkpoint.
+        name: the new plans name; default ``PLANS_NAME__med3dinsight``.
+        configuration: the configuration to train.
+        adapt_architecture: replace the configuration's architecture with the checkpoint's.
+
+    Returns:
+        ``{"plans_file", "plans_name", "trainer", "command", "report", "changes"}``.
+    """
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if not nnUNet_preprocessed:
+        raise ValueError("nnUNet_preprocessed is not set: export it as for nnUNetv2_train")
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as e:
+        raise ValueError(f"dataset {dataset!r}: {e}") from None
+    folder = Path(nnUNet_preprocessed) / dataset_name
+    plans_file = folder / f"{plans_name}.json"
+    if not plans_file.is_file():
+        raise ValueError(f"plans {plans_file} do not exist; run nnUNetv2_plan_and_preprocess -d {dataset} first")
+    plans = json.loads(plans_file.read_text())
+    if configuration not in plans.get("configurations", {}):
+        raise ValueError(f"configuration {configuration!r} is not in {plans_file}; available: "
+                         f"{sorted(plans.get('configurations', {}))}")
+    ckpt = load_checkpoint(checkpoint)
+    meta = ckpt.metadata
+    family = meta.get("backbone", {}).get("name", "nnunet") if ckpt.source_format == "med3dinsight" else "nnunet"
+    family = "nnunet" if family in ("plain_conv_unet", "resenc_unet") else family
+
+    new_name = name or f"{plans_name}__med3dinsight"
+    new_plans = copy.deepcopy(plans)
+    new_plans["plans_name"] = new_name
+    config = new_plans["configurations"][configuration]
+    changes = []
+    if family in MONAI_NETWORKS and not adapt_architecture:
+        raise ValueError(f"{ckpt.path} holds a {family} network but {plans_file.name} describes "
+                         f"{_arch_name(config)}; add --adapt-architecture to train the checkpoint's network")
+    if adapt_architecture:
+        if ckpt.source_format != "med3dinsight":
+            raise ValueError(f"{ckpt.path} has no med3dinsight metadata, so its architecture is unknown; "
+                             f"--adapt-architecture needs a checkpoint written by save_pretrained")
+        changes += _adapt(config, configuration, family, meta, new_plans)
+
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    report = _test_load(new_plans, configuration, channels, ckpt, adapt_architecture)
+
+    new_plans[PLANS_KEY] = {
+        "checkpoint": str(Path(ckpt.path).resolve()),
+        "sha256": file_sha256(ckpt.path),
+        "source_format": ckpt.source_format,
+        "family": family,
+        "configuration": configuration,
+        "attached_to": plans_name,
+        "changes": changes,
+        "checkpoint_metadata": {k: v for k, v in meta.items()
+                                if k not in ("aliases", "adaptation_plan", "backbone", "nnssl_adaptation_plan")},
+    }
+    out = folder / f"{new_name}.json"
+    _atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(new_plans, indent=2)))
+    trainer = {"nnunet": "Med3DInsightTrainer", "swin_unetr": "Med3DInsightTrainer_SwinUNETR",
+               "unetr": "Med3DInsightTrainer_UNETR"}[family]
+    command = f"nnUNetv2_train {dataset} {configuration} FOLD -p {new_name} -tr {trainer}"
+    return {"plans_file": str(out), "plans_name": new_name, "trainer": trainer, "command": command,
+            "report": report, "changes": changes}
+
+
+def _arch_name(config: Dict[str, Any]) -> str:
+    return str(config.get("architecture", {}).get("network_class_name", "?")).rsplit(".", 1)[-1]
+
+
+def _adapt(config, configuration, family, meta, plans):
+    """Put the checkpoint's architecture (and a patch size it accepts) into the configuration."""
+    if "inherits_from" in config:  # resolve, so that the architecture we write is not overridden by a parent
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        config.clear()
+        config.update(copy.deepcopy(PlansManager(plans).get_configuration(configuration).configuration))
+    backbone = meta["backbone"]
+    old_patch = list(config["patch_size"])
+    changes = []
+    if family in MONAI_NETWORKS:
+        divisor, minimum = _PATCH_MULTIPLE[family]
+        patch = [max(minimum, divisor * round(p / divisor)) for p in old_patch]
+        kwargs = {k: v for k, v in backbone.get("network_kwargs", {}).items() if k != "out_channels"}
+        if family == "unetr":
+            kwargs["img_size"] = patch
+        architecture = {"network_class_name": MONAI_NETWORKS[family], "arch_kwargs": kwargs,
+                        "_kw_requires_import": []}
+    else:
+        from med3dinsight_plugin.backbones.nnunet import architecture_from_plans
+
+        architecture = (backbone["architecture"] if "architecture" in backbone else
+                        architecture_from_plans(backbone["plans"], backbone["configuration"])[1]["architecture"])
+        divisor = [1, 1, 1]
+        for stride in architecture["arch_kwargs"]["strides"]:
+            divisor = [d * s for d, s in zip(divisor, stride)]
+        patch = old_patch if all(p % d == 0 for p, d in zip(old_patch, divisor)) else list(meta["patch_size"])
+    changes.append(f"architecture {_arch_name(config)} -> {architecture['network_class_name'].rsplit('.', 1)[-1]}")
+    config["architecture"] = architecture
+    if patch != old_patch:
+        changes.append(f"patch size {old_patch} -> {patch}")
+        config["patch_size"] = patch
+    return changes
+
+
+def _test_load(plans, configuration, channels, ckpt, adapted):
+    """Build the network the trainer will build and load the checkpoint into it (strict)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from med3dinsight_plugin.loading import IncompatibleCheckpointError, load_pretrained_encoder
+
+    cm = PlansManager(plans).get_configuration(configuration)
+    try:
+        network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                         cm.network_arch_init_kwargs_req_import, channels, 2, allow_init=False,
+                                         deep_supervision=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the plans' {configuration} network cannot be built for this checkpoint: {e}") from None
+    try:
+        return load_pretrained_encoder(network, ckpt)
+    except IncompatibleCheckpointError as e:
+        hint = "" if adapted else " Add --adapt-architecture to train the checkpoint's own architecture instead."
+        raise CheckpointError(f"{str(e).splitlines()[0]}.{hint}\n{e.report}") from None

@@ -1,0 +1,247 @@
+"""nnU-Net v2 trainers that start from a Med3DInsight-pretrained encoder.
+
+``nnUNetv2_train DATASET 3d_fullres FOLD -p PLANS -tr Med3DInsightTrainer`` with PyPI's unmodified nnunetv2, once
+``nnUNet_extTrainer`` points at this package's shim (``eval "$(med3dinsight nnunet-env)"``).
+
+* Which weights: the plans' ``"med3dinsight"`` entry written by ``med3dinsight nnunet-attach``, or
+  ``$MED3DINSIGHT_CHECKPOINT``. None configured: the run stops with a message (never a silent scratch run).
+* When: inside ``initialize()``, after the network is built and before its first (compiled) forward pass and the DDP
+  wrap -- in ``configure_optimizers``, which nnU-Net calls between the two -- through the package's one loader. The
+  load report goes to nnU-Net's training log and ``pretrained_load_report.json``; a mismatch stops the run before
+  epoch 0 with exit code 2.
+* How it trains (nnssl's recipe): CNNs SGD lr 1e-3; transformers AdamW lr 1e-4, weight decay 5e-2; linear warm-up
+  (50 of 1000 epochs, 10 % of shorter schedules) then poly decay; optional frozen-encoder start; learning rates logged
+  every epoch. AMP, ``-num_gpus`` DDP, torch.compile and ``-device cpu`` are nnU-Net's own, untouched.
+
+Variants override one hook, :meth:`Med3DInsightTrainer.configure_run`. The constructor keeps nnU-Net's signature.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from med3dinsight_plugin.checkpoint import CheckpointError
+from med3dinsight_plugin.finetune import finetune_lr_factor, finetune_param_groups
+from med3dinsight_plugin.loading import load_pretrained_encoder
+
+from .attach import MONAI_NETWORKS, PLANS_KEY, configured_checkpoint, file_sha256
+
+__all__ = [
+    "Med3DInsightTrainer", "Med3DInsightTrainer_100epochs", "Med3DInsightTrainer_250epochs",
+    "Med3DInsightTrainer_frozenEncoder", "Med3DInsightTrainer_smoke",
+    "Med3DInsightTrainer_SwinUNETR", "Med3DInsightTrainer_SwinUNETR_100epochs",
+    "Med3DInsightTrainer_SwinUNETR_250epochs", "Med3DInsightTrainer_SwinUNETR_frozenEncoder",
+    "Med3DInsightTrainer_SwinUNETR_smoke",
+    "Med3DInsightTrainer_UNETR", "Med3DInsightTrainer_UNETR_100epochs", "Med3DInsightTrainer_UNETR_250epochs",
+    "Med3DInsightTrainer_UNETR_frozenEncoder", "Med3DInsightTrainer_UNETR_smoke",
+]
+
+
+class FinetuneLRScheduler:
+    """nnU-Net-style epoch scheduler (``step(epoch)``) over :func:`finetune_lr_factor`, per parameter group."""
+
+    def __init__(self, optimizer, num_epochs: int, warmup_epochs: int, frozen_encoder_epochs: int = 0):
+        self.optimizer, self.num_epochs = optimizer, num_epochs
+        self.warmup_epochs, self.frozen = warmup_epochs, frozen_encoder_epochs
+        for group in optimizer.param_groups:
+            group.setdefault("peak_lr", group["lr"])
+
+    def step(self, current_step: int = 0) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * finetune_lr_factor(current_step, self.num_epochs, self.warmup_epochs,
+                                                                 self.frozen, bool(group.get("encoder")))
+
+
+class Med3DInsightTrainer(nnUNetTrainer):
+    """Fine-tunes the plans' PlainConvUNet / ResidualEncoderUNet from a pretrained encoder (SGD, lr 1e-3)."""
+
+    architectures = ("PlainConvUNet", "ResidualEncoderUNet")  # what this trainer trains (network class names)
+    optimizer_name = "sgd"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-3
+        self.warmup_epochs = None  # None: 50 for 1000 epochs, else 10 % of the epochs
+        self.frozen_encoder_epochs = 0
+        self.configure_run()
+        self._check_architecture()
+
+    def configure_run(self) -> None:
+        """Hook for variants: set ``num_epochs``, ``warmup_epochs``, ``frozen_encoder_epochs``, ``initial_lr``..."""
+
+    # ---------------------------------------------------------------------------------------------- weights
+
+    def configure_optimizers(self):
+        # nnU-Net calls this inside initialize(), after building (and lazily compiling) the network and before the
+        # DDP wrap: load here, so no forward pass has run and every rank holds the same weights before DDP.
+        self.load_pretrained_encoder()
+        groups = finetune_param_groups(self.network, self.initial_lr)
+        if self.optimizer_name == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, weight_decay=self.weight_decay,
+                                          betas=(0.9, 0.98))
+        else:
+            optimizer = torch.optim.SGD(groups, lr=self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                        nesterov=True)
+        warmup = self.warmup_epochs if self.warmup_epochs is not None else (
+            50 if self.num_epochs >= 1000 else max(1, round(0.1 * self.num_epochs)))
+        self.print_to_log_file(f"Med3DInsight fine-tuning: {self.optimizer_name}, peak lr {self.initial_lr}, "
+                               f"weight decay {self.weight_decay}, {warmup} warm-up epochs, "
+                               f"{self.frozen_encoder_epochs} frozen-encoder epochs, {self.num_epochs} epochs")
+        return optimizer, FinetuneLRScheduler(optimizer, self.num_epochs, warmup, self.frozen_encoder_epochs)
+
+    def load_pretrained_encoder(self):
+        """Load the configured checkpoint into ``self.network``; stop the run with exit code 2 if impossible."""
+        plans = self.plans_manager.plans
+        path, origin = configured_checkpoint(plans)
+        if not path:
+            self._stop(f"{type(self).__name__} has no pretrained checkpoint: the plans '{plans.get('plans_name')}' "
+                       f"carry none and $MED3DINSIGHT_CHECKPOINT is unset. Run `med3dinsight nnunet-attach -d "
+                       f"DATASET -p {plans.get('plans_name')} -c CHECKPOINT` and train with the plans it writes (-p), "
+                       f"or set MED3DINSIGHT_CHECKPOINT; to train from scratch use -tr nnUNetTrainer")
+        entry = plans.get(PLANS_KEY) or {}
+        try:
+            if entry.get("sha256") and origin.startswith("plans") and file_sha256(path) != entry["sha256"]:
+                self.print_to_log_file(f"WARNING: {path} changed since it was attached to these plans")
+            report = load_pretrained_encoder(self.network, path, strict_encoder=True)
+        except (CheckpointError, OSError) as e:
+            details = getattr(e, "report", None)
+            self._stop(f"pretrained checkpoint from {origin}: {str(e).splitlines()[0]}", details)
+        self.print_to_log_file(f"Pretrained weights from {origin}:\n{report}", add_timestamp=False)
+        if self.local_rank == 0:
+            with open(f"{self.output_folder}/pretrained_load_report.json", "w") as f:
+                json.dump(report.to_dict(), f, indent=2)
+        self.pretrained_load_report = report
+
+    def _stop(self, message: str, details=None) -> None:
+        """One clear message in the training log and on stderr, then exit code 2 (before any epoch)."""
+        self.print_to_log_file(f"ERROR: {message}" + (f"\n{details}" if details else ""), also_print_to_console=False)
+        if self.local_rank == 0:
+            print(f"med3dinsight: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    def _check_architecture(self) -> None:
+        name = self.configuration_manager.network_arch_class_name.rsplit(".", 1)[-1]
+        if name not in self.architectures:
+            right = {v.rsplit(".", 1)[-1]: k for k, v in MONAI_NETWORKS.items()}.get(name)
+            fix = (f"use -tr {_TRAINER_OF[right]}" if right else
+                   "attach a checkpoint with `med3dinsight nnunet-attach ... --adapt-architecture`")
+            self._stop(f"{type(self).__name__} trains {'/'.join(self.architectures)} but configuration "
+                       f"'{self.configuration_name}' of the plans builds {name}; {fix}")
+
+    # ---------------------------------------------------------------------------------------------- logging
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        rates = ", ".join(f"{'encoder' if g.get('encoder') else 'new layers'} {g['lr']:.3g}"
+                          for g in self.optimizer.param_groups)
+        self.print_to_log_file(f"Learning rates: {rates}")
+
+
+class _MonaiTrainerMixin:
+    """MONAI transformers: AdamW 1e-4 / weight decay 5e-2 (nnssl's Primus recipe), no deep supervision."""
+
+    optimizer_name = "adamw"
+
+    def configure_run(self) -> None:
+        super().configure_run()
+        self.initial_lr, self.weight_decay = 1e-4, 5e-2
+        self.enable_deep_supervision = False
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        pass  # MONAI networks have a single output
+
+
+class Med3DInsightTrainer_SwinUNETR(_MonaiTrainerMixin, Med3DInsightTrainer):
+    """Fine-tunes a MONAI SwinUNETR described in the plans (``nnunet-attach --adapt-architecture``)."""
+    architectures = ("SwinUNETRForNNUNet",)
+
+
+class Med3DInsightTrainer_UNETR(_MonaiTrainerMixin, Med3DInsightTrainer):
+    """Fine-tunes a MONAI UNETR described in the plans (``nnunet-attach --adapt-architecture``)."""
+    architectures = ("UNETRForNNUNet",)
+
+
+_TRAINER_OF = {"nnunet": "Med3DInsightTrainer", "swin_unetr": "Med3DInsightTrainer_SwinUNETR",
+               "unetr": "Med3DInsightTrainer_UNETR"}
+
+
+# Schedule variants, one hook each. Names say what changes, as nnU-Net's nnUNetTrainer_250epochs does.
+
+class _Epochs100:
+    def configure_run(self):
+        super().configure_run()
+        self.num_epochs = 100
+
+
+class _Epochs250:
+    def configure_run(self):
+        super().configure_run()
+        self.num_epochs = 250
+
+
+class _FrozenEncoder:
+    """The encoder stays at learning rate 0 while the new layers warm up, then gets its own warm-up."""
+
+    def configure_run(self):
+        super().configure_run()
+        self.frozen_encoder_epochs = 50
+
+
+class _Smoke:
+    """1 epoch of 2 training and 1 validation iterations: a first try of the whole pipeline, and for tests."""
+
+    def configure_run(self):
+        super().configure_run()
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 2, 1
+
+
+class Med3DInsightTrainer_100epochs(_Epochs100, Med3DInsightTrainer):
+    pass
+
+
+class Med3DInsightTrainer_250epochs(_Epochs250, Med3DInsightTrainer):
+    pass
+
+
+class Med3DInsightTrainer_frozenEncoder(_FrozenEncoder, Med3DInsightTrainer):
+    pass
+
+
+class Med3DInsightTrainer_smoke(_Smoke, Med3DInsightTrainer):
+    pass
+
+
+class Med3DInsightTrainer_SwinUNETR_100epochs(_Epochs100, Med3DInsightTrainer_SwinUNETR):
+    pass
+
+
+class Med3DInsightTrainer_SwinUNETR_250epochs(_Epochs250, Med3DInsightTrainer_SwinUNETR):
+    pass
+
+
+class Med3DInsightTrainer_SwinUNETR_frozenEncoder(_FrozenEncoder, Med3DInsightTrainer_SwinUNETR):
+    pass
+
+
+class Med3DInsightTrainer_SwinUNETR_smoke(_Smoke, Med3DInsightTrainer_SwinUNETR):
+    pass
+
+
+class Med3DInsightTrainer_UNETR_100epochs(_Epochs100, Med3DInsightTrainer_UNETR):
+    pass
+
+
+class Med3DInsightTrainer_UNETR_250epochs(_Epochs250, Med3DInsightTrainer_UNETR):
+    pass
+
+
+class Med3DInsightTrainer_UNETR_frozenEncoder(_FrozenEncoder, Med3DInsightTrainer_UNETR):
+    pass
+
+
+class Med3DInsightTrainer_UNETR_smoke(_Smoke, Med3DInsightTrainer_UNETR):
+    pass

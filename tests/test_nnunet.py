@@ -1,0 +1,133 @@
+"""End to end through nnU-Net's own command-line tools: plan, attach, train with each trainer family, predict.
+
+Runs PyPI's unmodified nnunetv2 in subprocesses, finding the trainers only through ``nnUNet_extTrainer`` as
+``eval "$(med3dinsight nnunet-env)"`` sets it.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import tiny_backbone, write_nnunet_raw_dataset
+from med3dinsight_plugin import build_backbone, save_pretrained
+
+BIN = Path(sys.executable).parent
+DATASET = "991"
+
+
+def run(cmd, env, check=True):
+    r = subprocess.run([str(BIN / cmd[0]), *map(str, cmd[1:])], env=env, capture_output=True, text=True,
+                       timeout=900)
+    if check:
+        assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def nnunet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet_e2e")
+    folder = write_nnunet_raw_dataset(root / "raw", dataset_id=991, cases=5)  # 5 folds need 5 cases
+    import SimpleITK as sitk
+    (folder / "imagesTs").mkdir()
+    held_out = np.random.default_rng(1).normal(size=(30, 32, 34)).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(held_out), str(folder / "imagesTs" / "test000_0000.nii.gz"))
+    env = {**os.environ, "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
+           "nnUNet_results": str(root / "res"), "nnUNet_def_n_proc": "1"}
+    env.pop("nnUNet_n_proc_DA", None)  # planning crashes with it
+    env.pop("MED3DINSIGHT_CHECKPOINT", None)
+    run(["nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
+    export = run(["med3dinsight", "nnunet-env"], env).stdout.strip()
+    assert export.startswith("export nnUNet_extTrainer=")
+    env["nnUNet_extTrainer"] = export.split("=", 1)[1].strip("'")
+    env["nnUNet_n_proc_DA"] = "0"  # training only
+    pre = root / "pre" / "Dataset991_Tiny"
+    return {"env": env, "root": root, "pre": pre, "plans": pre / "nnUNetPlans.json", "raw": folder}
+
+
+def _train_and_predict(nnunet, ckpt, trainer, plans_name, attach_args=()):
+    env, root = nnunet["env"], nnunet["root"]
+    r = run(["med3dinsight", "nnunet-attach", "-d", DATASET, "-p", "nnUNetPlans", "-c", ckpt, "-n", plans_name,
+             *attach_args], env)
+    assert "(100.0 %)" in r.stdout and f"-p {plans_name} -tr {trainer.replace('_smoke', '')}" in r.stdout
+    run(["nnUNetv2_train", DATASET, "3d_fullres", "0", "-p", plans_name, "-tr", trainer, "-device", "cpu"], env)
+    fold = root / "res" / "Dataset991_Tiny" / f"{trainer}__{plans_name}__3d_fullres" / "fold_0"
+    report = json.loads((fold / "pretrained_load_report.json").read_text())
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert report["coverage"] == 100.0 and report["applied"] and "Pretrained encoder loaded" in log
+    assert "Learning rates: encoder" in log
+    out = root / f"pred_{plans_name}"
+    run(["nnUNetv2_predict", "-i", nnunet["raw"] / "imagesTs", "-o", out, "-d", DATASET, "-c", "3d_fullres",
+         "-f", "0", "-p", plans_name, "-tr", trainer, "-chk", "checkpoint_final.pth", "-device", "cpu",
+         "-npp", "1", "-nps", "1"], env)
+    import SimpleITK as sitk
+    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "test000.nii.gz")))
+    assert prediction.shape == (30, 32, 34)
+    return torch.load(fold / "checkpoint_final.pth", weights_only=False)["network_weights"]
+
+
+def _carries(finetuned, pretrained, prefixes):
+    """The fine-tuned encoder is still the pretrained one (a few small steps away from it)."""
+    keys = [k for k in pretrained if k.startswith(prefixes) and pretrained[k].is_floating_point()]
+    change = sum(float((finetuned[k].float() - pretrained[k].float()).norm() ** 2) for k in keys) ** 0.5
+    size = sum(float(pretrained[k].float().norm() ** 2) for k in keys) ** 0.5
+    assert keys and change / size < 0.05, change / size
+
+
+def test_plain_conv_unet_from_the_datasets_own_plans(nnunet, tmp_path):
+    torch.manual_seed(0)
+    backbone = build_backbone("nnunet", plans=nnunet["plans"])
+    ckpt = save_pretrained(backbone, tmp_path / "plain.safetensors")
+    weights = _train_and_predict(nnunet, ckpt, "Med3DInsightTrainer_smoke", "plansPlain")
+    _carries(weights, backbone.network.state_dict(), ("encoder.",))
+
+
+def test_swin_unetr_through_nnunet(nnunet, tmp_path):
+    backbone = tiny_backbone("swin_unetr")
+    ckpt = save_pretrained(backbone, tmp_path / "swin.safetensors")
+    weights = _train_and_predict(nnunet, ckpt, "Med3DInsightTrainer_SwinUNETR_smoke", "plansSwin",
+                                 ["--adapt-architecture"])
+    _carries(weights, backbone.network.state_dict(), backbone.encoder_prefixes)
+    plans = json.loads((nnunet["pre"] / "plansSwin.json").read_text())
+    config = plans["configurations"]["3d_fullres"]
+    assert config["architecture"]["network_class_name"] == "nnunet_trainers.networks.SwinUNETRForNNUNet"
+    assert config["patch_size"] == [64, 64, 64] and plans["med3dinsight"]["family"] == "swin_unetr"
+
+
+def test_unetr_through_nnunet(nnunet, tmp_path):
+    backbone = tiny_backbone("unetr")
+    ckpt = save_pretrained(backbone, tmp_path / "unetr.safetensors")
+    weights = _train_and_predict(nnunet, ckpt, "Med3DInsightTrainer_UNETR_smoke", "plansUnetr",
+                                 ["--adapt-architecture"])
+    _carries(weights, backbone.network.state_dict(), backbone.encoder_prefixes)
+
+
+def test_failures_stop_before_training(nnunet, tmp_path):
+    env, root = nnunet["env"], nnunet["root"]
+    resenc = save_pretrained(build_backbone("nnunet", plans=nnunet["pre"] / "nnUNetPlans.json"),
+                             tmp_path / "plain.safetensors")
+    other = save_pretrained(tiny_backbone("resenc_unet"), tmp_path / "resenc.safetensors")
+    # another architecture: refused when attaching, with the fix named
+    r = run(["med3dinsight", "nnunet-attach", "-d", DATASET, "-c", other, "-n", "plansBad"], env, check=False)
+    assert r.returncode == 2 and "--adapt-architecture" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (nnunet["pre"] / "plansBad.json").exists()
+    run(["med3dinsight", "nnunet-attach", "-d", DATASET, "-c", resenc, "-n", "plansOk"], env)
+    results = root / "res" / "Dataset991_Tiny"
+    cases = [
+        ({}, "nnUNetPlans", "Med3DInsightTrainer_smoke", "has no pretrained checkpoint"),
+        ({"MED3DINSIGHT_CHECKPOINT": str(other)}, "plansOk", "Med3DInsightTrainer_smoke", "does not fit"),
+        ({"MED3DINSIGHT_CHECKPOINT": str(tmp_path / "missing.safetensors")}, "plansOk",
+         "Med3DInsightTrainer_smoke", "does not exist"),
+        ({}, "plansOk", "Med3DInsightTrainer_SwinUNETR_smoke", "builds PlainConvUNet"),
+    ]
+    for extra, plans_name, trainer, message in cases:
+        r = run(["nnUNetv2_train", DATASET, "3d_fullres", "1", "-p", plans_name, "-tr", trainer, "-device", "cpu"],
+                {**env, **extra}, check=False)
+        assert r.returncode != 0 and f"med3dinsight: error: " in r.stderr and message in r.stderr, r.stderr[-2000:]
+        fold = results / f"{trainer}__{plans_name}__3d_fullres" / "fold_1"
+        assert not list(fold.glob("checkpoint_*.pth"))
+        assert message in next(fold.glob("training_log_*.txt")).read_text()
