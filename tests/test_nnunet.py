@@ -124,10 +124,10 @@ def test_failures_stop_before_training(nnunet, tmp_path):
          "Med3DInsightTrainer_smoke", "does not exist"),
         ({}, "plansOk", "Med3DInsightTrainer_SwinUNETR_smoke", "builds PlainConvUNet"),
     ]
-    for extra, plans_name, trainer, message in cases:
-        r = run(["nnUNetv2_train", DATASET, "3d_fullres", "1", "-p", plans_name, "-tr", trainer, "-device", "cpu"],
-                {**env, **extra}, check=False)
-        assert r.returncode != 0 and f"med3dinsight: error: " in r.stderr and message in r.stderr, r.stderr[-2000:]
-        fold = results / f"{trainer}__{plans_name}__3d_fullres" / "fold_1"
+    for fold_id, (extra, plans_name, trainer, message) in enumerate(cases, start=1):  # a fresh fold folder each
+        r = run(["nnUNetv2_train", DATASET, "3d_fullres", fold_id, "-p", plans_name, "-tr", trainer, "-device",
+                 "cpu"], {**env, **extra}, check=False)
+        assert r.returncode == 2 and "med3dinsight: error: " in r.stderr and message in r.stderr, r.stderr[-2000:]
+        fold = results / f"{trainer}__{plans_name}__3d_fullres" / f"fold_{fold_id}"
         assert not list(fold.glob("checkpoint_*.pth"))
         assert message in next(fold.glob("training_log_*.txt")).read_text()
