@@ -9,7 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any hub-aware import: an 
 import pytest
 import torch
 
-from helpers import TINY_BACKBONES, write_nnunet_raw_dataset
+from helpers import TINY_BACKBONES
+from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

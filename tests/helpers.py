@@ -1,30 +1,4 @@
-"""Test helpers: tiny real configurations and a synthetic nnU-Net raw dataset writer."""
-import json
-from pathlib import Path
-
-import numpy as np
-
-
-def write_nnunet_raw_dataset(raw: Path, dataset_id: int = 990, cases: int = 3, shape=(32, 32, 32)) -> Path:
-    """A tiny nnU-Net raw dataset: noise volumes with a brighter cube and its label."""
-    import SimpleITK as sitk
-
-    folder = raw / f"Dataset{dataset_id:03d}_Tiny"
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(cases):
-        image = rng.normal(size=shape).astype(np.float32)
-        label = np.zeros(shape, np.uint8)
-        label[8:20, 10:22, 6:18] = 1
-        image[label > 0] += 3
-        for array, path in ((image, folder / "imagesTr" / f"case{i:03d}_0000.nii.gz"),
-                            (label, folder / "labelsTr" / f"case{i:03d}.nii.gz")):
-            sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
-    (folder / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "CT"}, "labels": {"background": 0, "cube": 1},
-        "numTraining": cases, "file_ending": ".nii.gz"}))
-    return folder
+"""Test helpers: tiny real configurations of every backbone."""
 
 
 # Tiny but real configurations of every backbone, for tests that run forward and backward passes.

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_backbone, write_nnunet_raw_dataset
+from helpers import tiny_backbone
+from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
 from med3dinsight_plugin import build_backbone, save_pretrained
 
 BIN = Path(sys.executable).parent

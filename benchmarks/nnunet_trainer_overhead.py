@@ -1,0 +1,90 @@
+"""Med3DInsightTrainer vs nnU-Net's own nnUNetTrainer on the same plans and batches, and the weight-loading time.
+
+Run: python benchmarks/nnunet_trainer_overhead.py [--shape 48] [--steps 10] [--device cpu]
+
+Generates a small synthetic dataset, plans and preprocesses it with nnU-Net's CLI, writes a checkpoint for those
+plans, builds both trainers in this process (``initialize()`` + dataloaders), then times ``train_step`` on the same
+pre-fetched batches, alternating the two trainers (medians; goal: ratio <= 1.03). The loader is timed on its own.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, default=48, help="edge of the synthetic volumes")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="m3di_bench_"))
+    os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
+                      nnUNet_results=str(root / "res"), nnUNet_def_n_proc="1")
+    os.environ.pop("nnUNet_n_proc_DA", None)
+    from med3dinsight_plugin import build_backbone, load_pretrained_encoder, save_pretrained
+    from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
+
+    write_nnunet_raw_dataset(root / "raw", 992, cases=5, shape=(args.shape,) * 3, name="Bench")
+    subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", "992", "-c",
+                    "3d_fullres", "-np", "1", "-npfp", "1"], check=True, capture_output=True)
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    pre = root / "pre" / "Dataset992_Bench"
+    plans_file = pre / "nnUNetPlans.json"
+    ckpt = save_pretrained(build_backbone("nnunet", plans=plans_file), root / "pretrained.safetensors")
+    os.environ["MED3DINSIGHT_CHECKPOINT"] = str(ckpt)
+
+    import json
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_trainers.trainers import Med3DInsightTrainer
+
+    plans, dataset_json = json.loads(plans_file.read_text()), json.loads((pre / "dataset.json").read_text())
+    trainers = {}
+    for cls in (nnUNetTrainer, Med3DInsightTrainer):
+        p = deepcopy(plans)
+        p["continue_training"] = False  # what nnUNetv2_train injects
+        trainer = cls(p, "3d_fullres", 0, dataset_json, torch.device(args.device))
+        trainer.on_train_start()
+        trainer.num_epochs = 1000
+        trainers[cls.__name__] = trainer
+    baseline = trainers["nnUNetTrainer"]
+    batches = [next(baseline.dataloader_train) for _ in range(args.steps)]
+    for trainer in trainers.values():
+        trainer.network.train()
+        trainer.train_step(batches[0])  # warm-up
+    times = {name: [] for name in trainers}
+    for batch in batches:
+        for name, trainer in trainers.items():
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            trainer.train_step(batch)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    ours, theirs = statistics.median(times["Med3DInsightTrainer"]), statistics.median(times["nnUNetTrainer"])
+    network = baseline.network
+    load_times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        load_pretrained_encoder(network, ckpt)
+        load_times.append(time.perf_counter() - start)
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"]
+    print(f"torch {torch.__version__}, device {args.device}; PlainConvUNet {arch}, patch "
+          f"{plans['configurations']['3d_fullres']['patch_size']}, batch "
+          f"{plans['configurations']['3d_fullres']['batch_size']}, {args.steps} steps")
+    print(f"train_step  nnUNetTrainer {theirs:.3f} s   Med3DInsightTrainer {ours:.3f} s   ratio {ours / theirs:.3f}")
+    print(f"load_pretrained_encoder (read + map + copy, {ckpt.stat().st_size / 1e6:.1f} MB): "
+          f"{statistics.median(load_times) * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
