@@ -87,24 +87,19 @@ def test_plain_conv_unet_from_the_datasets_own_plans(nnunet, tmp_path):
     _carries(weights, backbone.network.state_dict(), ("encoder.",))
 
 
-def test_swin_unetr_through_nnunet(nnunet, tmp_path):
-    backbone = tiny_backbone("swin_unetr")
-    ckpt = save_pretrained(backbone, tmp_path / "swin.safetensors")
-    weights = _train_and_predict(nnunet, ckpt, "Med3DInsightTrainer_SwinUNETR_smoke", "plansSwin",
-                                 ["--adapt-architecture"])
+@pytest.mark.parametrize("name,trainer,network,patch", [
+    ("swin_unetr", "Med3DInsightTrainer_SwinUNETR_smoke", "SwinUNETRForNNUNet", [64, 64, 64]),  # 32 -> >= 64
+    ("unetr", "Med3DInsightTrainer_UNETR_smoke", "UNETRForNNUNet", [32, 32, 32]),
+])
+def test_monai_networks_through_nnunet(nnunet, tmp_path, name, trainer, network, patch):
+    backbone = tiny_backbone(name)
+    ckpt = save_pretrained(backbone, tmp_path / f"{name}.safetensors")
+    weights = _train_and_predict(nnunet, ckpt, trainer, f"plans_{name}", ["--adapt-architecture"])
     _carries(weights, backbone.network.state_dict(), backbone.encoder_prefixes)
-    plans = json.loads((nnunet["pre"] / "plansSwin.json").read_text())
+    plans = json.loads((nnunet["pre"] / f"plans_{name}.json").read_text())
     config = plans["configurations"]["3d_fullres"]
-    assert config["architecture"]["network_class_name"] == "nnunet_trainers.networks.SwinUNETRForNNUNet"
-    assert config["patch_size"] == [64, 64, 64] and plans["med3dinsight"]["family"] == "swin_unetr"
-
-
-def test_unetr_through_nnunet(nnunet, tmp_path):
-    backbone = tiny_backbone("unetr")
-    ckpt = save_pretrained(backbone, tmp_path / "unetr.safetensors")
-    weights = _train_and_predict(nnunet, ckpt, "Med3DInsightTrainer_UNETR_smoke", "plansUnetr",
-                                 ["--adapt-architecture"])
-    _carries(weights, backbone.network.state_dict(), backbone.encoder_prefixes)
+    assert config["architecture"]["network_class_name"] == f"nnunet_trainers.networks.{network}"
+    assert config["patch_size"] == patch and plans["med3dinsight"]["family"] == name
 
 
 def test_failures_stop_before_training(nnunet, tmp_path):
