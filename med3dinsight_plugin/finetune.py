@@ -12,7 +12,22 @@ from typing import List, Optional
 
 from torch import nn
 
-__all__ = ["finetune_lr_factor", "finetune_param_groups"]
+__all__ = ["finetune_lr_factor", "finetune_param_groups", "freeze_dead_parameters"]
+
+
+def freeze_dead_parameters(network: nn.Module) -> List[str]:
+    """Set ``requires_grad=False`` on parameters the network never uses (MONAI UNETR's ``norm_cross_attn``), so that
+    DDP does not wait for their gradients; returns their names. Call before wrapping in DDP."""
+    from .backbones import network_spec
+    from .loading import target_network
+
+    target = target_network(network)
+    spec = network_spec(target)
+    dead = list(spec.dead_parameters) if spec else []
+    params = dict(target.named_parameters())
+    for name in dead:
+        params[name].requires_grad_(False)
+    return dead
 
 
 def finetune_param_groups(network: nn.Module, lr: float, encoder_lr: Optional[float] = None) -> List[dict]:

@@ -127,7 +127,7 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
     target_sd = target.state_dict()
     source = {_strip_wrappers(k): v for k, v in ckpt.state_dict.items()}
     source, renamed = _apply_renames(source, target_sd)
-    (strip, add), matches = _best_prefix_change(source, target_sd)
+    strip, add = _best_prefix_change(source, target_sd)
     mapped = {add + k[len(strip):]: (k, v) for k, v in source.items() if k.startswith(strip)}
     mapping = " ".join(filter(None, [f"strip '{strip}'" if strip else "", f"add '{add}'" if add else "",
                                      "rename " + ", ".join(f"{a}->{b}" for a, b in renamed) if renamed else ""]))
@@ -157,8 +157,7 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
         value, how = _fit(key, value, tensor, spec, ckpt, adapt_channels, adapt_position_embedding, source_grid,
                           target)
         if value is None:
-            if wanted or scope == "all":
-                report.mismatched[key] = (tuple(mapped[key][1].shape), tuple(tensor.shape))
+            report.mismatched[key] = (tuple(mapped[key][1].shape), tuple(tensor.shape))
             continue
         if how and ident not in adapted_ids:  # aliases of one tensor are reported once
             report.adapted[key] = how
@@ -168,8 +167,8 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
         if wanted:
             loaded_ids.add(ident)
     report.expected = len(expected_ids)
-    report.loaded = len(loaded_ids & set(expected_ids))
-    report.loaded_params = sum(target_sd[expected_ids[i]].numel() for i in loaded_ids & set(expected_ids))
+    report.loaded = len(loaded_ids)  # loaded_ids only holds expected tensors
+    report.loaded_params = sum(target_sd[expected_ids[i]].numel() for i in loaded_ids)
     report.missing = [k for i, k in expected_ids.items() if i not in loaded_ids and k not in report.mismatched]
     report.unexpected = [k for k, _ in mapped.values() if k not in loaded_keys and add + k[len(strip):] not in
                          target_sd] + [k for k in source if not k.startswith(strip)]
@@ -261,7 +260,7 @@ def _best_prefix_change(source, target_sd):
         n = sum(1 for k in source if k.startswith(strip) and add + k[len(strip):] in target_keys)
         if n > best_n:
             best, best_n = (strip, add), n
-    return best, best_n
+    return best
 
 
 def _fit(key, value, tensor, spec, ckpt, adapt_channels, adapt_lpe, source_grid, target):

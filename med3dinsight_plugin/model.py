@@ -56,6 +56,12 @@ class Med3DInsightModel(nn.Module):
             ``{"loss", "image", "text", "reconstruction"}``; the alignment runs over all B*K pairs.
         """
         z3d, reconstruction = self.encode(volume, plane, position)
+        return self.compute_losses(z3d, reconstruction, volume, image_emb, text_emb)
+
+    def compute_losses(self, z3d: torch.Tensor, reconstruction: torch.Tensor, volume: torch.Tensor,
+                       image_emb: Optional[torch.Tensor] = None,
+                       text_emb: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """The losses of :meth:`forward` from the outputs of :meth:`encode` (all B*K pairs aligned together)."""
         width = z3d.shape[-1]
         for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
             if emb is not None and (emb.shape[:-1] != z3d.shape[:-1]):

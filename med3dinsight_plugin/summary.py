@@ -35,9 +35,9 @@ def summarize(name: str, patch_size: Sequence[int] = (64, 64, 64), batch: int = 
     image_emb, text_emb = torch.randn(2, batch, slices, transformer.out_dim, device=device).unbind(0)
     start = time.perf_counter()
     with torch.no_grad():
-        tokens, reconstruction = backbone(volume)
+        tokens, reconstruction = backbone(volume)  # one pass; the shapes of every stage are shown
         z3d = transformer(tokens, plane, position)
-        losses = model(volume, plane, position, image_emb, text_emb)
+        losses = model.compute_losses(z3d, reconstruction, volume, image_emb, text_emb)
     return {
         "backbone": name,
         "network": type(backbone.network).__name__,

@@ -24,7 +24,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from med3dinsight_plugin.checkpoint import CheckpointError
-from med3dinsight_plugin.finetune import finetune_lr_factor, finetune_param_groups
+from med3dinsight_plugin.finetune import finetune_lr_factor, finetune_param_groups, freeze_dead_parameters
 from med3dinsight_plugin.loading import load_pretrained_encoder
 
 from .attach import MONAI_NETWORKS, PLANS_KEY, configured_checkpoint, file_sha256
@@ -79,6 +79,7 @@ class Med3DInsightTrainer(nnUNetTrainer):
         # nnU-Net calls this inside initialize(), after building (and lazily compiling) the network and before the
         # DDP wrap: load here, so no forward pass has run and every rank holds the same weights before DDP.
         self.load_pretrained_encoder()
+        freeze_dead_parameters(self.network)  # unused parameters would stall DDP's gradient reduction
         groups = finetune_param_groups(self.network, self.initial_lr)
         if self.optimizer_name == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, weight_decay=self.weight_decay,

@@ -143,3 +143,14 @@ def test_bad_build_arguments_raise_value_error():
         build_backbone("plain_conv_unet", patch_size=(32, 32))
     with pytest.raises(ValueError, match="in_channels must be a positive integer"):
         build_backbone("plain_conv_unet", in_channels=0)
+
+
+def test_every_trainable_parameter_gets_a_gradient_once_dead_ones_are_frozen(tiny_backbone_name):
+    """What DDP without find_unused_parameters needs, as nnU-Net wraps it."""
+    from med3dinsight_plugin.finetune import freeze_dead_parameters
+
+    network = _tiny(tiny_backbone_name).network
+    dead = freeze_dead_parameters(network)
+    assert bool(dead) == (tiny_backbone_name == "unetr")  # MONAI's unused norm_cross_attn
+    network(torch.randn(1, 1, *TINY_BACKBONES[tiny_backbone_name]["patch_size"])).sum().backward()
+    assert [n for n, p in network.named_parameters() if p.requires_grad and p.grad is None] == []

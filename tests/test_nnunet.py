@@ -111,6 +111,9 @@ def test_failures_stop_before_training(nnunet, tmp_path):
     r = run(["med3dinsight", "nnunet-attach", "-d", DATASET, "-c", other, "-n", "plansBad"], env, check=False)
     assert r.returncode == 2 and "--adapt-architecture" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (nnunet["pre"] / "plansBad.json").exists()
+    r = run(["med3dinsight", "nnunet-attach", "-d", DATASET, "-c", resenc, "--configuration", "3d_lowres"], env,
+            check=False)
+    assert r.returncode == 2 and "configuration '3d_lowres' is not in" in r.stderr
     run(["med3dinsight", "nnunet-attach", "-d", DATASET, "-c", resenc, "-n", "plansOk"], env)
     results = root / "res" / "Dataset991_Tiny"
     cases = [

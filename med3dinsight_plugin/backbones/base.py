@@ -13,6 +13,7 @@ class NetworkSpec(NamedTuple):
     key_to_encoder: str  # the main encoder (Swin / ViT / conv stages), without the skip-connection blocks
     keys_to_in_proj: Tuple[str, ...]  # modules reading the input channels
     key_to_lpe: Optional[str]  # learnable position embedding, if any
+    dead_parameters: Tuple[str, ...] = ()  # parameters no forward pass uses (DDP would wait for their gradients)
 
 
 class BackboneOutput(NamedTuple):
@@ -76,7 +77,7 @@ class Backbone(nn.Module):
     def dead_parameters(self) -> Tuple[str, ...]:
         """Names (in ``network``) of parameters no forward pass uses; freeze them so that DDP needs no
         ``find_unused_parameters``."""
-        return ()
+        return self.network_spec(self.network).dead_parameters
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Validated input -> bottleneck tokens (B, N, C), without running the decoder."""

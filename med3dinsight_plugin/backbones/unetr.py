@@ -24,9 +24,11 @@ class UNETRBackbone(Backbone):
             raise ValueError(f"unetr was built for patches of {self.patch_size} (its position embedding has one entry "
                              f"per 16^3 patch) but got spatial size {tuple(shape)}; crop to {self.patch_size}")
 
-    def dead_parameters(self):
+    @classmethod
+    def network_spec(cls, network):
         # MONAI's TransformerBlock builds norm_cross_attn even without cross-attention; it never runs.
-        return tuple(n for n, _ in self.network.named_parameters() if ".norm_cross_attn." in n)
+        dead = tuple(n for n, _ in network.named_parameters() if ".norm_cross_attn." in n)
+        return super().network_spec(network)._replace(dead_parameters=dead)
 
     def encoder_features(self, x):
         return self.network.vit(x)[0]

@@ -10,7 +10,7 @@ from monai.engines import SupervisedTrainer
 from torch import nn
 
 from ..checkpoint import Checkpoint
-from ..finetune import finetune_param_groups
+from ..finetune import finetune_param_groups, freeze_dead_parameters
 from ..loading import load_pretrained_encoder
 from .handlers import FinetuneSchedule
 
@@ -49,6 +49,7 @@ class Med3DInsightSupervisedTrainer(SupervisedTrainer):
                  strict_encoder: bool = True, adapt_channels: bool = True, **kwargs):
         report = load_pretrained_encoder(network, checkpoint, strict_encoder=strict_encoder,
                                          adapt_channels=adapt_channels)
+        freeze_dead_parameters(network)  # unused parameters would stall DDP's gradient reduction
         groups = finetune_param_groups(network, lr, encoder_lr)
         if optimizer == "adamw":
             opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
