@@ -152,5 +152,8 @@ def test_every_trainable_parameter_gets_a_gradient_once_dead_ones_are_frozen(tin
     network = _tiny(tiny_backbone_name).network
     dead = freeze_dead_parameters(network)
     assert bool(dead) == (tiny_backbone_name == "unetr")  # MONAI's unused norm_cross_attn
-    network(torch.randn(1, 1, *TINY_BACKBONES[tiny_backbone_name]["patch_size"])).sum().backward()
+    if hasattr(network, "decoder"):
+        network.decoder.deep_supervision = True  # as nnU-Net trains its networks: every seg layer is used
+    outputs = network(torch.randn(1, 1, *TINY_BACKBONES[tiny_backbone_name]["patch_size"]))
+    sum(o.sum() for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])).backward()
     assert [n for n, p in network.named_parameters() if p.requires_grad and p.grad is None] == []
