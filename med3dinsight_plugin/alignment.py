@@ -110,12 +110,16 @@ class PartialOTAlignment(nn.Module):
         batched transport problem -> scalar or (T,)."""
         for target in z2d.unbind(0) if z2d.dim() == 3 else (z2d,):
             _check_pairs(z3d, target)
-        dtype = torch.promote_types(z3d.dtype, torch.float32)  # never solve OT in half precision
-        cost = self.cost(z3d.to(dtype), z2d.to(dtype))
-        n = cost.shape[-1]
-        uniform = cost.new_full((n,), 1.0 / n)
-        log_plan = log_entropic_partial_wasserstein(uniform, uniform, cost, self.reg, self.mass, self.num_iter,
-                                                    self.stop_thr, grad_iters=self.grad_iters)
+        if z3d.shape[-1] != self.log_metric.numel():
+            raise ValueError(f"embeddings are {z3d.shape[-1]} wide but this alignment's metric has "
+                             f"{self.log_metric.numel()} entries; build it with dim={z3d.shape[-1]}")
+        dtype = torch.promote_types(z3d.dtype, torch.float32)  # never solve OT in half precision...
+        with torch.autocast(z3d.device.type, enabled=False):  # ...not even inside an AMP region
+            cost = self.cost(z3d.to(dtype), z2d.to(dtype))
+            n = cost.shape[-1]
+            uniform = cost.new_full((n,), 1.0 / n)
+            log_plan = log_entropic_partial_wasserstein(uniform, uniform, cost, self.reg, self.mass, self.num_iter,
+                                                        self.stop_thr, grad_iters=self.grad_iters)
         return -log_plan.diagonal(dim1=-2, dim2=-1).mean(-1)
 
 
@@ -157,6 +161,9 @@ class Med3DInsightLoss(nn.Module):
         Returns:
             ``{"loss", "image", "text", "reconstruction"}`` -- the weighted total and each unweighted term present.
         """
+        if z3d.dim() != 2 or z3d.shape[-1] != self.embed_dim:
+            raise ValueError(f"predictions must have shape (P, {self.embed_dim}), got {tuple(z3d.shape)}; the loss "
+                             f"was built with embed_dim={self.embed_dim}")
         terms: Dict[str, torch.Tensor] = {}
         names, targets = [], []
         for name, target in (("image", image_emb), ("text", text_emb)):

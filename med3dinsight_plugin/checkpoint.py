@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,19 +177,25 @@ def _save_safetensors(tensors, filename, metadata):
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the target folder and rename it into place: no half-written file."""
+    """Write through a temporary file in the target folder, flush it to disk and rename it into place: a crash or
+    a full disk leaves the old file (or none), never a half-written one."""
+    path = Path(path)
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot write {path}: the folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
-        write(tmp)
+        open(tmp, "xb").close()  # exclusive create: the permissions the umask gives a new file...
+        mode = tmp.stat().st_mode & 0o777
+        write(str(tmp))
+        os.chmod(tmp, mode)  # ...kept even by writers that recreate the file as 0600 (safetensors does)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
 
 
 # --------------------------------------------------------------------------------------------------------- loading
@@ -216,13 +222,12 @@ def load_checkpoint(path: PathLike) -> Checkpoint:
 
 
 def _from_safetensors(path: Path) -> Checkpoint:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is neither a safetensors file nor a torch checkpoint, or it is truncated "
                               f"({e}); re-save or re-download it") from None
@@ -253,7 +258,11 @@ _CONVERT_HINT = ("if you trust it, convert it once in a separate Python session:
 
 def _from_torch_file(path: Path) -> Checkpoint:
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
+        if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: allow-list for this call only
+            with torch.serialization.safe_globals(_numpy_globals()):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:  # torch 2.4
+            torch.serialization.add_safe_globals(_numpy_globals())
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path} needs arbitrary unpickling, which could run code, so it was not loaded "

@@ -32,10 +32,11 @@ def rebuild_backbone(checkpoint: Union[PathLike, Checkpoint]):
         raise CheckpointError(f"{ckpt.path} is a {ckpt.source_format} file without med3dinsight metadata, so its "
                               f"architecture is unknown; export needs a checkpoint written by save_pretrained")
     backbone = build_backbone_from_config(ckpt.metadata["backbone"])
-    missing, unexpected = backbone.network.load_state_dict(ckpt.state_dict, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt.path} does not match the architecture in its own metadata ({len(missing)} "
-                              f"missing, {len(unexpected)} unexpected keys); the file is damaged, re-save it")
+    try:
+        backbone.network.load_state_dict(ckpt.state_dict)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt.path} does not match the architecture in its own metadata "
+                              f"({str(e).splitlines()[0]}); the file is damaged, re-save it") from None
     if "reconstruction_head" in ckpt.extras:
         backbone.reconstruction_head.load_state_dict(ckpt.extras["reconstruction_head"])
     return backbone

@@ -12,7 +12,8 @@ from typing import List, Optional
 
 from torch import nn
 
-__all__ = ["finetune_lr_factor", "finetune_param_groups", "freeze_dead_parameters"]
+__all__ = ["apply_finetune_lr", "default_warmup", "finetune_lr_factor", "finetune_optimizer", "finetune_param_groups",
+           "freeze_dead_parameters"]
 
 
 def freeze_dead_parameters(network: nn.Module) -> List[str]:
@@ -71,6 +72,30 @@ def finetune_lr_factor(step: int, total: int, warmup: float, frozen: int = 0, en
         return 0.0
     t = step - start
     if t < warmup:
-        return (t + 1) / warmup
+        return min(1.0, (t + 1) / warmup)  # a fractional warm-up ends at the peak, never above it
     remaining = max(1.0, total - start - warmup)
     return max(0.0, 1.0 - (t - warmup) / remaining) ** exponent
+
+
+def default_warmup(epochs: int) -> int:
+    """nnssl's warm-up length: 50 epochs of 1000, otherwise 10 % of the epochs (at least 1)."""
+    return 50 if epochs >= 1000 else max(1, round(0.1 * epochs))
+
+
+def finetune_optimizer(groups: List[dict], name: str, lr: float, weight_decay: float):
+    """nnssl's optimizers: ``"adamw"`` (betas 0.9, 0.98; transformers) or ``"sgd"`` (momentum 0.99, Nesterov; CNNs)."""
+    import torch
+
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, momentum=0.99, nesterov=True)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
+
+
+def apply_finetune_lr(optimizer, step: int, total: int, warmup: float, frozen: int = 0) -> None:
+    """Set every group's learning rate to its peak (its ``lr`` the first time this is called) times
+    :func:`finetune_lr_factor`; groups marked ``"encoder": True`` honour ``frozen``."""
+    for group in optimizer.param_groups:
+        peak = group.setdefault("peak_lr", group["lr"])
+        group["lr"] = peak * finetune_lr_factor(step, total, warmup, frozen, bool(group.get("encoder")))

@@ -143,7 +143,7 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
     is_head = lambda k: k.startswith("out.") or ".seg_layers." in k  # segmentation heads are never pretrained
 
     new_state: Dict[str, torch.Tensor] = {}
-    expected_ids, loaded_ids, loaded_keys, adapted_ids = {}, set(), set(), set()
+    expected_ids, loaded_ids, adapted_ids = {}, set(), set()
     for key, tensor in target_sd.items():
         ident = _storage_id(tensor)
         wanted = in_scope(key)
@@ -153,8 +153,7 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
             continue
         if key not in mapped:
             continue
-        src_key, value = mapped[key]
-        value, how = _fit(key, value, tensor, spec, ckpt, adapt_channels, adapt_position_embedding, source_grid,
+        value, how = _fit(key, mapped[key][1], tensor, spec, ckpt, adapt_channels, adapt_position_embedding, source_grid,
                           target)
         if value is None:
             report.mismatched[key] = (tuple(mapped[key][1].shape), tuple(tensor.shape))
@@ -163,15 +162,14 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
             report.adapted[key] = how
             adapted_ids.add(ident)
         new_state[key] = value
-        loaded_keys.add(src_key)
         if wanted:
             loaded_ids.add(ident)
     report.expected = len(expected_ids)
     report.loaded = len(loaded_ids)  # loaded_ids only holds expected tensors
     report.loaded_params = sum(target_sd[expected_ids[i]].numel() for i in loaded_ids)
     report.missing = [k for i, k in expected_ids.items() if i not in loaded_ids and k not in report.mismatched]
-    report.unexpected = [k for k, _ in mapped.values() if k not in loaded_keys and add + k[len(strip):] not in
-                         target_sd] + [k for k in source if not k.startswith(strip)]
+    report.unexpected = [src for key, (src, _) in mapped.items() if key not in target_sd] + \
+        [k for k in source if not k.startswith(strip)]
     all_ids = {_storage_id(t) for t in target_sd.values()}
     report.outside_encoder = len(all_ids - set(expected_ids) - {_storage_id(target_sd[k]) for k in new_state})
 
@@ -225,9 +223,14 @@ def target_network(model: nn.Module) -> nn.Module:
 
 
 def _strip_wrappers(key: str) -> str:
-    """Drop DDP / DataParallel / torch.compile segments from a key or a key prefix (``"module."`` -> ``""``)."""
+    """Drop wrapper segments from a key or a key prefix (``"module."`` -> ``""``): DDP / DataParallel's ``module``
+    where it leads the key, torch.compile's ``_orig_mod`` anywhere (a compiled submodule); a real submodule named
+    ``module`` deeper in the key is kept."""
     is_prefix = key.endswith(".")
-    kept = ".".join(p for p in key.rstrip(".").split(".") if p not in _WRAPPER_SEGMENTS)
+    parts = [p for p in key.rstrip(".").split(".") if p != "_orig_mod"]
+    while parts and parts[0] in _WRAPPER_SEGMENTS:
+        parts.pop(0)
+    kept = ".".join(parts)
     return kept + "." if is_prefix and kept else kept
 
 

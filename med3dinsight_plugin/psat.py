@@ -40,7 +40,6 @@ class _Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """``q`` (..., Lq, W) attends to projected keys/values ``kv`` (..., Lk, 2W)."""
-        *lead, lq, width = q.shape
         k, v = kv.chunk(2, dim=-1)
         q = self.q(q)
         split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(-3, -2)  # (..., heads, L, d)

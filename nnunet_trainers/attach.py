@@ -19,12 +19,15 @@ from typing import Any, Dict, Optional, Tuple
 
 from med3dinsight_plugin.checkpoint import CheckpointError, _atomic_write, load_checkpoint
 
-__all__ = ["ENV_CHECKPOINT", "PLANS_KEY", "attach_checkpoint", "configured_checkpoint", "MONAI_NETWORKS"]
+__all__ = ["ENV_CHECKPOINT", "MONAI_NETWORKS", "PLANS_KEY", "TRAINER_OF", "attach_checkpoint",
+           "configured_checkpoint"]
 
 PLANS_KEY = "med3dinsight"
 ENV_CHECKPOINT = "MED3DINSIGHT_CHECKPOINT"
 MONAI_NETWORKS = {"swin_unetr": "nnunet_trainers.networks.SwinUNETRForNNUNet",
                   "unetr": "nnunet_trainers.networks.UNETRForNNUNet"}
+TRAINER_OF = {"nnunet": "Med3DInsightTrainer", "swin_unetr": "Med3DInsightTrainer_SwinUNETR",
+              "unetr": "Med3DInsightTrainer_UNETR"}  # the trainer for each checkpoint family
 _PATCH_MULTIPLE = {"swin_unetr": (32, 64), "unetr": (16, 32)}  # (divisor, minimum) per axis
 
 
@@ -97,7 +100,8 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
 
     dataset_json = json.loads((folder / "dataset.json").read_text())
     channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
-    report = _test_load(new_plans, configuration, channels, ckpt, adapt_architecture)
+    report = _test_load(new_plans, configuration, channels, ckpt,
+                        can_adapt=not adapt_architecture and ckpt.source_format == "med3dinsight")
 
     new_plans[PLANS_KEY] = {
         "checkpoint": str(Path(ckpt.path).resolve()),
@@ -112,8 +116,7 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
     }
     out = folder / f"{new_name}.json"
     _atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(new_plans, indent=2)))
-    trainer = {"nnunet": "Med3DInsightTrainer", "swin_unetr": "Med3DInsightTrainer_SwinUNETR",
-               "unetr": "Med3DInsightTrainer_UNETR"}[family]
+    trainer = TRAINER_OF[family]
     command = f"nnUNetv2_train {dataset} {configuration} FOLD -p {new_name} -tr {trainer}"
     return {"plans_file": str(out), "plans_name": new_name, "trainer": trainer, "command": command,
             "report": report, "changes": changes}
@@ -125,10 +128,13 @@ def _arch_name(config: Dict[str, Any]) -> str:
 
 def _adapt(config, configuration, family, meta, plans):
     """Put the checkpoint's architecture (and a patch size it accepts) into the configuration."""
+    from med3dinsight_plugin.backbones.nnunet import architecture_from_plans, stride_product
+
     if "inherits_from" in config:  # resolve, so that the architecture we write is not overridden by a parent
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        resolved = architecture_from_plans(plans, configuration)[1]
+        resolved.pop("inherits_from", None)  # nnU-Net keeps the child's key; the copy is complete now
         config.clear()
-        config.update(copy.deepcopy(PlansManager(plans).get_configuration(configuration).configuration))
+        config.update(resolved)
     backbone = meta["backbone"]
     old_patch = list(config["patch_size"])
     changes = []
@@ -141,13 +147,9 @@ def _adapt(config, configuration, family, meta, plans):
         architecture = {"network_class_name": MONAI_NETWORKS[family], "arch_kwargs": kwargs,
                         "_kw_requires_import": []}
     else:
-        from med3dinsight_plugin.backbones.nnunet import architecture_from_plans
-
         architecture = (backbone["architecture"] if "architecture" in backbone else
                         architecture_from_plans(backbone["plans"], backbone["configuration"])[1]["architecture"])
-        divisor = [1, 1, 1]
-        for stride in architecture["arch_kwargs"]["strides"]:
-            divisor = [d * s for d, s in zip(divisor, stride)]
+        divisor = stride_product(architecture["arch_kwargs"]["strides"])
         patch = old_patch if all(p % d == 0 for p, d in zip(old_patch, divisor)) else list(meta["patch_size"])
     changes.append(f"architecture {_arch_name(config)} -> {architecture['network_class_name'].rsplit('.', 1)[-1]}")
     config["architecture"] = architecture
@@ -157,7 +159,7 @@ def _adapt(config, configuration, family, meta, plans):
     return changes
 
 
-def _test_load(plans, configuration, channels, ckpt, adapted):
+def _test_load(plans, configuration, channels, ckpt, can_adapt):
     """Build the network the trainer will build and load the checkpoint into it (strict)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -174,5 +176,5 @@ def _test_load(plans, configuration, channels, ckpt, adapted):
     try:
         return load_pretrained_encoder(network, ckpt)
     except IncompatibleCheckpointError as e:
-        hint = "" if adapted else " Add --adapt-architecture to train the checkpoint's own architecture instead."
+        hint = " Add --adapt-architecture to train the checkpoint's own architecture instead." if can_adapt else ""
         raise CheckpointError(f"{str(e).splitlines()[0]}.{hint}\n{e.report}") from None

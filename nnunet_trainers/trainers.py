@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from med3dinsight_plugin.checkpoint import CheckpointError
-from med3dinsight_plugin.finetune import finetune_lr_factor, finetune_param_groups, freeze_dead_parameters
+from med3dinsight_plugin.checkpoint import CheckpointError, _atomic_write
+from med3dinsight_plugin.finetune import (apply_finetune_lr, default_warmup, finetune_optimizer, finetune_param_groups,
+                                         freeze_dead_parameters)
 from med3dinsight_plugin.loading import load_pretrained_encoder
 
-from .attach import MONAI_NETWORKS, PLANS_KEY, configured_checkpoint, file_sha256
+from .attach import MONAI_NETWORKS, PLANS_KEY, TRAINER_OF, configured_checkpoint, file_sha256
 
 __all__ = [
     "Med3DInsightTrainer", "Med3DInsightTrainer_100epochs", "Med3DInsightTrainer_250epochs",
@@ -41,18 +43,14 @@ __all__ = [
 
 
 class FinetuneLRScheduler:
-    """nnU-Net-style epoch scheduler (``step(epoch)``) over :func:`finetune_lr_factor`, per parameter group."""
+    """nnU-Net-style epoch scheduler (``step(epoch)``) over :func:`apply_finetune_lr`."""
 
     def __init__(self, optimizer, num_epochs: int, warmup_epochs: int, frozen_encoder_epochs: int = 0):
         self.optimizer, self.num_epochs = optimizer, num_epochs
         self.warmup_epochs, self.frozen = warmup_epochs, frozen_encoder_epochs
-        for group in optimizer.param_groups:
-            group.setdefault("peak_lr", group["lr"])
 
     def step(self, current_step: int = 0) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * finetune_lr_factor(current_step, self.num_epochs, self.warmup_epochs,
-                                                                 self.frozen, bool(group.get("encoder")))
+        apply_finetune_lr(self.optimizer, current_step, self.num_epochs, self.warmup_epochs, self.frozen)
 
 
 class Med3DInsightTrainer(nnUNetTrainer):
@@ -67,6 +65,7 @@ class Med3DInsightTrainer(nnUNetTrainer):
         self.initial_lr = 1e-3
         self.warmup_epochs = None  # None: 50 for 1000 epochs, else 10 % of the epochs
         self.frozen_encoder_epochs = 0
+        self._resuming = False
         self.configure_run()
         self._check_architecture()
 
@@ -78,21 +77,23 @@ class Med3DInsightTrainer(nnUNetTrainer):
     def configure_optimizers(self):
         # nnU-Net calls this inside initialize(), after building (and lazily compiling) the network and before the
         # DDP wrap: load here, so no forward pass has run and every rank holds the same weights before DDP.
-        self.load_pretrained_encoder()
+        if self._resuming:
+            self.print_to_log_file("A training checkpoint is being loaded (--c / --val): its weights replace the "
+                                   "pretrained ones, which are not read")
+        else:
+            self.load_pretrained_encoder()
         freeze_dead_parameters(self.network)  # unused parameters would stall DDP's gradient reduction
         groups = finetune_param_groups(self.network, self.initial_lr)
-        if self.optimizer_name == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, weight_decay=self.weight_decay,
-                                          betas=(0.9, 0.98))
-        else:
-            optimizer = torch.optim.SGD(groups, lr=self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
-                                        nesterov=True)
-        warmup = self.warmup_epochs if self.warmup_epochs is not None else (
-            50 if self.num_epochs >= 1000 else max(1, round(0.1 * self.num_epochs)))
+        optimizer = finetune_optimizer(groups, self.optimizer_name, self.initial_lr, self.weight_decay)
+        warmup = self.warmup_epochs if self.warmup_epochs is not None else default_warmup(self.num_epochs)
         self.print_to_log_file(f"Med3DInsight fine-tuning: {self.optimizer_name}, peak lr {self.initial_lr}, "
                                f"weight decay {self.weight_decay}, {warmup} warm-up epochs, "
                                f"{self.frozen_encoder_epochs} frozen-encoder epochs, {self.num_epochs} epochs")
         return optimizer, FinetuneLRScheduler(optimizer, self.num_epochs, warmup, self.frozen_encoder_epochs)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        self._resuming = True  # nnU-Net initialises inside; the training checkpoint's weights win
+        super().load_checkpoint(filename_or_checkpoint)
 
     def load_pretrained_encoder(self):
         """Load the configured checkpoint into ``self.network``; stop the run with exit code 2 if impossible."""
@@ -113,8 +114,8 @@ class Med3DInsightTrainer(nnUNetTrainer):
             self._stop(f"pretrained checkpoint from {origin}: {str(e).splitlines()[0]}", details)
         self.print_to_log_file(f"Pretrained weights from {origin}:\n{report}", add_timestamp=False)
         if self.local_rank == 0:
-            with open(f"{self.output_folder}/pretrained_load_report.json", "w") as f:
-                json.dump(report.to_dict(), f, indent=2)
+            _atomic_write(Path(self.output_folder) / "pretrained_load_report.json",
+                          lambda tmp: Path(tmp).write_text(json.dumps(report.to_dict(), indent=2)))
         self.pretrained_load_report = report
 
     def _stop(self, message: str, details=None) -> None:
@@ -128,7 +129,7 @@ class Med3DInsightTrainer(nnUNetTrainer):
         name = self.configuration_manager.network_arch_class_name.rsplit(".", 1)[-1]
         if name not in self.architectures:
             right = {v.rsplit(".", 1)[-1]: k for k, v in MONAI_NETWORKS.items()}.get(name)
-            fix = (f"use -tr {_TRAINER_OF[right]}" if right else
+            fix = (f"use -tr {TRAINER_OF[right]}" if right else
                    "attach a checkpoint with `med3dinsight nnunet-attach ... --adapt-architecture`")
             self._stop(f"{type(self).__name__} trains {'/'.join(self.architectures)} but configuration "
                        f"'{self.configuration_name}' of the plans builds {name}; {fix}")
@@ -164,10 +165,6 @@ class Med3DInsightTrainer_SwinUNETR(_MonaiTrainerMixin, Med3DInsightTrainer):
 class Med3DInsightTrainer_UNETR(_MonaiTrainerMixin, Med3DInsightTrainer):
     """Fine-tunes a MONAI UNETR described in the plans (``nnunet-attach --adapt-architecture``)."""
     architectures = ("UNETRForNNUNet",)
-
-
-_TRAINER_OF = {"nnunet": "Med3DInsightTrainer", "swin_unetr": "Med3DInsightTrainer_SwinUNETR",
-               "unetr": "Med3DInsightTrainer_UNETR"}
 
 
 # Schedule variants, one hook each. Names say what changes, as nnU-Net's nnUNetTrainer_250epochs does.

@@ -115,3 +115,21 @@ def test_bad_input_raises_value_error():
         reconstruction_loss(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 5))
     with pytest.raises(ValueError, match="no loss term"):
         Med3DInsightLoss(embed_dim=16)(z3d, None, None)
+
+
+def test_ot_loss_is_solved_in_float32_even_under_autocast():
+    align = PartialOTAlignment(dim=16)
+    z3d, z2d = _pairs(n=12, e=16, seed=7)
+    expected = align(z3d, z2d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = align(z3d, z2d)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+
+
+def test_embedding_width_mismatch_is_a_value_error():
+    z3d, z2d = _pairs(e=16)
+    with pytest.raises(ValueError, match="build it with dim=16"):
+        PartialOTAlignment(dim=32)(z3d, z2d)
+    with pytest.raises(ValueError, match="embed_dim=32"):
+        Med3DInsightLoss(embed_dim=32)(z3d, z2d, None)

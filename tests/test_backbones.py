@@ -112,6 +112,10 @@ def test_nnunet_plans_errors(nnunet_plans, tmp_path):
         build_backbone("nnunet", plans={"foo": 1})
     with pytest.raises(ValueError, match="exactly one of plans="):
         build_backbone("nnunet")
+    broken = json.loads(nnunet_plans["plain"].read_text())["configurations"]["3d_fullres"]["architecture"]
+    broken["arch_kwargs"]["n_stages"] = 7  # disagrees with the 4 listed stages
+    with pytest.raises(ValueError, match="nnU-Net could not build PlainConvUNet"):
+        build_backbone("nnunet", architecture=broken, patch_size=(32, 32, 32))
 
 
 @pytest.mark.parametrize("name,shape,match", [
@@ -135,7 +139,7 @@ def test_bad_build_arguments_raise_value_error():
         build_backbone("swin_unetr", patch_size=(48, 64, 64), feature_size=12)
     with pytest.raises(ValueError, match="divisible by 16"):
         build_backbone("unetr", patch_size=(40, 40, 40))
-    with pytest.raises(ValueError, match="at least 64 per axis"):
+    with pytest.raises(ValueError, match=r"at least \(64, 64, 64\)"):
         build_backbone("swin_unetr", patch_size=(32, 64, 64), feature_size=12)
     with pytest.raises(ValueError, match="SwinUNETR rejected"):
         build_backbone("swin_unetr", patch_size=64, feature_size=13)

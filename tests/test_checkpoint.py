@@ -141,3 +141,12 @@ def test_foreign_layouts_are_recognised(tmp_path):
     torch.save({"epoch": 1}, tmp_path / "empty.pt")
     with pytest.raises(CheckpointError, match="no recognisable weights"):
         load_checkpoint(tmp_path / "empty.pt")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save_pretrained(tiny_backbone("plain_conv_unet"), tmp_path / "c.safetensors")
+    finally:
+        os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o644  # not mkstemp's 0600

@@ -153,3 +153,12 @@ def test_nnunet_checkpoint_into_a_network(tmp_path):
     report = load_pretrained_encoder(target, tmp_path / "checkpoint_final.pth")
     assert report.source_format == "nnunet" and report.coverage == 100.0
     assert _same(target.state_dict(), source.state_dict(), ("encoder.", "decoder.encoder."))
+
+
+def test_wrapper_segments_are_dropped_only_where_wrappers_put_them():
+    from med3dinsight_plugin.loading import _strip_wrappers
+
+    assert _strip_wrappers("module._orig_mod.encoder.x") == "encoder.x"
+    assert _strip_wrappers("network._orig_mod.encoder.x") == "network.encoder.x"  # a compiled submodule
+    assert _strip_wrappers("encoder.module.x") == "encoder.module.x"  # a real submodule named "module"
+    assert _strip_wrappers("module.") == "" and _strip_wrappers("module.swinViT.") == "swinViT."

@@ -109,3 +109,11 @@ def test_classifier_from_pretrained(tmp_path, name, pooling):
     assert all(n.startswith(("head.", "query", "attention.")) or
                n[len("backbone.network."):].startswith(model.backbone.bottleneck_prefixes) for n in trainable)
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_fractional_warmup_never_exceeds_the_peak():
+    from med3dinsight_plugin.finetune import finetune_lr_factor
+
+    for total, warmup in ((15, 1.5), (6, 0.6), (40, 3.3)):
+        factors = [finetune_lr_factor(i, total, warmup) for i in range(total)]
+        assert max(factors) == 1.0 and all(0 <= f <= 1 for f in factors)

@@ -130,3 +130,19 @@ def test_failures_stop_before_training(nnunet, tmp_path):
         fold = results / f"{trainer}__{plans_name}__3d_fullres" / f"fold_{fold_id}"
         assert not list(fold.glob("checkpoint_*.pth"))
         assert message in next(fold.glob("training_log_*.txt")).read_text()
+
+
+def test_adapt_architecture_of_an_inheriting_configuration(nnunet, tmp_path, monkeypatch):
+    from nnunet_trainers.attach import attach_checkpoint
+
+    monkeypatch.setenv("nnUNet_preprocessed", str(nnunet["root"] / "pre"))
+    plans = json.loads(nnunet["plans"].read_text())
+    plans["configurations"]["3d_child"] = {"inherits_from": "3d_fullres", "batch_size": 1}
+    (nnunet["pre"] / "plansInherit.json").write_text(json.dumps(plans))
+    ckpt = save_pretrained(tiny_backbone("swin_unetr"), tmp_path / "swin.safetensors")
+    result = attach_checkpoint(DATASET, "plansInherit", ckpt, name="plansInheritSwin", configuration="3d_child",
+                               adapt_architecture=True)
+    child = json.loads(Path(result["plans_file"]).read_text())["configurations"]["3d_child"]
+    assert child["architecture"]["network_class_name"].endswith("SwinUNETRForNNUNet")
+    assert child["batch_size"] == 1 and child["patch_size"] == [64, 64, 64] and "inherits_from" not in child
+    assert result["report"].coverage == 100.0

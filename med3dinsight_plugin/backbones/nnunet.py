@@ -35,12 +35,7 @@ class NNUNetBackbone(Backbone):
         return NetworkSpec(cls.encoder_prefixes, network.key_to_encoder, tuple(network.keys_to_in_proj), None)
 
     def spatial_divisor(self):
-        strides = self.architecture["arch_kwargs"]["strides"]
-        divisor = [1, 1, 1]
-        for stride in strides:
-            stride = [stride] * 3 if isinstance(stride, int) else stride
-            divisor = [d * s for d, s in zip(divisor, stride)]
-        return tuple(divisor)
+        return stride_product(self.architecture["arch_kwargs"]["strides"])
 
     def encoder_features(self, x):
         return self.network.encoder(x)[-1]
@@ -54,6 +49,15 @@ class NNUNetBackbone(Backbone):
             up = decoder.transpconvs[s](lres)
             lres = decoder.stages[s](torch.cat((up, skips[-(s + 2)]), 1))
         return skips[-1], lres
+
+
+def stride_product(strides) -> tuple:
+    """What every spatial size must be divisible by: the product of the stages' strides, per axis."""
+    divisor = [1, 1, 1]
+    for stride in strides:
+        stride = [stride] * 3 if isinstance(stride, int) else stride
+        divisor = [d * s for d, s in zip(divisor, stride)]
+    return tuple(divisor)
 
 
 def _load_plans(plans: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any]:
@@ -161,9 +165,12 @@ def build_nnunet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = Non
     if patch_size is None:
         raise ValueError("patch_size is required when building the nnunet backbone from an architecture dict")
     patch = positive_triple("patch_size", patch_size)
-    network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                     architecture.get("_kw_requires_import", ()), in_channels, num_classes,
-                                     allow_init=True, deep_supervision=False)
+    try:
+        network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                         architecture.get("_kw_requires_import", ()), in_channels, num_classes,
+                                         allow_init=True, deep_supervision=False)
+    except (TypeError, ValueError, KeyError, AssertionError, ImportError) as e:
+        raise ValueError(f"nnU-Net could not build {class_name} from the architecture's arch_kwargs: {e}") from None
     features = architecture["arch_kwargs"]["features_per_stage"]
     config.update(patch_size=list(patch), num_classes=num_classes)
     backbone = NNUNetBackbone(network, in_channels, patch, token_dim=features[-1], decoder_dim=features[0],

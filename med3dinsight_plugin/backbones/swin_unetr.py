@@ -18,7 +18,8 @@ class SwinUNETRBackbone(Backbone):
     keys_to_in_proj = ("swinViT.patch_embed.proj", "encoder1.layer.conv1.conv", "encoder1.layer.conv3.conv")
 
     def spatial_divisor(self):
-        return (self.network.patch_size ** 5,) * 3  # SwinUNETR's own input check: 5 downsamplings
+        patch = self.network.patch_size  # an int, or one per axis
+        return tuple(int(p) ** 5 for p in (patch if isinstance(patch, (tuple, list)) else (patch,) * 3))  # 5 stages
 
     def encoder_features(self, x):
         return self.network.encoder10(self.network.swinViT(x, self.network.normalize)[4])
@@ -58,7 +59,8 @@ def build_swin_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] =
                                  config=dict(name="swin_unetr", in_channels=in_channels, patch_size=list(patch),
                                              network_kwargs=kwargs))
     backbone.check_spatial_shape(patch)
-    if min(patch) < 2 * backbone.spatial_divisor()[0]:
-        raise ValueError(f"swin_unetr needs patch sizes of at least {2 * backbone.spatial_divisor()[0]} per axis (a "
-                         f"{patch} patch leaves one bottleneck voxel, which InstanceNorm rejects), got {patch}")
+    minimum = tuple(2 * d for d in backbone.spatial_divisor())
+    if any(p < m for p, m in zip(patch, minimum)):
+        raise ValueError(f"swin_unetr needs patch sizes of at least {minimum} (a smaller patch leaves one bottleneck "
+                         f"voxel, which InstanceNorm rejects), got {patch}")
     return backbone

@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..loading import LoadReport, load_pretrained_encoder
-from ..finetune import finetune_lr_factor
+from ..finetune import apply_finetune_lr, finetune_lr_factor
 
 __all__ = ["FinetuneSchedule", "PretrainedEncoderLoader"]
 
@@ -63,17 +63,14 @@ class FinetuneSchedule:
         optimizer: the optimizer whose groups to drive.
         warmup_epochs: length of the linear warm-up.
         frozen_encoder_epochs: epochs during which encoder groups do not move.
-        exponent: poly decay exponent.
 
     ``history`` holds ``(epoch, [lr per group])`` at the end of each epoch; each is also logged.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_epochs: float = 0, frozen_encoder_epochs: int = 0,
-                 exponent: float = 0.9):
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_epochs: float = 0, frozen_encoder_epochs: int = 0):
         if warmup_epochs < 0 or frozen_encoder_epochs < 0:
             raise ValueError("warmup_epochs and frozen_encoder_epochs must be >= 0")
-        self.optimizer, self.warmup_epochs, self.frozen, self.exponent = (optimizer, warmup_epochs,
-                                                                          frozen_encoder_epochs, exponent)
+        self.optimizer, self.warmup_epochs, self.frozen = optimizer, warmup_epochs, frozen_encoder_epochs
         for group in optimizer.param_groups:
             group.setdefault("peak_lr", group["lr"])
         self.history: List[Tuple[int, List[float]]] = []
@@ -85,13 +82,12 @@ class FinetuneSchedule:
     def factor(self, iteration: int, epoch_length: int, max_epochs: int, encoder: bool) -> float:
         """Fraction of the peak rate at a 0-based iteration."""
         return finetune_lr_factor(iteration, epoch_length * max_epochs, self.warmup_epochs * epoch_length,
-                                  self.frozen * epoch_length, encoder, self.exponent)
+                                  self.frozen * epoch_length, encoder)
 
     def __call__(self, engine: Engine) -> None:
         state = engine.state
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * self.factor(state.iteration - 1, state.epoch_length, state.max_epochs,
-                                                         bool(group.get("encoder")))
+        apply_finetune_lr(self.optimizer, state.iteration - 1, state.epoch_length * state.max_epochs,
+                          self.warmup_epochs * state.epoch_length, self.frozen * state.epoch_length)
 
     def _log(self, engine: Engine) -> None:
         lrs = [g["lr"] for g in self.optimizer.param_groups]

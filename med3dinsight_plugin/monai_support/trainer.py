@@ -10,7 +10,7 @@ from monai.engines import SupervisedTrainer
 from torch import nn
 
 from ..checkpoint import Checkpoint
-from ..finetune import finetune_param_groups, freeze_dead_parameters
+from ..finetune import default_warmup, finetune_optimizer, finetune_param_groups, freeze_dead_parameters
 from ..loading import load_pretrained_encoder
 from .handlers import FinetuneSchedule
 
@@ -32,7 +32,7 @@ class Med3DInsightSupervisedTrainer(SupervisedTrainer):
         encoder_lr: peak learning rate of the encoder; default ``lr``.
         optimizer: ``"adamw"`` (betas 0.9, 0.98) or ``"sgd"`` (momentum 0.99, Nesterov; nnssl's CNN recipe, lr 1e-3).
         weight_decay: default 5e-2 (AdamW) as nnssl.
-        warmup_epochs: linear warm-up; default 10 % of ``max_epochs``.
+        warmup_epochs: linear warm-up; default 10 % of ``max_epochs`` (50 of 1000), at least 1.
         frozen_encoder_epochs: epochs with the encoder held at learning rate 0.
         strict_encoder, adapt_channels: as :func:`~med3dinsight_plugin.load_pretrained_encoder`.
         **kwargs: passed to ``SupervisedTrainer`` (inferer, amp, train_handlers, ...).
@@ -50,17 +50,11 @@ class Med3DInsightSupervisedTrainer(SupervisedTrainer):
         report = load_pretrained_encoder(network, checkpoint, strict_encoder=strict_encoder,
                                          adapt_channels=adapt_channels)
         freeze_dead_parameters(network)  # unused parameters would stall DDP's gradient reduction
-        groups = finetune_param_groups(network, lr, encoder_lr)
-        if optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-        elif optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, momentum=0.99, nesterov=True)
-        else:
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        opt = finetune_optimizer(finetune_param_groups(network, lr, encoder_lr), optimizer, lr, weight_decay)
         super().__init__(device=device, max_epochs=max_epochs, train_data_loader=train_data_loader, network=network,
                          optimizer=opt, loss_function=loss_function, **kwargs)
         self.load_report = report
-        warmup = 0.1 * max_epochs if warmup_epochs is None else warmup_epochs
+        warmup = default_warmup(max_epochs) if warmup_epochs is None else warmup_epochs
         self.schedule = FinetuneSchedule(opt, warmup, frozen_encoder_epochs)
         self.schedule.attach(self)
         self.add_event_handler(Events.STARTED, lambda engine: engine.logger.info("%s", report))
