@@ -85,6 +85,12 @@ def test_plain_conv_unet_from_the_datasets_own_plans(nnunet, tmp_path):
     ckpt = save_pretrained(backbone, tmp_path / "plain.safetensors")
     weights = _train_and_predict(nnunet, ckpt, "Med3DInsightTrainer_smoke", "plansPlain")
     _carries(weights, backbone.network.state_dict(), ("encoder.",))
+    # --val re-initialises the trainer but loads the training checkpoint: the pretrained file is not needed
+    env = {**nnunet["env"], "MED3DINSIGHT_CHECKPOINT": str(tmp_path / "moved_away.safetensors")}
+    run(["nnUNetv2_train", DATASET, "3d_fullres", "0", "-p", "plansPlain", "-tr", "Med3DInsightTrainer_smoke",
+         "-device", "cpu", "--val"], env)
+    fold = nnunet["root"] / "res" / "Dataset991_Tiny" / "Med3DInsightTrainer_smoke__plansPlain__3d_fullres" / "fold_0"
+    assert any("A training checkpoint is being loaded" in p.read_text() for p in fold.glob("training_log_*.txt"))
 
 
 @pytest.mark.parametrize("name,trainer,network,patch", [
