@@ -25,7 +25,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_pretrained", "unwrap"]
+__all__ = ["Checkpoint", "CheckpointError", "atomic_write", "load_checkpoint", "save_pretrained", "storage_id",
+           "unwrap"]
 
 FORMAT = "med3dinsight-checkpoint"
 FORMAT_VERSION = 1
@@ -121,7 +122,7 @@ def save_pretrained(backbone_or_model: nn.Module, path: PathLike, **metadata: An
     path = Path(path)
     if path.is_dir():
         path = path / DEFAULT_FILENAME
-    _atomic_write(path, lambda tmp: _save_safetensors(tensors, tmp, {"med3dinsight": header}))
+    atomic_write(path, lambda tmp: _save_safetensors(tensors, tmp, {"med3dinsight": header}))
     return path
 
 
@@ -158,7 +159,7 @@ def _dedup(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], D
     seen: Dict[tuple, str] = {}
     aliases: Dict[str, str] = {}
     for key, tensor in tensors.items():
-        ident = _storage_id(tensor)
+        ident = storage_id(tensor)
         if ident in seen:
             aliases[key] = seen[ident]
         else:
@@ -167,7 +168,8 @@ def _dedup(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], D
     return kept, aliases
 
 
-def _storage_id(t: torch.Tensor) -> tuple:
+def storage_id(t: torch.Tensor) -> tuple:
+    """Identity of the memory a tensor views: aliases (nnU-Net's decoder.encoder.*) share it."""
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
@@ -176,7 +178,7 @@ def _save_safetensors(tensors, filename, metadata):
     save_file(tensors, str(filename), metadata=metadata)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the target folder, flush it to disk and rename it into place: a crash or
     a full disk leaves the old file (or none), never a half-written one."""
     path = Path(path)

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, _atomic_write, load_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint
 
 __all__ = ["export_checkpoint", "rebuild_backbone", "EXPORT_FORMATS"]
 
@@ -86,7 +86,7 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
         from .checkpoint import adaptation_plan
         payload = {"network_weights": state, "nnssl_adaptation_plan": adaptation_plan(backbone)}
     out = Path(out)
-    _atomic_write(out, lambda tmp: torch.save(payload, tmp))
+    atomic_write(out, lambda tmp: torch.save(payload, tmp))
     tensors = len(payload.get("network_weights", payload))
     return {"format": to, "path": str(out), "tensors": tensors, "note": note}
 

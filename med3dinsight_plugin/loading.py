@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import network_spec
-from .checkpoint import Checkpoint, CheckpointError, _storage_id, load_checkpoint, unwrap
+from .checkpoint import Checkpoint, CheckpointError, storage_id, load_checkpoint, unwrap
 
 __all__ = ["IncompatibleCheckpointError", "LoadReport", "load_pretrained_encoder"]
 
@@ -143,9 +143,9 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
     is_head = lambda k: k.startswith("out.") or ".seg_layers." in k  # segmentation heads are never pretrained
 
     new_state: Dict[str, torch.Tensor] = {}
-    expected_ids, loaded_ids, adapted_ids = {}, set(), set()
+    expected_ids, loaded_ids, adapted_ids, written_ids = {}, set(), set(), set()
     for key, tensor in target_sd.items():
-        ident = _storage_id(tensor)
+        ident = storage_id(tensor)
         wanted = in_scope(key)
         if wanted:
             expected_ids.setdefault(ident, key)
@@ -162,6 +162,7 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
             report.adapted[key] = how
             adapted_ids.add(ident)
         new_state[key] = value
+        written_ids.add(ident)
         if wanted:
             loaded_ids.add(ident)
     report.expected = len(expected_ids)
@@ -170,8 +171,8 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
     report.missing = [k for i, k in expected_ids.items() if i not in loaded_ids and k not in report.mismatched]
     report.unexpected = [src for key, (src, _) in mapped.items() if key not in target_sd] + \
         [k for k in source if not k.startswith(strip)]
-    all_ids = {_storage_id(t) for t in target_sd.values()}
-    report.outside_encoder = len(all_ids - set(expected_ids) - {_storage_id(target_sd[k]) for k in new_state})
+    all_ids = {storage_id(t) for t in target_sd.values()}
+    report.outside_encoder = len(all_ids - set(expected_ids) - written_ids)
 
     if report.expected == 0 or (strict_encoder and report.loaded < report.expected):
         raise IncompatibleCheckpointError(f"{report.source} does not fit this {report.target}: "

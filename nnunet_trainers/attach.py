@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from med3dinsight_plugin.checkpoint import CheckpointError, _atomic_write, load_checkpoint
+from med3dinsight_plugin.checkpoint import CheckpointError, atomic_write, load_checkpoint
 
 __all__ = ["ENV_CHECKPOINT", "MONAI_NETWORKS", "PLANS_KEY", "TRAINER_OF", "attach_checkpoint",
            "configured_checkpoint"]
@@ -115,7 +115,7 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
                                 if k not in ("aliases", "adaptation_plan", "backbone", "nnssl_adaptation_plan")},
     }
     out = folder / f"{new_name}.json"
-    _atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(new_plans, indent=2)))
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(new_plans, indent=2)))
     trainer = TRAINER_OF[family]
     command = f"nnUNetv2_train {dataset} {configuration} FOLD -p {new_name} -tr {trainer}"
     return {"plans_file": str(out), "plans_name": new_name, "trainer": trainer, "command": command,

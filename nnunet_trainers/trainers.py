@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from med3dinsight_plugin.checkpoint import CheckpointError, _atomic_write
+from med3dinsight_plugin.checkpoint import CheckpointError, atomic_write
 from med3dinsight_plugin.finetune import (apply_finetune_lr, default_warmup, finetune_optimizer, finetune_param_groups,
                                          freeze_dead_parameters)
 from med3dinsight_plugin.loading import load_pretrained_encoder
@@ -81,7 +81,7 @@ class Med3DInsightTrainer(nnUNetTrainer):
             self.print_to_log_file("A training checkpoint is being loaded (--c / --val): its weights replace the "
                                    "pretrained ones, which are not read")
         else:
-            self.load_pretrained_encoder()
+            self.load_pretrained_checkpoint()
         freeze_dead_parameters(self.network)  # unused parameters would stall DDP's gradient reduction
         groups = finetune_param_groups(self.network, self.initial_lr)
         optimizer = finetune_optimizer(groups, self.optimizer_name, self.initial_lr, self.weight_decay)
@@ -95,7 +95,7 @@ class Med3DInsightTrainer(nnUNetTrainer):
         self._resuming = True  # nnU-Net initialises inside; the training checkpoint's weights win
         super().load_checkpoint(filename_or_checkpoint)
 
-    def load_pretrained_encoder(self):
+    def load_pretrained_checkpoint(self):
         """Load the configured checkpoint into ``self.network``; stop the run with exit code 2 if impossible."""
         plans = self.plans_manager.plans
         path, origin = configured_checkpoint(plans)
@@ -114,7 +114,7 @@ class Med3DInsightTrainer(nnUNetTrainer):
             self._stop(f"pretrained checkpoint from {origin}: {str(e).splitlines()[0]}", details)
         self.print_to_log_file(f"Pretrained weights from {origin}:\n{report}", add_timestamp=False)
         if self.local_rank == 0:
-            _atomic_write(Path(self.output_folder) / "pretrained_load_report.json",
+            atomic_write(Path(self.output_folder) / "pretrained_load_report.json",
                           lambda tmp: Path(tmp).write_text(json.dumps(report.to_dict(), indent=2)))
         self.pretrained_load_report = report
 
