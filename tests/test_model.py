@@ -74,3 +74,12 @@ def test_mismatches_raise_value_error():
         model(volume, plane, position, image[:, :2], text)
     with pytest.raises(ValueError, match="embedding width must equal PSAT's out_dim"):
         model(volume, plane, position, torch.randn(2, 3, 8), None)
+
+
+def test_unused_in_pretraining_names_exactly_the_parameters_without_gradient(tiny_backbone_name):
+    # DDP without find_unused_parameters needs this set to be right: the pretraining engine freezes it.
+    model = _model(tiny_backbone_name)
+    model(*_batch(model))["loss"].backward()
+    no_grad = {n for n, p in model.backbone.network.named_parameters() if p.grad is None}
+    unused = set(model.backbone.unused_in_pretraining())
+    assert unused == no_grad and unused

@@ -49,6 +49,7 @@ class Backbone(nn.Module):
     key_to_stem: str = ""
     keys_to_in_proj: Tuple[str, ...] = ()
     key_to_lpe: Optional[str] = None
+    head_prefixes: Tuple[str, ...] = ()  # the segmentation head: features() does not run it
 
     def __init__(self, network: nn.Module, in_channels: int, patch_size: Sequence[int], token_dim: int,
                  decoder_dim: int, config: Dict[str, Any]):
@@ -78,6 +79,12 @@ class Backbone(nn.Module):
         """Names (in ``network``) of parameters no forward pass uses; freeze them so that DDP needs no
         ``find_unused_parameters``."""
         return self.network_spec(self.network).dead_parameters
+
+    def unused_in_pretraining(self) -> Tuple[str, ...]:
+        """Names (in ``network``) of parameters pretraining gives no gradient: the segmentation head and the dead
+        parameters. Freeze them before wrapping in DDP."""
+        dead = set(self.dead_parameters())
+        return tuple(n for n, _ in self.network.named_parameters() if n.startswith(self.head_prefixes) or n in dead)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Validated input -> bottleneck tokens (B, N, C), without running the decoder."""

@@ -28,6 +28,7 @@ class NNUNetBackbone(Backbone):
     network_classes = _SUPPORTED
     encoder_prefixes = ("encoder.",)  # nnU-Net's decoder aliases it as decoder.encoder (same tensors)
     bottleneck_prefixes = ("encoder.",)  # what encoder_features runs
+    head_prefixes = ("decoder.seg_layers.",)
 
     @classmethod
     def network_spec(cls, network):

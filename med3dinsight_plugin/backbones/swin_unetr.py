@@ -13,6 +13,7 @@ class SwinUNETRBackbone(Backbone):
     network_classes = ("SwinUNETR",)
     encoder_prefixes = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")
     bottleneck_prefixes = ("swinViT.", "encoder10.")  # what encoder_features runs
+    head_prefixes = ("out.",)
     key_to_encoder = "swinViT"
     key_to_stem = "swinViT.patch_embed"
     keys_to_in_proj = ("swinViT.patch_embed.proj", "encoder1.layer.conv1.conv", "encoder1.layer.conv3.conv")

@@ -13,6 +13,7 @@ class UNETRBackbone(Backbone):
     network_classes = ("UNETR",)
     encoder_prefixes = ("vit.", "encoder1.", "encoder2.", "encoder3.", "encoder4.")
     bottleneck_prefixes = ("vit.",)  # what encoder_features runs
+    head_prefixes = ("out.",)
     key_to_encoder = "vit"
     key_to_stem = "vit.patch_embedding"
     keys_to_in_proj = ("vit.patch_embedding.patch_embeddings", "encoder1.layer.conv1.conv", "encoder1.layer.conv3.conv")
