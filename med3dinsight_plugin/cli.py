@@ -86,6 +86,95 @@ def _cmd_nnunet_attach(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slice_settings(args: argparse.Namespace, size: Optional[int] = None):
+    from .slices import RenderSettings, SlicePolicy
+
+    policy = SlicePolicy(per_plane=args.per_plane, planes=tuple(args.planes), min_foreground=args.min_foreground)
+    render = RenderSettings(size=size or getattr(args, "size", 224), ct_window=tuple(args.ct_window),
+                            mri_percentiles=tuple(args.mri_percentiles), channel=args.channel)
+    return policy, render
+
+
+def _source(args: argparse.Namespace):
+    from .volumes import open_source
+
+    return open_source(args.data, modality=args.modality, configuration=args.configuration, plans=args.plans)
+
+
+def _cmd_slices(args: argparse.Namespace) -> int:
+    from .slices import write_slice_pngs
+
+    policy, render = _slice_settings(args)
+    files = write_slice_pngs(_source(args), args.output, policy, render, max_cases=args.cases)
+    print(f"wrote {len(files)} PNGs to {args.output} (axial: anterior up; coronal/sagittal: head up; "
+          f"patient's left on the image's right)")
+    return 0
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from .slices import dataset_slices
+    from .teacher.captioner import Captioner, caption_slices, load_prompts, load_vlm
+    from .teacher.embed import caption_settings_for
+
+    policy, render = _slice_settings(args)
+    source = _source(args)
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    vlm = load_vlm(args.vlm, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    captioner = Captioner(vlm, prompts=prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    settings = {"model": args.vlm, "prompts": captioner.prompts, "max_new_tokens": args.max_new_tokens,
+                "image_size": render.size, **caption_settings_for(policy, render)}
+    result = caption_slices(dataset_slices(source, policy, render), captioner, args.output, settings)
+    print(f"{args.output}: {result['written']} captions written, {result['skipped']} already there")
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .teacher.clip import ClipTeacher
+    from .teacher.embed import embed_dataset
+
+    policy, render = _slice_settings(args, size=224)
+    source = _source(args)
+    teacher = ClipTeacher(args.clip_model, args.clip_pretrained, device=args.device, precision=args.precision)
+    r = embed_dataset(source, args.output, teacher, policy, render, captions=args.captions,
+                      batch_size=args.batch_size, cases_per_shard=args.cases_per_shard)
+    if r["rank"] == 0:
+        print(f"{r['folder']}: {r['cases']} cases, {r['shards_written']} shard(s) written here, {r['shards_kept']} "
+              f"kept from an earlier run, {r['seconds']} s")
+    return 0
+
+
+def _cmd_cache_verify(args: argparse.Namespace) -> int:
+    from .teacher.cache import read_manifest, verify_cache
+
+    problems = verify_cache(args.cache)
+    if problems:
+        for line in problems:
+            print(line, file=sys.stderr)
+        print(f"med3dinsight cache verify: error: {len(problems)} problem(s) in {args.cache}", file=sys.stderr)
+        return 2
+    m = read_manifest(args.cache)
+    rows = sum(s["rows"] for s in m["shards"])
+    teacher = m["settings"]["teacher"]
+    print(f"{args.cache}: ok, {len(m['shards'])} shard(s), {len(m['cases'])} cases, {rows} slices, teacher "
+          f"{teacher['model']} ({teacher['embed_dim']}-d), captions: {'yes' if m['settings']['captions'] else 'no'}")
+    return 0
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="a folder of NIfTI volumes, an nnU-Net raw dataset or an nnU-Net preprocessed dataset")
+    p.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"])
+    p.add_argument("--configuration", default="3d_fullres", help="nnU-Net preprocessed data: configuration")
+    p.add_argument("--plans", default="nnUNetPlans", help="nnU-Net preprocessed data: plans name")
+    p.add_argument("--per-plane", type=int, default=16, help="slices per plane and volume (default 16)")
+    p.add_argument("--planes", nargs="+", default=["axial", "coronal", "sagittal"])
+    p.add_argument("--min-foreground", type=float, default=0.05,
+                   help="skip slices with less body than this fraction (default 0.05)")
+    p.add_argument("--ct-window", nargs=2, type=float, default=[40.0, 400.0], metavar=("CENTRE", "WIDTH"),
+                   help="CT window in HU (default soft tissue: 40 400)")
+    p.add_argument("--mri-percentiles", nargs=2, type=float, default=[0.5, 99.5], metavar=("LOW", "HIGH"))
+    p.add_argument("--channel", type=int, default=0, help="input channel to render (default 0)")
+
+
 _SHOWN = {"format", "format_version", "backbone", "network_class", "in_channels", "patch_size", "encoder_prefixes",
           "adaptation_plan", "aliases"}
 
@@ -127,10 +216,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the checkpoint's architecture (required for SwinUNETR / UNETR checkpoints)")
     p.set_defaults(func=_cmd_nnunet_attach)
 
+    p = sub.add_parser("slices", help="write PNGs of the slices the teacher will see, to check orientation/window")
+    _add_data_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="folder for the PNGs")
+    p.add_argument("--cases", type=int, default=3, help="how many cases (default 3)")
+    p.add_argument("--size", type=int, default=224, help="image size in pixels (default 224)")
+    p.set_defaults(func=_cmd_slices)
+
+    p = sub.add_parser("caption", help="caption slices with a Hugging Face vision-language model (resumable JSONL)")
+    _add_data_arguments(p)
+    p.add_argument("--vlm", required=True, help="hub id or local folder of an image-text-to-text model")
+    p.add_argument("-o", "--output", required=True, help="captions .jsonl (resumed if it exists)")
+    p.add_argument("--prompts", help="JSON/YAML file of prompt templates (keys like 'ct.axial', 'mri.*', '*')")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--size", type=int, default=448, help="rendered image size for the VLM (default 448)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: bf16 on CUDA)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    p.set_defaults(func=_cmd_caption)
+
+    p = sub.add_parser("embed", help="embed slices (and captions) with an open_clip teacher into a cache "
+                                     "(torchrun-shardable, resumable)")
+    _add_data_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="cache folder")
+    p.add_argument("--clip-model", default="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+                   help="open_clip model: hf-hub:ID, a local open_clip folder, or an architecture name "
+                        "(default BiomedCLIP)")
+    p.add_argument("--clip-pretrained", help="pretrained tag or local weight file for an architecture name")
+    p.add_argument("--captions", help="caption JSONL from med3dinsight caption (omit for image embeddings only)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cases-per-shard", type=int, default=32)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--precision", default="bf16" if _cuda() else "fp32", choices=["fp32", "fp16", "bf16"])
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("cache", help="teacher cache tools")
+    cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    q = cache_sub.add_parser("verify", help="check every shard of a teacher cache")
+    q.add_argument("cache")
+    q.set_defaults(func=_cmd_cache_verify)
+
     p = sub.add_parser("inspect", help="print what a checkpoint holds (any supported format)")
     p.add_argument("checkpoint")
     p.set_defaults(func=_cmd_inspect)
     return parser
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -141,6 +276,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"med3dinsight {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as e:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__  # details (a load report) follow it
         print(f"med3dinsight {args.command}: error: {first_line}", file=sys.stderr)

@@ -1,0 +1,222 @@
+"""Which slices the 2D teacher sees, and how they are rendered for it.
+
+Slices are taken from a :class:`~med3dinsight_plugin.volumes.Volume` in canonical orientation and located with the
+convention of :mod:`.planes` (plane id, relative position at voxel centres). Rendering shows each slice the way a
+radiologist reads it -- head up, patient's left on the image's right, anterior on the left of a sagittal view -- at
+its physical aspect ratio, letterboxed into a square of the teacher's input size, 3 channels, uint8.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .planes import PLANES, plane_id, slice_position
+
+__all__ = ["RenderSettings", "Slice", "SlicePolicy", "body_mask", "dataset_slices", "extract_slice",
+           "intensity_window", "render_slice", "select_slices", "volume_slices", "write_slice_pngs"]
+
+CT_SOFT_TISSUE = (40.0, 400.0)  # window centre, width in HU
+
+
+@dataclass(frozen=True)
+class SlicePolicy:
+    """Which slices to take from each volume.
+
+    Args:
+        per_plane: slices per plane, spread evenly over the slices that show enough of the body.
+        planes: plane names to take slices from.
+        min_foreground: skip slices whose body fraction is below this (mostly air / background).
+    """
+
+    per_plane: int = 16
+    planes: Tuple[str, ...] = PLANES
+    min_foreground: float = 0.05
+
+    def __post_init__(self):
+        if self.per_plane < 1:
+            raise ValueError(f"per_plane must be at least 1, got {self.per_plane}")
+        if not 0.0 <= self.min_foreground < 1.0:
+            raise ValueError(f"min_foreground must lie in [0, 1), got {self.min_foreground}")
+        object.__setattr__(self, "planes", tuple(PLANES[plane_id(p)] for p in self.planes))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {**asdict(self), "planes": list(self.planes)}
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """How a slice becomes a teacher image.
+
+    Args:
+        size: output width and height in pixels (the teacher's input size).
+        ct_window: CT window ``(centre, width)`` in HU; the default is a soft-tissue window.
+        mri_percentiles: MRI intensities between these percentiles of the body voxels map to black..white.
+        channel: which input channel to render (multi-channel MRI).
+    """
+
+    size: int = 224
+    ct_window: Tuple[float, float] = CT_SOFT_TISSUE
+    mri_percentiles: Tuple[float, float] = (0.5, 99.5)
+    channel: int = 0
+
+    def __post_init__(self):
+        if self.size < 8:
+            raise ValueError(f"render size must be at least 8 pixels, got {self.size}")
+        if self.ct_window[1] <= 0:
+            raise ValueError(f"CT window width must be positive, got {self.ct_window}")
+        lo, hi = self.mri_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"MRI percentiles must satisfy 0 <= low < high <= 100, got {self.mri_percentiles}")
+        object.__setattr__(self, "ct_window", tuple(float(v) for v in self.ct_window))
+        object.__setattr__(self, "mri_percentiles", tuple(float(v) for v in self.mri_percentiles))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class Slice:
+    """One selected slice: where it lies and (once rendered) its image."""
+
+    case: str
+    plane: str
+    index: int
+    position: float
+    modality: str
+    image: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.case}|{self.plane}|{self.position:.6f}"
+
+
+def body_mask(data: np.ndarray, modality: str) -> np.ndarray:
+    """Voxels that show the patient rather than air or background, from scanner-unit intensities."""
+    if modality == "ct":
+        return data > -500.0
+    lo, hi = np.percentile(data, (1.0, 99.5))
+    return data > lo + 0.05 * (hi - lo)
+
+
+def select_slices(mask: np.ndarray, policy: SlicePolicy) -> List[Tuple[int, int]]:
+    """``(plane id, index)`` pairs: per plane, ``policy.per_plane`` indices spread evenly over the slices whose
+    body fraction reaches ``policy.min_foreground`` (all of them if there are fewer)."""
+    out = []
+    for name in policy.planes:
+        p = plane_id(name)
+        fraction = mask.mean(axis=tuple(a for a in range(3) if a != p))
+        candidates = np.flatnonzero(fraction >= policy.min_foreground)
+        if len(candidates) == 0:
+            continue
+        n = min(policy.per_plane, len(candidates))
+        picks = candidates[((np.arange(n) + 0.5) * len(candidates) / n).astype(int)]
+        out.extend((p, int(i)) for i in picks)
+    return out
+
+
+def extract_slice(data: np.ndarray, spacing, plane: int, index: int) -> Tuple[np.ndarray, Tuple[float, float]]:
+    """The 2D slice of a canonical (D, H, W) array in radiological display orientation, with its pixel spacing.
+
+    Axial: anterior up, patient's right on the left. Coronal: superior up, patient's right on the left.
+    Sagittal: superior up, anterior on the left.
+    """
+    if plane == 0:
+        return data[index], (spacing[1], spacing[2])
+    if plane == 1:
+        return data[::-1, index, :], (spacing[0], spacing[2])
+    return data[::-1, :, index], (spacing[0], spacing[1])
+
+
+def intensity_window(data: np.ndarray, modality: str, settings: RenderSettings) -> Tuple[float, float]:
+    """The intensity range shown from black to white: the CT window, or the volume's MRI body percentiles."""
+    if modality == "ct":
+        c, w = settings.ct_window
+        return c - w / 2, c + w / 2
+    body = data[body_mask(data, modality)]
+    lo, hi = (float(v) for v in np.percentile(body if body.size else data, settings.mri_percentiles))
+    return lo, (hi if hi > lo else lo + 1.0)
+
+
+def render_slice(slice2d: np.ndarray, pixel_spacing, window: Tuple[float, float], size: int) -> np.ndarray:
+    """Window a 2D slice to [0, 1], resize it to its physical aspect ratio inside a ``size`` square (black
+    letterbox) and return ``(size, size, 3)`` uint8."""
+    h_mm, w_mm = slice2d.shape[0] * pixel_spacing[0], slice2d.shape[1] * pixel_spacing[1]
+    scale = size / max(h_mm, w_mm)
+    h, w = max(1, round(h_mm * scale)), max(1, round(w_mm * scale))
+    t = torch.from_numpy(np.ascontiguousarray(slice2d, dtype=np.float32))[None, None]
+    t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    lo, hi = window
+    t = ((t - lo) / (hi - lo)).clamp_(0, 1)
+    canvas = torch.zeros(size, size)
+    top, left = (size - h) // 2, (size - w) // 2
+    canvas[top:top + h, left:left + w] = t
+    gray = (canvas * 255).round_().to(torch.uint8).numpy()
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def volume_slices(volume, policy: SlicePolicy, settings: RenderSettings, render: bool = True) -> Iterator[Slice]:
+    """Select and (optionally) render the slices of one :class:`~med3dinsight_plugin.volumes.Volume`.
+
+    Raises:
+        ValueError: the volume shows no body in any slice (wrong modality?), or the channel does not exist.
+    """
+    if not 0 <= settings.channel < volume.array.shape[0]:
+        raise ValueError(f"case {volume.case} has {volume.array.shape[0]} channel(s); render channel "
+                         f"{settings.channel} does not exist")
+    data = volume.native(settings.channel)
+    picks = select_slices(body_mask(data, volume.modality), policy)
+    if not picks:
+        raise ValueError(f"no slice of case {volume.case} ({volume.files[0] if volume.files else ''}) shows enough "
+                         f"body (min_foreground {policy.min_foreground}); check its modality ({volume.modality}) "
+                         f"or lower min_foreground")
+    window = intensity_window(data, volume.modality, settings) if render else None
+    for p, i in picks:
+        image = None
+        if render:
+            image = render_slice(*extract_slice(data, volume.spacing, p, i), window, settings.size)
+        yield Slice(volume.case, PLANES[p], i, slice_position(i, data.shape[p]), volume.modality, image)
+
+
+class _DatasetSlices:
+    """Iterable of the rendered slices of every case of a source, with ``len`` once counted (for progress bars)."""
+
+    def __init__(self, source, policy: SlicePolicy, settings: RenderSettings, cases=None):
+        self.source, self.policy, self.settings = source, policy, settings
+        self.cases = list(cases if cases is not None else source.cases)
+
+    def __iter__(self) -> Iterator[Slice]:
+        for case in self.cases:
+            yield from volume_slices(self.source.read(case), self.policy, self.settings)
+
+
+def dataset_slices(source, policy: SlicePolicy, settings: RenderSettings, cases=None):
+    """The rendered slices of every case (or of ``cases``) of a :class:`~med3dinsight_plugin.volumes.VolumeSource`,
+    read one volume at a time."""
+    return _DatasetSlices(source, policy, settings, cases)
+
+
+def write_slice_pngs(source, out, policy: SlicePolicy, settings: RenderSettings, max_cases: int = 3) -> List[str]:
+    """Write the rendered slices of the first ``max_cases`` cases as PNGs, for a person to check the orientation
+    and windowing; each file is named ``CASE_PLANE_POSITION.png`` and written atomically.
+
+    Returns:
+        The files written.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .checkpoint import atomic_write
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for s in dataset_slices(source, policy, settings, source.cases[:max_cases]):
+        path = out / f"{s.case}_{s.plane}_{s.position:.3f}.png"
+        atomic_write(path, lambda tmp, img=s.image: Image.fromarray(img).save(tmp, format="PNG"))
+        written.append(str(path))
+    return written

@@ -1,0 +1,445 @@
+"""Captions of 2D CT/MRI slices written by any Hugging Face vision-language model (VLM), stored resumably.
+
+``load_vlm`` loads an image-text-to-text model (hub id or local folder), ``Captioner`` prompts it with one image per
+chat message and decodes greedily, and ``caption_slices`` captions an iterable of slices into a
+:class:`~.captions.CaptionFile`, skipping what an earlier (interrupted) run already wrote.
+
+transformers, PIL, tqdm, yaml and huggingface_hub are imported inside the functions: the core package imports only
+torch and numpy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..planes import PLANES, plane_id
+from .captions import CaptionError, CaptionFile, caption_key
+
+__all__ = ["VLM", "VLMError", "CaptionError", "CaptionFile", "Captioner", "DEFAULT_PROMPTS", "caption_key",
+           "caption_slices", "load_prompts", "load_vlm", "prompt_for"]
+
+
+class VLMError(ValueError):
+    """A model, prompt file or input the captioner cannot use; the one-line message names it and the fix."""
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+
+@dataclass
+class VLM:
+    """A loaded vision-language model: ``name`` as given, its ``processor`` and ``model`` (eval mode)."""
+    name: str
+    processor: Any
+    model: Any
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _resolve_dtype(dtype, device: str):
+    """float32 on CPU and bfloat16 (float16 without bf16 support) on CUDA by default; strings or torch dtypes."""
+    if dtype is None:
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise VLMError(f"unknown dtype {dtype!r}: use 'auto', 'float32', 'float16' or 'bfloat16'")
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+    # The env var is read too: huggingface_hub reads it once at import, which may precede the user's setting.
+    flags = (os.environ.get(v, "").strip().upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(f in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _looks_like_path(model: str) -> bool:
+    """A string a user meant as a folder rather than a hub id ("org/name" or "name")."""
+    return (model.startswith(("/", ".", "~")) or "\\" in model or model.endswith("/") or model.count("/") > 1
+            or bool(re.match(r"^[A-Za-z]:", model)))
+
+
+def _locate(model: str) -> str:
+    """Local folder path or hub id of ``model``; fails at once for a missing folder or an uncached id offline."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise VLMError(f"{model} is a file; pass the model folder that holds config.json")
+        return str(path)
+    if _looks_like_path(model):
+        raise VLMError(f"local model folder {model} does not exist; check the path, or pass a hub id such as "
+                       f"Qwen/Qwen2-VL-2B-Instruct")
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except ValueError:  # HFValidationError: neither a folder nor a valid repo id
+        raise VLMError(f"{model} is neither an existing local folder nor a valid Hugging Face hub id") from None
+    if _offline() and not isinstance(cached, str):
+        # Checked here because transformers would otherwise fail later with a generic connection error.
+        raise VLMError(f"{model} is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1), "
+                       f"and there is no local folder of that name: download it on a machine with network "
+                       f"(hf download {model}) and copy the cache, or pass a local folder path")
+    return model
+
+
+def load_vlm(model: str, *, device: Union[str, torch.device] = "cpu", dtype=None,
+             trust_remote_code: bool = False) -> VLM:
+    """Load an image-text-to-text model and its processor for captioning.
+
+    Args:
+        model: hub id (e.g. ``"Qwen/Qwen2-VL-2B-Instruct"``) or local folder saved with ``save_pretrained``.
+        device: where to run it (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        dtype: ``None`` (float32 on CPU, bfloat16 on CUDA), ``"auto"`` (the checkpoint's), ``"float32"``,
+            ``"float16"``, ``"bfloat16"`` or a torch dtype.
+        trust_remote_code: allow the repository's own Python code to run (only for repositories you trust).
+
+    Returns:
+        a :class:`VLM` in eval mode on ``device``.
+
+    Raises:
+        VLMError: missing folder, uncached id offline, not a VLM, custom code not trusted, no chat template.
+    """
+    import transformers
+    from packaging.version import Version
+    from transformers import AutoConfig, AutoProcessor
+    try:
+        from transformers import AutoModelForImageTextToText
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    except ImportError:
+        raise VLMError("transformers is too old for AutoModelForImageTextToText; pip install -U transformers") \
+            from None
+    torch_dtype = _resolve_dtype(dtype, str(device))
+    where = _locate(str(model))
+    trust = bool(trust_remote_code)  # an explicit False: transformers would otherwise prompt [y/N] on custom code
+
+    def fail(e: BaseException, what: str) -> VLMError:
+        if "trust_remote_code" in str(e):
+            return VLMError(f"{model} needs its own custom code to load its {what}; pass --trust-remote-code "
+                            f"(trust_remote_code=True) if you trust that repository")
+        return VLMError(f"cannot load the {what} of {model}: {_first_line(e)}")
+
+    # The config is cheap: check it is a VLM before loading a processor (a CLIP folder has one too) or weights.
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust)
+    except (OSError, ValueError, KeyError) as e:
+        raise fail(e, "config") from None
+    remote = "AutoModelForImageTextToText" in (getattr(config, "auto_map", None) or {})
+    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING and not remote:
+        raise VLMError(f"{model} is not a vision-language model (its config is {type(config).__name__}); pass an "
+                       f"image-text-to-text model such as Qwen2-VL / LLaVA / HuatuoGPT-Vision-7B-Qwen2.5VL")
+    try:
+        processor = AutoProcessor.from_pretrained(where, trust_remote_code=trust)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise fail(e, "processor") from None
+    if getattr(processor, "image_processor", None) is None:
+        raise VLMError(f"{model} has no image processor (AutoProcessor gave {type(processor).__name__}); pass a "
+                       f"folder or repo that holds the model's processor files too")
+    tokenizer = getattr(processor, "tokenizer", None)
+    if getattr(processor, "chat_template", None) is None:
+        # Some repos keep the template only in tokenizer_config.json; VLM tokenizer templates handle images too.
+        processor.chat_template = getattr(tokenizer, "chat_template", None)
+    if processor.chat_template is None:
+        raise VLMError(f"the processor of {model} has no chat template, so prompts cannot be formatted for it; use "
+                       f"the model's instruct/chat variant or add a chat_template.jinja to its folder")
+    # transformers 4.56 renamed from_pretrained's torch_dtype to dtype (the old name warns, later goes).
+    dtype_kw = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+    try:
+        net = AutoModelForImageTextToText.from_pretrained(where, config=config, trust_remote_code=trust,
+                                                          **{dtype_kw: torch_dtype})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if "Unrecognized configuration class" in str(e):
+            raise VLMError(f"{model} is not a vision-language model (its config is {type(config).__name__}); "
+                           f"pass an image-text-to-text model such as Qwen2-VL / LLaVA") from None
+        raise fail(e, "weights") from None
+    return VLM(name=str(model), processor=processor, model=net.to(device).eval())
+
+
+# ------------------------------------------------------------------------------------------------------- prompts
+
+MODALITY_NAMES = {"ct": "CT", "mri": "MRI"}
+PROMPT_FIELDS = ("plane", "modality", "position", "case")
+_ASK = ("Describe it concisely in radiology-report style (1-3 sentences): the anatomy visible and any abnormality, "
+        "mentioning the {plane} plane.")
+DEFAULT_PROMPTS = {
+    "*": "This is a {plane} {modality} slice at relative position {position} along the {plane} axis. " + _ASK,
+    "ct.*": "This is a {plane} CT slice (relative position {position}). Name the organs, bones and vessels "
+            "visible and any lesion, fluid or density abnormality. " + _ASK,
+    "mri.*": "This is a {plane} MRI slice (relative position {position}). Name the structures visible and any "
+             "signal abnormality or lesion. " + _ASK,
+}
+
+
+class _Position(float):
+    """Relative position that prints as ``0.42`` in ``{position}`` but still honours ``{position:.3f}``."""
+
+    def __format__(self, spec: str) -> str:
+        return float.__format__(self, spec or ".2f")
+
+    def __str__(self) -> str:
+        return format(self)
+
+
+_SAMPLE = {"plane": "axial", "modality": "CT", "position": _Position(0.5), "case": "case_0"}
+
+
+def _check_key(key) -> bool:
+    if not isinstance(key, str) or key.count(".") > 1 or (key != "*" and "." not in key):
+        return False
+    if key == "*":
+        return True
+    modality, plane = key.split(".")
+    return modality in (*MODALITY_NAMES, "*") and plane in (*PLANES, "*")
+
+
+def load_prompts(path: Union[str, os.PathLike]) -> dict:
+    """Prompt templates from a JSON or YAML file, merged over :data:`DEFAULT_PROMPTS`.
+
+    Keys are ``"{modality}.{plane}"``, ``"{modality}.*"``, ``"*.{plane}"`` or ``"*"`` (modality ``ct``/``mri``);
+    values are ``str.format`` templates with fields ``{plane}``, ``{modality}``, ``{position}``, ``{case}``.
+
+    Returns:
+        dict with a template for each ``"{modality}.{plane}"``: the file's most specific key for it, else the
+        default's (any key of the file beats every default key).
+
+    Raises:
+        VLMError: unreadable file, unknown key, non-string template, unknown field.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise VLMError(f"cannot read prompts file {path}: {e.strerror or e}") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ImportError:
+        raise VLMError(f"reading the YAML prompts file {path} needs PyYAML: pip install pyyaml") from None
+    except Exception as e:  # json / yaml syntax errors have no common base class
+        raise VLMError(f"prompts file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
+                       f"{_first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise VLMError(f"prompts file {path} must hold a mapping of keys like 'ct.axial' to templates")
+    for key, template in data.items():
+        if not _check_key(key):
+            raise VLMError(f"prompts file {path}: unknown key {key!r}; use 'ct.axial', 'mri.*', '*.coronal' or "
+                           f"'*' (modality ct/mri, plane axial/coronal/sagittal)")
+        if not isinstance(template, str):
+            raise VLMError(f"prompts file {path}: the template of {key!r} must be a string")
+        try:
+            template.format(**_SAMPLE)
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+            bad = [f for f in fields if f.split(".")[0].split("[")[0] not in PROMPT_FIELDS]
+            why = f"unknown field {{{bad[0]}}}" if bad else f"bad template ({_first_line(e)})"
+            raise VLMError(f"prompts file {path}: {why} in the template of {key!r}; the fields are "
+                           f"{', '.join('{' + f + '}' for f in PROMPT_FIELDS)} (write {{{{ }}}} for braces)") \
+                from None
+    # Expanded to every modality.plane so that any user key beats every default one: a user "*.sagittal" must not
+    # be shadowed by the more specific default "ct.*".
+    merged = {}
+    for m in MODALITY_NAMES:
+        for p in PLANES:
+            mine = _lookup(data, m, p)
+            merged[f"{m}.{p}"] = mine if mine is not None else _lookup(DEFAULT_PROMPTS, m, p)
+    return merged
+
+
+def _lookup(prompts: dict, modality: str, plane: str) -> Optional[str]:
+    """The most specific template of ``prompts`` for ``modality``/``plane`` (``m.p``, ``m.*``, ``*.p``, ``*``)."""
+    for key in (f"{modality}.{plane}", f"{modality}.*", f"*.{plane}", "*"):
+        if key in prompts:
+            return prompts[key]
+    return None
+
+
+def prompt_for(prompts: Optional[dict], modality: str, plane: Union[str, int], **fields) -> str:
+    """The prompt for one slice: the most specific template of ``prompts`` filled in.
+
+    Args:
+        prompts: templates as from :func:`load_prompts` (None: :data:`DEFAULT_PROMPTS`).
+        modality: ``"ct"`` or ``"mri"``.
+        plane: plane name or id.
+        fields: ``position`` (float, printed as ``0.42``), ``case`` and any other template fields.
+    """
+    prompts = DEFAULT_PROMPTS if prompts is None else prompts
+    mod = str(modality).strip().lower()
+    if mod not in MODALITY_NAMES:
+        raise VLMError(f"unknown modality {modality!r}: expected one of {sorted(MODALITY_NAMES)}")
+    name = PLANES[plane_id(plane)]
+    template = _lookup(prompts, mod, name)
+    if template is None:
+        raise VLMError(f"no prompt template for {mod}.{name} and no '*' fallback")
+    if "position" in fields:
+        fields["position"] = _Position(fields["position"])
+    fields.setdefault("case", "")
+    return template.format(plane=name, modality=MODALITY_NAMES[mod], **fields)
+
+
+# ----------------------------------------------------------------------------------------------------- captioner
+
+def _to_pil(image):
+    from PIL import Image
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise VLMError(f"slice images must be uint8 arrays of shape HxWx3 (or HxW), got {arr.dtype} "
+                       f"{tuple(arr.shape)}; render the slice to RGB first")
+    return Image.fromarray(arr).convert("RGB")
+
+
+class Captioner:
+    """Greedy (by default, so deterministic) batched captioning of images with a :class:`VLM`.
+
+    Args:
+        vlm: from :func:`load_vlm`.
+        prompts: templates for :func:`caption_slices` (None: :data:`DEFAULT_PROMPTS`).
+        batch_size: images per ``generate`` call.
+        max_new_tokens: caption length limit.
+        do_sample: sample instead of greedy decoding (not reproducible).
+    """
+
+    def __init__(self, vlm: VLM, prompts: Optional[dict] = None, batch_size: int = 8, max_new_tokens: int = 96,
+                 do_sample: bool = False):
+        if batch_size < 1 or max_new_tokens < 1:
+            raise VLMError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+        self.vlm, self.batch_size, self.max_new_tokens, self.do_sample = vlm, batch_size, max_new_tokens, do_sample
+        self.prompts = dict(DEFAULT_PROMPTS if prompts is None else prompts)
+        self.tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
+        # Decoder-only generation continues from the last position: pad on the left so every row ends at its prompt.
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def settings(self) -> dict:
+        """What determines the captions besides the images (recorded next to the caption file)."""
+        return {"model": self.vlm.name, "prompts": self.prompts,
+                "generation": {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}}
+
+    def caption(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list:
+        """Caption each image with its prompt.
+
+        Args:
+            images: uint8 arrays HxWx3.
+            prompts: one prompt per image.
+
+        Returns:
+            list of caption strings (only the generated text, stripped).
+        """
+        if len(images) != len(prompts):
+            raise VLMError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            out += self._generate(images[start:start + self.batch_size], prompts[start:start + self.batch_size])
+        return out
+
+    def _generate(self, images, prompts) -> list:
+        processor, model = self.vlm.processor, self.vlm.model
+        chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
+        texts = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=texts, images=[_to_pil(im) for im in images], padding=True, return_tensors="pt")
+        inputs = {k: (v.to(model.device, model.dtype) if torch.is_floating_point(v) else v.to(model.device))
+                  if torch.is_tensor(v) else v for k, v in inputs.items()}
+        with torch.inference_mode():
+            ids = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
+                                 pad_token_id=self.tokenizer.pad_token_id)
+        prompt_ids = inputs["input_ids"]
+        n = prompt_ids.shape[1]
+        if ids.shape[1] >= n and torch.equal(ids[:, :n].cpu(), prompt_ids.cpu()):
+            ids = ids[:, n:]  # decoder-only models return prompt + answer; encoder-decoders the answer only
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+# -------------------------------------------------------------------------------------------------- slice loop
+
+def _get(item, name: str):
+    """Field ``name`` of a slice given as an object or a dict."""
+    if isinstance(item, dict):
+        if name not in item:
+            raise VLMError(f"slice {dict((k, v) for k, v in item.items() if k != 'image')} lacks {name!r}")
+        return item[name]
+    try:
+        return getattr(item, name)
+    except AttributeError:
+        raise VLMError(f"slice {type(item).__name__} has no attribute {name!r}") from None
+
+
+def caption_slices(slices: Iterable, captioner: Captioner, out_path: Union[str, os.PathLike], settings: dict,
+                   progress: bool = True) -> dict:
+    """Caption ``slices`` into the JSONL file ``out_path``, resuming where an earlier run stopped.
+
+    Args:
+        slices: objects or dicts with ``case``, ``plane`` (name), ``index``, ``position``, ``image`` (uint8 HxWx3)
+            and ``modality`` (``"ct"``/``"mri"``).
+        captioner: the :class:`Captioner`; its batch size sets how many slices are appended at once.
+        out_path: caption file; created if missing, resumed (keys already present skipped) if not.
+        settings: JSON-serialisable rendering / slice settings, recorded with the captioner's own settings in
+            ``<out_path>.meta.json``; a resume with other settings is refused.
+        progress: show a tqdm bar with rate and ETA.
+
+    Returns:
+        ``{"written": n, "skipped": m, "path": str}``.
+    """
+    from tqdm.auto import tqdm
+    store = CaptionFile(out_path)
+    store.check_settings({**captioner.settings(), **settings})
+    done = set(CaptionFile.read(store.path))
+    written = skipped = 0
+    try:
+        total = len(slices)
+    except TypeError:  # a generator: the bar shows counts and rate, no ETA
+        total = None
+    with store, tqdm(total=total, disable=not progress, unit="slice", desc=f"captioning {store.path.name}") as bar:
+        batch = []
+
+        def flush():
+            nonlocal written
+            texts = captioner.caption([_get(s, "image") for s in batch],
+                                      [prompt_for(captioner.prompts, _get(s, "modality"), _get(s, "plane"),
+                                                  position=_get(s, "position"), case=_get(s, "case"))
+                                       for s in batch])
+            written += store.write([{"case": str(_get(s, "case")), "plane": PLANES[plane_id(_get(s, "plane"))],
+                                     "index": int(_get(s, "index")), "position": float(_get(s, "position")),
+                                     "modality": str(_get(s, "modality")).lower(), "text": t}
+                                    for s, t in zip(batch, texts)])
+            bar.update(len(batch))
+            batch.clear()
+
+        for s in slices:
+            key = caption_key(str(_get(s, "case")), _get(s, "plane"), _get(s, "position"))
+            if key in done:  # already captioned (or repeated in the input): never write a key twice
+                skipped += 1
+                bar.update(1)
+                bar.set_postfix(skipped=skipped, refresh=False)
+                continue
+            done.add(key)
+            batch.append(s)
+            if len(batch) >= captioner.batch_size:
+                flush()
+        if batch:
+            flush()
+    return {"written": written, "skipped": skipped, "path": str(store.path)}

@@ -1,0 +1,223 @@
+"""A resumable JSONL store of slice captions, one JSON object per line, with the settings that produced them.
+
+Each line is ``{"case": str, "plane": "axial"|"coronal"|"sagittal", "index": int, "position": float, "text": str,
+...extra}``; a record is identified by :func:`caption_key`. Batches are appended with one write followed by
+``fsync``, so an interruption loses at most the batch being written; a torn last line (no trailing newline: a crash
+mid-write) counts as not written and is cut off when the file is next opened for appending. The settings live in the
+sidecar ``<path>.meta.json`` (the settings dict itself, so readers can look up e.g. ``meta["model"]``) and a resume
+with other settings is refused, so one file never mixes two models' captions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+from ..planes import PLANES, plane_id
+
+PathLike = Union[str, os.PathLike]
+_REQUIRED = {"case": str, "plane": str, "index": int, "position": (int, float), "text": str}
+
+
+class CaptionError(ValueError):
+    """A caption file that cannot be read or resumed; the message names the file, the line and the fix."""
+
+
+def caption_key(case: str, plane: Union[str, int], position: float) -> str:
+    """Identity of a caption record: ``"{case}|{plane}|{position:.6f}"`` (plane as its name).
+
+    Args:
+        case: case identifier.
+        plane: plane name or id (0 axial, 1 coronal, 2 sagittal).
+        position: relative slice position in [0, 1] (see :mod:`med3dinsight_plugin.planes`).
+    """
+    return f"{case}|{PLANES[plane_id(plane)]}|{float(position):.6f}"
+
+
+def _check_record(rec) -> Optional[str]:
+    """Why ``rec`` is not a valid caption record, or None."""
+    if not isinstance(rec, dict):
+        return f"expected a JSON object, got {type(rec).__name__}"
+    for field, kind in _REQUIRED.items():
+        if field not in rec:
+            return f"missing field {field!r}"
+        if isinstance(rec[field], bool) or not isinstance(rec[field], kind):
+            return f"field {field!r} is {type(rec[field]).__name__}"
+    if rec["plane"] not in PLANES:
+        return f"unknown plane {rec['plane']!r}"
+    return None
+
+
+def _complete_length(path: Path) -> int:
+    """Byte length of ``path`` up to and including its last newline (the part a crash cannot have torn)."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:  # scan backwards in chunks: the file may hold many MB of captions
+            step = min(65536, pos)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                return pos - step + nl + 1
+            pos -= step
+    return 0
+
+
+def _canonical(settings: dict, what: str) -> dict:
+    """``settings`` as it reads back from JSON (tuples become lists), so stored and given settings compare equal."""
+    if not isinstance(settings, dict):
+        raise CaptionError(f"caption settings must be a dict, got {type(settings).__name__}")
+    try:
+        return json.loads(json.dumps(settings, sort_keys=True))
+    except (TypeError, ValueError) as e:
+        raise CaptionError(f"settings for {what} must be JSON-serialisable: {e}") from None
+
+
+def _short(value, n: int = 60) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+class CaptionFile:
+    """Append-only caption store at ``path`` with its settings sidecar ``<path>.meta.json``.
+
+    Use as a context manager to append: ``with CaptionFile(p) as f: f.write(records)``.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self.meta_path = self.path.with_name(self.path.name + ".meta.json")
+        self._file = None
+
+    # ----------------------------------------------------------------------------------------------------- reading
+    @staticmethod
+    def read(path: PathLike, strict: bool = True) -> dict:
+        """Records of the caption file at ``path`` (empty if it does not exist), keyed by :func:`caption_key`.
+
+        A last line without a trailing newline is a write torn by a crash and is ignored.
+
+        Args:
+            path: the ``.jsonl`` file.
+            strict: raise :class:`CaptionError` on a malformed line or a duplicate key; when False, skip malformed
+                lines and keep the first of duplicate records.
+
+        Returns:
+            dict mapping key -> record, in file order.
+        """
+        path = Path(path)
+        if not path.exists():
+            return {}
+        records, first_line = {}, {}
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.endswith(b"\n"):
+                    break  # torn final line
+                try:
+                    rec = json.loads(raw.decode("utf-8"))
+                    problem = _check_record(rec)
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    problem = f"not JSON: {e}"
+                if problem is not None:
+                    if strict:
+                        raise CaptionError(f"{path} line {lineno}: malformed caption record ({problem}); "
+                                           f"fix or delete that line, and rerun to caption it again")
+                    continue
+                key = caption_key(rec["case"], rec["plane"], rec["position"])
+                if key in records:
+                    if strict:
+                        raise CaptionError(f"{path} line {lineno}: duplicate caption key {key!r} (first on line "
+                                           f"{first_line[key]}); delete one of the two lines")
+                    continue
+                records[key], first_line[key] = rec, lineno
+        return records
+
+    # ---------------------------------------------------------------------------------------------------- settings
+    def check_settings(self, settings: dict) -> None:
+        """Record ``settings`` in the sidecar, or refuse if the existing captions were written with other ones.
+
+        Args:
+            settings: JSON-serialisable dict (model id, prompts, rendering / slice settings, ...).
+
+        Raises:
+            CaptionError: the file holds captions and its sidecar is missing, unreadable or differs.
+        """
+        given = _canonical(settings, str(self.path))
+        has_records = self.path.exists() and _complete_length(self.path) > 0
+        if has_records:
+            if not self.meta_path.exists():
+                raise CaptionError(f"{self.path} holds captions but no settings file {self.meta_path.name}, so a "
+                                   f"resume cannot be checked; restore that file or use a new output file")
+            try:
+                stored = json.loads(self.meta_path.read_text(encoding="utf-8"))
+                if not isinstance(stored, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:
+                raise CaptionError(f"cannot read {self.meta_path} ({e}); restore it or use a new output file") \
+                    from None
+            if stored == given:
+                return
+            keys = sorted(k for k in set(stored) | set(given) if stored.get(k) != given.get(k))
+            shown = "; ".join(f"{k} {_short(stored.get(k))} vs {_short(given.get(k))}" for k in keys[:3])
+            raise CaptionError(f"{self.path.name} was written with other settings ({shown}; differing keys: "
+                               f"{', '.join(keys)}); use a new output file or pass the same settings")
+        # No captions yet: (re)write the sidecar atomically, so it is never half-written.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.meta_path.with_name(f".{self.meta_path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(given, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.meta_path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    # --------------------------------------------------------------------------------------------------- appending
+    def open(self) -> "CaptionFile":
+        """Open for appending (creating the file), first cutting off a torn last line. Returns self."""
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "ab")
+            keep = _complete_length(self.path)
+            if self._file.tell() != keep:
+                self._file.truncate(keep)
+                self._file.seek(keep)
+        return self
+
+    def write(self, records: Iterable[dict]) -> int:
+        """Append ``records`` as complete lines in one write, then flush and fsync so they survive a crash.
+
+        Args:
+            records: dicts with at least case, plane, index, position and text.
+
+        Returns:
+            the number of records written.
+        """
+        if self._file is None:
+            raise CaptionError(f"{self.path} is not open for appending; use `with CaptionFile(path) as f:`")
+        lines = []
+        for rec in records:
+            problem = _check_record(rec)
+            if problem is not None:
+                raise CaptionError(f"refusing to write a malformed caption record to {self.path}: {problem}")
+            lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+        if lines:
+            self._file.write("".join(lines).encode("utf-8"))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return len(lines)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "CaptionFile":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

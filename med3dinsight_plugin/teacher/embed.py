@@ -1,0 +1,178 @@
+"""Embed every selected slice of a dataset (and its caption) with the teacher, into a :mod:`.cache` folder.
+
+Runs in one process or under ``torchrun``: shard ``k`` (a fixed run of sorted cases) belongs to rank
+``k % world_size``, so the files are the same for any number of processes; finished shards that match the settings
+are kept, so a crashed run resumes. Rank 0 writes the manifest once every shard exists.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..planes import plane_id
+from ..slices import RenderSettings, SlicePolicy, volume_slices
+from .cache import (MANIFEST, CacheError, StaleCacheError, diff_keys, read_manifest, settings_hash, shard_name,
+                    shard_settings, write_manifest, write_shard)
+
+__all__ = ["embed_dataset", "caption_settings_for"]
+
+
+def caption_settings_for(policy: SlicePolicy, render: RenderSettings) -> Dict[str, Any]:
+    """The slice/rendering settings captions must share with the embeddings (the render size may differ)."""
+    r = render.to_dict()
+    r.pop("size")
+    return {"slices": policy.to_dict(), "render": r}
+
+
+def _load_captions(path: Path, policy: SlicePolicy, render: RenderSettings):
+    from .captions import CaptionFile
+
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"caption file {path} does not exist; run med3dinsight caption first (or embed without "
+                         f"--captions for image embeddings only)")
+    meta_path = Path(f"{path}.meta.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    ours = caption_settings_for(policy, render)
+    theirs = {k: meta.get(k) for k in ours}
+    if meta and diff_keys(theirs, ours):
+        raise StaleCacheError(f"{path} was captioned with other slice settings ({', '.join(diff_keys(theirs, ours))} "
+                              f"differ); embed with the same --per-plane/--min-foreground/window as caption")
+    records = CaptionFile.read(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()  # the content, not the path, identifies the captions
+    return {k: r["text"] for k, r in records.items()}, {"sha256": digest, "model": meta.get("model")}
+
+
+def _distributed(device: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend)
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return rank, world, device
+
+
+def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
+                  render: Optional[RenderSettings] = None, captions: Optional[str] = None, batch_size: int = 64,
+                  cases_per_shard: int = 32, progress: bool = True) -> Dict[str, Any]:
+    """Embed the slices of every case of ``source`` into the cache folder ``out``.
+
+    Args:
+        source: a :class:`~med3dinsight_plugin.volumes.VolumeSource`.
+        out: cache folder (created; an existing cache must have been made with the same settings).
+        teacher: a :class:`~med3dinsight_plugin.teacher.clip.ClipTeacher`.
+        policy, render: slice selection and rendering (``render.size`` is set to the teacher's input size).
+        captions: a caption JSONL from ``med3dinsight caption`` made with the same slice settings; every selected
+            slice needs its caption. ``None`` caches image embeddings only.
+        batch_size: slices per teacher forward pass.
+        cases_per_shard: consecutive cases per shard file.
+
+    Returns:
+        ``{"folder", "cases", "slices", "shards_written", "shards_kept", "seconds"}`` (totals over all ranks for
+        cases/slices only on rank 0's manifest).
+    """
+    policy = policy or SlicePolicy()
+    render = RenderSettings(**{**(render or RenderSettings()).to_dict(), "size": teacher.image_size})
+    texts, caption_info = (None, None) if captions is None else _load_captions(captions, policy, render)
+    settings = {"teacher": teacher.identity(), "render": render.to_dict(), "slices": policy.to_dict(),
+                "captions": caption_info, "source": source.describe()}
+    digest = settings_hash(settings)
+    out = Path(out)
+    rank, world, _ = _distributed(str(teacher.device))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier(world)
+    if (out / MANIFEST).is_file():
+        old = read_manifest(out)["settings"]
+        if old != settings:
+            raise StaleCacheError(f"{out} holds a cache made with other settings ({', '.join(diff_keys(old, settings)[:4])}"
+                                  f" differ); embed into a new folder")
+    cases = source.cases
+    shard_cases = {k: cases[i:i + cases_per_shard] for k, i in enumerate(range(0, len(cases), cases_per_shard))}
+    mine = [k for k in shard_cases if k % world == rank]
+    start, written, kept, n_slices = time.perf_counter(), 0, 0, 0
+    bar = _progress(sum(len(shard_cases[k]) for k in mine), progress and rank == 0)
+    for k in mine:
+        path = out / shard_name(k)
+        if path.is_file():
+            if shard_settings(path) != digest:
+                raise StaleCacheError(f"{path} was written with other settings (teacher, rendering, slices, captions "
+                                      f"or dataset); embed into a new folder")
+            kept += 1
+            bar.update(len(shard_cases[k]))
+            continue
+        rows, shapes = _embed_cases(source, shard_cases[k], teacher, policy, render, texts, batch_size, bar)
+        write_shard(out, k, shard_cases[k], shapes, rows, digest)
+        written += 1
+        n_slices += len(rows["plane"])
+    bar.close()
+    _barrier(world)
+    if rank == 0:
+        missing = [shard_name(k) for k in shard_cases if not (out / shard_name(k)).is_file()]
+        if missing:
+            raise CacheError(f"{out} lacks {len(missing)} shard(s) ({missing[0]}, ...) after embedding; rerun the "
+                             f"same command to finish them")
+        write_manifest(out, settings, shard_cases)
+    _barrier(world)
+    return {"folder": str(out), "cases": len(cases), "slices_embedded_here": n_slices, "shards_written": written,
+            "shards_kept": kept, "seconds": round(time.perf_counter() - start, 2), "rank": rank, "world": world}
+
+
+def _embed_cases(source, cases, teacher, policy, render, texts, batch_size, bar):
+    cols: Dict[str, List] = {"plane": [], "index": [], "position": [], "case": [], "image": [], "text": []}
+    shapes, pending, missing = {}, [], []
+
+    def flush():
+        if not pending:
+            return
+        cols["image"].append(teacher.encode_images([s.image for s in pending]).cpu().numpy())
+        if texts is not None:
+            cols["text"].append(teacher.encode_texts([texts[s.key] for s in pending]).cpu().numpy())
+        pending.clear()
+
+    for ci, case in enumerate(cases):
+        volume = source.read(case)
+        shapes[case] = volume.shape
+        for s in volume_slices(volume, policy, render):
+            if texts is not None and s.key not in texts:
+                missing.append(s.key)
+                continue
+            cols["plane"].append(plane_id(s.plane))
+            cols["index"].append(s.index)
+            cols["position"].append(s.position)
+            cols["case"].append(ci)
+            pending.append(s)
+            if len(pending) == batch_size:
+                flush()
+        if missing:
+            raise CacheError(f"the caption file has no caption for {len(missing)} selected slice(s) of case {case} "
+                             f"(e.g. {missing[0]}); rerun med3dinsight caption with the same slice settings to "
+                             f"complete it")
+        bar.update(1)
+    flush()
+    width = teacher.embed_dim
+    rows = {k: np.asarray(cols[k]) for k in ("plane", "index", "position", "case")}
+    rows["image"] = np.concatenate(cols["image"]) if cols["image"] else np.zeros((0, width), np.float32)
+    rows["text"] = (np.concatenate(cols["text"]) if cols["text"] else np.zeros((0, width), np.float32)) \
+        if texts is not None else None
+    return rows, shapes
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="case", desc="embed", disable=not enabled, dynamic_ncols=True)

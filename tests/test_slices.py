@@ -1,0 +1,143 @@
+"""Volumes come out in one canonical orientation whatever their files say, and slices are rendered as radiologists
+view them: checked with an asymmetric marker at a known anatomical place, written in several orientations."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from med3dinsight_plugin.planes import slice_position
+from med3dinsight_plugin.slices import RenderSettings, SlicePolicy, select_slices, volume_slices
+from med3dinsight_plugin.volumes import VolumeError, canonical_axes, open_source
+
+SHAPE = (20, 24, 28)  # canonical (superior, posterior, left) sizes
+MARK = (15, 5, 20)  # superior, anterior, patient's left
+
+
+def _phantom():
+    """CT-like canonical LPS array: air, a soft-tissue box, and a bright marker cube near MARK."""
+    a = np.full(SHAPE, -1000.0, np.float32)
+    a[2:-2, 2:-2, 2:-2] = 40.0
+    z, y, x = MARK
+    a[z - 1:z + 2, y - 1:y + 2, x - 1:x + 2] = 240.0  # white in the soft-tissue window
+    return a
+
+
+def _write(path, canonical, orientation):
+    """Write the phantom so that SimpleITK stores it in ``orientation`` (e.g. "RAS", "LPI", "ASL")."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(canonical)  # identity direction: the array is LPS
+    img.SetSpacing((1.0, 1.5, 2.0))  # x, y, z
+    img = sitk.DICOMOrient(img, orientation)
+    sitk.WriteImage(img, str(path))
+    return img
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAS", "LPI", "ASL", "SRA"])
+def test_every_file_orientation_gives_the_same_canonical_array(tmp_path, orientation):
+    folder = tmp_path / "vols"
+    folder.mkdir()
+    img = _write(folder / "case.nii.gz", _phantom(), orientation)
+    vol = open_source(folder).read("case")
+    assert vol.shape == SHAPE and np.array_equal(vol.array[0], _phantom())
+    assert vol.spacing == (2.0, 1.5, 1.0)  # superior, posterior, left
+    if orientation != "LPS":
+        assert tuple(img.GetDirection()) != (1, 0, 0, 0, 1, 0, 0, 0, 1)  # the file really differs
+
+
+def _bright(image):
+    gray = image[:, :, 0].astype(float)
+    rows, cols = np.nonzero(gray == gray.max())
+    return rows.mean() / gray.shape[0], cols.mean() / gray.shape[1]
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPI"])
+def test_rendered_slices_are_in_radiological_orientation(tmp_path, orientation):
+    folder = tmp_path / "vols"
+    folder.mkdir()
+    _write(folder / "case.nii.gz", _phantom(), orientation)
+    vol = open_source(folder, modality="ct").read("case")
+    render = RenderSettings(size=64)
+    slices = {s.plane: s for s in volume_slices(vol, SlicePolicy(per_plane=40, min_foreground=0.0), render)
+              if s.index == MARK[("axial", "coronal", "sagittal").index(s.plane)]}
+    (ar, ac), (cr, cc), (sr, sc) = (_bright(slices[p].image) for p in ("axial", "coronal", "sagittal"))
+    assert ar < 0.5 and ac > 0.5  # axial: anterior at the top, patient's left on the image's right
+    assert cr < 0.5 and cc > 0.5  # coronal: head up, patient's left on the image's right
+    assert sr < 0.5 and sc < 0.5  # sagittal: head up, anterior on the left
+    for plane, s in slices.items():
+        assert s.image.shape == (64, 64, 3) and s.image.dtype == np.uint8
+        axis = ("axial", "coronal", "sagittal").index(plane)
+        assert s.position == pytest.approx(slice_position(MARK[axis], SHAPE[axis]))
+
+
+def test_rendering_keeps_the_physical_aspect_ratio(tmp_path):
+    folder = tmp_path / "vols"
+    folder.mkdir()
+    tissue = np.full(SHAPE, 40.0, np.float32)
+    tissue[0, 0, 0] = 41.0  # not constant
+    _write(folder / "case.nii.gz", tissue, "LPS")  # all tissue
+    vol = open_source(folder, modality="ct").read("case")
+    sag = next(s for s in volume_slices(vol, SlicePolicy(per_plane=1, planes=("sagittal",)), RenderSettings(size=80)))
+    # sagittal: 20 slices x 2 mm tall, 24 x 1.5 mm wide -> 40 x 36 mm: full height, 72 px wide letterboxed
+    nonblack = np.nonzero(sag.image[:, :, 0].max(axis=0))[0]
+    assert (sag.image[:, :, 0].max(axis=1) > 0).all() and len(nonblack) == 72
+
+
+def test_slice_policy_spreads_picks_over_the_body_and_skips_background():
+    mask = np.zeros((40, 10, 10), bool)
+    mask[10:30] = True  # body only in axial slices 10..29
+    picks = [i for p, i in select_slices(mask, SlicePolicy(per_plane=4, planes=("axial",))) if p == 0]
+    assert picks == [12, 17, 22, 27]
+    assert select_slices(np.zeros((5, 5, 5), bool), SlicePolicy()) == []
+
+
+def test_canonical_axes_refuses_a_45_degree_oblique_grid():
+    c = np.sqrt(0.5)
+    with pytest.raises(VolumeError, match="oblique"):
+        canonical_axes(np.array([[c, -c, 0], [c, c, 0], [0, 0, 1]]))
+
+
+def test_slices_cli_writes_pngs(tmp_path):
+    from med3dinsight_plugin.cli import main
+
+    folder = tmp_path / "vols"
+    folder.mkdir()
+    _write(folder / "a.nii.gz", _phantom(), "RAS")
+    assert main(["slices", str(folder), "-o", str(tmp_path / "png"), "--per-plane", "2", "--size", "32"]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
+    assert len(pngs) == 6 and all(n.startswith("a_") and n.endswith(".png") for n in pngs)
+    assert not [p for p in (tmp_path / "png").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+@pytest.mark.parametrize("case", ["truncated", "4d", "2d", "nan", "constant", "not_nifti"])
+def test_bad_volumes_give_one_line_errors_naming_the_file(tmp_path, case):
+    import SimpleITK as sitk
+
+    folder = tmp_path / "vols"
+    folder.mkdir()
+    path = folder / "bad.nii.gz"
+    if case == "truncated":
+        _write(path, _phantom(), "LPS")
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "4d":
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 4, 4, 4), np.float32), isVector=False), str(path))
+    elif case == "2d":
+        sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(8, 8).astype(np.float32)), str(path))
+    elif case == "nan":
+        a = _phantom()
+        a[3, 3, 3] = np.nan
+        _write(path, a, "LPS")
+    elif case == "constant":
+        _write(path, np.zeros(SHAPE, np.float32), "LPS")
+    else:
+        path.write_text("hello")
+    proc = subprocess.run([str(Path(sys.executable).parent / "med3dinsight"), "slices", str(folder), "-o", str(tmp_path / "png")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.nii.gz" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "png").exists() or not list((tmp_path / "png").iterdir())
