@@ -42,8 +42,8 @@ class Med3DInsightModel(nn.Module):
         return self.psat(tokens, plane, position), reconstruction
 
     def forward(self, volume: torch.Tensor, plane: torch.Tensor, position: torch.Tensor,
-                image_emb: Optional[torch.Tensor] = None,
-                text_emb: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                image_emb: Optional[torch.Tensor] = None, text_emb: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Losses for a batch of volumes with one or K slices each.
 
         Args:
@@ -51,21 +51,32 @@ class Med3DInsightModel(nn.Module):
             plane: (B,) or (B, K) long, 0 axial / 1 coronal / 2 sagittal.
             position: same shape, float relative slice positions in [0, 1] inside ``volume``.
             image_emb, text_emb: the slices' teacher embeddings, (B, E) or (B, K, E); ``None`` skips the term.
+            mask: optional bool, same shape as ``plane``: which slices are real (a crop holding fewer than K cached
+                slices pads with masked ones, which are left out of the alignment).
 
         Returns:
-            ``{"loss", "image", "text", "reconstruction"}``; the alignment runs over all B*K pairs.
+            ``{"loss", "image", "text", "reconstruction"}``; the alignment runs over all (unmasked) B*K pairs.
         """
         z3d, reconstruction = self.encode(volume, plane, position)
-        return self.compute_losses(z3d, reconstruction, volume, image_emb, text_emb)
+        return self.compute_losses(z3d, reconstruction, volume, image_emb, text_emb, mask)
 
     def compute_losses(self, z3d: torch.Tensor, reconstruction: torch.Tensor, volume: torch.Tensor,
-                       image_emb: Optional[torch.Tensor] = None,
-                       text_emb: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                       image_emb: Optional[torch.Tensor] = None, text_emb: Optional[torch.Tensor] = None,
+                       mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """The losses of :meth:`forward` from the outputs of :meth:`encode` (all B*K pairs aligned together)."""
         width = z3d.shape[-1]
         for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
             if emb is not None and (emb.shape[:-1] != z3d.shape[:-1]):
                 raise ValueError(f"{name} must have shape {tuple(z3d.shape[:-1])} + (E,) to match plane/position, "
                                  f"got {tuple(emb.shape)}")
-        flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])
-        return self.loss(z3d.reshape(-1, width), flat(image_emb), flat(text_emb), reconstruction, volume)
+        if mask is not None and mask.shape != z3d.shape[:-1]:
+            raise ValueError(f"mask must have shape {tuple(z3d.shape[:-1])} to match plane/position, got "
+                             f"{tuple(mask.shape)}")
+        keep = None if mask is None else mask.reshape(-1).bool()
+
+        def flat(t):
+            if t is None:
+                return None
+            t = t.reshape(-1, t.shape[-1])
+            return t if keep is None else t[keep]
+        return self.loss(flat(z3d), flat(image_emb), flat(text_emb), reconstruction, volume)

@@ -37,29 +37,3 @@ def swin_ssl_state_dict(swin_vit_state: dict) -> dict:
     sd["module.norm.weight"], sd["module.norm.bias"] = torch.ones(width), torch.zeros(width)
     return {"epoch": 100, "state_dict": sd}
 
-
-TINY_CLIP_CONFIG = {"embed_dim": 32,
-                    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-                    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
-def save_tiny_open_clip(folder, seed: int = 0, config: dict = None):
-    """A tiny random open_clip model saved in open_clip's local-dir format (open_clip_config.json + safetensors),
-    loadable as ``local-dir:<folder>`` or by the folder path, exactly as a downloaded hub model is."""
-    import json
-    from pathlib import Path
-
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = config or TINY_CLIP_CONFIG
-    name = f"_tiny_test_clip_{abs(hash(json.dumps(cfg, sort_keys=True)))}"
-    open_clip.factory._MODEL_CONFIGS[name] = cfg  # only to build it; loading goes through the saved folder
-    torch.manual_seed(seed)
-    model = open_clip.create_model(name, pretrained=None)
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    return folder

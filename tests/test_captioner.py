@@ -13,74 +13,16 @@ import torch
 
 from med3dinsight_plugin.teacher.captioner import (DEFAULT_PROMPTS, CaptionError, CaptionFile, Captioner, VLMError,
                                                    caption_key, caption_slices, load_prompts, load_vlm, prompt_for)
-
-# Chat templates in the style of the real models: an image placeholder, the text, then the assistant turn.
-LLAVA_TEMPLATE = ("{% for m in messages %}{{ 'USER: ' if m['role'] == 'user' else 'ASSISTANT: ' }}"
-                  "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} "
-                  "{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-QWEN_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {% for c in m['content'] %}{% if c['type'] == 'image' %}"
-                 "<|vision_start|><|image_pad|><|vision_end|> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
-                 "{% endfor %}{% if add_generation_prompt %}assistant {% endif %}")
-WORDS = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:", "user", "assistant"] + [f"w{i}" for i in range(88)]
-
-
-def _tokenizer(special: dict):
-    """A word-level fast tokenizer over WORDS (ids < 96) plus the model's special tokens at their config ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    vocab.update(special)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    fast.add_special_tokens({"additional_special_tokens": list(special)})
-    assert [fast.convert_tokens_to_ids(t) for t in special] == list(special.values())
-    return fast
-
+from med3dinsight_plugin.teacher.tiny import save_tiny_llava, save_tiny_qwen2vl
 
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory):
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-    folder = tmp_path_factory.mktemp("tiny-llava")
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=2, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-                                pad_token_id=0),
-        image_token_index=100, image_seq_length=16, vision_feature_layer=-1)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    LlavaProcessor(image_processor=image_processor,
-                   tokenizer=_tokenizer({"<image>": 100}), patch_size=8, vision_feature_select_strategy="default",
-                   image_token="<image>", num_additional_image_tokens=1,
-                   chat_template=LLAVA_TEMPLATE).save_pretrained(folder)
-    return folder
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
 
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
-                              Qwen2VLVideoProcessor)
-    folder = tmp_path_factory.mktemp("tiny-qwen2vl")
-    torch.manual_seed(0)
-    config = Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
-        text_config=dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
-    special = {"<|image_pad|>": 150, "<|video_pad|>": 151, "<|vision_start|>": 152, "<|vision_end|>": 153}
-    Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
-                     tokenizer=_tokenizer(special), video_processor=Qwen2VLVideoProcessor(),
-                     chat_template=QWEN_TEMPLATE).save_pretrained(folder)
-    return folder
+    return save_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-qwen2vl"))
 
 
 @pytest.fixture(scope="module")

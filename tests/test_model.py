@@ -83,3 +83,14 @@ def test_unused_in_pretraining_names_exactly_the_parameters_without_gradient(tin
     no_grad = {n for n, p in model.backbone.network.named_parameters() if p.grad is None}
     unused = set(model.backbone.unused_in_pretraining())
     assert unused == no_grad and unused
+
+
+def test_masked_slices_are_left_out_of_the_alignment():
+    model = _model("plain_conv_unet")
+    volume, plane, position, image, text = _batch(model, b=2, k=3)
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    z3d, rec = model.encode(volume, plane, position)
+    masked = model.compute_losses(z3d, rec, volume, image, text, mask)
+    ref = model.loss(z3d[mask], image[mask], text[mask], rec, volume)  # only the 4 real pairs
+    assert all(torch.allclose(masked[k], ref[k]) for k in ref)
+    assert not torch.allclose(masked["image"], model.compute_losses(z3d, rec, volume, image, text)["image"])

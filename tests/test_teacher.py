@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import save_tiny_open_clip
 from med3dinsight_plugin.slices import RenderSettings, SlicePolicy, dataset_slices
 from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
 from med3dinsight_plugin.teacher.cache import CacheError, StaleCacheError, TeacherCache, verify_cache
 from med3dinsight_plugin.teacher.captions import CaptionFile, caption_key
 from med3dinsight_plugin.teacher.clip import ClipTeacher, TeacherError
 from med3dinsight_plugin.teacher.embed import caption_settings_for, embed_dataset
+from med3dinsight_plugin.teacher.tiny import save_tiny_open_clip
 from med3dinsight_plugin.volumes import open_source
 
 BIN = Path(sys.executable).parent / "med3dinsight"

@@ -1,0 +1,225 @@
+"""Pretraining samples: a random 3D crop of a volume plus K cached teacher slices that lie inside it.
+
+Volumes are first *prepared* once: read in canonical orientation (:mod:`..volumes`), normalised as nnU-Net does it
+(CT: clip to the dataset's 0.5/99.5 body percentiles, z-score with the dataset's body mean/std; MRI: per-volume
+z-score; nnU-Net preprocessed data: as nnU-Net left it) with nnU-Net's own normalisation classes, and stored as
+``.npy`` files that the loader memory-maps. Sample ``i`` is a pure function of ``(seed, i)``, so batches do not
+depend on the number of loader workers or processes and a resumed run sees the same data.
+
+Slice bookkeeping: the crop is placed so that it contains a randomly chosen cached slice; the K slices are drawn
+from the cached slices inside the crop, spread over planes and positions (stratified, so no two are neighbours
+when there is choice), and their positions are mapped into crop coordinates with
+:func:`~med3dinsight_plugin.planes.crop_position`. Only intensity augmentations are applied: a flip or rotation
+would change what the teacher saw in the slice.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..checkpoint import atomic_write
+from ..planes import crop_position
+from ..teacher.cache import StaleCacheError, TeacherCache
+
+__all__ = ["PretrainDataset", "compute_normalization", "prepare_volumes", "split_cases"]
+
+PREPARED = "prepared.json"
+_SAMPLES_PER_CASE = 10000  # body voxels per case for the CT statistics (nnU-Net's fingerprint samples likewise)
+
+
+def compute_normalization(source, cases: Sequence[str], seed: int = 0) -> Dict[str, Any]:
+    """nnU-Net's intensity normalisation scheme and, for CT, its dataset statistics over body voxels."""
+    if source.kind == "nnunet_preprocessed":
+        return {"scheme": "nnunet_preprocessed", **source.describe()}
+    if source.modality == "mri":
+        return {"scheme": "ZScoreNormalization"}
+    rng = np.random.default_rng(seed)
+    samples = []
+    for case in cases:
+        v = source.read(case).native(0)
+        body = v[v > -500.0]
+        if body.size:
+            samples.append(rng.choice(body, min(_SAMPLES_PER_CASE, body.size), replace=False))
+    values = np.concatenate(samples) if samples else np.zeros(1, np.float32)
+    return {"scheme": "CTNormalization", "mean": float(values.mean()), "std": float(values.std()),
+            "percentile_00_5": float(np.percentile(values, 0.5)), "percentile_99_5": float(np.percentile(values, 99.5))}
+
+
+def _normalize(array: np.ndarray, normalization: Dict[str, Any]) -> np.ndarray:
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import (CTNormalization,
+                                                                                    ZScoreNormalization)
+    scheme = normalization["scheme"]
+    if scheme == "nnunet_preprocessed":
+        return array
+    out = np.empty_like(array)
+    for c in range(array.shape[0]):
+        if scheme == "CTNormalization":
+            props = {k: normalization[k] for k in ("mean", "std", "percentile_00_5", "percentile_99_5")}
+            out[c] = CTNormalization(use_mask_for_norm=False, intensityproperties=props).run(array[c].copy())
+        else:
+            out[c] = ZScoreNormalization(use_mask_for_norm=False).run(array[c].copy())
+    return out
+
+
+def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[str, Any]) -> Dict[str, List[int]]:
+    """Write each case's normalised canonical array to ``folder/CASE.npy`` (atomically) unless a matching one is
+    there from an earlier run; returns the canonical shape of every case."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index_path = folder / PREPARED
+    settings = {"source": source.describe(), "normalization": normalization}
+    old = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    done = old.get("cases", {}) if old.get("settings") == settings else {}
+    shapes = {}
+    for case in cases:
+        path = folder / f"{case}.npy"
+        if case in done and path.is_file():
+            shapes[case] = done[case]
+            continue
+        volume = source.read(case)
+        data = _normalize(volume.array, normalization)
+        atomic_write(path, lambda tmp, d=data: np.save(open(tmp, "wb"), d, allow_pickle=False))
+        shapes[case] = list(volume.shape)
+        done[case] = shapes[case]
+        atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps({"settings": settings, "cases": done})))
+    return shapes
+
+
+def split_cases(cases: Sequence[str], eval_cases: int, seed: int):
+    """A seeded split into (train, held-out) cases; no held-out cases when there are too few."""
+    order = [cases[i] for i in np.random.default_rng([seed, 7]).permutation(len(cases))]
+    n_eval = eval_cases if len(cases) > eval_cases else 0
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def _augmenter():
+    from batchgenerators.transforms.abstract_transforms import Compose
+    from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
+                                                             ContrastAugmentationTransform, GammaTransform)
+    from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
+
+    # nnU-Net's intensity augmentations and probabilities; no spatial ones (see the module docstring)
+    return Compose([
+        GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_sample=0.1),
+        GaussianBlurTransform((0.5, 1.0), different_sigma_per_channel=True, p_per_sample=0.2, p_per_channel=0.5),
+        BrightnessMultiplicativeTransform(multiplier_range=(0.75, 1.25), p_per_sample=0.15),
+        ContrastAugmentationTransform(p_per_sample=0.15),
+        GammaTransform((0.7, 1.5), invert_image=True, per_channel=True, retain_stats=True, p_per_sample=0.1),
+        GammaTransform((0.7, 1.5), invert_image=False, per_channel=True, retain_stats=True, p_per_sample=0.3),
+    ])
+
+
+class PretrainDataset(Dataset):
+    """Crops with K aligned teacher slices; ``dataset[i]`` is deterministic for every ``i >= 0``.
+
+    Args:
+        folder: the prepared volumes (:func:`prepare_volumes`).
+        cases: the cases to draw from (each visited once per pass over ``len(cases)`` samples).
+        shapes: canonical shape of each case (checked against the cache).
+        cache: the :class:`~med3dinsight_plugin.teacher.cache.TeacherCache` of the same volumes.
+        patch_size: crop size (D, H, W); smaller volumes are padded with their minimum.
+        slices: K, slices per crop; a crop with fewer cached slices marks the rest in ``mask``.
+        seed: the data seed.
+        augment: apply nnU-Net's intensity augmentations.
+        length: ``len()`` for a finite (held-out) set, whose sample ``i`` uses case ``i % len(cases)``.
+    """
+
+    def __init__(self, folder, cases: Sequence[str], shapes: Dict[str, Sequence[int]], cache: TeacherCache,
+                 patch_size: Sequence[int], slices: int = 8, seed: int = 0, augment: bool = True,
+                 length: Optional[int] = None):
+        self.folder, self.cases, self.cache = Path(folder), list(cases), cache
+        self.patch = tuple(int(p) for p in patch_size)
+        self.k, self.seed, self.augment, self.length = int(slices), int(seed), augment, length
+        if not self.cases:
+            raise ValueError("no cases to pretrain on")
+        for case in self.cases:
+            entries = cache.entries(case)  # a case the cache lacks is refused here, at start
+            if tuple(entries.shape) != tuple(shapes[case]):
+                raise StaleCacheError(f"the teacher cache {cache.folder} was made from a volume of shape "
+                                      f"{tuple(entries.shape)} for case {case}, but it now has shape "
+                                      f"{tuple(shapes[case])}; rerun med3dinsight embed on the current data")
+            if len(entries.plane) == 0:
+                raise StaleCacheError(f"the teacher cache {cache.folder} has no slices of case {case}; check "
+                                      f"the slice settings it was made with")
+        self._augment = _augmenter() if augment else None
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("the training set is infinite: index it by global sample number")
+        return self.length
+
+    def _case(self, i: int) -> str:
+        n = len(self.cases)
+        if self.length is not None:
+            return self.cases[i % n]
+        epoch, j = divmod(i, n)
+        return self.cases[int(np.random.default_rng([self.seed, 3, epoch]).permutation(n)[j])]
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, 1 if self.length is None else 2, int(i)])
+        case = self._case(int(i))
+        e = self.cache.entries(case)
+        volume = np.load(self.folder / f"{case}.npy", mmap_mode="r")
+        shape = volume.shape[1:]
+        anchor = int(rng.integers(len(e.plane)))
+        start = []
+        for axis in range(3):
+            lo, hi = min(0, shape[axis] - self.patch[axis]), max(0, shape[axis] - self.patch[axis])
+            if axis == e.plane[anchor]:  # keep the anchor slice inside the crop
+                idx = int(e.index[anchor])
+                lo, hi = max(lo, idx - self.patch[axis] + 1), min(hi, idx)
+            start.append(int(rng.integers(lo, hi + 1)))
+        rows = self._pick(e, start, rng)
+        crop = self._crop(volume, start)
+        if self._augment is not None:
+            np.random.seed(int(rng.integers(2 ** 31)))  # batchgenerators draws from numpy's global generator
+            crop = self._augment(data=crop[None])["data"][0].astype(np.float32, copy=False)
+        mask = np.zeros(self.k, bool)
+        mask[:len(rows)] = True
+        rows = rows + [rows[0]] * (self.k - len(rows))
+        plane = e.plane[rows].astype(np.int64)
+        position = np.array([crop_position(int(e.index[r]), start[p], self.patch[p]) for r, p in zip(rows, plane)],
+                            np.float32)
+        out = {"volume": torch.from_numpy(np.ascontiguousarray(crop)), "plane": torch.from_numpy(plane),
+               "position": torch.from_numpy(position), "mask": torch.from_numpy(mask),
+               "image_emb": torch.from_numpy(np.asarray(e.image[rows], np.float32))}
+        if e.text is not None:
+            out["text_emb"] = torch.from_numpy(np.asarray(e.text[rows], np.float32))
+        return out
+
+    def _pick(self, e, start: List[int], rng) -> List[int]:
+        """Up to K cached rows inside the crop: planes round-robin in random order, positions stratified."""
+        inside = {}
+        for p in range(3):
+            rows = np.flatnonzero((e.plane == p) & (e.index >= start[p]) & (e.index < start[p] + self.patch[p]))
+            if len(rows):
+                inside[p] = rows[np.argsort(e.index[rows], kind="stable")]
+        quota = {p: 0 for p in inside}
+        order = list(rng.permutation(sorted(inside)))
+        while sum(quota.values()) < self.k and any(quota[p] < len(inside[p]) for p in order):
+            for p in order:
+                if quota[p] < len(inside[p]) and sum(quota.values()) < self.k:
+                    quota[p] += 1
+        picked = []
+        for p in sorted(inside):
+            rows, q = inside[p], quota[p]
+            edges = np.floor(np.linspace(0, len(rows), q + 1)).astype(int)
+            picked += [int(rows[rng.integers(a, b)]) for a, b in zip(edges[:-1], edges[1:])]
+        return picked
+
+    def _crop(self, volume: np.ndarray, start: List[int]) -> np.ndarray:
+        shape = volume.shape[1:]
+        src = tuple(slice(max(0, s), min(n, s + p)) for s, n, p in zip(start, shape, self.patch))
+        dst = tuple(slice(max(0, -s), max(0, -s) + (sl.stop - sl.start)) for s, sl in zip(start, src))
+        data = np.asarray(volume[(slice(None),) + src], dtype=np.float32)
+        if all(sl.stop - sl.start == p for sl, p in zip(src, self.patch)):
+            return np.array(data)
+        out = np.empty((volume.shape[0],) + self.patch, np.float32)
+        out[:] = data.reshape(data.shape[0], -1).min(axis=1)[:, None, None, None]  # pad with each channel's minimum
+        out[(slice(None),) + dst] = data
+        return out

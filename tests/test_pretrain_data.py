@@ -1,0 +1,106 @@
+"""Pretraining samples: every slice handed to PSAT is, in crop coordinates, exactly the volume slice whose teacher
+embedding comes with it -- proven with volumes whose voxels encode their own coordinates."""
+import numpy as np
+import pytest
+import torch
+
+from med3dinsight_plugin.planes import slice_index
+from med3dinsight_plugin.pretrain.data import PretrainDataset, split_cases
+from med3dinsight_plugin.teacher.cache import (StaleCacheError, TeacherCache, settings_hash, write_manifest,
+                                               write_shard)
+
+SHAPES = {"a": (40, 36, 30), "b": (20, 50, 24)}  # "b" is smaller than the patch along two axes
+PATCH = (24, 24, 24)
+E = 8
+
+
+def _coded_volume(shape):
+    z, y, x = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    return np.stack([z, y, x]).astype(np.float32)  # 3 channels: each voxel's own (z, y, x)
+
+
+def _embedding(plane, index):
+    v = np.zeros(E, np.float32)
+    v[plane] = 1.0
+    v[3] = index / 100.0
+    return v / np.linalg.norm(v)
+
+
+def _world(tmp_path, per_plane=6):
+    for case, shape in SHAPES.items():
+        np.save(tmp_path / f"{case}.npy", _coded_volume(shape))
+    cols = {"plane": [], "index": [], "position": [], "case": [], "image": []}
+    for ci, (case, shape) in enumerate(SHAPES.items()):
+        for p in range(3):
+            for idx in np.linspace(0, shape[p] - 1, per_plane).astype(int):
+                cols["plane"].append(p), cols["index"].append(idx), cols["position"].append((idx + .5) / shape[p])
+                cols["case"].append(ci), cols["image"].append(_embedding(p, idx))
+    rows = {k: np.asarray(v) for k, v in cols.items()}
+    rows["text"] = rows["image"][:, ::-1].copy()
+    settings = {"teacher": {"embed_dim": E}, "captions": {"sha256": "x"}}
+    write_shard(tmp_path, 0, list(SHAPES), SHAPES, rows, settings_hash(settings))
+    write_manifest(tmp_path, settings, {0: list(SHAPES)})
+    return TeacherCache(tmp_path)
+
+
+def test_slices_map_from_volume_to_crop_coordinates_exactly(tmp_path):
+    cache = _world(tmp_path)
+    ds = PretrainDataset(tmp_path, list(SHAPES), SHAPES, cache, PATCH, slices=8, seed=3, augment=False)
+    for i in range(40):
+        s = ds[i]
+        vol = s["volume"].numpy()
+        assert vol.shape == (3, *PATCH)
+        real = s["mask"].numpy()
+        assert real.sum() >= 1
+        for k in np.flatnonzero(real):
+            p, pos = int(s["plane"][k]), float(s["position"][k])
+            j = slice_index(pos, PATCH[p])  # the crop slice PSAT is asked about
+            coords = np.take(vol[p], j, axis=p)  # channel p holds each voxel's coordinate along axis p
+            emb = s["image_emb"][k].numpy()
+            index = round(emb[3] / emb[:3].max() * 100)  # the cached slice's volume index, from its embedding
+            assert int(np.argmax(emb[:3])) == p
+            assert coords.max() == index  # padding (the channel minimum) never exceeds the real coordinate
+            assert np.allclose(s["text_emb"][k].numpy(), emb[::-1])
+        planes_positions = {(int(p), round(float(q), 4)) for p, q, m in zip(s["plane"], s["position"], real) if m}
+        assert len(planes_positions) == real.sum()  # no duplicate slices among the real ones
+    assert ds[5]["position"].equal(ds[5]["position"])  # deterministic per index
+    assert torch.equal(ds[7]["volume"], PretrainDataset(tmp_path, list(SHAPES), SHAPES, cache, PATCH, slices=8,
+                                                         seed=3, augment=False)[7]["volume"])
+
+
+def test_k_slices_are_spread_over_planes_and_positions(tmp_path):
+    cache = _world(tmp_path, per_plane=12)
+    ds = PretrainDataset(tmp_path, ["a"], SHAPES, cache, PATCH, slices=6, seed=0, augment=False)
+    for i in range(20):
+        s = ds[i]
+        assert s["mask"].all()
+        counts = np.bincount(s["plane"].numpy(), minlength=3)
+        assert counts.max() - counts.min() <= 1  # round-robin over planes when each has enough slices
+        for p in range(3):
+            idx = sorted(int(slice_index(float(q), PATCH[p])) for q, pp in zip(s["position"], s["plane"]) if pp == p)
+            assert all(b - a >= 2 for a, b in zip(idx, idx[1:]))  # stratified: never neighbours here
+
+
+def test_augmentation_keeps_geometry_and_is_deterministic(tmp_path):
+    cache = _world(tmp_path)
+    ds = PretrainDataset(tmp_path, list(SHAPES), SHAPES, cache, PATCH, slices=4, seed=1, augment=True)
+    a, b = ds[11], ds[11]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = PretrainDataset(tmp_path, list(SHAPES), SHAPES, cache, PATCH, slices=4, seed=1, augment=False)[11]
+    assert torch.equal(a["position"], plain["position"]) and torch.equal(a["plane"], plain["plane"])
+
+
+def test_a_cache_made_from_other_volumes_is_refused(tmp_path):
+    cache = _world(tmp_path)
+    with pytest.raises(StaleCacheError, match="shape"):
+        PretrainDataset(tmp_path, ["a"], {"a": (41, 36, 30)}, cache, PATCH)
+    with pytest.raises(ValueError, match="no slices of case 'c'"):
+        PretrainDataset(tmp_path, ["a", "c"], {**SHAPES, "c": (30, 30, 30)}, cache, PATCH)
+
+
+def test_split_is_seeded_and_disjoint():
+    cases = [f"c{i}" for i in range(10)]
+    train, held = split_cases(cases, 3, seed=0)
+    assert len(held) == 3 and not set(train) & set(held) and sorted(train + held) == cases
+    assert split_cases(cases, 3, seed=0) == (train, held)
+    assert split_cases(cases[:3], 3, seed=0) == (cases[:3], [])
