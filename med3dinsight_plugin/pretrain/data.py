@@ -143,6 +143,11 @@ class PretrainDataset(Dataset):
                 raise StaleCacheError(f"the teacher cache {cache.folder} was made from a volume of shape "
                                       f"{tuple(entries.shape)} for case {case}, but it now has shape "
                                       f"{tuple(shapes[case])}; rerun med3dinsight embed on the current data")
+            small = [a for a in range(3) if 2 * shapes[case][a] < self.patch[a]]
+            if small:
+                raise ValueError(f"case {case} has shape {tuple(shapes[case])}, less than half the patch "
+                                 f"{self.patch} along axis {small[0]}; most of each crop would be padding: lower "
+                                 f"model.patch_size or leave the case out")
             if len(entries.plane) == 0:
                 raise StaleCacheError(f"the teacher cache {cache.folder} has no slices of case {case}; check "
                                       f"the slice settings it was made with")

@@ -1,0 +1,323 @@
+"""Pretraining configuration: nested dataclasses read from YAML plus ``--set key=value`` overrides, validated.
+
+Every mistake is a :class:`ConfigError` of one line that names where it came from (the file or ``--set``), the dotted
+key and what is expected, with a close-match suggestion for misspelt keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import yaml
+
+from ..psat import PSAT_PRESETS
+
+__all__ = ["ConfigError", "DataConfig", "LossWeights", "ModelConfig", "PretrainConfig", "TrainConfig",
+           "diff_configs", "load_config", "save_config", "RESUMABLE_CHANGES"]
+
+# Keys that may differ between a run and its resumption: they change how long or how verbosely it runs, not what
+# a step computes (the data loader's worker count does not change the batches either).
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.eval_every",
+                     "data.num_workers", "output")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the source, the key and what is expected."""
+
+
+def _f(default, **rules):
+    """A dataclass field with validation rules in its metadata (``kind``, ``min``, ``max``, ``choices``, ...)."""
+    if isinstance(default, (list, dict)):  # mutable: every config gets its own copy
+        return field(default_factory=lambda: type(default)(default), metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+@dataclass
+class DataConfig:
+    """``data:`` where the volumes and teacher embeddings come from and how samples are drawn."""
+    source: Optional[str] = _f(None, kind="str", optional=True)
+    cache: Optional[str] = _f(None, kind="str", optional=True)
+    configuration: str = _f("3d_fullres", kind="str")
+    plans: str = _f("nnUNetPlans", kind="str")  # nnU-Net preprocessed sources: the plans identifier
+    modality: str = _f("auto", kind="str")
+    slices_per_sample: int = _f(8, kind="int", min=1)
+    num_workers: int = _f(2, kind="int", min=0)
+    augment: bool = _f(True, kind="bool")
+    eval_cases: int = _f(4, kind="int", min=0)
+    seed: int = _f(0, kind="int")
+
+
+@dataclass
+class LossWeights:
+    """``model.loss_weights:`` weight of each loss term (0 skips it)."""
+    image: float = _f(1.0, kind="float", min=0.0)
+    text: float = _f(1.0, kind="float", min=0.0)
+    reconstruction: float = _f(1.0, kind="float", min=0.0)
+
+
+@dataclass
+class ModelConfig:
+    """``model:`` backbone, PSAT and alignment (see :func:`~med3dinsight_plugin.pretrain.build_model`)."""
+    backbone: str = _f("swin_unetr", kind="str")
+    backbone_kwargs: Dict[str, Any] = _f({}, kind="dict")
+    # null: the backbone's default (for "nnunet", the plans' patch size)
+    patch_size: Optional[List[int]] = _f([96, 96, 96], kind="ints", length=3, min=1, optional=True)
+    in_channels: int = _f(1, kind="int", min=1)
+    psat: str = _f("paper", kind="str", choices=tuple(PSAT_PRESETS))
+    psat_kwargs: Dict[str, Any] = _f({}, kind="dict")
+    alignment: str = _f("ot", kind="str", choices=("ot", "clip"))
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+
+
+@dataclass
+class TrainConfig:
+    """``train:`` optimisation, precision, and how often to log, evaluate and checkpoint."""
+    steps: int = _f(10000, kind="int", min=0)
+    batch_size: int = _f(2, kind="int", min=1)  # per process
+    lr: float = _f(1.0e-5, kind="float", min=0.0)
+    weight_decay: float = _f(1.0e-5, kind="float", min=0.0)
+    betas: List[float] = _f([0.9, 0.999], kind="floats", length=2, min=0.0, max=0.999999)
+    warmup_steps: int = _f(500, kind="int", min=0)
+    schedule: str = _f("cosine", kind="str", choices=("cosine", "poly", "constant"))
+    min_lr_ratio: float = _f(0.0, kind="float", min=0.0, max=1.0)
+    grad_clip: float = _f(1.0, kind="float")  # <= 0: no clipping
+    amp: str = _f("auto", kind="str", choices=("auto", "bf16", "fp16", "off"))
+    compile: bool = _f(False, kind="bool")
+    seed: int = _f(0, kind="int")
+    checkpoint_every: int = _f(500, kind="int", min=0)  # 0: only at the end
+    log_every: int = _f(10, kind="int", min=1)
+    eval_every: int = _f(500, kind="int", min=0)  # 0: only at the end
+    device: str = _f("auto", kind="str")
+
+
+@dataclass
+class PretrainConfig:
+    """The whole pretraining configuration (see the package README for the meaning of each key)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: Optional[str] = _f(None, kind="str", optional=True)  # the run folder
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict (YAML/JSON-serialisable), the inverse of :meth:`from_dict`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], source: str = "<dict>") -> "PretrainConfig":
+        """Validated config from a nested dict; missing keys keep their defaults."""
+        config = cls()
+        _merge(config, values, "", source)
+        return config
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> PretrainConfig:
+    """Read a YAML config (or start from the defaults) and apply ``key=value`` overrides.
+
+    Args:
+        path: YAML file; ``None`` starts from the defaults.
+        overrides: strings like ``"train.lr=3e-4"`` or ``"model.patch_size=[64,64,64]"``; the value is parsed as
+            YAML, and a dotted key may reach into ``backbone_kwargs``/``psat_kwargs``.
+
+    Returns:
+        The validated :class:`PretrainConfig`.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, or a value of the wrong type or range.
+    """
+    config = PretrainConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (data, model, train, output), "
+                              f"got {type(values).__name__}")
+        _merge(config, values or {}, "", path.name)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.lr=3e-4), got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text  # let the type check say what is wrong
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _merge(config, nested, "", "--set")
+    return config
+
+
+def save_config(config: PretrainConfig, path: str | Path) -> Path:
+    """Write ``config`` as YAML, atomically (a crash leaves the old file or none)."""
+    from ..checkpoint import atomic_write
+
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    path = Path(path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def diff_configs(old: Dict[str, Any], new: Dict[str, Any], ignore: Iterable[str] = RESUMABLE_CHANGES) -> List[str]:
+    """Dotted keys whose values differ between two ``to_dict()`` configs, except ``ignore``."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    ignored = tuple(ignore)
+    return sorted(k for k in set(flat_old) | set(flat_new)
+                  if flat_old.get(k, _MISSING) != flat_new.get(k, _MISSING) and k not in ignored)
+
+
+_MISSING = object()
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and prefix + k not in ("model.backbone_kwargs", "model.psat_kwargs"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _all_keys(obj, prefix: str = "") -> List[str]:
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _all_keys(value, f"{prefix}{f.name}.")
+    return keys
+
+
+def _merge(obj, values: Dict[str, Any], prefix: str, source: str, root=None) -> None:
+    """Set the dataclass ``obj``'s fields from ``values``, recursing into sections; validate each value."""
+    root = root if root is not None else obj
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str) or name not in fields:
+            match = _suggest(str(name), list(fields), prefix, _all_keys(root))
+            hint = f"; did you mean '{match}'?" if match else \
+                f"; expected one of: {', '.join(f'{prefix}{n}' for n in fields)}"
+            raise ConfigError(f"unknown key '{key}' in {source}{hint}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{key}' in {source} must be a mapping of keys ({', '.join(_all_keys(current))}), "
+                                  f"got {value!r}")
+            _merge(current, value, key + ".", source, root)
+        elif fields[name].metadata.get("kind") == "dict" and isinstance(value, dict) and isinstance(current, dict):
+            merged = dict(current)
+            _deep_update(merged, value)  # an override reaches one entry of backbone_kwargs without erasing the rest
+            setattr(obj, name, _check(merged, fields[name].metadata, key, source))
+        else:
+            setattr(obj, name, _check(value, fields[name].metadata, key, source))
+
+
+def _suggest(name: str, siblings: List[str], prefix: str, everything: List[str]) -> Optional[str]:
+    """The key a misspelt ``name`` most likely meant: a sibling it extends or abbreviates (``lr_rate`` -> ``lr``),
+    else the same name in another section, else the closest sibling, else the closest key anywhere."""
+    lowered = name.lower()
+    stems = [s for s in siblings if lowered.startswith(s + "_") or (len(lowered) >= 3 and s.startswith(lowered))]
+    if stems:
+        return prefix + max(stems, key=len)
+    elsewhere = [k for k in everything if k.rsplit(".", 1)[-1] == lowered]
+    if elsewhere:
+        return elsewhere[0]
+    match = difflib.get_close_matches(lowered, siblings, n=1, cutoff=0.6)
+    if match:
+        return prefix + match[0]
+    match = difflib.get_close_matches(name, [k.rsplit(".", 1)[-1] for k in everything], n=1, cutoff=0.8)
+    return next((k for k in everything if match and k.rsplit(".", 1)[-1] == match[0]), None)
+
+
+def _deep_update(target: dict, update: dict) -> None:
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(target.get(k), dict):
+            _deep_update(target[k], v)
+        else:
+            target[k] = v
+
+
+def _check(value: Any, rules: Dict[str, Any], key: str, source: str) -> Any:
+    """Validate (and lightly coerce) one value according to its field's rules."""
+    kind = rules["kind"]
+
+    def fail(expected: str):
+        raise ConfigError(f"'{key}' in {source} must be {expected}, got {value!r}")
+
+    if value is None:
+        if rules.get("optional"):
+            return None
+        fail(_describe(rules))
+    if kind == "str":
+        if not isinstance(value, str):
+            fail(_describe(rules))
+        if "choices" in rules and value not in rules["choices"]:
+            fail("one of " + ", ".join(repr(c) for c in rules["choices"]))
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if kind == "dict":
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            fail("a mapping of argument names to values")
+        return value
+    if kind in ("int", "float"):
+        number = _number(value, kind)
+        if number is None or not _in_range(number, rules):
+            fail(_describe(rules))
+        return number
+    if kind in ("ints", "floats"):
+        scalar = kind[:-1]
+        items = [_number(v, scalar) for v in value] if isinstance(value, (list, tuple)) else None
+        if items is None or len(items) != rules["length"] or any(v is None or not _in_range(v, rules) for v in items):
+            fail(_describe(rules))
+        return items
+    raise AssertionError(kind)
+
+
+def _number(value: Any, kind: str):
+    """``value`` as an int/float, or ``None``; YAML reads ``3e-4`` (no dot) as a string, so numeric strings count."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if kind == "int":
+        return int(value) if float(value).is_integer() else None
+    return float(value)
+
+
+def _in_range(v, rules) -> bool:
+    return ("min" not in rules or v >= rules["min"]) and ("max" not in rules or v <= rules["max"])
+
+
+def _describe(rules: Dict[str, Any]) -> str:
+    kind = rules["kind"]
+    bounds = ""
+    if "min" in rules and "max" in rules:
+        bounds = f" in [{rules['min']}, {rules['max']}]"
+    elif "min" in rules:
+        bounds = " >= 0" if rules["min"] == 0 else f" >= {rules['min']}"
+    names = {"int": "an integer", "float": "a number", "str": "a string", "ints": "integers", "floats": "numbers"}
+    text = names.get(kind, kind) + bounds
+    if kind in ("ints", "floats"):
+        text = f"a list of {rules['length']} {text}"
+    return text + (" or null" if rules.get("optional") else "")

@@ -1,0 +1,336 @@
+"""Pretraining engine on CPU with real tiny models: DDP equals one process, kill -9 + resume is bit-identical, the
+model learns a toy task, configs are validated, unused parameters are frozen, and the run folder is complete."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import TINY_BACKBONES, tiny_psat_kwargs
+from med3dinsight_plugin import load_checkpoint
+from med3dinsight_plugin.pretrain import (ConfigError, build_model, load_config, lr_factor, pretrain,
+                                          retrieval_metrics, save_config)
+
+TESTS = Path(__file__).parent
+SCRIPT = TESTS / "pretrain_toy.py"
+EMBED = 16
+
+
+class ToyDataset:
+    """Deterministic toy pretraining data: item i is a function of (seed, i) only.
+
+    The volume is a smooth random field; each of its K slices (random plane and position) gets teacher embeddings
+    that a 3D model can learn: a fixed random linear map of the slice's 2x2-region mean intensities and of its plane
+    and position, L2-normalised (a second fixed map gives the "text" embeddings). Every third item marks its last
+    slice as padding (``mask``), as the real dataset does for crops holding fewer than K cached slices.
+    """
+
+    def __init__(self, seed=0, length=None, size=32, k=4, delay=0.0):
+        self.seed, self.length, self.size, self.k, self.delay = seed, length, size, k, delay
+        g = torch.Generator().manual_seed(1234)  # the "teacher": the same for every split
+        self.image_map, self.text_map = torch.randn(2, EMBED, 4 + 3 + 2, generator=g).unbind(0)
+
+    def __len__(self):
+        if self.length is None:
+            raise TypeError("the training set is unbounded")
+        return self.length
+
+    def __getitem__(self, i):
+        if self.delay:
+            time.sleep(self.delay)  # lets a test kill the run between two checkpoints
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        coarse = torch.randn(1, 1, 4, 4, 4, generator=g)
+        volume = F.interpolate(coarse, size=(self.size,) * 3, mode="trilinear", align_corners=False)[0]
+        volume = volume + 0.05 * torch.randn(volume.shape, generator=g)
+        plane = torch.randint(0, 3, (self.k,), generator=g)
+        position = torch.rand(self.k, generator=g)
+        feats = []
+        for p, t in zip(plane.tolist(), position.tolist()):
+            index = min(int(t * self.size), self.size - 1)
+            sl = volume[0].select(p, index)  # (size, size)
+            regions = F.adaptive_avg_pool2d(sl[None], 2).flatten()
+            feats.append(torch.cat([2 * regions, 3 * F.one_hot(torch.tensor(p), 3).float(),
+                                    3 * torch.tensor([t, 1 - t])]))
+        feats = torch.stack(feats)
+        mask = torch.ones(self.k, dtype=torch.bool)
+        mask[-1] = int(i) % 3 != 2  # every third item pads its last slice, as a crop with too few cached slices
+        return {"volume": volume.float(), "plane": plane, "position": position.float(), "mask": mask,
+                "image_emb": F.normalize(feats @ self.image_map.T, dim=-1),
+                "text_emb": F.normalize(feats @ self.text_map.T, dim=-1)}
+
+
+def toy_overrides(output, backbone="plain_conv_unet", **train):
+    """``--set`` strings of a tiny run (tiny backbone, tiny PSAT, no workers), with ``train`` overrides."""
+    kwargs = {k: v for k, v in TINY_BACKBONES[backbone].items() if k != "patch_size"}
+    psat = {k: v for k, v in tiny_psat_kwargs(1).items() if k not in ("in_dim", "out_dim")}
+    settings = {"output": str(output), "model.backbone": backbone, "model.backbone_kwargs": kwargs,
+                "model.patch_size": list(TINY_BACKBONES[backbone]["patch_size"]), "model.psat": "small",
+                "model.psat_kwargs": psat, "model.alignment": "clip", "data.num_workers": 0,
+                "train.steps": 6, "train.batch_size": 2, "train.lr": 1e-3, "train.warmup_steps": 2,
+                "train.log_every": 1, "train.checkpoint_every": 2, "train.eval_every": 3}
+    settings.update({k if "." in k else f"train.{k}": v for k, v in train.items()})
+    return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+
+
+def run_in_process(overrides, eval_cases=4, **kwargs):
+    config = load_config(None, overrides)
+    model = build_model(config, EMBED)
+    size = config.model.patch_size[0]
+    eval_set = ToyDataset(seed=99, length=eval_cases, size=size) if eval_cases else None
+    summary = pretrain(config, model, ToyDataset(size=size), eval_set, progress=False, **kwargs)
+    return config, model, summary
+
+
+def script(overrides, threads=1, delay=0.0):
+    """Arguments of tests/pretrain_toy.py for a run with ``overrides``."""
+    args = [str(SCRIPT), "--threads", str(threads), "--delay", str(delay)]
+    return args + [a for o in overrides for a in ("--set", o)]
+
+
+def final_weights(output):
+    return load_checkpoint(Path(output) / "med3dinsight.safetensors")
+
+
+def assert_same_weights(a, b, exact=True, atol=1e-5):
+    pairs = [(a.state_dict, b.state_dict)] + [(a.extras[k], b.extras[k]) for k in a.extras]
+    for x, y in pairs:
+        assert x.keys() == y.keys()
+        for key in x:
+            if exact:
+                assert torch.equal(x[key], y[key]), key
+            else:
+                torch.testing.assert_close(x[key], y[key], atol=atol, rtol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """One short run that learns the toy task (its folder is inspected by several tests)."""
+    out = tmp_path_factory.mktemp("toy_run")
+    overrides = toy_overrides(out, steps=80, eval_every=20, log_every=5, checkpoint_every=40, warmup_steps=5,
+                              schedule="constant", lr=2e-3)
+    config, model, summary = run_in_process(overrides, eval_cases=8, metadata={"teacher": {"name": "toy"}})
+    return {"out": out, "config": config, "model": model, "summary": summary, "overrides": overrides}
+
+
+# ------------------------------------------------------------------------------------------------- correctness
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
+    """2 ranks x batch 1 (gloo) against 1 process x batch 2, three steps from the same initialisation.
+
+    The gradients (all-reduced, of the last step) must agree to float rounding. The weights agree to about the
+    learning rate: Adam turns rounding noise in gradients that are zero in exact arithmetic (conv biases followed
+    by InstanceNorm, attention key biases) into steps of up to ``lr``, so they are checked at the default lr 1e-5.
+    """
+    run = dict(steps=3, warmup_steps=0, checkpoint_every=0, eval_every=0, lr=1e-5, **{"model.alignment": "ot"})
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *script(toy_overrides(ddp_out, batch_size=1, **run)), "--grads", str(tmp_path / "grads.pt")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, model, summary = run_in_process(toy_overrides(single_out, batch_size=2, **run), eval_cases=0)
+    assert summary["global_batch"] == 2 and summary["steps"] == 3
+    assert final_weights(ddp_out).metadata["pretraining"]["world_size"] == 2
+
+    ddp_grads = torch.load(tmp_path / "grads.pt", weights_only=True)
+    single_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert ddp_grads.keys() == single_grads.keys()
+    for name, grad in single_grads.items():
+        torch.testing.assert_close(ddp_grads[name], grad, rtol=1e-3, atol=2e-6, msg=name)
+    ddp, single = final_weights(ddp_out), final_weights(single_out)
+    assert_same_weights(ddp, single, exact=False, atol=2e-5)
+    for part in ddp.extras:  # PSAT, loss and reconstruction head: no zero-gradient tensors, tighter
+        for key, value in ddp.extras[part].items():
+            torch.testing.assert_close(value, single.extras[part][key], atol=1e-5, rtol=0)
+
+    # Control: without gathering across ranks (each rank aligning only its own pairs), the gradients differ far
+    # beyond the tolerance above, so the check does detect a missing or gradient-less gather.
+    data = ToyDataset()
+    batch = {k: torch.stack([data[4][k], data[5][k]]) for k in data[4]}  # the samples of the last step
+    assert not batch["mask"].all()  # sample 5 pads a slice: the gathered masks must line up with the pairs
+    per_rank = []
+    for half in (slice(0, 1), slice(1, 2)):
+        model.zero_grad()
+        model(**{k: v[half] for k, v in batch.items()})["loss"].backward()
+        per_rank.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad()
+    model(**batch)["loss"].backward()
+    head = "psat.head.weight"
+    ungathered = (per_rank[0][head] + per_rank[1][head]) / 2
+    assert (ungathered - model.psat.head.weight.grad).abs().max() > 100 * 2e-6 + 1e-3 * ungathered.abs().max()
+
+
+def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    # PSAT dropout on: the resumed run must continue the random stream where the checkpoint left it
+    run = dict(steps=12, checkpoint_every=3, eval_every=6, log_every=1,
+               **{"model.alignment": "ot", "model.psat_kwargs.dropout": 0.1})
+    ref_out, killed_out = tmp_path / "reference", tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.Popen([sys.executable, *script(toy_overrides(ref_out, **run))], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen([sys.executable, *script(toy_overrides(killed_out, **run), delay=0.1)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = killed_out / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not state.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    killed_at = torch.load(state, weights_only=True)["step"]
+    assert 0 < killed_at < 12 and not (killed_out / "med3dinsight.safetensors").exists()
+    # resume with 2 loader workers: the batches depend on the step only, not on the worker count
+    resumed = subprocess.run([sys.executable, *script(toy_overrides(killed_out, **run, **{"data.num_workers": 2}))],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout.splitlines()[-1])["start_step"] == killed_at
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+    assert_same_weights(final_weights(ref_out), final_weights(killed_out), exact=True)
+    # the log was rewound to the checkpoint: every step once, in order
+    steps = [json.loads(line)["step"] for line in (killed_out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [json.loads(line)["step"] for line in (killed_out / "metrics.jsonl").read_text().splitlines()
+                   if "loss" in json.loads(line)]
+    assert train_steps == list(range(1, 13)) and steps == sorted(steps)
+
+
+def test_the_loss_falls_and_retrieval_rises_above_chance(toy_run):
+    records = [json.loads(line) for line in (toy_run["out"] / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r for r in records if "eval/image_top1" in r]
+    assert losses[-1] < 0.5 * losses[0], losses
+    first, last = evals[0], evals[-1]
+    real_slices = sum(int(ToyDataset(seed=99)[i]["mask"].sum()) for i in range(8))  # 8 cases x 4, less padding
+    assert first["step"] == 0 and last["step"] == 80 and last["eval/chance_top1"] == 1 / real_slices == 1 / 30
+    chance1, chance5 = last["eval/chance_top1"], last["eval/chance_top5"]
+    for teacher in ("image", "text"):
+        assert last[f"eval/{teacher}_top1"] >= 3 * chance1 and last[f"eval/{teacher}_top5"] >= 3 * chance5, last
+        assert last[f"eval/{teacher}_top1"] > first[f"eval/{teacher}_top1"]
+    assert (last["eval/image_top1"] + last["eval/text_top1"]) / 2 >= 5 * chance1, last
+    assert toy_run["summary"]["eval"]["image_top1"] == evals[-1]["eval/image_top1"]
+
+
+def test_retrieval_metrics_on_known_embeddings():
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(10, 8, generator=g), dim=-1)
+    text = F.normalize(image + 0.01 * torch.randn(10, 8, generator=g) + 1.0, dim=-1)
+    m = retrieval_metrics(image.clone(), image, text)
+    assert m["image_top1"] == 1.0 and m["image_top5"] == 1.0 and m["chance_top1"] == 0.1 and m["chance_top5"] == 0.5
+    assert m["gap_z3d_image"] < 1e-6 and m["modality_gap"] > 0.5
+    shifted = retrieval_metrics(image.roll(1, 0), image)  # every prediction points at its neighbour's slice
+    assert shifted["image_top1"] == 0.0 and "text_top1" not in shifted
+
+
+# ------------------------------------------------------------------------------------------------------ config
+
+def test_config_defaults_overrides_and_round_trip(tmp_path):
+    config = load_config(None, ["train.lr=3e-4", "model.patch_size=[64,64,64]", "model.loss_weights.text=0",
+                                "model.backbone_kwargs.feature_size=24"])
+    assert config.train.lr == 3e-4 and config.model.patch_size == [64, 64, 64]
+    assert config.model.loss_weights.text == 0.0 and config.model.backbone_kwargs == {"feature_size": 24}
+    assert config.train.steps == 10000 and config.train.betas == [0.9, 0.999] and config.data.slices_per_sample == 8
+    save_config(config, tmp_path / "run.yaml")
+    assert load_config(tmp_path / "run.yaml").to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  lr_rate: 0.1\n", "unknown key 'train.lr_rate' in run.yaml; did you mean 'train.lr'?"),
+    ("model:\n  pach_size: [8, 8, 8]\n", "unknown key 'model.pach_size' in run.yaml; did you mean 'model.patch_size'?"),
+    ("train:\n  steps: abc\n", "'train.steps' in run.yaml must be an integer >= 0, got 'abc'"),
+    ("train:\n  steps: -5\n", "'train.steps' in run.yaml must be an integer >= 0, got -5"),
+    ("train:\n  batch_size: 0\n", "'train.batch_size' in run.yaml must be an integer >= 1, got 0"),
+    ("train:\n  schedule: linear\n", "'train.schedule' in run.yaml must be one of 'cosine', 'poly', 'constant'"),
+    ("train:\n  amp: fp32\n", "'train.amp' in run.yaml must be one of 'auto', 'bf16', 'fp16', 'off'"),
+    ("model:\n  patch_size: [64, 64]\n", "'model.patch_size' in run.yaml must be a list of 3 integers"),
+    ("train: 3\n", "'train' in run.yaml must be a mapping"),
+    ("- 1\n", "must hold a mapping of sections"),
+])
+def test_config_errors_name_the_file_and_key(tmp_path, text, message):
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "run.yaml")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_override_errors_name_set():
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.stpes' in --set; did you mean 'train\.steps'\?"):
+        load_config(None, ["train.stpes=3"])
+    with pytest.raises(ConfigError, match="'data.augment' in --set must be true or false"):
+        load_config(None, ["data.augment=maybe"])
+    with pytest.raises(ConfigError, match="--set expects KEY=VALUE"):
+        load_config(None, ["train.lr"])
+
+
+def test_lr_schedule():
+    train = load_config(None, ["train.steps=100", "train.warmup_steps=10", "train.min_lr_ratio=0.1"]).train
+    assert lr_factor(0, train) == pytest.approx(0.1) and lr_factor(9, train) == pytest.approx(1.0)
+    assert lr_factor(10, train) == pytest.approx(1.0) and lr_factor(100, train) == pytest.approx(0.1)
+    assert lr_factor(55, train) == pytest.approx(0.55)  # cosine half way: 0.1 + 0.9 * 0.5
+    train.schedule = "poly"
+    assert lr_factor(55, train) == pytest.approx(0.1 + 0.9 * 0.5 ** 0.9)
+    train.schedule = "constant"
+    assert lr_factor(99, train) == 1.0
+
+
+def test_resume_with_a_changed_config_is_refused_but_more_steps_are_allowed(toy_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(toy_run["out"], out)
+    changed = [o for o in toy_run["overrides"] if not o.startswith("output=")] + [f"output={json.dumps(str(out))}"]
+    with pytest.raises(ConfigError, match=r"different configuration \(train\.lr, train\.schedule differ\); use a "
+                                          r"new output folder"):
+        run_in_process(changed + ["train.lr=0.01", "train.schedule=cosine"])
+    _, _, summary = run_in_process(changed + ["train.steps=82"], eval_cases=0)
+    assert summary["start_step"] == 80 and summary["steps"] == 82
+
+
+def test_on_start_failure_aborts_before_training(tmp_path):
+    def refuse(model):
+        raise RuntimeError("the downstream network does not accept these weights")
+
+    with pytest.raises(RuntimeError, match="does not accept"):
+        run_in_process(toy_overrides(tmp_path), on_start=refuse)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_bad_metadata_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match=r"metadata keys \['backbone'\] are reserved"):
+        run_in_process(toy_overrides(tmp_path / "a"), metadata={"backbone": "mine"})
+    with pytest.raises(ValueError, match="metadata must be JSON-serialisable"):
+        run_in_process(toy_overrides(tmp_path / "b"), metadata={"spacing": torch.ones(3)})
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------- freezing and outputs
+
+@pytest.mark.parametrize("backbone", sorted(TINY_BACKBONES))
+def test_every_trainable_parameter_gets_a_gradient_after_one_step(tmp_path, backbone):
+    _, model, _ = run_in_process(toy_overrides(tmp_path, backbone=backbone, steps=1, batch_size=1), eval_cases=0)
+    frozen = {f"backbone.network.{n}" for n in model.backbone.unused_in_pretraining()}
+    params = dict(model.named_parameters())
+    assert frozen and {n for n, p in params.items() if not p.requires_grad} == frozen
+    assert [n for n, p in params.items() if p.requires_grad and p.grad is None] == []
+
+
+def test_run_folder_holds_logs_plots_and_a_loadable_checkpoint(toy_run):
+    out = toy_run["out"]
+    for name in ("config.yaml", "metrics.jsonl", "metrics.png", "checkpoints/last.pt", "med3dinsight.safetensors"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_config(out / "config.yaml").to_dict() == toy_run["config"].to_dict()
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[1])
+    assert {"step", "lr", "loss", "image", "text", "reconstruction", "grad_norm", "samples_per_s"} <= set(record)
+    ckpt = load_checkpoint(out / "med3dinsight.safetensors")
+    assert ckpt.source_format == "med3dinsight" and ckpt.metadata["pretraining"]["steps"] == 80
+    assert ckpt.metadata["teacher"] == {"name": "toy"} and ckpt.metadata["pretraining"]["global_batch"] == 2
+    assert ckpt.metadata["pretraining"]["config"] == toy_run["config"].to_dict()
+    for key, value in toy_run["model"].backbone.network.state_dict().items():
+        assert torch.equal(ckpt.state_dict[key], value), key
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 80 and {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(state)
+    assert toy_run["summary"]["checkpoint"] == str(out / "med3dinsight.safetensors")
+    assert toy_run["model"].training  # evaluate() handed the model back in train mode
