@@ -160,6 +160,32 @@ def _cmd_cache_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain.config import load_config
+    from .pretrain.run import run_pretraining
+
+    shortcuts = {"data.source": args.data, "data.cache": args.cache, "output": args.output,
+                 "model.backbone": args.backbone, "train.steps": args.steps, "train.device": args.device}
+    overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + list(args.set or [])
+    config = load_config(args.config, overrides)
+    result = run_pretraining(config, resume=not args.no_resume)
+    if result.get("checkpoint"):
+        print(f"pretrained checkpoint: {result['checkpoint']}")
+        print(f"run folder: {result['output']} (config.yaml, metrics.jsonl, metrics.png, tensorboard/, checkpoints/)")
+        if result.get("eval"):
+            e = result["eval"]
+            print("held-out retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in e.items() if k.endswith(("top1",
+                                                                                                   "top5", "gap"))))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, device=args.device, steps=args.steps)
+    return 0
+
+
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="a folder of NIfTI volumes, an nnU-Net raw dataset or an nnU-Net preprocessed dataset")
     p.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"])
@@ -256,6 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     q = cache_sub.add_parser("verify", help="check every shard of a teacher cache")
     q.add_argument("cache")
     q.set_defaults(func=_cmd_cache_verify)
+
+    p = sub.add_parser("pretrain", help="pretrain a backbone on your volumes with a teacher cache (torchrun for "
+                                        "several GPUs; resumes a run folder)")
+    p.add_argument("--config", help="YAML configuration (sections data, model, train, output)")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override config keys, e.g. train.lr=3e-4")
+    p.add_argument("--data", help="= data.source: NIfTI folder, nnU-Net raw or preprocessed dataset")
+    p.add_argument("--cache", help="= data.cache: the teacher cache from med3dinsight embed")
+    p.add_argument("-o", "--output", help="= output: the run folder")
+    p.add_argument("--backbone", help="= model.backbone: swin_unetr, unetr, nnunet, plain_conv_unet, resenc_unet")
+    p.add_argument("--steps", type=int, help="= train.steps")
+    p.add_argument("--device", help="= train.device (auto, cpu, cuda)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("demo", help="the whole method on generated data with tiny local teachers (CPU: minutes)")
+    p.add_argument("-o", "--output", default="med3dinsight_demo", help="a new folder (default ./med3dinsight_demo)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--steps", type=int, default=12, help="pretraining steps (default 12)")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("inspect", help="print what a checkpoint holds (any supported format)")
     p.add_argument("checkpoint")

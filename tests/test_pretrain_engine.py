@@ -334,3 +334,13 @@ def test_run_folder_holds_logs_plots_and_a_loadable_checkpoint(toy_run):
     assert state["step"] == 80 and {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(state)
     assert toy_run["summary"]["checkpoint"] == str(out / "med3dinsight.safetensors")
     assert toy_run["model"].training  # evaluate() handed the model back in train mode
+
+
+def test_repeated_captions_are_one_answer_and_raise_the_chance_level():
+    from med3dinsight_plugin.pretrain.diagnostics import retrieval_metrics
+
+    text = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0]] * 3 + [[0, 1.0, 0]]), dim=-1)
+    z = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1, 0]] * 3 + [[1.0, 0, 0.2]]), dim=-1)
+    m = retrieval_metrics(z, text.clone(), text)
+    assert m["text_top1"] == 0.75  # the three slices sharing a caption retrieve it; the fourth does not
+    assert m["text_chance_top1"] == pytest.approx((3 * 3 / 4 + 1 / 4) / 4)

@@ -64,8 +64,8 @@ class ModelConfig:
     """``model:`` backbone, PSAT and alignment (see :func:`~med3dinsight_plugin.pretrain.build_model`)."""
     backbone: str = _f("swin_unetr", kind="str")
     backbone_kwargs: Dict[str, Any] = _f({}, kind="dict")
-    # null: the backbone's default (for "nnunet", the plans' patch size)
-    patch_size: Optional[List[int]] = _f([96, 96, 96], kind="ints", length=3, min=1, optional=True)
+    # None: the backbone's default (96^3 for MONAI networks; the plans' patch size for backbone nnunet)
+    patch_size: Optional[List[int]] = _f(None, kind="ints", length=3, min=1, optional=True)
     in_channels: int = _f(1, kind="int", min=1)
     psat: str = _f("paper", kind="str", choices=tuple(PSAT_PRESETS))
     psat_kwargs: Dict[str, Any] = _f({}, kind="dict")

@@ -30,7 +30,9 @@ def retrieval_metrics(z3d: torch.Tensor, image_emb: torch.Tensor,
 
     Returns:
         ``image_top1``, ``image_top5`` (and ``text_top1``, ``text_top5``): fraction of predictions whose own slice's
-        embedding ranks first / in the first five among all N; ``chance_top1`` = 1/N, ``chance_top5`` = min(5, N)/N;
+        embedding ranks first / in the first five among all N (identical targets, e.g. repeated captions, count as
+        the own one); ``chance_top1`` = 1/N, ``chance_top5`` = min(5, N)/N for distinct targets, and
+        ``image_chance_top1`` ... the chance levels given the repeated targets;
         ``gap_z3d_image`` (and ``gap_z3d_text``, ``modality_gap`` = image vs text): centroid distances. All inputs
         are L2-normalised here.
     """
@@ -48,10 +50,16 @@ def retrieval_metrics(z3d: torch.Tensor, image_emb: torch.Tensor,
         t = normed[name] = F.normalize(emb.detach().float(), dim=-1)
         sims = z @ t.T
         own = sims.diagonal()[:, None]
-        # rank of the own slice = number of others scoring strictly higher (ties count in the prediction's favour)
-        rank = (sims > own).sum(1)
+        # Identical targets (two slices with the same caption) are the same answer: only a *different* target
+        # scoring higher counts against the prediction, and the chance level rises accordingly.
+        same = (t @ t.T) > 1 - 1e-6
+        rank = ((sims > own) & ~same).sum(1)
         out[f"{name}_top1"] = float((rank < 1).float().mean())
         out[f"{name}_top5"] = float((rank < 5).float().mean())
+        copies = same.sum(1).tolist()
+        out[f"{name}_chance_top1"] = sum(c / n for c in copies) / n
+        out[f"{name}_chance_top5"] = sum(1 - math.comb(n - c, min(5, n)) / math.comb(n, min(5, n))
+                                         for c in copies) / n
         out[f"gap_z3d_{name}"] = _gap(z, t)
     if "text" in normed:
         out["modality_gap"] = _gap(normed["image"], normed["text"])

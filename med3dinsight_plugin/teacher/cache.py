@@ -225,7 +225,11 @@ class TeacherCache:
 
     def check(self, expect: Dict[str, Any]) -> None:
         """Raise :class:`StaleCacheError` unless the cache's settings contain ``expect``."""
-        differing = diff_keys({k: self.settings.get(k) for k in expect}, expect)
+        def restrict(actual, wanted):  # compare only what the caller asks about, at every level
+            if isinstance(actual, dict) and isinstance(wanted, dict):
+                return {k: restrict(actual.get(k), v) for k, v in wanted.items()}
+            return actual
+        differing = diff_keys(restrict(self.settings, expect), expect)
         if differing:
             shown = ", ".join(differing[:4]) + (" ..." if len(differing) > 4 else "")
             raise StaleCacheError(f"the teacher cache {self.folder} was made with other settings ({shown} differ); "
