@@ -13,7 +13,6 @@ Ratios teacher/raw and pipeline/raw are printed as throughputs (goal >= 0.90).
 """
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,19 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from timing import alternate, sync
 
 
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _time(fn, device):
-    _sync(device)
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t
 
 
 def main():
@@ -70,19 +59,14 @@ def main():
         with torch.no_grad(), teacher._autocast():
             model.encode_image(x)
 
-    raw(), teacher.encode_images(images)  # warm-up
-    t_raw, t_teacher = [], []
-    for _ in range(args.repeats):
-        t_raw.append(_time(raw, args.device))
-        t_teacher.append(_time(lambda: teacher.encode_images(images), args.device))
-    r, t = statistics.median(t_raw), statistics.median(t_teacher)
+    r, t = alternate([raw, lambda: teacher.encode_images(images)], args.device, args.repeats)
 
     data = write_nnunet_raw_dataset(tmp / "raw", cases=args.cases, shape=tuple(args.shape))
     source = open_source(data)
     policy = SlicePolicy(per_plane=16)
     start = time.perf_counter()
     result = embed_dataset(source, tmp / "cache", teacher, policy, batch_size=args.batch, progress=False)
-    _sync(args.device)
+    sync(args.device)
     t_pipe = time.perf_counter() - start
     n = result["slices_embedded_here"]
 

@@ -14,7 +14,6 @@ steps/s of the cached step (goal >= 2).
 """
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,19 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from timing import alternate
 
 
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device):
-    _sync(device)
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t
 
 
 def main():
@@ -87,12 +76,7 @@ def main():
         step(plane=torch.randint(0, 3, (b,), device=dev), position=torch.rand(b, device=dev), image_emb=img,
              text_emb=txt)
 
-    step_cached(), step_authors()  # warm-up
-    t_c, t_a = [], []
-    for _ in range(args.repeats):
-        t_c.append(_timed(step_cached, dev))
-        t_a.append(_timed(step_authors, dev))
-    c, a = statistics.median(t_c), statistics.median(t_a)
+    c, a = alternate([step_cached, step_authors], dev, args.repeats)
     print(f"{args.backbone} patch {args.patch}^3, batch {b}, PSAT {args.psat}, device {dev}; authors' teacher "
           f"{args.teacher} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.0f}M params)")
     print(f"cached teacher, K={k}:   {b * k / c:7.2f} aligned slices/s ({c:.2f} s/step)")

@@ -10,26 +10,14 @@ and their ratio is printed (goal <= 1.20). ``--psat paper`` is the authors' PSAT
 300 queries); ``--psat small`` a 4-layer, 384-wide, 32-query PSAT.
 """
 import argparse
-import statistics
-import time
 
 import torch
+from timing import alternate
 
 from med3dinsight_plugin import Med3DInsightModel, PlaneSliceAwareTransformer, build_backbone, reconstruction_loss
 from med3dinsight_plugin.psat import PSAT_PRESETS
 
 
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def step_time(fn, device):
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def main():
@@ -65,12 +53,7 @@ def main():
             model.zero_grad(set_to_none=True)
             model(volume, plane, position, image, text)["loss"].backward()
 
-        backbone_step(), full_step()  # warm-up
-        t_backbone, t_full = [], []
-        for _ in range(args.repeats):
-            t_backbone.append(step_time(backbone_step, dev))
-            t_full.append(step_time(full_step, dev))
-        tb, tf = statistics.median(t_backbone), statistics.median(t_full)
+        tb, tf = alternate([backbone_step, full_step], dev, args.repeats)
         print(f"{name:>16} {preset:>6} {tb:>11.3f} {tf:>9.3f} {tf / tb:>7.2f} {b * k:>11}")
 
 

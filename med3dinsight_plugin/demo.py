@@ -127,7 +127,9 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
     fold = nn["nnUNet_results"] / f"Dataset{DATASET_ID}_Demo" / \
         "Med3DInsightTrainer_smoke__nnUNetPlans__med3dinsight__3d_fullres" / "fold_0"
     report = json.loads((fold / "pretrained_load_report.json").read_text())
-    print(f"   nnU-Net loaded {report.get('summary', report)}")
+    print(f"   nnU-Net's trainer loaded {report['loaded']}/{report['expected']} encoder tensors "
+          f"({report['loaded_params'] / 1e6:.2f}M parameters, {report['coverage']:.1f} %) from {report['source']}; "
+          f"the report is in {fold / 'pretrained_load_report.json'} and the nnU-Net log")
     outputs["nnU-Net fine-tuning"] = str(fold)
     _done(t)
 

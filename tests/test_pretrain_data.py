@@ -88,10 +88,6 @@ def test_augmentation_keeps_geometry_and_is_deterministic(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     plain = PretrainDataset(tmp_path, list(SHAPES), SHAPES, cache, PATCH, slices=4, seed=1, augment=False)[11]
     assert torch.equal(a["position"], plain["position"]) and torch.equal(a["plane"], plain["plane"])
-    tiny = torch.finfo(torch.float32).tiny
-    for i in range(60):  # gamma augmentation makes subnormal floats, which slow CPU convolutions ~10x
-        v = ds[i]["volume"]
-        assert not ((v != 0) & (v.abs() < tiny)).any(), i
 
 
 def test_a_cache_made_from_other_volumes_is_refused(tmp_path):

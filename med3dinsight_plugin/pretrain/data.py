@@ -184,8 +184,6 @@ class PretrainDataset(Dataset):
         if self._augment is not None:
             np.random.seed(int(rng.integers(2 ** 31)))  # batchgenerators draws from numpy's global generator
             crop = self._augment(data=crop[None])["data"][0].astype(np.float32, copy=False)
-            # gamma of values near the minimum leaves subnormal floats, which slow CPU convolutions ~10x
-            crop[np.abs(crop) < np.finfo(np.float32).tiny] = 0.0
         mask = np.zeros(self.k, bool)
         mask[:len(rows)] = True
         rows = rows + [rows[0]] * (self.k - len(rows))
