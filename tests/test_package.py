@@ -7,9 +7,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_core_import_pulls_in_no_framework():
-    code = ("import sys, med3dinsight_plugin, nnunet_trainers; "
+    # every module, adapters included, imports its framework only when used
+    code = ("import sys, med3dinsight_plugin, nnunet_trainers, med3dinsight_plugin.cli, med3dinsight_plugin.demo, "
+            "med3dinsight_plugin.volumes, med3dinsight_plugin.slices, med3dinsight_plugin.teacher.captioner, "
+            "med3dinsight_plugin.teacher.clip, med3dinsight_plugin.teacher.embed, med3dinsight_plugin.pretrain.run, "
+            "med3dinsight_plugin.pretrain.engine; "
             "heavy = [m for m in ('monai', 'nnunetv2', 'open_clip', 'transformers', 'batchgenerators', 'ot', "
-            "'dynamic_network_architectures') if m in sys.modules]; print(heavy)")
+            "'dynamic_network_architectures', 'SimpleITK', 'nibabel', 'tensorboard', 'matplotlib') "
+            "if m in sys.modules]; print(heavy)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
 
