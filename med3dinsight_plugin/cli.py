@@ -5,6 +5,7 @@ Bad input ends with one line on stderr naming what is wrong and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -64,7 +65,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_nnunet_env(args: argparse.Namespace) -> int:
     import importlib.util
-    import os
     import shlex
 
     shim = importlib.util.find_spec("nnunet_trainers.ext").submodule_search_locations[0]
@@ -134,7 +134,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
     policy, render = _slice_settings(args, size=224)
     source = _source(args)
-    teacher = ClipTeacher(args.clip_model, args.clip_pretrained, device=args.device, precision=args.precision)
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per process
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    teacher = ClipTeacher(args.clip_model, args.clip_pretrained, device=device, precision=args.precision)
     r = embed_dataset(source, args.output, teacher, policy, render, captions=args.captions,
                       batch_size=args.batch_size, cases_per_shard=args.cases_per_shard)
     if r["rank"] == 0:

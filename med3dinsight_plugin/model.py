@@ -64,7 +64,6 @@ class Med3DInsightModel(nn.Module):
                        image_emb: Optional[torch.Tensor] = None, text_emb: Optional[torch.Tensor] = None,
                        mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """The losses of :meth:`forward` from the outputs of :meth:`encode` (all B*K pairs aligned together)."""
-        width = z3d.shape[-1]
         for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
             if emb is not None and (emb.shape[:-1] != z3d.shape[:-1]):
                 raise ValueError(f"{name} must have shape {tuple(z3d.shape[:-1])} + (E,) to match plane/position, "

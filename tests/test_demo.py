@@ -4,8 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from med3dinsight_plugin.checkpoint import load_checkpoint
 
 

@@ -1,6 +1,5 @@
 """Volumes come out in one canonical orientation whatever their files say, and slices are rendered as radiologists
 view them: checked with an asymmetric marker at a known anatomical place, written in several orientations."""
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -1,6 +1,5 @@
 """The open_clip teacher, embedding into the cache, the cache itself (verify, staleness, memory-mapped reads) and
 torchrun sharding -- with tiny random open_clip models saved in open_clip's own folder format."""
-import json
 import os
 import subprocess
 import sys

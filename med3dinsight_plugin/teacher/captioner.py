@@ -22,6 +22,7 @@ import torch
 
 from ..planes import PLANES, plane_id
 from .captions import CaptionError, CaptionFile, caption_key
+from .hub import hub_offline
 
 __all__ = ["VLM", "VLMError", "CaptionError", "CaptionFile", "Captioner", "DEFAULT_PROMPTS", "caption_key",
            "caption_slices", "load_prompts", "load_vlm", "prompt_for"]
@@ -69,13 +70,6 @@ def _resolve_dtype(dtype, device: str):
     raise VLMError(f"unknown dtype {dtype!r}: use 'auto', 'float32', 'float16' or 'bfloat16'")
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-    # The env var is read too: huggingface_hub reads it once at import, which may precede the user's setting.
-    flags = (os.environ.get(v, "").strip().upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return bool(constants.HF_HUB_OFFLINE) or any(f in ("1", "ON", "YES", "TRUE") for f in flags)
-
-
 def _looks_like_path(model: str) -> bool:
     """A string a user meant as a folder rather than a hub id ("org/name" or "name")."""
     return (model.startswith(("/", ".", "~")) or "\\" in model or model.endswith("/") or model.count("/") > 1
@@ -97,7 +91,7 @@ def _locate(model: str) -> str:
         cached = try_to_load_from_cache(model, "config.json")
     except ValueError:  # HFValidationError: neither a folder nor a valid repo id
         raise VLMError(f"{model} is neither an existing local folder nor a valid Hugging Face hub id") from None
-    if _offline() and not isinstance(cached, str):
+    if hub_offline() and not isinstance(cached, str):
         # Checked here because transformers would otherwise fail later with a generic connection error.
         raise VLMError(f"{model} is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1), "
                        f"and there is no local folder of that name: download it on a machine with network "

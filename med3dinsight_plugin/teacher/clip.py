@@ -8,31 +8,21 @@ not in the local Hugging Face cache fails at once instead of retrying for ~46 s.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_TEACHER", "ClipTeacher", "TeacherError", "hub_offline"]
+from .hub import hub_offline
+
+__all__ = ["DEFAULT_TEACHER", "ClipTeacher", "TeacherError"]
 
 DEFAULT_TEACHER = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
 
 class TeacherError(ValueError):
     """A teacher model that cannot be loaded or used; the message names it and the fix."""
-
-
-def hub_offline() -> bool:
-    """Whether Hugging Face Hub access is switched off (``HF_HUB_OFFLINE``)."""
-    try:
-        from huggingface_hub import constants
-        if constants.HF_HUB_OFFLINE:
-            return True
-    except ImportError:
-        pass
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 _WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_config.json")
