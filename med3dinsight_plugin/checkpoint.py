@@ -195,6 +195,9 @@ def atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except OSError as e:
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+    except Exception as e:  # writers wrap I/O errors in their own types (safetensors: SafetensorError)
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"cannot write {path}: {reason}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

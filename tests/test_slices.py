@@ -1,5 +1,6 @@
 """Volumes come out in one canonical orientation whatever their files say, and slices are rendered as radiologists
 view them: checked with an asymmetric marker at a known anatomical place, written in several orientations."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,41 @@ def test_bad_volumes_give_one_line_errors_naming_the_file(tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad.nii.gz" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "png").exists() or not list((tmp_path / "png").iterdir())
+
+
+def test_nnunet_preprocessed_cases_read_like_their_raw_images(tmp_path):
+    """nnU-Net transposes (thick axis first), crops and normalises; reading a preprocessed case undoes the axis
+    order and the file's orientation, and native() recovers the (clipped) Hounsfield units."""
+    import os
+
+    import SimpleITK as sitk
+
+    ds = tmp_path / "raw" / "Dataset981_Orient"
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        ct = _phantom() + rng.normal(0, 5, SHAPE).astype(np.float32)
+        label = np.zeros(SHAPE, np.uint8)
+        label[4:16, 6:18, 8:20] = 1
+        for array, path in ((ct, ds / "imagesTr" / f"c{i}_0000.nii.gz"), (label, ds / "labelsTr" / f"c{i}.nii.gz")):
+            img = sitk.GetImageFromArray(array)
+            img.SetSpacing((3.0, 1.0, 1.0))  # x is the thick axis: nnU-Net moves it first
+            sitk.WriteImage(sitk.DICOMOrient(img, "RAS"), str(path))
+    (ds / "dataset.json").write_text('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "box": 1}, '
+                                     '"numTraining": 2, "file_ending": ".nii.gz"}')
+    env = {**os.environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
+           "nnUNet_results": str(tmp_path / "res"), "nnUNet_def_n_proc": "1"}
+    env.pop("nnUNet_n_proc_DA", None)
+    subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", "981", "-c",
+                    "3d_fullres", "-np", "1", "-npfp", "1"], env=env, check=True, capture_output=True)
+    pre = open_source(tmp_path / "pre" / "Dataset981_Orient")
+    plans = json.loads((tmp_path / "pre" / "Dataset981_Orient" / "nnUNetPlans.json").read_text())
+    assert plans["transpose_forward"] != [0, 1, 2] and pre.kind == "nnunet_preprocessed" and pre.modality == "ct"
+    props = plans["foreground_intensity_properties_per_channel"]["0"]
+    raw = open_source(ds)
+    for case in ("c0", "c1"):
+        a, b = raw.read(case), pre.read(case)
+        assert b.shape == a.shape == SHAPE and b.spacing == a.spacing
+        expected = np.clip(a.array[0], props["percentile_00_5"], props["percentile_99_5"])
+        assert np.allclose(b.native(0), expected, atol=1e-2)

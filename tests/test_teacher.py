@@ -166,3 +166,20 @@ def test_two_torchrun_processes_write_the_same_cache_as_one(world, tmp_path):
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) == 6
     for n in names:
         assert (tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes(), n
+
+
+def test_a_full_disk_leaves_no_half_written_shard(world, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs permission to mount a small tmpfs (root) to fill a disk for real")
+    try:
+        proc = subprocess.run([str(BIN), "embed", str(world["data"]), "--clip-model", str(world["clip"]),
+                               "--per-plane", "16", "--cases-per-shard", "5", "-o", str(disk / "cache")],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        line = proc.stderr.strip().splitlines()[-1]
+        assert "shard-00000.safetensors" in line and "No space left" in line
+        assert not [p.name for p in (disk / "cache").iterdir()]  # neither a partial shard nor a temp file
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -101,20 +101,22 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
     mine = [k for k in shard_cases if k % world == rank]
     start, written, kept, n_slices = time.perf_counter(), 0, 0, 0
     bar = _progress(sum(len(shard_cases[k]) for k in mine), progress and rank == 0)
-    for k in mine:
-        path = out / shard_name(k)
-        if path.is_file():
-            if shard_settings(path) != digest:
-                raise StaleCacheError(f"{path} was written with other settings (teacher, rendering, slices, captions "
-                                      f"or dataset); embed into a new folder")
-            kept += 1
-            bar.update(len(shard_cases[k]))
-            continue
-        rows, shapes = _embed_cases(source, shard_cases[k], teacher, policy, render, texts, batch_size, bar)
-        write_shard(out, k, shard_cases[k], shapes, rows, digest)
-        written += 1
-        n_slices += len(rows["plane"])
-    bar.close()
+    try:
+        for k in mine:
+            path = out / shard_name(k)
+            if path.is_file():
+                if shard_settings(path) != digest:
+                    raise StaleCacheError(f"{path} was written with other settings (teacher, rendering, slices, "
+                                          f"captions or dataset); embed into a new folder")
+                kept += 1
+                bar.update(len(shard_cases[k]))
+                continue
+            rows, shapes = _embed_cases(source, shard_cases[k], teacher, policy, render, texts, batch_size, bar)
+            write_shard(out, k, shard_cases[k], shapes, rows, digest)
+            written += 1
+            n_slices += len(rows["plane"])
+    finally:
+        bar.close()  # before any error message, so that the message is the last line
     _barrier(world)
     if rank == 0:
         missing = [shard_name(k) for k in shard_cases if not (out / shard_name(k)).is_file()]
