@@ -104,3 +104,15 @@ def test_split_is_seeded_and_disjoint():
     assert len(held) == 3 and not set(train) & set(held) and sorted(train + held) == cases
     assert split_cases(cases, 3, seed=0) == (train, held)
     assert split_cases(cases[:3], 3, seed=0) == (cases[:3], [])
+
+
+@pytest.mark.parametrize("name", ["plain_conv_unet", "unetr"])
+def test_step_zero_check_rebuilds_the_downstream_network_and_loads_the_whole_encoder(name):
+    from helpers import tiny_backbone, tiny_psat_kwargs
+    from med3dinsight_plugin import Med3DInsightModel, PlaneSliceAwareTransformer
+    from med3dinsight_plugin.pretrain import check_downstream_load
+
+    backbone = tiny_backbone(name)
+    model = Med3DInsightModel(backbone, PlaneSliceAwareTransformer(**tiny_psat_kwargs(backbone.token_dim)))
+    report = check_downstream_load(model, {"teacher": {"model": "x"}})
+    assert report.applied and report.loaded == report.expected > 0 and not report.missing

@@ -1,16 +1,23 @@
-"""Med3DInsight pretraining: configuration, the training engine (single process or torchrun DDP) and diagnostics.
+"""Med3DInsight pretraining: configuration, data, the training engine (single process or torchrun DDP), diagnostics.
 
-Typical use::
+From a configuration (what ``med3dinsight pretrain`` does)::
 
-    from med3dinsight_plugin.pretrain import build_model, load_config, pretrain
+    from med3dinsight_plugin.pretrain import load_config, run_pretraining
 
-    config = load_config("run.yaml", ["train.lr=3e-4"])
+    config = load_config("run.yaml", ["data.source=/data/Dataset042", "data.cache=cache", "output=runs/a"])
+    run_pretraining(config)
+
+With your own datasets (map-style, ``dataset[i]`` deterministic for any sample number ``i``)::
+
+    from med3dinsight_plugin.pretrain import build_model, pretrain
+
     model = build_model(config, embed_dim=512)
     pretrain(config, model, train_set, eval_set, metadata={"teacher": "BiomedCLIP"})
 """
 from .config import ConfigError, PretrainConfig, load_config, save_config
 from .diagnostics import evaluate, plot_metrics, retrieval_metrics
 from .engine import build_model, lr_factor, pretrain
+from .run import run_pretraining, check_downstream_load
 
 __all__ = ["ConfigError", "PretrainConfig", "build_model", "evaluate", "load_config", "lr_factor", "plot_metrics",
-           "pretrain", "retrieval_metrics", "save_config"]
+           "pretrain", "retrieval_metrics", "run_pretraining", "save_config", "check_downstream_load"]

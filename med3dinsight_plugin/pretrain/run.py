@@ -20,7 +20,7 @@ from ..teacher.cache import TeacherCache
 from .config import ConfigError, PretrainConfig
 from .data import PretrainDataset, compute_normalization, prepare_volumes, split_cases
 
-__all__ = ["run_pretraining", "test_load_downstream"]
+__all__ = ["run_pretraining", "check_downstream_load"]
 
 ORIENTATION = "canonical LPS: axis 0 toward superior, 1 toward posterior, 2 toward the patient's left"
 EVAL_CROPS_PER_CASE = 4
@@ -47,7 +47,7 @@ def _backbone_kwargs(config: PretrainConfig, source) -> None:
                              "configuration": config.data.configuration}
 
 
-def test_load_downstream(model, metadata: Dict[str, Any]):
+def check_downstream_load(model, metadata: Dict[str, Any]):
     """Save the backbone, rebuild the downstream network from the checkpoint alone and load its encoder strictly
     with the loader nnU-Net and MONAI use; raises if fine-tuning would not be able to load it.
 
@@ -141,7 +141,7 @@ def run_pretraining(config: PretrainConfig, resume: bool = True, progress: bool 
                     "teacher_render": cache.settings["render"], "captions": cache.settings.get("captions"),
                     "data": source.describe()}
         return pretrain(config, model, train_set, eval_set, metadata=metadata, resume=resume, progress=progress,
-                        on_start=lambda m: test_load_downstream(m, metadata))
+                        on_start=lambda m: check_downstream_load(m, metadata))
     finally:
         if own_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
