@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .planes import PLANES, plane_id, slice_position
 
 __all__ = ["RenderSettings", "Slice", "SlicePolicy", "body_mask", "dataset_slices", "extract_slice",
-           "intensity_window", "render_slice", "select_slices", "volume_slices", "write_slice_pngs"]
+           "intensity_window", "render_slice", "select_slices", "slice_key", "volume_slices", "write_slice_pngs"]
 
 CT_SOFT_TISSUE = (40.0, 400.0)  # window centre, width in HU
 
@@ -91,7 +91,18 @@ class Slice:
 
     @property
     def key(self) -> str:
-        return f"{self.case}|{self.plane}|{self.position:.6f}"
+        return slice_key(self.case, self.plane, self.position)
+
+
+def slice_key(case: str, plane, position: float) -> str:
+    """Identity of a slice across captions and cache: ``"{case}|{plane name}|{position:.6f}"``.
+
+    Args:
+        case: case identifier.
+        plane: plane name or id (0 axial, 1 coronal, 2 sagittal).
+        position: relative slice position in [0, 1] (see :mod:`.planes`).
+    """
+    return f"{case}|{PLANES[plane_id(plane)]}|{float(position):.6f}"
 
 
 def body_mask(data: np.ndarray, modality: str) -> np.ndarray:

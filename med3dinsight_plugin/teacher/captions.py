@@ -15,7 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from ..planes import PLANES, plane_id
+from ..planes import PLANES
+from ..slices import slice_key
 
 PathLike = Union[str, os.PathLike]
 _REQUIRED = {"case": str, "plane": str, "index": int, "position": (int, float), "text": str}
@@ -25,15 +26,7 @@ class CaptionError(ValueError):
     """A caption file that cannot be read or resumed; the message names the file, the line and the fix."""
 
 
-def caption_key(case: str, plane: Union[str, int], position: float) -> str:
-    """Identity of a caption record: ``"{case}|{plane}|{position:.6f}"`` (plane as its name).
-
-    Args:
-        case: case identifier.
-        plane: plane name or id (0 axial, 1 coronal, 2 sagittal).
-        position: relative slice position in [0, 1] (see :mod:`med3dinsight_plugin.planes`).
-    """
-    return f"{case}|{PLANES[plane_id(plane)]}|{float(position):.6f}"
+caption_key = slice_key  # a caption record is keyed like its slice
 
 
 def _check_record(rec) -> Optional[str]:
