@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ot import log_entropic_partial_wasserstein
+from .errors import Med3DInsightError
 
 __all__ = ["clip_loss", "reconstruction_loss", "ClipAlignment", "PartialOTAlignment", "Med3DInsightLoss"]
 
@@ -95,7 +96,7 @@ class PartialOTAlignment(nn.Module):
                  stop_thr: float = 1e-7, grad_iters: Optional[int] = None):
         super().__init__()
         if not 0 < mass <= 1:
-            raise ValueError(f"mass must lie in (0, 1], got {mass}")
+            raise Med3DInsightError(f"mass must lie in (0, 1], got {mass}")
         self.reg, self.mass, self.num_iter, self.stop_thr, self.grad_iters = reg, mass, num_iter, stop_thr, grad_iters
         self.log_metric = nn.Parameter(torch.log1p(torch.rand(dim)))
 
@@ -143,7 +144,7 @@ class Med3DInsightLoss(nn.Module):
         elif alignment == "clip":
             self.align = ClipAlignment(**alignment_kwargs)
         else:
-            raise ValueError(f"alignment must be 'ot' or 'clip', got {alignment!r}")
+            raise Med3DInsightError(f"alignment must be 'ot' or 'clip', got {alignment!r}")
         self.alignment, self.embed_dim = alignment, embed_dim
         self.weights = {"image": float(image_weight), "text": float(text_weight),
                         "reconstruction": float(reconstruction_weight)}

@@ -25,6 +25,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .errors import Med3DInsightError
+
 __all__ = ["Checkpoint", "CheckpointError", "atomic_write", "load_checkpoint", "save_pretrained", "storage_id",
            "unwrap"]
 
@@ -34,7 +36,7 @@ DEFAULT_FILENAME = "med3dinsight.safetensors"
 PathLike = Union[str, os.PathLike]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Med3DInsightError):
     """A checkpoint file that cannot be read or used; the message names the file and what to do."""
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, build_backbone
+from .errors import Med3DInsightError
 
 __all__ = ["Med3DInsightClassifier"]
 
@@ -58,7 +59,7 @@ class Med3DInsightClassifier(nn.Module):
 
         ckpt = load_checkpoint(checkpoint)
         if ckpt.source_format != "med3dinsight":
-            raise ValueError(f"{ckpt.path} has no med3dinsight metadata; build the classifier with its backbone "
+            raise Med3DInsightError(f"{ckpt.path} has no med3dinsight metadata; build the classifier with its backbone "
                              f"name and load the weights with load_pretrained_encoder")
         config = dict(ckpt.metadata["backbone"])
         if in_channels is not None:

@@ -1,6 +1,8 @@
 """``med3dinsight`` command line: thin argument parsing over the Python API.
 
-Bad input ends with one line on stderr naming what is wrong and exit code 2.
+Bad input (a :class:`~med3dinsight_plugin.errors.Med3DInsightError`, or an ``OSError`` on a user's path) ends with
+one line on stderr naming what is wrong and exit code 2; any other exception is a bug and keeps its traceback.
+``MED3DINSIGHT_DEBUG=1`` shows the traceback of every error.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
+from .errors import Med3DInsightError, first_line
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -322,14 +325,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    debug = os.environ.get("MED3DINSIGHT_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        if debug:
+            raise
         print(f"med3dinsight {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__  # details (a load report) follow it
-        print(f"med3dinsight {args.command}: error: {first_line}", file=sys.stderr)
+    except (Med3DInsightError, OSError) as e:  # a user error; anything else is a bug and keeps its traceback
+        if debug:
+            raise
+        print(f"med3dinsight {args.command}: error: {first_line(e)}", file=sys.stderr)
         return 2
 
 

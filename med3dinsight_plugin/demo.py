@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Dict
 
+from .errors import Med3DInsightError
+
 __all__ = ["run_demo"]
 
 DATASET_ID = 977
@@ -52,7 +54,7 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
 
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty; give the demo a new folder")
+        raise Med3DInsightError(f"{out} is not empty; give the demo a new folder")
     out.mkdir(parents=True, exist_ok=True)
     bindir = Path(sys.executable).parent
     nn = {"nnUNet_raw": out / "nnUNet_raw", "nnUNet_preprocessed": out / "nnUNet_preprocessed",

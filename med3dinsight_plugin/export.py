@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from .checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint
+from .errors import Med3DInsightError
 
 __all__ = ["export_checkpoint", "rebuild_backbone", "EXPORT_FORMATS"]
 
@@ -57,7 +58,7 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
         A summary: ``{"format", "path", "tensors", "note"}``.
     """
     if to not in EXPORT_FORMATS:
-        raise ValueError(f"--to must be one of {', '.join(EXPORT_FORMATS)}, got {to!r}")
+        raise Med3DInsightError(f"--to must be one of {', '.join(EXPORT_FORMATS)}, got {to!r}")
     ckpt = load_checkpoint(checkpoint)
     backbone = rebuild_backbone(ckpt)
     name = backbone.config["name"]

@@ -12,6 +12,8 @@ from typing import List, Optional
 
 from torch import nn
 
+from .errors import Med3DInsightError
+
 __all__ = ["apply_finetune_lr", "default_warmup", "finetune_lr_factor", "finetune_optimizer", "finetune_param_groups",
            "freeze_dead_parameters"]
 
@@ -90,7 +92,7 @@ def finetune_optimizer(groups: List[dict], name: str, lr: float, weight_decay: f
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, momentum=0.99, nesterov=True)
-    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
+    raise Med3DInsightError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
 
 
 def apply_finetune_lr(optimizer, step: int, total: int, warmup: float, frozen: int = 0) -> None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .planes import check_plane_position, position_bins
+from .errors import Med3DInsightError
 
 __all__ = ["PSAT_PRESETS", "PlaneSliceAwareTransformer"]
 
@@ -93,9 +94,9 @@ class PlaneSliceAwareTransformer(nn.Module):
         for name, value in (("in_dim", in_dim), ("width", width), ("depth", depth), ("heads", heads),
                             ("num_queries", num_queries), ("out_dim", out_dim), ("num_slice_bins", num_slice_bins)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise Med3DInsightError(f"{name} must be a positive integer, got {value!r}")
         if width % heads:
-            raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
+            raise Med3DInsightError(f"width ({width}) must be divisible by heads ({heads})")
         self.config = dict(in_dim=in_dim, width=width, depth=depth, heads=heads, num_queries=num_queries,
                            ffn_dim=ffn_dim or 4 * width, out_dim=out_dim, num_slice_bins=num_slice_bins,
                            dropout=dropout)
@@ -113,7 +114,7 @@ class PlaneSliceAwareTransformer(nn.Module):
     def from_preset(cls, preset: str, in_dim: int = 768, **overrides) -> "PlaneSliceAwareTransformer":
         """Build a named configuration of :data:`PSAT_PRESETS`; ``overrides`` change single arguments."""
         if preset not in PSAT_PRESETS:
-            raise ValueError(f"unknown PSAT preset {preset!r}: expected one of {sorted(PSAT_PRESETS)}")
+            raise Med3DInsightError(f"unknown PSAT preset {preset!r}: expected one of {sorted(PSAT_PRESETS)}")
         return cls(in_dim=in_dim, **{**PSAT_PRESETS[preset], **overrides})
 
     def slice_embedding(self, plane: torch.Tensor, position: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .planes import PLANES, plane_id, slice_position
+from .errors import Med3DInsightError
 
 __all__ = ["RenderSettings", "Slice", "SlicePolicy", "body_mask", "dataset_slices", "extract_slice",
            "intensity_window", "render_slice", "select_slices", "slice_key", "volume_slices", "write_slice_pngs"]
@@ -38,9 +39,9 @@ class SlicePolicy:
 
     def __post_init__(self):
         if self.per_plane < 1:
-            raise ValueError(f"per_plane must be at least 1, got {self.per_plane}")
+            raise Med3DInsightError(f"per_plane must be at least 1, got {self.per_plane}")
         if not 0.0 <= self.min_foreground < 1.0:
-            raise ValueError(f"min_foreground must lie in [0, 1), got {self.min_foreground}")
+            raise Med3DInsightError(f"min_foreground must lie in [0, 1), got {self.min_foreground}")
         object.__setattr__(self, "planes", tuple(PLANES[plane_id(p)] for p in self.planes))
 
     def to_dict(self) -> Dict[str, Any]:
@@ -65,12 +66,12 @@ class RenderSettings:
 
     def __post_init__(self):
         if self.size < 8:
-            raise ValueError(f"render size must be at least 8 pixels, got {self.size}")
+            raise Med3DInsightError(f"render size must be at least 8 pixels, got {self.size}")
         if self.ct_window[1] <= 0:
-            raise ValueError(f"CT window width must be positive, got {self.ct_window}")
+            raise Med3DInsightError(f"CT window width must be positive, got {self.ct_window}")
         lo, hi = self.mri_percentiles
         if not 0 <= lo < hi <= 100:
-            raise ValueError(f"MRI percentiles must satisfy 0 <= low < high <= 100, got {self.mri_percentiles}")
+            raise Med3DInsightError(f"MRI percentiles must satisfy 0 <= low < high <= 100, got {self.mri_percentiles}")
         object.__setattr__(self, "ct_window", tuple(float(v) for v in self.ct_window))
         object.__setattr__(self, "mri_percentiles", tuple(float(v) for v in self.mri_percentiles))
 
@@ -176,12 +177,12 @@ def volume_slices(volume, policy: SlicePolicy, settings: RenderSettings, render:
         ValueError: the volume shows no body in any slice (wrong modality?), or the channel does not exist.
     """
     if not 0 <= settings.channel < volume.array.shape[0]:
-        raise ValueError(f"case {volume.case} has {volume.array.shape[0]} channel(s); render channel "
+        raise Med3DInsightError(f"case {volume.case} has {volume.array.shape[0]} channel(s); render channel "
                          f"{settings.channel} does not exist")
     data = volume.native(settings.channel)
     picks = select_slices(body_mask(data, volume.modality), policy)
     if not picks:
-        raise ValueError(f"no slice of case {volume.case} ({volume.files[0] if volume.files else ''}) shows enough "
+        raise Med3DInsightError(f"no slice of case {volume.case} ({volume.files[0] if volume.files else ''}) shows enough "
                          f"body (min_foreground {policy.min_foreground}); check its modality ({volume.modality}) "
                          f"or lower min_foreground")
     window = intensity_window(data, volume.modality, settings) if render else None

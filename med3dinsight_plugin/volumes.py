@@ -18,12 +18,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import Med3DInsightError
+
 __all__ = ["Volume", "VolumeError", "VolumeSource", "canonical_axes", "open_source", "safe_load_pickle"]
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
-class VolumeError(ValueError):
+class VolumeError(Med3DInsightError):
     """A volume or dataset that cannot be used; the message names the file and what to do."""
 
 

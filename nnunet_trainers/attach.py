@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from med3dinsight_plugin.checkpoint import CheckpointError, atomic_write, load_checkpoint
+from med3dinsight_plugin.errors import Med3DInsightError
 
 __all__ = ["ENV_CHECKPOINT", "MONAI_NETWORKS", "PLANS_KEY", "TRAINER_OF", "attach_checkpoint",
            "configured_checkpoint"]
@@ -66,18 +67,18 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if not nnUNet_preprocessed:
-        raise ValueError("nnUNet_preprocessed is not set: export it as for nnUNetv2_train")
+        raise Med3DInsightError("nnUNet_preprocessed is not set: export it as for nnUNetv2_train")
     try:
         dataset_name = maybe_convert_to_dataset_name(dataset)
     except RuntimeError as e:
-        raise ValueError(f"dataset {dataset!r}: {e}") from None
+        raise Med3DInsightError(f"dataset {dataset!r}: {e}") from None
     folder = Path(nnUNet_preprocessed) / dataset_name
     plans_file = folder / f"{plans_name}.json"
     if not plans_file.is_file():
-        raise ValueError(f"plans {plans_file} do not exist; run nnUNetv2_plan_and_preprocess -d {dataset} first")
+        raise Med3DInsightError(f"plans {plans_file} do not exist; run nnUNetv2_plan_and_preprocess -d {dataset} first")
     plans = json.loads(plans_file.read_text())
     if configuration not in plans.get("configurations", {}):
-        raise ValueError(f"configuration {configuration!r} is not in {plans_file}; available: "
+        raise Med3DInsightError(f"configuration {configuration!r} is not in {plans_file}; available: "
                          f"{sorted(plans.get('configurations', {}))}")
     ckpt = load_checkpoint(checkpoint)
     meta = ckpt.metadata
@@ -90,11 +91,11 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
     config = new_plans["configurations"][configuration]
     changes = []
     if family in MONAI_NETWORKS and not adapt_architecture:
-        raise ValueError(f"{ckpt.path} holds a {family} network but {plans_file.name} describes "
+        raise Med3DInsightError(f"{ckpt.path} holds a {family} network but {plans_file.name} describes "
                          f"{_arch_name(config)}; add --adapt-architecture to train the checkpoint's network")
     if adapt_architecture:
         if ckpt.source_format != "med3dinsight":
-            raise ValueError(f"{ckpt.path} has no med3dinsight metadata, so its architecture is unknown; "
+            raise Med3DInsightError(f"{ckpt.path} has no med3dinsight metadata, so its architecture is unknown; "
                              f"--adapt-architecture needs a checkpoint written by save_pretrained")
         changes += _adapt(config, configuration, family, meta, new_plans)
 
@@ -172,7 +173,7 @@ def _test_load(plans, configuration, channels, ckpt, can_adapt):
                                          cm.network_arch_init_kwargs_req_import, channels, 2, allow_init=False,
                                          deep_supervision=False)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"the plans' {configuration} network cannot be built for this checkpoint: {e}") from None
+        raise Med3DInsightError(f"the plans' {configuration} network cannot be built for this checkpoint: {e}") from None
     try:
         return load_pretrained_encoder(network, ckpt)
     except IncompatibleCheckpointError as e:

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from torch import nn
 
 from .base import Backbone, BackboneOutput, NetworkSpec
+from ..errors import Med3DInsightError
 
 __all__ = ["Backbone", "BackboneOutput", "NetworkSpec", "build_backbone", "build_backbone_from_config",
            "list_backbones", "network_spec", "register_backbone"]
@@ -31,7 +32,7 @@ def register_backbone(name: str) -> Callable[[Callable[..., Backbone]], Callable
     """Decorator registering ``builder(in_channels, patch_size, **network_kwargs) -> Backbone`` under ``name``."""
     def wrap(builder: Callable[..., Backbone]) -> Callable[..., Backbone]:
         if name in _REGISTRY:
-            raise ValueError(f"backbone {name!r} is already registered")
+            raise Med3DInsightError(f"backbone {name!r} is already registered")
         _REGISTRY[name] = builder
         return builder
     return wrap
@@ -58,9 +59,9 @@ def build_backbone(name: str, in_channels: int = 1, patch_size: Optional[Sequenc
         A :class:`Backbone` whose ``.network`` is the plain downstream network.
     """
     if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}: expected one of {list_backbones()}")
+        raise Med3DInsightError(f"unknown backbone {name!r}: expected one of {list_backbones()}")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+        raise Med3DInsightError(f"in_channels must be a positive integer, got {in_channels!r}")
     return _REGISTRY[name](in_channels=in_channels, patch_size=patch_size, **network_kwargs)
 
 

@@ -6,6 +6,8 @@ from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..errors import Med3DInsightError
+
 
 class NetworkSpec(NamedTuple):
     """Where the pretrained parts sit in a plain downstream network's ``state_dict``."""
@@ -131,5 +133,5 @@ def positive_triple(name: str, value: Sequence[int] | int | None) -> Tuple[int, 
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"{name} must be three positive integers (D, H, W), got {value!r}")
+        raise Med3DInsightError(f"{name} must be three positive integers (D, H, W), got {value!r}")
     return triple  # type: ignore[return-value]

@@ -16,6 +16,7 @@ import torch
 
 from . import register_backbone
 from .base import Backbone, NetworkSpec, positive_triple
+from ..errors import Med3DInsightError
 
 _SUPPORTED = ("PlainConvUNet", "ResidualEncoderUNet")
 # Constants of nnU-Net 2.8's ExperimentPlanner / ResEncUNetPlanner (instance attributes there, so not importable).
@@ -68,9 +69,9 @@ def _load_plans(plans: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any
         with open(plans) as f:
             return json.load(f)
     except OSError as e:
-        raise ValueError(f"cannot read the nnU-Net plans file {plans}: {e.strerror}") from None
+        raise Med3DInsightError(f"cannot read the nnU-Net plans file {plans}: {e.strerror}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"the nnU-Net plans file {plans} is not valid JSON ({e}); pass nnU-Net's "
+        raise Med3DInsightError(f"the nnU-Net plans file {plans} is not valid JSON ({e}); pass nnU-Net's "
                          f"nnUNetPlans.json from nnUNet_preprocessed/DATASET/") from None
 
 
@@ -81,13 +82,13 @@ def architecture_from_plans(plans: Union[str, os.PathLike, Dict[str, Any]],
 
     plans = _load_plans(plans)
     if not isinstance(plans, dict) or "configurations" not in plans:
-        raise ValueError("the plans have no 'configurations' key: pass an nnU-Net v2 plans file (nnUNetPlans.json)")
+        raise Med3DInsightError("the plans have no 'configurations' key: pass an nnU-Net v2 plans file (nnUNetPlans.json)")
     if configuration not in plans["configurations"]:
-        raise ValueError(f"configuration {configuration!r} is not in the plans; available: "
+        raise Med3DInsightError(f"configuration {configuration!r} is not in the plans; available: "
                          f"{sorted(plans['configurations'])}")
     resolved = copy.deepcopy(PlansManager(plans).get_configuration(configuration).configuration)
     if "architecture" not in resolved:
-        raise ValueError(f"configuration {configuration!r} of the plans has no 'architecture'; nnU-Net v2.4+ plans "
+        raise Med3DInsightError(f"configuration {configuration!r} of the plans has no 'architecture'; nnU-Net v2.4+ plans "
                          f"describe the network there: re-plan with nnUNetv2_plan_experiment")
     return plans, resolved
 
@@ -106,7 +107,7 @@ def architecture_for_patch(patch_size: Sequence[int], spacing: Sequence[float] =
     _, strides, kernels, planned_patch, _ = get_pool_and_conv_props(list(spacing), list(patch_size),
                                                                     _MIN_FEATURE_MAP_EDGE, 999999)
     if tuple(int(p) for p in planned_patch) != tuple(patch_size):
-        raise ValueError(f"patch size {tuple(patch_size)} does not fit nnU-Net's pooling for spacing {tuple(spacing)}; "
+        raise Med3DInsightError(f"patch size {tuple(patch_size)} does not fit nnU-Net's pooling for spacing {tuple(spacing)}; "
                          f"nnU-Net would use {tuple(int(p) for p in planned_patch)}")
     n = len(strides)
     kwargs: Dict[str, Any] = {
@@ -125,7 +126,7 @@ def architecture_for_patch(patch_size: Sequence[int], spacing: Sequence[float] =
         kwargs["n_blocks_per_stage"] = list(_RESENC_BLOCKS_ENCODER[:n])
         kwargs["n_conv_per_stage_decoder"] = [_RESENC_CONVS_DECODER] * (n - 1)
     else:
-        raise ValueError(f"family must be 'plain' or 'resenc', got {family!r}")
+        raise Med3DInsightError(f"family must be 'plain' or 'resenc', got {family!r}")
     kwargs.update({"conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
                    "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}})
@@ -143,7 +144,7 @@ def build_nnunet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = Non
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     if (plans is None) == (architecture is None):
-        raise ValueError("the nnunet backbone needs exactly one of plans= (a plans.json path or dict, with "
+        raise Med3DInsightError("the nnunet backbone needs exactly one of plans= (a plans.json path or dict, with "
                          "configuration=) or architecture= (a plans 'architecture' dict)")
     config: Dict[str, Any] = dict(name="nnunet", in_channels=in_channels)
     plans_configuration = None
@@ -155,23 +156,23 @@ def build_nnunet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = Non
     else:
         config["architecture"] = architecture
     if not isinstance(architecture, dict) or not {"network_class_name", "arch_kwargs"} <= set(architecture):
-        raise ValueError("architecture must be a plans 'architecture' dict with network_class_name and arch_kwargs")
+        raise Med3DInsightError("architecture must be a plans 'architecture' dict with network_class_name and arch_kwargs")
     class_name = architecture["network_class_name"].rsplit(".", 1)[-1]
     if class_name not in _SUPPORTED:
-        raise ValueError(f"nnU-Net architecture {architecture['network_class_name']} is not supported; "
+        raise Med3DInsightError(f"nnU-Net architecture {architecture['network_class_name']} is not supported; "
                          f"supported: {', '.join(_SUPPORTED)}")
     if "Conv3d" not in str(architecture["arch_kwargs"].get("conv_op", "")):
-        raise ValueError(f"the nnU-Net configuration is not 3D (conv_op {architecture['arch_kwargs'].get('conv_op')}); "
+        raise Med3DInsightError(f"the nnU-Net configuration is not 3D (conv_op {architecture['arch_kwargs'].get('conv_op')}); "
                          f"use a 3d_* configuration")
     if patch_size is None:
-        raise ValueError("patch_size is required when building the nnunet backbone from an architecture dict")
+        raise Med3DInsightError("patch_size is required when building the nnunet backbone from an architecture dict")
     patch = positive_triple("patch_size", patch_size)
     try:
         network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
                                          architecture.get("_kw_requires_import", ()), in_channels, num_classes,
                                          allow_init=True, deep_supervision=False)
     except (TypeError, ValueError, KeyError, AssertionError, ImportError) as e:
-        raise ValueError(f"nnU-Net could not build {class_name} from the architecture's arch_kwargs: {e}") from None
+        raise Med3DInsightError(f"nnU-Net could not build {class_name} from the architecture's arch_kwargs: {e}") from None
     features = architecture["arch_kwargs"]["features_per_stage"]
     config.update(patch_size=list(patch), num_classes=num_classes)
     backbone = NNUNetBackbone(network, in_channels, patch, token_dim=features[-1], decoder_dim=features[0],

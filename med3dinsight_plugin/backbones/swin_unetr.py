@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 
 from . import register_backbone
 from .base import Backbone, positive_triple
+from ..errors import Med3DInsightError
 
 DEFAULT_PATCH_SIZE = (96, 96, 96)
 
@@ -49,12 +50,12 @@ def build_swin_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] =
 
     patch = positive_triple("patch_size", patch_size or DEFAULT_PATCH_SIZE)
     if "img_size" in network_kwargs:
-        raise ValueError("SwinUNETR takes no img_size since MONAI 1.5; pass patch_size to build_backbone instead")
+        raise Med3DInsightError("SwinUNETR takes no img_size since MONAI 1.5; pass patch_size to build_backbone instead")
     kwargs = {"out_channels": 2, "feature_size": 48, **network_kwargs}
     try:
         network = SwinUNETR(in_channels=in_channels, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
-        raise ValueError(f"SwinUNETR rejected the arguments {kwargs}: {e}") from None
+        raise Med3DInsightError(f"SwinUNETR rejected the arguments {kwargs}: {e}") from None
     backbone = SwinUNETRBackbone(network, in_channels, patch, token_dim=16 * kwargs["feature_size"],
                                  decoder_dim=kwargs["feature_size"],
                                  config=dict(name="swin_unetr", in_channels=in_channels, patch_size=list(patch),
@@ -62,6 +63,6 @@ def build_swin_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] =
     backbone.check_spatial_shape(patch)
     minimum = tuple(2 * d for d in backbone.spatial_divisor())
     if any(p < m for p, m in zip(patch, minimum)):
-        raise ValueError(f"swin_unetr needs patch sizes of at least {minimum} (a smaller patch leaves one bottleneck "
+        raise Med3DInsightError(f"swin_unetr needs patch sizes of at least {minimum} (a smaller patch leaves one bottleneck "
                          f"voxel, which InstanceNorm rejects), got {patch}")
     return backbone

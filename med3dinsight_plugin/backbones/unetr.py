@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 
 from . import register_backbone
 from .base import Backbone, positive_triple
+from ..errors import Med3DInsightError
 
 DEFAULT_PATCH_SIZE = (96, 96, 96)
 
@@ -22,7 +23,7 @@ class UNETRBackbone(Backbone):
     def check_spatial_shape(self, shape):
         # The ViT's learnable position embedding fixes the input size.
         if tuple(shape) != self.patch_size:
-            raise ValueError(f"unetr was built for patches of {self.patch_size} (its position embedding has one entry "
+            raise Med3DInsightError(f"unetr was built for patches of {self.patch_size} (its position embedding has one entry "
                              f"per 16^3 patch) but got spatial size {tuple(shape)}; crop to {self.patch_size}")
 
     @classmethod
@@ -56,15 +57,15 @@ def build_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None
 
     patch = positive_triple("patch_size", patch_size or DEFAULT_PATCH_SIZE)
     if "img_size" in network_kwargs:
-        raise ValueError("pass the UNETR input size as patch_size to build_backbone, not as img_size")
+        raise Med3DInsightError("pass the UNETR input size as patch_size to build_backbone, not as img_size")
     if any(p % 16 for p in patch):
-        raise ValueError(f"unetr needs a patch size divisible by 16 (ViT patches of 16^3), got {patch}")
+        raise Med3DInsightError(f"unetr needs a patch size divisible by 16 (ViT patches of 16^3), got {patch}")
     kwargs = {"out_channels": 2, "feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12,
               **network_kwargs}
     try:
         network = UNETR(in_channels=in_channels, img_size=patch, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
-        raise ValueError(f"UNETR rejected the arguments {kwargs}: {e}") from None
+        raise Med3DInsightError(f"UNETR rejected the arguments {kwargs}: {e}") from None
     return UNETRBackbone(network, in_channels, patch, token_dim=kwargs["hidden_size"],
                          decoder_dim=kwargs["feature_size"],
                          config=dict(name="unetr", in_channels=in_channels, patch_size=list(patch),

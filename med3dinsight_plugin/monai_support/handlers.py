@@ -10,6 +10,7 @@ from ignite.engine import Engine, Events
 
 from ..loading import LoadReport, load_pretrained_encoder
 from ..finetune import apply_finetune_lr, finetune_lr_factor
+from ..errors import Med3DInsightError
 
 __all__ = ["FinetuneSchedule", "PretrainedEncoderLoader"]
 
@@ -69,7 +70,7 @@ class FinetuneSchedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_epochs: float = 0, frozen_encoder_epochs: int = 0):
         if warmup_epochs < 0 or frozen_encoder_epochs < 0:
-            raise ValueError("warmup_epochs and frozen_encoder_epochs must be >= 0")
+            raise Med3DInsightError("warmup_epochs and frozen_encoder_epochs must be >= 0")
         self.optimizer, self.warmup_epochs, self.frozen = optimizer, warmup_epochs, frozen_encoder_epochs
         for group in optimizer.param_groups:
             group.setdefault("peak_lr", group["lr"])

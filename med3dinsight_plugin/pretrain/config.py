@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import yaml
 
 from ..psat import PSAT_PRESETS
+from ..errors import Med3DInsightError
 
 __all__ = ["ConfigError", "DataConfig", "LossWeights", "ModelConfig", "PretrainConfig", "TrainConfig",
            "diff_configs", "load_config", "save_config", "RESUMABLE_CHANGES"]
@@ -25,7 +26,7 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every",
                      "data.num_workers", "output")
 
 
-class ConfigError(ValueError):
+class ConfigError(Med3DInsightError):
     """An invalid configuration; the message names the source, the key and what is expected."""
 
 

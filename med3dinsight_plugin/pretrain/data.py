@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from ..checkpoint import atomic_write
 from ..planes import crop_position
 from ..teacher.cache import StaleCacheError, TeacherCache
+from ..errors import Med3DInsightError
 
 __all__ = ["PretrainDataset", "compute_normalization", "prepare_volumes", "split_cases"]
 
@@ -136,7 +137,7 @@ class PretrainDataset(Dataset):
         self.patch = tuple(int(p) for p in patch_size)
         self.k, self.seed, self.augment, self.length = int(slices), int(seed), augment, length
         if not self.cases:
-            raise ValueError("no cases to pretrain on")
+            raise Med3DInsightError("no cases to pretrain on")
         for case in self.cases:
             entries = cache.entries(case)  # a case the cache lacks is refused here, at start
             if tuple(entries.shape) != tuple(shapes[case]):
@@ -145,7 +146,7 @@ class PretrainDataset(Dataset):
                                       f"{tuple(shapes[case])}; rerun med3dinsight embed on the current data")
             small = [a for a in range(3) if 2 * shapes[case][a] < self.patch[a]]
             if small:
-                raise ValueError(f"case {case} has shape {tuple(shapes[case])}, less than half the patch "
+                raise Med3DInsightError(f"case {case} has shape {tuple(shapes[case])}, less than half the patch "
                                  f"{self.patch} along axis {small[0]}; most of each crop would be padding: lower "
                                  f"model.patch_size or leave the case out")
             if len(entries.plane) == 0:

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..checkpoint import atomic_write
+from ..errors import Med3DInsightError
 
 __all__ = ["CacheError", "CaseEntries", "StaleCacheError", "TeacherCache", "settings_hash", "shard_name",
            "verify_cache", "write_manifest", "write_shard"]
@@ -34,7 +35,7 @@ _DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I32": np.in
            "U8": np.uint8, "I8": np.int8}
 
 
-class CacheError(ValueError):
+class CacheError(Med3DInsightError):
     """A teacher cache that cannot be used; the message names the folder or shard and what to do."""
 
 

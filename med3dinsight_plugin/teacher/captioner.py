@@ -23,12 +23,13 @@ import torch
 from ..planes import PLANES, plane_id
 from .captions import CaptionError, CaptionFile, caption_key
 from .hub import hub_offline
+from ..errors import Med3DInsightError
 
 __all__ = ["VLM", "VLMError", "CaptionError", "CaptionFile", "Captioner", "DEFAULT_PROMPTS", "caption_key",
            "caption_slices", "load_prompts", "load_vlm", "prompt_for"]
 
 
-class VLMError(ValueError):
+class VLMError(Med3DInsightError):
     """A model, prompt file or input the captioner cannot use; the one-line message names it and the fix."""
 
 

@@ -17,12 +17,13 @@ from typing import Iterable, Optional, Union
 
 from ..planes import PLANES
 from ..slices import slice_key
+from ..errors import Med3DInsightError
 
 PathLike = Union[str, os.PathLike]
 _REQUIRED = {"case": str, "plane": str, "index": int, "position": (int, float), "text": str}
 
 
-class CaptionError(ValueError):
+class CaptionError(Med3DInsightError):
     """A caption file that cannot be read or resumed; the message names the file, the line and the fix."""
 
 

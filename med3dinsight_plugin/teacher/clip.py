@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from .hub import hub_offline
+from ..errors import Med3DInsightError
 
 __all__ = ["DEFAULT_TEACHER", "ClipTeacher", "TeacherError"]
 
 DEFAULT_TEACHER = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
 
-class TeacherError(ValueError):
+class TeacherError(Med3DInsightError):
     """A teacher model that cannot be loaded or used; the message names it and the fix."""
 
 
