@@ -7,8 +7,11 @@ one line on stderr naming what is wrong and exit code 2; any other exception is 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 from . import __version__
@@ -319,6 +322,35 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# Known third-party noise that every run would print and that says nothing about the user's run: a deprecation
+# inside timm (imported by open_clip), and open_clip's note that the architecture was built before its weights
+# were loaded from a local folder. Filtered for the command line only; the library leaves warnings alone.
+_NOISY_WARNINGS = [(FutureWarning, r"`torch\.jit\.interface` is deprecated")]
+_NOISY_LOG_LINES = ("No pretrained weights loaded for model",)
+
+
+class _DropKnownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NOISY_LOG_LINES)
+
+
+@contextlib.contextmanager
+def _quiet_third_parties(debug: bool):
+    """Silence :data:`_NOISY_WARNINGS` and :data:`_NOISY_LOG_LINES` while a command runs (not with debug on)."""
+    if debug:
+        yield
+        return
+    root, noise = logging.getLogger(), _DropKnownNoise()
+    root.addFilter(noise)
+    try:
+        with warnings.catch_warnings():
+            for category, message in _NOISY_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        root.removeFilter(noise)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -327,7 +359,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     debug = os.environ.get("MED3DINSIGHT_DEBUG", "") not in ("", "0")
     try:
-        return args.func(args)
+        with _quiet_third_parties(debug):
+            return args.func(args)
     except KeyboardInterrupt:
         if debug:
             raise

@@ -34,3 +34,52 @@ def test_version_and_help():
     assert r.returncode == 0 and r.stdout.startswith("med3dinsight ")
     r = _run()
     assert r.returncode == 0 and "models" in r.stdout
+
+
+def test_only_user_errors_become_one_line(monkeypatch, capsys):
+    """A Med3DInsightError (or OSError) is one line and exit 2; any other exception is a bug and keeps its
+    traceback; MED3DINSIGHT_DEBUG=1 re-raises user errors too."""
+    import pytest
+
+    from med3dinsight_plugin import cli
+    from med3dinsight_plugin.errors import Med3DInsightError
+
+    def user_error(args):
+        raise Med3DInsightError("bad.yaml: key 'x' is wrong; use 'y'\ndetails that follow")
+
+    def bug(args):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(cli, "_cmd_models", user_error)
+    monkeypatch.delenv("MED3DINSIGHT_DEBUG", raising=False)
+    assert cli.main(["models"]) == 2
+    assert capsys.readouterr().err == "med3dinsight models: error: bad.yaml: key 'x' is wrong; use 'y'\n"
+    monkeypatch.setenv("MED3DINSIGHT_DEBUG", "1")
+    with pytest.raises(Med3DInsightError):
+        cli.main(["models"])
+    monkeypatch.delenv("MED3DINSIGHT_DEBUG")
+    monkeypatch.setattr(cli, "_cmd_models", bug)
+    with pytest.raises(ValueError, match="internal invariant"):
+        cli.main(["models"])
+
+
+def test_known_third_party_noise_is_silenced_in_the_cli_only(monkeypatch, capsys):
+    import logging
+    import warnings
+
+    from med3dinsight_plugin import cli
+
+    def noisy(args):
+        warnings.warn("`torch.jit.interface` is deprecated. Please use `torch.compile` instead.", FutureWarning)
+        logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
+        warnings.warn("a warning of the user's own", UserWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_models", noisy)
+    monkeypatch.delenv("MED3DINSIGHT_DEBUG", raising=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert cli.main(["models"]) == 0
+    assert [str(w.message) for w in seen] == ["a warning of the user's own"]
+    assert "No pretrained weights" not in capsys.readouterr().err
+    assert not any(isinstance(f, cli._DropKnownNoise) for f in logging.getLogger().filters)  # nothing left behind
