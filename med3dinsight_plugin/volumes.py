@@ -10,7 +10,10 @@ preprocessed ``.pkl`` properties are read with an allow-listed unpickler (numpy 
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +21,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import Med3DInsightError
+from .errors import Med3DInsightError, first_line, short_repr
 
 __all__ = ["Volume", "VolumeError", "VolumeSource", "canonical_axes", "open_source", "safe_load_pickle"]
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
+_FINGERPRINT_SAMPLES = 4096
+_DEFLATE_MAX_RATIO = 1032  # deflate never expands a stream by more than this factor (RFC 1951, 258-byte matches)
+_MODALITY_PROBE_CASES = 3  # --modality auto on a NIfTI folder looks at this many cases
 
 
 class VolumeError(Med3DInsightError):
@@ -53,6 +59,26 @@ class Volume:
     @property
     def shape(self) -> Tuple[int, int, int]:
         return tuple(self.array.shape[1:])
+
+    def fingerprint(self) -> str:
+        """A cheap content fingerprint of the array as read: shape, spacing, a fixed strided sample of voxels and the
+        central slice of every plane and channel.
+
+        Computed from the canonical array, so the same image stored in another orientation, compression or file
+        format (same voxel values) has the same fingerprint, while another image with the same case name and shape
+        almost surely has not. A teacher cache records it per case (``TeacherCache.fingerprint``).
+        """
+        a = np.ascontiguousarray(self.array, dtype=np.float32)
+        h = hashlib.sha256(json.dumps({"shape": list(a.shape), "spacing": [round(float(s), 4) for s in self.spacing]},
+                                      sort_keys=True).encode())
+        flat = a.reshape(-1)
+        step = max(1, flat.size // _FINGERPRINT_SAMPLES)
+        parts = [flat[::step][:_FINGERPRINT_SAMPLES]]
+        for c in range(a.shape[0]):
+            parts += [a[c, a.shape[1] // 2], a[c, :, a.shape[2] // 2], a[c, :, :, a.shape[3] // 2]]
+        for part in parts:
+            h.update((np.ascontiguousarray(part, dtype=np.float32) + np.float32(0)).tobytes())  # -0.0 as 0.0
+        return f"v1:{h.hexdigest()[:32]}"
 
     def native(self, channel: int = 0) -> np.ndarray:
         """One channel in scanner units where known (Hounsfield units for CT, also after nnU-Net normalisation)."""
@@ -123,10 +149,18 @@ def read_image(path: str) -> Tuple[np.ndarray, Tuple[float, ...], np.ndarray, Tu
 def _read_nifti(path: str):
     import nibabel as nib
 
+    if not os.path.isfile(path):
+        raise VolumeError(f"{path} is {'a folder' if os.path.isdir(path) else 'not a regular file'}, not a NIfTI "
+                          f"file; move it out of the dataset folder")
     try:
         img = nib.load(str(path))
-        array = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as e:  # nibabel/zlib/gzip raise many types for damaged files
+        raise VolumeError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          f"the file is damaged or truncated: re-export or remove it") from None
+    _check_claimed_size(str(path), img.header)  # before any voxel is read: a damaged header can claim gigabytes
+    try:
+        array = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:
         raise VolumeError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                           f"the file is damaged or truncated: re-export or remove it") from None
     while array.ndim > 3 and array.shape[-1] == 1:  # (X, Y, Z, 1) is 3D
@@ -136,6 +170,61 @@ def _read_nifti(path: str):
     affine = np.asarray(img.affine, dtype=np.float64)[:3, :3] * np.array([[-1.0], [-1.0], [1.0]])  # RAS -> LPS
     spacing = np.linalg.norm(affine, axis=0)
     return array, tuple(float(v) for v in spacing), affine / np.where(spacing > 0, spacing, 1.0), (0, 1, 2)
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return ""
+
+
+def _check_claimed_size(path: str, header) -> None:
+    """Refuse a NIfTI file whose header claims more voxel data than the file can hold, before reading any of it.
+
+    ``.nii``: the file size must cover the header's ``vox_offset`` plus the voxel data. ``.nii.gz``: deflate expands
+    at most 1032-fold, so a small file cannot hold a huge volume; and the gzip trailer's uncompressed size (mod 2^32)
+    must match, else the decompressed length is counted in a streaming pass (multi-member gzip files) without keeping
+    the data.
+    """
+    try:
+        shape = tuple(int(d) for d in header.get_data_shape())
+        dtype = np.dtype(header.get_data_dtype())
+        offset = int(header.get_data_offset())
+    except Exception as e:
+        raise VolumeError(f"cannot read the header of {path} ({type(e).__name__}: {e}); the file is damaged: "
+                          f"re-export or remove it") from None
+    need = offset + int(np.prod(shape, dtype=np.float64)) * dtype.itemsize if shape else offset
+    claim = f"its header claims {'x'.join(map(str, shape))} {dtype.name} voxels ({_human(need)})"
+    size = os.path.getsize(path)
+    if not path.endswith(".gz"):
+        if size < need:
+            raise VolumeError(f"{path}: {claim} but the file has {_human(size)}; it is truncated or its header is "
+                              f"damaged: re-export or remove it")
+        return
+    if need > _DEFLATE_MAX_RATIO * size + (1 << 16):
+        raise VolumeError(f"{path}: {claim} but a {_human(size)} gzip file cannot hold that much; it is truncated or "
+                          f"its header is damaged: re-export or remove it")
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 4))
+        trailer = f.read(4)
+    if len(trailer) == 4 and int.from_bytes(trailer, "little") == need % (1 << 32):
+        return
+    held = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while held < need:
+                block = f.read(min(1 << 22, need - held))
+                if not block:
+                    break
+                held += len(block)
+    except Exception as e:  # zlib.error, EOFError, BadGzipFile
+        raise VolumeError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          f"the file is damaged or truncated: re-export or remove it") from None
+    if held < need:
+        raise VolumeError(f"{path}: {claim} but the file holds only {_human(held)} once decompressed; it is "
+                          f"truncated or its header is damaged: re-export or remove it")
 
 
 def _read_sitk(path: str):
@@ -157,6 +246,20 @@ def _guess_modality(array: np.ndarray) -> str:
     return "ct" if float(np.percentile(array, 1)) < -500 else "mri"
 
 
+def _nifti_modality(files: Dict[str, List[str]], root: Path) -> Tuple[str, str]:
+    """One modality for a NIfTI folder: the intensities (channel 0) of its first few cases, which must agree."""
+    probed = sorted(files)[:_MODALITY_PROBE_CASES]
+    guesses = {case: _guess_modality(read_image(files[case][0])[0]) for case in probed}
+    kinds = sorted(set(guesses.values()))
+    if len(kinds) > 1:
+        ct = next(c for c, g in guesses.items() if g == "ct")
+        mri = next(c for c, g in guesses.items() if g == "mri")
+        raise VolumeError(f"--modality auto cannot decide for {root}: case {ct} looks like CT (air near -1000 HU) but "
+                          f"case {mri} does not; pass --modality ct or --modality mri (data.modality), or keep one "
+                          f"modality per folder")
+    return kinds[0], f"the intensities of {', '.join(probed)} (air near -1000 HU: CT, else MRI)"
+
+
 class VolumeSource:
     """The cases of one dataset and how to read them; build it with :func:`open_source`.
 
@@ -164,15 +267,21 @@ class VolumeSource:
         kind: ``"nifti"``, ``"nnunet_raw"`` or ``"nnunet_preprocessed"``.
         root: the folder (or file) given.
         cases: sorted case identifiers.
-        modality: ``"ct"``, ``"mri"`` or ``"auto"`` (guessed per case from its intensities).
+        modality: ``"ct"`` or ``"mri"``: one decision for the whole dataset (given, or made once by
+            :func:`open_source` from ``dataset.json`` or the first cases' intensities), used both to render the
+            teacher's slices and to choose pretraining's intensity normalisation.
+        modality_reason: how that decision was made (for messages).
         num_channels: input channels per case.
     """
 
     def __init__(self, kind: str, root: Path, files: Dict[str, List[str]], modality: str, num_channels: int,
-                 extra: Optional[Dict[str, Any]] = None):
+                 extra: Optional[Dict[str, Any]] = None, modality_reason: str = "given"):
+        if modality not in ("ct", "mri"):
+            raise VolumeError(f"modality must be ct or mri once a dataset is opened, got {modality!r}")
         self.kind, self.root, self._files = kind, root, files
         self.cases = sorted(files)
         self.modality, self.num_channels = modality, num_channels
+        self.modality_reason = modality_reason
         self._extra = extra or {}
 
     def __len__(self) -> int:
@@ -205,8 +314,7 @@ class VolumeSource:
         spacing, direction, axes = geometry
         permutation, flips = canonical_axes(direction, axes)
         data, spacing = _to_canonical(np.stack(arrays), spacing, permutation, flips)
-        modality = self.modality if self.modality != "auto" else _guess_modality(data[0])
-        return Volume(case, data, spacing, modality, files=list(self._files[case]))
+        return Volume(case, data, spacing, self.modality, files=list(self._files[case]))
 
     def _read_preprocessed(self, case: str) -> Volume:
         folder = Path(self._extra["data_folder"])
@@ -270,7 +378,10 @@ def open_source(path, modality: str = "auto", configuration: str = "3d_fullres",
         path: a folder of NIfTI volumes (one file per case, or ``CASE_0000.nii.gz`` channel files), a single NIfTI
             file, an nnU-Net raw dataset (``dataset.json`` + ``imagesTr``) or an nnU-Net preprocessed dataset
             (``<plans>.json`` + ``dataset.json``).
-        modality: ``"ct"``, ``"mri"`` or ``"auto"`` (from ``dataset.json``, or guessed from the intensities).
+        modality: ``"ct"``, ``"mri"`` or ``"auto"``: decided once for the whole dataset, here -- nnU-Net data from
+            ``dataset.json``'s first channel name (``CT`` is CT, anything else MRI-like, as nnU-Net normalises), a
+            NIfTI folder from the intensities of its first three cases (air near -1000 HU is CT; cases that disagree
+            are refused). The result is ``source.modality`` (never ``"auto"``), recorded by ``describe()``.
         configuration, plans: which preprocessed data to read (nnU-Net preprocessed only).
 
     Returns:
@@ -284,13 +395,22 @@ def open_source(path, modality: str = "auto", configuration: str = "3d_fullres",
     if root.is_file():
         if not root.name.endswith(NIFTI_ENDINGS):
             raise VolumeError(f"{root} is not a NIfTI file (.nii/.nii.gz); pass a NIfTI file or a dataset folder")
-        return VolumeSource("nifti", root, {_case_name(root.name): [str(root)]}, modality, 1)
-    if (root / "dataset.json").is_file() and (root / f"{plans}.json").is_file():
+        cases = {_case_name(root.name): [str(root)]}
+        mod, why = _given_or(modality, lambda: _nifti_modality(cases, root))
+        return VolumeSource("nifti", root, cases, mod, 1, modality_reason=why)
+    has_dataset_json = (root / "dataset.json").is_file()
+    if has_dataset_json and (root / f"{plans}.json").is_file():
         return _preprocessed_source(root, modality, configuration, plans)
-    if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
+    if has_dataset_json and (root / "imagesTr").is_dir():
         return _raw_source(root, modality)
     files = sorted(p for p in root.iterdir() if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith("."))
     if not files:
+        if has_dataset_json:
+            others = sorted(p.stem for p in root.glob("*.json") if p.name != "dataset.json" and "lans" in p.name)
+            hint = f"; plans found: {', '.join(others)} (pass --plans NAME)" if others else \
+                "; run nnUNetv2_plan_and_preprocess, or pass the raw dataset folder (with imagesTr)"
+            raise VolumeError(f"{root} has a dataset.json but neither imagesTr (nnU-Net raw) nor {plans}.json "
+                              f"(nnU-Net preprocessed){hint}")
         raise VolumeError(f"{root} has no .nii/.nii.gz files and is not an nnU-Net raw dataset (dataset.json + "
                           f"imagesTr) or preprocessed dataset ({plans}.json + dataset.json)")
     cases: Dict[str, List[str]] = {}
@@ -300,7 +420,13 @@ def open_source(path, modality: str = "auto", configuration: str = "3d_fullres",
     if len(counts) != 1:
         raise VolumeError(f"the cases in {root} have different numbers of channel files ({sorted(counts)}); name "
                           f"channels CASE_0000.nii.gz, CASE_0001.nii.gz, ... for every case")
-    return VolumeSource("nifti", root, cases, modality, counts.pop())
+    mod, why = _given_or(modality, lambda: _nifti_modality(cases, root))
+    return VolumeSource("nifti", root, cases, mod, counts.pop(), modality_reason=why)
+
+
+def _given_or(modality: str, decide) -> Tuple[str, str]:
+    """``(modality, reason)``: the one given, or ``decide()``'s for ``"auto"``."""
+    return (modality, "given (--modality / data.modality)") if modality != "auto" else decide()
 
 
 def _case_name(name: str, strip_channel: bool = False) -> str:
@@ -312,55 +438,91 @@ def _case_name(name: str, strip_channel: bool = False) -> str:
 
 def _load_json(path: Path) -> Dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise VolumeError(f"cannot read {path} ({e}); fix or regenerate it") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise VolumeError(f"cannot read {path} ({first_line(e)}); fix or regenerate it") from None
+    if not isinstance(data, dict):
+        raise VolumeError(f"{path} holds a JSON {type(data).__name__}, not an object; fix or regenerate it")
+    return data
 
 
-def _dataset_modality(dataset_json: Dict[str, Any], modality: str) -> str:
-    if modality != "auto":
-        return modality
-    channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
-    first = str(channels.get("0", "")).strip().lower()
-    return "ct" if first == "ct" else "mri"
+def _channel_names(ds: Dict[str, Any], path: Path) -> Dict[str, str]:
+    """``channel_names`` of a dataset.json (nnU-Net v2; v1's ``modality`` is accepted), checked."""
+    channels = ds.get("channel_names", ds.get("modality"))
+    if not isinstance(channels, dict) or not channels:
+        raise VolumeError(f"{path} lacks channel_names (nnU-Net v2 needs it, e.g. \"channel_names\": "
+                          f"{{\"0\": \"CT\"}}); add it")
+    if sorted(channels) != [str(i) for i in range(len(channels))]:
+        raise VolumeError(f"{path}: channel_names keys must be \"0\", \"1\", ... in order, got "
+                          f"{short_repr(sorted(channels))}; fix it")
+    return {str(k): str(v) for k, v in channels.items()}
+
+
+def _dataset_modality(channels: Dict[str, str], path: Path) -> Tuple[str, str]:
+    # as nnU-Net: channel name "CT" (any case) gets CTNormalization, anything else a z-score: MRI-like
+    name = channels["0"].strip()
+    return ("ct" if name.casefold() == "ct" else "mri"), f"channel_names[\"0\"] = {name!r} in {path}"
 
 
 def _raw_source(root: Path, modality: str) -> VolumeSource:
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    ds = _load_json(root / "dataset.json")
+    ds_path = root / "dataset.json"
+    ds = _load_json(ds_path)
+    channels = _channel_names(ds, ds_path)
+    if "dataset" not in ds and not isinstance(ds.get("file_ending"), str):
+        raise VolumeError(f"{ds_path} lacks file_ending (e.g. \"file_ending\": \".nii.gz\"); add it")
     try:
         entries = get_filenames_of_train_images_and_targets(str(root), ds)
-    except (KeyError, OSError) as e:
-        raise VolumeError(f"{root / 'dataset.json'} does not describe the files in imagesTr ({e}); check "
+    except (KeyError, OSError, TypeError, AttributeError) as e:
+        raise VolumeError(f"{ds_path} does not describe the files in imagesTr ({type(e).__name__}: {e}); check "
                           f"file_ending and channel_names") from None
     files = {case: list(e["images"]) for case, e in entries.items()}
     if not files:
         raise VolumeError(f"{root / 'imagesTr'} has no cases ending in {ds.get('file_ending')!r}")
-    return VolumeSource("nnunet_raw", root, files, _dataset_modality(ds, modality),
-                        len(ds.get("channel_names", {"0": ""})))
+    for case, images in files.items():
+        if len(images) != len(channels):
+            raise VolumeError(f"case {case} in {root / 'imagesTr'} has {len(images)} channel file(s) but {ds_path} "
+                              f"names {len(channels)} channel(s); add the missing _000N files or fix channel_names")
+    mod, why = _given_or(modality, lambda: _dataset_modality(channels, ds_path))
+    return VolumeSource("nnunet_raw", root, files, mod, len(channels), modality_reason=why)
 
 
 def _preprocessed_source(root: Path, modality: str, configuration: str, plans_name: str) -> VolumeSource:
-    plans = _load_json(root / f"{plans_name}.json")
-    ds = _load_json(root / "dataset.json")
-    if configuration not in plans.get("configurations", {}):
-        raise VolumeError(f"{root / f'{plans_name}.json'} has no configuration {configuration!r}; choose one of "
-                          f"{sorted(plans.get('configurations', {}))}")
+    plans_path = root / f"{plans_name}.json"
+    plans = _load_json(plans_path)
+    ds_path = root / "dataset.json"
+    channels = _channel_names(_load_json(ds_path), ds_path)
+    configurations = plans.get("configurations")
+    if not isinstance(configurations, dict) or configuration not in configurations:
+        raise VolumeError(f"{plans_path} has no configuration {configuration!r}; choose one of "
+                          f"{sorted(configurations) if isinstance(configurations, dict) else []} (--configuration)")
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    cm = PlansManager(plans).get_configuration(configuration)
-    folder = root / cm.data_identifier
+    try:
+        cm = PlansManager(plans).get_configuration(configuration)
+        data_identifier, spacing = cm.data_identifier, list(cm.spacing)
+        schemes = list(cm.normalization_schemes)
+        transpose = [int(t) for t in plans["transpose_forward"]]
+        if sorted(transpose) != [0, 1, 2]:
+            raise ValueError(f"transpose_forward {transpose} is not a permutation of 0, 1, 2")
+        ct_stats = None
+        if schemes and schemes[0] == "CTNormalization":
+            stats = plans["foreground_intensity_properties_per_channel"]["0"]
+            ct_stats = (float(stats["mean"]), float(stats["std"]))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise VolumeError(f"{plans_path} is not a complete nnU-Net plans file ({type(e).__name__}: {e}); rerun "
+                          f"nnUNetv2_plan_and_preprocess") from None
+    folder = root / data_identifier
     cases = sorted({p.name.split(".")[0] for p in folder.glob("*.pkl")}) if folder.is_dir() else []
     if not cases:
         raise VolumeError(f"{folder} holds no preprocessed cases; run nnUNetv2_preprocess -d "
                           f"{plans.get('dataset_name')} -c {configuration} -plans_name {plans_name}")
-    extra: Dict[str, Any] = {"data_folder": str(folder), "transpose_forward": list(plans["transpose_forward"]),
-                             "spacing": list(cm.spacing), "plans_name": plans_name, "configuration": configuration}
-    schemes = list(cm.normalization_schemes)
-    if schemes and schemes[0] == "CTNormalization":
-        stats = plans["foreground_intensity_properties_per_channel"]["0"]
-        extra["ct_stats"] = (float(stats["mean"]), float(stats["std"]))
-    mod = modality if modality != "auto" else ("ct" if "ct_stats" in extra else _dataset_modality(ds, "auto"))
-    return VolumeSource("nnunet_preprocessed", root, {c: [str(folder / c)] for c in cases}, mod,
-                        len(ds.get("channel_names", {"0": ""})), extra)
+    extra: Dict[str, Any] = {"data_folder": str(folder), "transpose_forward": transpose, "spacing": spacing,
+                             "plans_name": plans_name, "configuration": configuration}
+    if ct_stats is not None:
+        extra["ct_stats"] = ct_stats
+    mod, why = _given_or(modality, lambda: ("ct", f"CTNormalization in {plans_path}") if ct_stats is not None
+                         else _dataset_modality(channels, ds_path))
+    return VolumeSource("nnunet_preprocessed", root, {c: [str(folder / c)] for c in cases}, mod, len(channels), extra,
+                        modality_reason=why)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -23,14 +25,18 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..checkpoint import atomic_write
-from ..errors import Med3DInsightError
+from ..errors import Med3DInsightError, first_line, short_repr
 
 __all__ = ["CacheError", "CaseEntries", "StaleCacheError", "TeacherCache", "settings_hash", "shard_name",
            "verify_cache", "write_manifest", "write_shard"]
 
 FORMAT = "med3dinsight-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-case volume fingerprints and shard sizes (1 is still read, without those checks)
 MANIFEST = "manifest.json"
+_SHARD_RE = re.compile(r"shard-\d{5,}\.safetensors\Z")
+_MAX_HEADER = 100 << 20  # a safetensors header larger than this is damage, not data
+_VERIFY_HINT = "run med3dinsight cache verify on the cache, then delete the shard and rerun med3dinsight embed with " \
+               "the same settings to rewrite it"
 _DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I32": np.int32, "I64": np.int64,
            "U8": np.uint8, "I8": np.int8}
 
@@ -64,10 +70,12 @@ def diff_keys(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[st
 
 
 def write_shard(folder: Path, shard_id: int, cases: Sequence[str], shapes: Dict[str, Sequence[int]],
-                rows: Dict[str, np.ndarray], settings_digest: str) -> Path:
+                rows: Dict[str, np.ndarray], settings_digest: str,
+                fingerprints: Optional[Dict[str, str]] = None) -> Path:
     """Write one shard atomically.
 
     Args:
+        fingerprints: :meth:`~med3dinsight_plugin.volumes.Volume.fingerprint` of each case's volume.
         rows: ``plane`` (N,) uint8, ``index`` (N,) int32, ``position`` (N,) float32, ``case`` (N,) int32 (index into
             ``cases``), ``image`` (N, E) and optionally ``text`` (N, E) embeddings (stored as float16).
     """
@@ -80,33 +88,108 @@ def write_shard(folder: Path, shard_id: int, cases: Sequence[str], shapes: Dict[
         tensors["text"] = rows["text"].astype(np.float16)
     # one metadata key: safetensors keeps metadata in a hash map, so several keys come out in varying order and
     # identical shards would differ byte-wise
-    meta = {"med3dinsight": json.dumps({"format": FORMAT, "settings": settings_digest, "cases": list(cases),
-                                        "shapes": {c: list(shapes[c]) for c in cases}})}
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "settings": settings_digest, "cases": list(cases),
+            "shapes": {c: list(shapes[c]) for c in cases}}
+    if fingerprints is not None:
+        info["fingerprints"] = {c: fingerprints[c] for c in cases}
+    meta = {"med3dinsight": json.dumps(info)}
     path = Path(folder) / shard_name(shard_id)
     atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, meta))
     return path
 
 
+def _damaged(path: Path, what: str) -> CacheError:
+    return CacheError(f"{path} is damaged ({what}); {_VERIFY_HINT}")
+
+
 def _read_header(path: Path):
-    """safetensors header -> (metadata, {name: (dtype, shape, absolute byte offset)}); raises CacheError."""
+    """safetensors header -> (metadata, {name: (dtype, shape, absolute byte offset)}), checked against the file.
+
+    Nothing is read beyond the header, and its claimed length is checked against the file first, so a flipped bit
+    in the length cannot make this allocate gigabytes. Raises :class:`CacheError` naming the shard.
+    """
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
         size = path.stat().st_size
-    except (OSError, struct.error, ValueError) as e:
-        raise CacheError(f"cannot read {path} ({e}); delete it and rerun med3dinsight embed to rewrite it") from None
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _damaged(path, f"{size} bytes, shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if not 2 <= n <= min(size - 8, _MAX_HEADER):
+                raise _damaged(path, f"its header claims {n} bytes, the file has {size}")
+            raw = f.read(n)
+    except OSError as e:
+        raise CacheError(f"cannot read {path} ({e.strerror or e}); {_VERIFY_HINT}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise _damaged(path, f"its header is not valid JSON: {str(e).splitlines()[0]}") from None
     try:
         meta = json.loads((header.pop("__metadata__", {}) or {}).get("med3dinsight", "{}"))
-    except ValueError:
-        meta = {}
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (AttributeError, ValueError):
+        raise _damaged(path, "its med3dinsight metadata is not readable") from None
     entries = {}
     for name, info in header.items():
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in _DTYPES or 8 + n + end > size:
-            raise CacheError(f"{path} is truncated or damaged (tensor {name}); delete it and rerun med3dinsight embed")
-        entries[name] = (_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + begin)
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+            ok = all(d >= 0 for d in shape) and 0 <= begin <= end and end - begin == int(np.prod(shape)) * \
+                np.dtype(dtype).itemsize
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise _damaged(path, f"tensor {name!r} has an invalid dtype, shape or offsets")
+        if 8 + n + end > size:
+            raise _damaged(path, f"tensor {name!r} ends at byte {8 + n + end} of a {size}-byte file: truncated")
+        entries[name] = (dtype, shape, 8 + n + begin)
     return meta, entries
+
+
+def _check_layout(path: Path, meta: Dict[str, Any], entries: Dict[str, Any], embed_dim: Optional[int],
+                  has_text: Optional[bool]) -> int:
+    """The tensors and metadata a shard must hold (names, dtypes, shapes); returns its row count."""
+    cases, shapes = meta.get("cases"), meta.get("shapes")
+    if meta.get("format") != FORMAT or not isinstance(cases, list) or not isinstance(shapes, dict) or \
+            not all(isinstance(c, str) and isinstance(shapes.get(c), list) and len(shapes[c]) == 3 and
+                    all(isinstance(d, int) and d > 0 for d in shapes[c]) for c in cases):
+        raise _damaged(path, "its med3dinsight metadata lacks the cases and their shapes")
+    expected = {"plane": np.uint8, "index": np.int32, "position": np.float32, "case": np.int32, "image": np.float16}
+    if has_text or (has_text is None and "text" in entries):
+        expected["text"] = np.float16
+    if set(entries) != set(expected):
+        raise _damaged(path, f"tensors {sorted(entries)}, expected {sorted(expected)}")
+    n = entries["plane"][1][0] if len(entries["plane"][1]) == 1 else -1
+    for name, dtype in expected.items():
+        got_dtype, shape, _ = entries[name]
+        want = (n,) if name in ("plane", "index", "position", "case") else (n, embed_dim or (shape[1:] or [-1])[0])
+        if got_dtype != dtype or shape != want or n < 0:
+            raise _damaged(path, f"tensor {name!r} is {np.dtype(got_dtype).name} {list(shape)}, expected "
+                                 f"{np.dtype(dtype).name} {list(want)}")
+    return n
+
+
+def _check_rows(path: Path, meta: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
+    """Cheap checks of the small per-row arrays: planes, case ids (grouped), slice indices and positions in range."""
+    plane, case = np.asarray(arrays["plane"]), np.asarray(arrays["case"])
+    index, position = np.asarray(arrays["index"]), np.asarray(arrays["position"])
+    problem = None
+    if plane.size and plane.max() > 2:
+        problem = "a plane id is not 0, 1 or 2"
+    elif case.size and (case.min() < 0 or case.max() >= len(meta["cases"]) or np.any(np.diff(case) < 0)):
+        problem = "the case column is out of range or out of order"
+    elif not np.all(np.isfinite(position) & (position >= 0) & (position <= 1)):
+        problem = "a slice position is not in [0, 1]"
+    elif index.size:
+        extent = np.asarray([meta["shapes"][c] for c in meta["cases"]], np.int64)[case, plane]
+        if np.any((index < 0) | (index >= extent)):
+            problem = "a slice index lies outside its volume"
+    if problem:
+        raise _damaged(path, problem)
 
 
 def _memmap(path: Path, entry) -> np.ndarray:
@@ -141,9 +224,10 @@ def write_manifest(folder: Path, settings: Dict[str, Any], shard_cases: Dict[int
         meta, entries = _read_header(path)
         shapes = meta["shapes"]
         shards.append({"file": path.name, "rows": entries["plane"][1][0], "cases": len(shard_cases[sid]),
-                       "sha256": _sha256(path)})
+                       "bytes": path.stat().st_size, "sha256": _sha256(path)})
+        prints = meta.get("fingerprints") or {}
         for c in shard_cases[sid]:
-            cases[c] = {"shard": path.name, "shape": shapes[c]}
+            cases[c] = {"shard": path.name, "shape": shapes[c], "fingerprint": prints.get(c)}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "settings": settings,
                 "settings_hash": settings_hash(settings), "shards": shards, "cases": cases}
     out = folder / MANIFEST
@@ -157,11 +241,24 @@ def read_manifest(folder: Path) -> Dict[str, Any]:
         raise CacheError(f"{folder} is not a finished teacher cache (no {MANIFEST}); run med3dinsight embed "
                          f"(it resumes where it stopped)")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CacheError(f"cannot read {path} ({e}); rerun med3dinsight embed into a new folder") from None
-    if manifest.get("format") != FORMAT:
-        raise CacheError(f"{path} is not a med3dinsight teacher cache manifest")
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON or not UTF-8
+        raise CacheError(f"cannot read {path} ({first_line(e)}); delete it and rerun med3dinsight embed with the "
+                         f"same settings (it keeps the finished shards and rewrites the manifest)") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CacheError(f"{path} is not a med3dinsight teacher cache manifest; delete it and rerun med3dinsight "
+                         f"embed with the same settings")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CacheError(f"{path} has format_version {short_repr(version)}, this med3dinsight reads up to "
+                         f"{FORMAT_VERSION}; upgrade med3dinsight or rerun med3dinsight embed into a new folder")
+    shards, cases, settings = manifest.get("shards"), manifest.get("cases"), manifest.get("settings")
+    if not (isinstance(settings, dict) and isinstance(manifest.get("settings_hash"), str)
+            and isinstance(settings.get("teacher"), dict) and isinstance(cases, dict) and isinstance(shards, list)
+            and all(isinstance(x, dict) and isinstance(x.get("file"), str) and _SHARD_RE.match(x["file"])
+                    and isinstance(x.get("sha256"), str) for x in shards)):
+        raise CacheError(f"{path} is damaged (settings, shards or cases missing or malformed); delete it and rerun "
+                         f"med3dinsight embed with the same settings")
     return manifest
 
 
@@ -180,6 +277,10 @@ class CaseEntries:
 class TeacherCache:
     """A finished cache, opened for training (memory-mapped; no 2D model is touched).
 
+    Opening checks every shard cheaply against the manifest (file size, header, tensor layout, row metadata), and
+    :meth:`entries` checks that a case's embeddings are finite unit vectors the first time they are read; damage
+    raises :class:`CacheError` naming the shard (``med3dinsight cache verify`` compares the full checksums).
+
     Args:
         folder: the cache folder.
         expect: settings the caller needs (e.g. ``{"teacher": {...}, "source": {...}}``); any difference raises
@@ -193,16 +294,32 @@ class TeacherCache:
         if expect:
             self.check(expect)
         self._cases: Dict[str, CaseEntries] = {}
+        self._shard_of: Dict[str, Path] = {}
+        self._fingerprints: Dict[str, Optional[str]] = {}
+        self._checked: set = set()
+        self._warned = False
+        try:
+            embed_dim = self.embed_dim
+        except (KeyError, TypeError, ValueError):
+            raise CacheError(f"{self.folder / MANIFEST} lacks the teacher's embed_dim; rerun med3dinsight embed into "
+                             f"a new folder") from None
         for shard in self.manifest["shards"]:
             path = self.folder / shard["file"]
             if not path.is_file():
                 raise CacheError(f"{path} is missing; rerun med3dinsight embed with the same settings to rewrite it")
+            size, recorded = path.stat().st_size, shard.get("bytes")
+            if isinstance(recorded, int) and size != recorded:
+                raise CacheError(f"{path} is {size} bytes but {MANIFEST} recorded {recorded} (truncated or replaced); "
+                                 f"{_VERIFY_HINT}")
             meta, entries = _read_header(path)
             if meta.get("settings") != self.manifest["settings_hash"]:
                 raise StaleCacheError(f"{path} was written with other settings than {self.folder / MANIFEST}; "
                                       f"rerun med3dinsight embed into a new folder")
+            _check_layout(path, meta, entries, embed_dim, self.has_text)
             arrays = {k: _memmap(path, e) for k, e in entries.items()}
+            _check_rows(path, meta, arrays)
             case_ids, shapes = meta["cases"], meta["shapes"]
+            prints = meta.get("fingerprints") if isinstance(meta.get("fingerprints"), dict) else {}
             order = np.asarray(arrays["case"])
             for i, case in enumerate(case_ids):
                 rows = np.flatnonzero(order == i)
@@ -211,6 +328,8 @@ class TeacherCache:
                 self._cases[case] = CaseEntries(np.asarray(arrays["plane"][lo:hi]), np.asarray(arrays["index"][lo:hi]),
                                                 np.asarray(arrays["position"][lo:hi]), arrays["image"][lo:hi],
                                                 None if text is None else text[lo:hi], tuple(shapes[case]))
+                self._shard_of[case] = path
+                self._fingerprints[case] = prints.get(case) if isinstance(prints.get(case), str) else None
 
     @property
     def cases(self) -> List[str]:
@@ -240,15 +359,56 @@ class TeacherCache:
         return case in self._cases
 
     def entries(self, case: str) -> CaseEntries:
-        """The cached slices of ``case``; a case the cache lacks raises :class:`CacheError`."""
+        """The cached slices of ``case``; a case the cache lacks raises :class:`CacheError`, and so do embeddings
+        that are not finite unit vectors (checked the first time each case is read)."""
         if case not in self._cases:
             raise CacheError(f"the teacher cache {self.folder} has no slices of case {case!r}; rerun med3dinsight "
                              f"embed on the current dataset (it adds what is missing)")
-        return self._cases[case]
+        e = self._cases[case]
+        if case not in self._checked:
+            for name, emb in (("image", e.image), ("text", e.text)):
+                if emb is None or not len(emb):
+                    continue
+                x = np.asarray(emb, dtype=np.float32)
+                finite = bool(np.isfinite(x).all())
+                if not finite or np.abs(np.linalg.norm(x, axis=-1) - 1).max() > 1e-2:
+                    raise CacheError(f"{self._shard_of[case]} is damaged: the {name} embeddings of case {case} are "
+                                     f"{'not finite (NaN/Inf)' if not finite else 'not unit vectors'}; "
+                                     f"{_VERIFY_HINT}")
+            self._checked.add(case)
+        return e
+
+    def fingerprint(self, case: str) -> Optional[str]:
+        """The :meth:`~med3dinsight_plugin.volumes.Volume.fingerprint` of the volume ``case``'s slices were taken
+        from, or ``None`` for a cache written before fingerprints were recorded (format version 1)."""
+        if case not in self._cases:
+            self.entries(case)  # raises the usual error
+        return self._fingerprints.get(case)
+
+    def check_fingerprint(self, case: str, fingerprint: str) -> None:
+        """Refuse (:class:`StaleCacheError`) if ``case`` was cached from a volume with another content than the one
+        whose fingerprint is given; warn once (and accept) for a cache that predates fingerprints."""
+        stored = self.fingerprint(case)
+        if stored is None:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"the teacher cache {self.folder} was written before volume fingerprints were recorded, "
+                              f"so it cannot check that its slices come from these volumes; rerun med3dinsight embed "
+                              f"into a new folder to get that check", stacklevel=2)
+            return
+        if stored != fingerprint:
+            raise StaleCacheError(f"the teacher cache {self.folder} was made from another image for case {case!r} "
+                                  f"(same name and shape, different voxels); rerun med3dinsight embed on the current "
+                                  f"data into a new folder, or pass the cache made from this data")
+
+    def check_volume(self, volume) -> None:
+        """:meth:`check_fingerprint` for a :class:`~med3dinsight_plugin.volumes.Volume` just read."""
+        self.check_fingerprint(volume.case, volume.fingerprint())
 
 
 def verify_cache(folder) -> List[str]:
-    """Check every shard of a cache: present, checksum, readable, consistent rows, finite unit-norm embeddings.
+    """Check every shard of a cache: present, size and checksum, readable, consistent rows, finite unit-norm
+    embeddings.
 
     Returns:
         One line per problem found (empty when the cache is sound).
@@ -259,10 +419,12 @@ def verify_cache(folder) -> List[str]:
     except CacheError as e:
         return [str(e)]
     problems = []
+    embed_dim = manifest["settings"]["teacher"].get("embed_dim")
+    has_text = manifest["settings"].get("captions") is not None
     for shard in manifest["shards"]:
         path = folder / shard["file"]
         if not path.is_file():
-            problems.append(f"{path}: missing")
+            problems.append(f"{path}: missing; rerun med3dinsight embed with the same settings to rewrite it")
             continue
         if _sha256(path) != shard["sha256"]:
             problems.append(f"{path}: checksum mismatch (the file changed or is corrupt); delete it and rerun "
@@ -270,16 +432,15 @@ def verify_cache(folder) -> List[str]:
             continue
         try:
             meta, entries = _read_header(path)
+            _check_layout(path, meta, entries, embed_dim if isinstance(embed_dim, int) else None, has_text)
+            arrays = {k: _memmap(path, e) for k, e in entries.items()}
+            _check_rows(path, meta, arrays)
         except CacheError as e:
             problems.append(str(e))
             continue
-        n = entries["plane"][1][0]
-        for name in ("index", "position", "case", "image", "text"):
-            if name in entries and entries[name][1][0] != n:
-                problems.append(f"{path}: {name} has {entries[name][1][0]} rows, expected {n}")
         for name in ("image", "text"):
-            if name in entries:
-                emb = np.asarray(_memmap(path, entries[name]), dtype=np.float32)
+            if name in arrays:
+                emb = np.asarray(arrays[name], dtype=np.float32)
                 norms = np.linalg.norm(emb, axis=-1) if emb.size else np.ones(0)
                 if not np.isfinite(emb).all() or np.abs(norms - 1).max(initial=0) > 1e-2:
                     problems.append(f"{path}: {name} embeddings are not finite unit vectors")

@@ -18,8 +18,9 @@ import torch
 
 from ..planes import plane_id
 from ..slices import RenderSettings, SlicePolicy, volume_slices
-from .cache import (MANIFEST, CacheError, StaleCacheError, diff_keys, read_manifest, settings_hash, shard_name,
-                    shard_settings, write_manifest, write_shard)
+from ..errors import first_line
+from .cache import (MANIFEST, CacheError, StaleCacheError, _read_header, diff_keys, read_manifest, settings_hash,
+                    shard_name, write_manifest, write_shard)
 
 __all__ = ["embed_dataset", "caption_settings_for"]
 
@@ -39,7 +40,15 @@ def _load_captions(path: Path, policy: SlicePolicy, render: RenderSettings):
         raise CacheError(f"caption file {path} does not exist; run med3dinsight caption first (or embed without "
                          f"--captions for image embeddings only)")
     meta_path = Path(f"{path}.meta.json")
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:  # ValueError: not JSON or not UTF-8
+            raise CacheError(f"cannot read the caption settings {meta_path} ({first_line(e)}); restore it from the "
+                             f"caption run, or rerun med3dinsight caption into a new file") from None
     ours = caption_settings_for(policy, render)
     theirs = {k: meta.get(k) for k in ours}
     if meta and diff_keys(theirs, ours):
@@ -82,6 +91,9 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
     """
     policy = policy or SlicePolicy()
     render = RenderSettings(**{**(render or RenderSettings()).to_dict(), "size": teacher.image_size})
+    if render.channel >= source.num_channels:
+        raise CacheError(f"{source.root} has {source.num_channels} channel(s) per case; render channel "
+                         f"{render.channel} does not exist (--channel takes 0 to {source.num_channels - 1})")
     texts, caption_info = (None, None) if captions is None else _load_captions(captions, policy, render)
     settings = {"teacher": teacher.identity(), "render": render.to_dict(), "slices": policy.to_dict(),
                 "captions": caption_info, "source": source.describe()}
@@ -104,15 +116,13 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
     try:
         for k in mine:
             path = out / shard_name(k)
-            if path.is_file():
-                if shard_settings(path) != digest:
-                    raise StaleCacheError(f"{path} was written with other settings (teacher, rendering, slices, "
-                                          f"captions or dataset); embed into a new folder")
+            if _keep_shard(path, digest):
                 kept += 1
                 bar.update(len(shard_cases[k]))
                 continue
-            rows, shapes = _embed_cases(source, shard_cases[k], teacher, policy, render, texts, batch_size, bar)
-            write_shard(out, k, shard_cases[k], shapes, rows, digest)
+            rows, shapes, prints = _embed_cases(source, shard_cases[k], teacher, policy, render, texts, batch_size,
+                                                bar)
+            write_shard(out, k, shard_cases[k], shapes, rows, digest, fingerprints=prints)
             written += 1
             n_slices += len(rows["plane"])
     finally:
@@ -129,9 +139,24 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
             "shards_kept": kept, "seconds": round(time.perf_counter() - start, 2), "rank": rank, "world": world}
 
 
+def _keep_shard(path: Path, digest: str) -> bool:
+    """Whether a shard left by an earlier run is kept: it must be readable, carry the volume fingerprints and match
+    the settings (a damaged or pre-fingerprint shard is rewritten; one made with other settings is refused)."""
+    if not path.is_file():
+        return False
+    try:
+        meta, _ = _read_header(path)
+    except CacheError:
+        return False  # damaged (e.g. a crash while copying it): embedding it again repairs it
+    if meta.get("settings") != digest:
+        raise StaleCacheError(f"{path} was written with other settings (teacher, rendering, slices, captions or "
+                              f"dataset); embed into a new folder")
+    return isinstance(meta.get("fingerprints"), dict)
+
+
 def _embed_cases(source, cases, teacher, policy, render, texts, batch_size, bar):
     cols: Dict[str, List] = {"plane": [], "index": [], "position": [], "case": [], "image": [], "text": []}
-    shapes, pending, missing = {}, [], []
+    shapes, prints, pending, missing = {}, {}, [], []
 
     def flush():
         if not pending:
@@ -143,7 +168,7 @@ def _embed_cases(source, cases, teacher, policy, render, texts, batch_size, bar)
 
     for ci, case in enumerate(cases):
         volume = source.read(case)
-        shapes[case] = volume.shape
+        shapes[case], prints[case] = volume.shape, volume.fingerprint()
         for s in volume_slices(volume, policy, render):
             if texts is not None and s.key not in texts:
                 missing.append(s.key)
@@ -166,7 +191,7 @@ def _embed_cases(source, cases, teacher, policy, render, texts, batch_size, bar)
     rows["image"] = np.concatenate(cols["image"]) if cols["image"] else np.zeros((0, width), np.float32)
     rows["text"] = (np.concatenate(cols["text"]) if cols["text"] else np.zeros((0, width), np.float32)) \
         if texts is not None else None
-    return rows, shapes
+    return rows, shapes, prints
 
 
 def _barrier(world: int) -> None:
