@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import string
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -22,7 +24,7 @@ import torch
 
 from ..planes import PLANES, plane_id
 from .captions import CaptionError, CaptionFile, caption_key
-from .hub import hub_offline
+from .hub import hub_offline, pickle_files, unsafe_pickle_message
 from ..errors import Med3DInsightError
 
 __all__ = ["VLM", "VLMError", "CaptionError", "CaptionFile", "Captioner", "DEFAULT_PROMPTS", "caption_key",
@@ -164,12 +166,26 @@ def load_vlm(model: str, *, device: Union[str, torch.device] = "cpu", dtype=None
     try:
         net = AutoModelForImageTextToText.from_pretrained(where, config=config, trust_remote_code=trust,
                                                           **{dtype_kw: torch_dtype})
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a foreign object: nothing ran
+        raise VLMError(unsafe_pickle_message(e, pickle_files(_snapshot_folder(where)), str(model))) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         if "Unrecognized configuration class" in str(e):
             raise VLMError(f"{model} is not a vision-language model (its config is {type(config).__name__}); "
                            f"pass an image-text-to-text model such as Qwen2-VL / LLaVA") from None
         raise fail(e, "weights") from None
     return VLM(name=str(model), processor=processor, model=net.to(device).eval())
+
+
+def _snapshot_folder(where: str) -> Optional[Path]:
+    """The folder holding the model's files: the local folder, or the hub id's cached snapshot."""
+    if Path(where).is_dir():
+        return Path(where)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(where, "config.json")
+    except Exception:  # only used to name a file in an error message
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 # ------------------------------------------------------------------------------------------------------- prompts
@@ -198,6 +214,49 @@ class _Position(float):
 
 
 _SAMPLE = {"plane": "axial", "modality": "CT", "position": _Position(0.5), "case": "case_0"}
+# a plain format spec: [[fill]align][sign][z][#][0][width][grouping][.precision][type], widths below 100
+_PLAIN_SPEC = re.compile(r"(?:[^{}]?[<>=^])?[-+ ]?z?#?0?\d{0,2}[,_]?(?:\.\d{1,2})?[bcdeEfFgGnosxX%]?\Z")
+_FIELDS_HINT = f"the fields are {', '.join('{' + f + '}' for f in PROMPT_FIELDS)}, optionally with a plain format " \
+               f"such as {{position:.3f}} (write {{{{ }}}} for braces)"
+
+
+@lru_cache(maxsize=256)
+def _template_problem(template: str) -> Optional[str]:
+    """Why ``template`` is not a safe prompt template (None if it is).
+
+    Only the documented fields, by plain name: ``str.format`` would otherwise follow attribute and index chains
+    (``{position.__format__.__globals__[os].environ}`` reads the process environment into a prompt).
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        return f"bad template ({_first_line(e)})"
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if field not in PROMPT_FIELDS:
+            shown = field if len(field) <= 40 else field[:37] + "..."
+            if field.split(".")[0].split("[")[0] in PROMPT_FIELDS:
+                return f"field {{{shown}}} uses attribute or index access, which is not allowed"
+            return f"unknown field {{{shown}}}"
+        if conversion not in (None, "s", "r", "a"):
+            return f"unknown conversion !{conversion} in {{{field}}}"
+        if spec and not _PLAIN_SPEC.match(spec):
+            return f"format spec {spec!r} of {{{field}}} is not a plain one (no nested fields, width below 100)"
+    try:
+        template.format(**_SAMPLE)
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+        return f"bad template ({_first_line(e)})"
+    return None
+
+
+def _check_templates(prompts: dict, where: str) -> None:
+    for key, template in prompts.items():
+        if not isinstance(template, str):
+            raise VLMError(f"{where}: the template of {key!r} must be a string")
+        problem = _template_problem(template)
+        if problem:
+            raise VLMError(f"{where}: {problem} in the template of {key!r}; {_FIELDS_HINT}")
 
 
 def _check_key(key) -> bool:
@@ -213,20 +272,25 @@ def load_prompts(path: Union[str, os.PathLike]) -> dict:
     """Prompt templates from a JSON or YAML file, merged over :data:`DEFAULT_PROMPTS`.
 
     Keys are ``"{modality}.{plane}"``, ``"{modality}.*"``, ``"*.{plane}"`` or ``"*"`` (modality ``ct``/``mri``);
-    values are ``str.format`` templates with fields ``{plane}``, ``{modality}``, ``{position}``, ``{case}``.
+    values are ``str.format`` templates with fields ``{plane}``, ``{modality}``, ``{position}``, ``{case}`` by plain
+    name (no attribute or index access: it could read module globals), optionally with a plain format spec
+    (``{position:.3f}``).
 
     Returns:
         dict with a template for each ``"{modality}.{plane}"``: the file's most specific key for it, else the
         default's (any key of the file beats every default key).
 
     Raises:
-        VLMError: unreadable file, unknown key, non-string template, unknown field.
+        VLMError: unreadable file, unknown key, non-string template, unknown field, attribute/index access or
+            a format spec that is not plain.
     """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise VLMError(f"cannot read prompts file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise VLMError(f"prompts file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -244,17 +308,7 @@ def load_prompts(path: Union[str, os.PathLike]) -> dict:
         if not _check_key(key):
             raise VLMError(f"prompts file {path}: unknown key {key!r}; use 'ct.axial', 'mri.*', '*.coronal' or "
                            f"'*' (modality ct/mri, plane axial/coronal/sagittal)")
-        if not isinstance(template, str):
-            raise VLMError(f"prompts file {path}: the template of {key!r} must be a string")
-        try:
-            template.format(**_SAMPLE)
-        except (KeyError, IndexError, ValueError, AttributeError) as e:
-            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-            bad = [f for f in fields if f.split(".")[0].split("[")[0] not in PROMPT_FIELDS]
-            why = f"unknown field {{{bad[0]}}}" if bad else f"bad template ({_first_line(e)})"
-            raise VLMError(f"prompts file {path}: {why} in the template of {key!r}; the fields are "
-                           f"{', '.join('{' + f + '}' for f in PROMPT_FIELDS)} (write {{{{ }}}} for braces)") \
-                from None
+    _check_templates(data, f"prompts file {path}")
     # Expanded to every modality.plane so that any user key beats every default one: a user "*.sagittal" must not
     # be shadowed by the more specific default "ct.*".
     merged = {}
@@ -280,7 +334,8 @@ def prompt_for(prompts: Optional[dict], modality: str, plane: Union[str, int], *
         prompts: templates as from :func:`load_prompts` (None: :data:`DEFAULT_PROMPTS`).
         modality: ``"ct"`` or ``"mri"``.
         plane: plane name or id.
-        fields: ``position`` (float, printed as ``0.42``), ``case`` and any other template fields.
+        fields: ``position`` (float, printed as ``0.42``) and ``case``; a template using anything but the
+            plain fields of :data:`PROMPT_FIELDS` is refused.
     """
     prompts = DEFAULT_PROMPTS if prompts is None else prompts
     mod = str(modality).strip().lower()
@@ -290,6 +345,9 @@ def prompt_for(prompts: Optional[dict], modality: str, plane: Union[str, int], *
     template = _lookup(prompts, mod, name)
     if template is None:
         raise VLMError(f"no prompt template for {mod}.{name} and no '*' fallback")
+    problem = _template_problem(template) if isinstance(template, str) else "not a string"
+    if problem:
+        raise VLMError(f"prompt template for {mod}.{name}: {problem}; {_FIELDS_HINT}")
     if "position" in fields:
         fields["position"] = _Position(fields["position"])
     fields.setdefault("case", "")
@@ -324,6 +382,7 @@ class Captioner:
             raise VLMError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
         self.vlm, self.batch_size, self.max_new_tokens, self.do_sample = vlm, batch_size, max_new_tokens, do_sample
         self.prompts = dict(DEFAULT_PROMPTS if prompts is None else prompts)
+        _check_templates(self.prompts, "prompts")
         self.tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
         # Decoder-only generation continues from the last position: pad on the left so every row ends at its prompt.
         self.tokenizer.padding_side = "left"

@@ -8,13 +8,15 @@ not in the local Hugging Face cache fails at once instead of retrying for ~46 s.
 from __future__ import annotations
 
 import hashlib
+import json
+import pickle
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .hub import hub_offline
+from .hub import SAFE_FORMATS, hub_offline, pickle_files, unsafe_pickle_message
 from ..errors import Med3DInsightError
 
 __all__ = ["DEFAULT_TEACHER", "ClipTeacher", "TeacherError"]
@@ -48,9 +50,21 @@ def _resolve(model: str, pretrained: Optional[str]):
     path = Path(model).expanduser()
     if model.startswith("local-dir:") or path.is_dir():
         folder = Path(model[len("local-dir:"):]).expanduser() if model.startswith("local-dir:") else path
-        if not (folder / "open_clip_config.json").is_file():
+        config = folder / "open_clip_config.json"
+        if not config.is_file():
             raise TeacherError(f"{folder} is not an open_clip model folder (no open_clip_config.json); pass an "
                                f"open_clip model (name, hf-hub: id or a folder saved in open_clip's format)")
+        try:
+            cfg = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # ValueError: not JSON or not UTF-8
+            raise TeacherError(f"cannot read {config} ({str(e).splitlines()[0]}); restore it from the model's "
+                               f"repository") from None
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
+            raise TeacherError(f"{config} has no model_cfg object; restore it from the model's repository (open_clip "
+                               f"folders hold {{\"model_cfg\": {{...}}, \"preprocess_cfg\": {{...}}}})")
+        if not any(p.suffix in (".safetensors", ".bin", ".pt", ".pth") for p in folder.iterdir()):
+            raise TeacherError(f"{folder} holds no weights (open_clip_model.safetensors); a teacher without them would "
+                               f"be random: add the weights file, as {SAFE_FORMATS}")
         return f"local-dir:{folder.resolve()}", None
     if path.is_file():
         raise TeacherError(f"{model} is a file: pass the architecture name as the model and the file as pretrained "
@@ -61,6 +75,10 @@ def _resolve(model: str, pretrained: Optional[str]):
     if model not in open_clip.list_models():
         raise TeacherError(f"{model!r} is not an open_clip model: use an architecture from open_clip.list_models(), "
                            f"an hf-hub: id or a local open_clip folder")
+    if not pretrained:
+        raise TeacherError(f"{model!r} is an architecture without weights, so the teacher would be random; pass its "
+                           f"weights with --clip-pretrained (a tag such as "
+                           f"{(open_clip.list_pretrained_tags_by_model(model) or ['openai'])[0]!r} or a local file)")
     if pretrained and not Path(pretrained).expanduser().is_file():
         from open_clip.pretrained import get_pretrained_cfg
 
@@ -71,6 +89,18 @@ def _resolve(model: str, pretrained: Optional[str]):
         if cfg.get("hf_hub"):
             require_cached(cfg["hf_hub"].rstrip("/"), _WEIGHT_FILES, f"{model} weights {pretrained!r} from")
     return model, pretrained
+
+
+def _weight_candidates(name: str, tag: Optional[str]) -> List[Path]:
+    """The pickle weight file(s) open_clip may have read, for an error message."""
+    if tag and Path(tag).expanduser().is_file():
+        return [Path(tag).expanduser()]
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        if any(folder.glob("*.safetensors")):
+            return []
+        return pickle_files(folder)
+    return []
 
 
 class ClipTeacher:
@@ -95,10 +125,16 @@ class ClipTeacher:
         self.precision = precision
         name, tag = _resolve(model, pretrained)
         try:
-            net = open_clip.create_model(name, pretrained=tag, device=self.device, weights_only=True)
+            # require_pretrained: a teacher whose weights did not load is random; refuse it rather than log a warning
+            net = open_clip.create_model(name, pretrained=tag, device=self.device, weights_only=True,
+                                         require_pretrained=True)
             self._tokenizer = open_clip.get_tokenizer(name)
-        except RuntimeError as e:
-            raise TeacherError(f"cannot load open_clip model {model!r}: {str(e).splitlines()[0]}") from None
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a foreign object: nothing ran
+            raise TeacherError(unsafe_pickle_message(e, _weight_candidates(name, tag), model)) from None
+        except Exception as e:  # open_clip, safetensors and torch raise many types for bad model files
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TeacherError(f"cannot load open_clip model {model!r} ({type(e).__name__}: {reason}); check the "
+                               f"model folder or weights file, or download it again") from e
         self.model = net.eval().requires_grad_(False)
         cfg = dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
         size = cfg.get("size", getattr(self.model.visual, "image_size", 224))

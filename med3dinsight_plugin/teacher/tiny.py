@@ -6,6 +6,7 @@ layout of a hub repo or ``local-dir:``). Their captions and embeddings are meani
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 __all__ = ["TINY_CLIP_CONFIG", "save_tiny_llava", "save_tiny_open_clip", "save_tiny_qwen2vl"]
@@ -85,6 +86,11 @@ def save_tiny_qwen2vl(folder, seed: int = 0) -> Path:
     return folder
 
 
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
 def save_tiny_open_clip(folder, seed: int = 0, config: dict = None) -> Path:
     """A tiny random open_clip model in open_clip's folder format (loadable as the folder or ``local-dir:``)."""
     import open_clip
@@ -96,10 +102,13 @@ def save_tiny_open_clip(folder, seed: int = 0, config: dict = None) -> Path:
     cfg = config or TINY_CLIP_CONFIG
     name = "_med3dinsight_tiny_clip"
     open_clip.factory._MODEL_CONFIGS[name] = cfg  # only to build it; loading goes through the saved folder
+    quiet = _NoRandomInitWarning()
+    logging.getLogger().addFilter(quiet)  # open_clip logs "No pretrained weights loaded" (random on purpose here)
     try:
         torch.manual_seed(seed)
         model = open_clip.create_model(name, pretrained=None)
     finally:
+        logging.getLogger().removeFilter(quiet)
         open_clip.factory._MODEL_CONFIGS.pop(name, None)
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
