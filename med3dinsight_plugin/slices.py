@@ -7,6 +7,7 @@ its physical aspect ratio, letterboxed into a square of the teacher's input size
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -38,10 +39,13 @@ class SlicePolicy:
     min_foreground: float = 0.05
 
     def __post_init__(self):
-        if self.per_plane < 1:
-            raise Med3DInsightError(f"per_plane must be at least 1, got {self.per_plane}")
+        if isinstance(self.per_plane, bool) or not isinstance(self.per_plane, numbers.Integral) or self.per_plane < 1:
+            raise Med3DInsightError(f"per_plane (--per-plane) must be a whole number of at least 1, got "
+                                    f"{self.per_plane!r}")
         if not 0.0 <= self.min_foreground < 1.0:
-            raise Med3DInsightError(f"min_foreground must lie in [0, 1), got {self.min_foreground}")
+            raise Med3DInsightError(f"min_foreground (--min-foreground) must lie in [0, 1), got {self.min_foreground}")
+        if not self.planes:
+            raise Med3DInsightError("planes (--planes) must name at least one of axial, coronal, sagittal")
         object.__setattr__(self, "planes", tuple(PLANES[plane_id(p)] for p in self.planes))
 
     def to_dict(self) -> Dict[str, Any]:
@@ -65,13 +69,17 @@ class RenderSettings:
     channel: int = 0
 
     def __post_init__(self):
-        if self.size < 8:
-            raise Med3DInsightError(f"render size must be at least 8 pixels, got {self.size}")
-        if self.ct_window[1] <= 0:
-            raise Med3DInsightError(f"CT window width must be positive, got {self.ct_window}")
+        if not 8 <= self.size <= 4096:
+            raise Med3DInsightError(f"render size (--size) must be 8 to 4096 pixels, got {self.size}")
+        if not all(np.isfinite(self.ct_window)) or self.ct_window[1] <= 0:
+            raise Med3DInsightError(f"CT window (--ct-window CENTRE WIDTH) needs a finite centre and a positive width, "
+                                    f"got {self.ct_window}")
         lo, hi = self.mri_percentiles
         if not 0 <= lo < hi <= 100:
-            raise Med3DInsightError(f"MRI percentiles must satisfy 0 <= low < high <= 100, got {self.mri_percentiles}")
+            raise Med3DInsightError(f"MRI percentiles (--mri-percentiles) must satisfy 0 <= low < high <= 100, got "
+                                    f"{self.mri_percentiles}")
+        if isinstance(self.channel, bool) or not isinstance(self.channel, numbers.Integral) or self.channel < 0:
+            raise Med3DInsightError(f"render channel (--channel) must be 0 or more, got {self.channel!r}")
         object.__setattr__(self, "ct_window", tuple(float(v) for v in self.ct_window))
         object.__setattr__(self, "mri_percentiles", tuple(float(v) for v in self.mri_percentiles))
 
@@ -178,7 +186,8 @@ def volume_slices(volume, policy: SlicePolicy, settings: RenderSettings, render:
     """
     if not 0 <= settings.channel < volume.array.shape[0]:
         raise Med3DInsightError(f"case {volume.case} has {volume.array.shape[0]} channel(s); render channel "
-                         f"{settings.channel} does not exist")
+                                f"{settings.channel} does not exist (--channel takes 0 to "
+                                f"{volume.array.shape[0] - 1})")
     data = volume.native(settings.channel)
     picks = select_slices(body_mask(data, volume.modality), policy)
     if not picks:
@@ -199,6 +208,10 @@ class _DatasetSlices:
     def __init__(self, source, policy: SlicePolicy, settings: RenderSettings, cases=None):
         self.source, self.policy, self.settings = source, policy, settings
         self.cases = list(cases if cases is not None else source.cases)
+        channels = getattr(source, "num_channels", None)
+        if channels is not None and settings.channel >= channels:  # before any model runs or file is written
+            raise Med3DInsightError(f"{source.root} has {channels} channel(s) per case; render channel "
+                                    f"{settings.channel} does not exist (--channel takes 0 to {channels - 1})")
 
     def __iter__(self) -> Iterator[Slice]:
         for case in self.cases:
