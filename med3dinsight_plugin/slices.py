@@ -46,7 +46,12 @@ class SlicePolicy:
             raise Med3DInsightError(f"min_foreground (--min-foreground) must lie in [0, 1), got {self.min_foreground}")
         if not self.planes:
             raise Med3DInsightError("planes (--planes) must name at least one of axial, coronal, sagittal")
-        object.__setattr__(self, "planes", tuple(PLANES[plane_id(p)] for p in self.planes))
+        try:
+            planes = tuple(PLANES[plane_id(p)] for p in self.planes)
+        except (ValueError, TypeError, IndexError, KeyError):
+            raise Med3DInsightError(f"planes (--planes) must be among axial, coronal, sagittal, got "
+                                    f"{list(self.planes)}") from None
+        object.__setattr__(self, "planes", planes)
 
     def to_dict(self) -> Dict[str, Any]:
         return {**asdict(self), "planes": list(self.planes)}

@@ -601,3 +601,31 @@ def test_bad_open_clip_folders_and_names(base, tmp_path):
         ClipTeacher(str(empty))
     with pytest.raises(TeacherError, match="without weights.*--clip-pretrained"):
         ClipTeacher("ViT-B-32")  # an architecture alone: random
+
+
+def test_damaged_vlm_folders_give_one_line(base, tmp_path, capsys):
+    good = save_tiny_llava(tmp_path / "vlm")
+
+    def truncate_weights(d):
+        f = next(d.glob("*.safetensors"))
+        f.write_bytes(f.read_bytes()[:1000])
+
+    damage = {"weights": (truncate_weights, "cannot load the weights"),
+              "tokenizer": (lambda d: (d / "tokenizer.json").write_text("{garbage"), "cannot load the processor"),
+              "template": (lambda d: (d / "chat_template.jinja").write_text("{% for %}"), "chat template")}
+    for name, (hurt, needle) in damage.items():
+        folder = Path(shutil.copytree(good, tmp_path / name))
+        hurt(folder)
+        code, err, _ = _run(capsys, "caption", base / "vols", "--vlm", folder, "-o", tmp_path / f"{name}.jsonl",
+                            "--per-plane", "1", "--device", "cpu")
+        _one_line(code, err, name, needle)
+        assert not (tmp_path / f"{name}.jsonl").exists()
+
+
+@pytest.mark.parametrize("args,needle", [(["--planes", "oblique"], "--planes"),
+                                         (["--cases-per-shard", "0"], "--cases-per-shard"),
+                                         (["--batch-size", "0"], "--batch-size")])
+def test_bad_embed_arguments(base, tmp_path, capsys, args, needle):
+    code, err, _ = _run(capsys, "embed", base / "vols", "-o", tmp_path / "c", "--clip-model", base / "clip", *args)
+    _one_line(code, err, needle)
+    assert not (tmp_path / "c" / SHARD).exists()

@@ -136,13 +136,18 @@ def load_vlm(model: str, *, device: Union[str, torch.device] = "cpu", dtype=None
         if "trust_remote_code" in str(e):
             return VLMError(f"{model} needs its own custom code to load its {what}; pass --trust-remote-code "
                             f"(trust_remote_code=True) if you trust that repository")
-        return VLMError(f"cannot load the {what} of {model}: {_first_line(e)}")
+        return VLMError(f"cannot load the {what} of {model} ({type(e).__name__}: {_first_line(e)}); check the "
+                        f"model folder's files or download the model again")
 
     # The config is cheap: check it is a VLM before loading a processor (a CLIP folder has one too) or weights.
+    # transformers, tokenizers and safetensors raise many types for damaged files (SafetensorError, Exception from
+    # the Rust tokenizer, jinja2 errors...): each stage turns them into one line; MED3DINSIGHT_DEBUG=1 shows the cause
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust)
     except (OSError, ValueError, KeyError) as e:
         raise fail(e, "config") from None
+    except Exception as e:
+        raise fail(e, "config") from e
     remote = "AutoModelForImageTextToText" in (getattr(config, "auto_map", None) or {})
     if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING and not remote:
         raise VLMError(f"{model} is not a vision-language model (its config is {type(config).__name__}); pass an "
@@ -151,6 +156,8 @@ def load_vlm(model: str, *, device: Union[str, torch.device] = "cpu", dtype=None
         processor = AutoProcessor.from_pretrained(where, trust_remote_code=trust)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise fail(e, "processor") from None
+    except Exception as e:
+        raise fail(e, "processor") from e
     if getattr(processor, "image_processor", None) is None:
         raise VLMError(f"{model} has no image processor (AutoProcessor gave {type(processor).__name__}); pass a "
                        f"folder or repo that holds the model's processor files too")
@@ -161,6 +168,12 @@ def load_vlm(model: str, *, device: Union[str, torch.device] = "cpu", dtype=None
     if processor.chat_template is None:
         raise VLMError(f"the processor of {model} has no chat template, so prompts cannot be formatted for it; use "
                        f"the model's instruct/chat variant or add a chat_template.jinja to its folder")
+    try:  # a broken template would otherwise fail at the first batch, after the weights loaded
+        processor.apply_chat_template([[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]],
+                                      add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # jinja2 raises its own types
+        raise VLMError(f"the chat template of {model} does not render ({type(e).__name__}: {_first_line(e)}); fix "
+                       f"its chat_template.jinja or use the model's original files") from e
     # transformers 4.56 renamed from_pretrained's torch_dtype to dtype (the old name warns, later goes).
     dtype_kw = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
     try:
@@ -173,6 +186,8 @@ def load_vlm(model: str, *, device: Union[str, torch.device] = "cpu", dtype=None
             raise VLMError(f"{model} is not a vision-language model (its config is {type(config).__name__}); "
                            f"pass an image-text-to-text model such as Qwen2-VL / LLaVA") from None
         raise fail(e, "weights") from None
+    except Exception as e:
+        raise fail(e, "weights") from e
     return VLM(name=str(model), processor=processor, model=net.to(device).eval())
 
 

@@ -89,6 +89,10 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
         ``{"folder", "cases", "slices", "shards_written", "shards_kept", "seconds"}`` (totals over all ranks for
         cases/slices only on rank 0's manifest).
     """
+    for name, value, flag in (("batch_size", batch_size, "--batch-size"),
+                              ("cases_per_shard", cases_per_shard, "--cases-per-shard")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CacheError(f"{name} ({flag}) must be a whole number of at least 1, got {value!r}")
     policy = policy or SlicePolicy()
     render = RenderSettings(**{**(render or RenderSettings()).to_dict(), "size": teacher.image_size})
     if render.channel >= source.num_channels:
