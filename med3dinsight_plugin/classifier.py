@@ -53,18 +53,17 @@ class Med3DInsightClassifier(nn.Module):
         """Build the checkpoint's backbone (optionally for another channel count) and load its encoder.
 
         The :class:`~med3dinsight_plugin.LoadReport` is kept as ``.load_report``."""
-        from .backbones import build_backbone_from_config
         from .checkpoint import load_checkpoint
+        from .export import rebuild_backbone
         from .loading import load_pretrained_encoder
 
         ckpt = load_checkpoint(checkpoint)
         if ckpt.source_format != "med3dinsight":
             raise Med3DInsightError(f"{ckpt.path} has no med3dinsight metadata; build the classifier with its backbone "
                              f"name and load the weights with load_pretrained_encoder")
-        config = dict(ckpt.metadata["backbone"])
-        if in_channels is not None:
-            config["in_channels"] = in_channels
-        model = cls(build_backbone_from_config(config), num_classes, **kwargs)
+        # built under the checkpoint's allocation guard; the encoder is loaded (and its input layer adapted) below
+        backbone = rebuild_backbone(ckpt, in_channels=in_channels, load_weights=False)
+        model = cls(backbone, num_classes, **kwargs)
         model.load_report = load_pretrained_encoder(model, ckpt)
         return model
 

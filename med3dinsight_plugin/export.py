@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from .checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint
-from .errors import Med3DInsightError
+from .errors import Med3DInsightError, first_line
 
 __all__ = ["export_checkpoint", "rebuild_backbone", "EXPORT_FORMATS"]
 
@@ -24,23 +24,54 @@ EXPORT_FORMATS = ("nnunet", "monai", "nnssl")
 PathLike = Union[str, os.PathLike]
 
 
-def rebuild_backbone(checkpoint: Union[PathLike, Checkpoint]):
-    """Rebuild the backbone a med3dinsight checkpoint was saved from, with its weights (strict)."""
+def rebuild_backbone(checkpoint: Union[PathLike, Checkpoint], in_channels: Optional[int] = None,
+                     load_weights: bool = True):
+    """Rebuild the backbone a med3dinsight checkpoint was saved from, with its weights (strict).
+
+    The network is built under :func:`~med3dinsight_plugin.checkpoint.allocation_guard`: metadata that describes a
+    network far larger than the weights in the file is refused before anything that large is allocated.
+
+    Args:
+        checkpoint: a path or a loaded :class:`Checkpoint` written by ``save_pretrained``.
+        in_channels: build for another number of input channels (then load the encoder with
+            ``load_pretrained_encoder``, which adapts the input layer, and pass ``load_weights=False``).
+        load_weights: load the file's network (strict) and reconstruction head.
+    """
     from .backbones import build_backbone_from_config
+    from .checkpoint import allocation_guard
 
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if ckpt.source_format != "med3dinsight":
         raise CheckpointError(f"{ckpt.path} is a {ckpt.source_format} file without med3dinsight metadata, so its "
                               f"architecture is unknown; export needs a checkpoint written by save_pretrained")
-    backbone = build_backbone_from_config(ckpt.metadata["backbone"])
+    config = dict(ckpt.metadata["backbone"])
+    if in_channels is not None:
+        config["in_channels"] = in_channels
+    try:
+        with allocation_guard(ckpt):
+            backbone = build_backbone_from_config(config)
+    except CheckpointError:
+        raise
+    except Med3DInsightError as e:  # the builder's own words, about arguments that came from the file
+        raise CheckpointError(f"{ckpt.path}: the backbone in its metadata cannot be built ({first_line(e)}); the "
+                              f"file was edited or written by another version: re-save the checkpoint") from None
+    if not load_weights:
+        return backbone
     try:
         backbone.network.load_state_dict(ckpt.state_dict)
+        if "reconstruction_head" in ckpt.extras:
+            backbone.reconstruction_head.load_state_dict(ckpt.extras["reconstruction_head"])
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt.path} does not match the architecture in its own metadata "
-                              f"({str(e).splitlines()[0]}); the file is damaged, re-save it") from None
-    if "reconstruction_head" in ckpt.extras:
-        backbone.reconstruction_head.load_state_dict(ckpt.extras["reconstruction_head"])
+                              f"({_mismatch(e)}); the file is damaged, re-save it") from None
     return backbone
+
+
+def _mismatch(e: RuntimeError) -> str:
+    """The first concrete problem of a load_state_dict error (its first line only says where)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = next((line for line in lines[1:]), lines[0] if lines else "")
+    return detail[:300]
 
 
 def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Optional[PathLike] = None,
@@ -59,7 +90,10 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
     """
     if to not in EXPORT_FORMATS:
         raise Med3DInsightError(f"--to must be one of {', '.join(EXPORT_FORMATS)}, got {to!r}")
+    out = Path(out)
     ckpt = load_checkpoint(checkpoint)
+    if out.exists() and os.path.samefile(out, ckpt.path):
+        raise Med3DInsightError(f"-o {out} is the checkpoint being exported; write the export to another file")
     backbone = rebuild_backbone(ckpt)
     name = backbone.config["name"]
     state = backbone.network.state_dict()
@@ -86,7 +120,6 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
     else:
         from .checkpoint import adaptation_plan
         payload = {"network_weights": state, "nnssl_adaptation_plan": adaptation_plan(backbone)}
-    out = Path(out)
     atomic_write(out, lambda tmp: torch.save(payload, tmp))
     tensors = len(payload.get("network_weights", payload))
     return {"format": to, "path": str(out), "tensors": tensors, "note": note}
@@ -97,7 +130,13 @@ def _check_nnunet_plans(state, in_channels, plans, configuration, source):
     exactly what nnU-Net's load_pretrained_weights asserts."""
     from .backbones import build_backbone
 
-    target = build_backbone("nnunet", in_channels=in_channels, plans=plans, configuration=configuration).network
+    try:
+        target = build_backbone("nnunet", in_channels=in_channels, plans=plans, configuration=configuration).network
+    except CheckpointError:
+        raise
+    except Med3DInsightError as e:
+        message = first_line(e)
+        raise Med3DInsightError(message if str(plans) in message else f"--plans {plans}: {message}") from None
     problems = []
     for key, tensor in target.state_dict().items():
         if ".seg_layers." in key:

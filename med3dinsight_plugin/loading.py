@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import network_spec
-from .checkpoint import Checkpoint, CheckpointError, storage_id, load_checkpoint, unwrap
+from .checkpoint import Checkpoint, CheckpointError, check_finite, storage_id, load_checkpoint, unwrap
 
 __all__ = ["IncompatibleCheckpointError", "LoadReport", "load_pretrained_encoder"]
 
@@ -201,11 +201,14 @@ def _diagnose(report: LoadReport, spec, adapt_channels: bool) -> str:
 
 
 def _as_checkpoint(checkpoint) -> Checkpoint:
+    """A path is read by load_checkpoint, which checks it; objects built in memory are checked here the same way."""
     if isinstance(checkpoint, Checkpoint):
+        check_finite(checkpoint.state_dict, checkpoint.path or "the checkpoint")
         return checkpoint
     if isinstance(checkpoint, Mapping):
-        if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
             raise CheckpointError("a state dict passed as checkpoint must map names to tensors")
+        check_finite(checkpoint, "the state dict")
         return Checkpoint(dict(checkpoint))
     return load_checkpoint(checkpoint)
 

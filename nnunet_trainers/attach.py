@@ -10,6 +10,7 @@ not at epoch 0.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -17,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from med3dinsight_plugin.checkpoint import CheckpointError, atomic_write, load_checkpoint
-from med3dinsight_plugin.errors import Med3DInsightError
+from med3dinsight_plugin.checkpoint import CheckpointError, allocation_guard, atomic_write, load_checkpoint
+from med3dinsight_plugin.errors import Med3DInsightError, first_line
 
 __all__ = ["ENV_CHECKPOINT", "MONAI_NETWORKS", "PLANS_KEY", "TRAINER_OF", "attach_checkpoint",
            "configured_checkpoint"]
@@ -49,7 +50,8 @@ def file_sha256(path: os.PathLike) -> str:
 
 
 def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, name: Optional[str] = None,
-                      configuration: str = "3d_fullres", adapt_architecture: bool = False) -> Dict[str, Any]:
+                      configuration: str = "3d_fullres", adapt_architecture: bool = False,
+                      overwrite: bool = False) -> Dict[str, Any]:
     """Write ``NAME.json`` beside ``PLANS_NAME.json`` carrying ``checkpoint`` (see the module docstring).
 
     Args:
@@ -59,9 +61,13 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
         name: the new plans name; default ``PLANS_NAME__med3dinsight``.
         configuration: the configuration to train.
         adapt_architecture: replace the configuration's architecture with the checkpoint's.
+        overwrite: replace an existing ``NAME.json``. Without it, only plans that an earlier attach wrote from the
+            same ``PLANS_NAME`` are replaced (re-attaching, e.g. a newer checkpoint); nnU-Net's own or hand-written
+            plans are never touched. The source plans are never overwritten.
 
     Returns:
-        ``{"plans_file", "plans_name", "trainer", "command", "report", "changes"}``.
+        ``{"plans_file", "plans_name", "trainer", "command", "report", "changes", "replaced"}``; ``replaced`` says
+        whether an existing ``NAME.json`` was replaced.
     """
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -69,14 +75,23 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
     if not nnUNet_preprocessed:
         raise Med3DInsightError("nnUNet_preprocessed is not set: export it as for nnUNetv2_train")
     try:
-        dataset_name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as e:
-        raise Med3DInsightError(f"dataset {dataset!r}: {e}") from None
+        dataset_name = maybe_convert_to_dataset_name(str(dataset))
+    except (RuntimeError, ValueError) as e:
+        if isinstance(e, RuntimeError) and "Could not find" not in str(e):
+            raise Med3DInsightError(f"dataset {dataset!r}: {first_line(e)}") from None
+        raise Med3DInsightError(f"dataset {dataset!r} is not in nnUNet_preprocessed ({nnUNet_preprocessed.get()}), "
+                                f"nnUNet_raw or nnUNet_results: pass the id or full name (e.g. 990 or "
+                                f"Dataset990_Name) of a dataset planned with nnUNetv2_plan_and_preprocess") from None
     folder = Path(nnUNet_preprocessed) / dataset_name
     plans_file = folder / f"{plans_name}.json"
     if not plans_file.is_file():
         raise Med3DInsightError(f"plans {plans_file} do not exist; run nnUNetv2_plan_and_preprocess -d {dataset} first")
-    plans = json.loads(plans_file.read_text())
+    plans = _read_json(plans_file, f"run nnUNetv2_plan_experiment -d {dataset} to re-create it")
+    if not isinstance(plans, dict) or not isinstance(plans.get("configurations"), dict):
+        raise Med3DInsightError(f"{plans_file} is not nnU-Net v2 plans (no 'configurations'); pass -p with the name of "
+                                f"a plans file of {folder}")
+    new_name = name or f"{plans_name}__med3dinsight"
+    out = _target(folder, plans_file, plans_name, new_name, overwrite)
     if configuration not in plans.get("configurations", {}):
         raise Med3DInsightError(f"configuration {configuration!r} is not in {plans_file}; available: "
                          f"{sorted(plans.get('configurations', {}))}")
@@ -85,7 +100,6 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
     family = meta.get("backbone", {}).get("name", "nnunet") if ckpt.source_format == "med3dinsight" else "nnunet"
     family = "nnunet" if family in ("plain_conv_unet", "resenc_unet") else family
 
-    new_name = name or f"{plans_name}__med3dinsight"
     new_plans = copy.deepcopy(plans)
     new_plans["plans_name"] = new_name
     config = new_plans["configurations"][configuration]
@@ -99,10 +113,15 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
                              f"--adapt-architecture needs a checkpoint written by save_pretrained")
         changes += _adapt(config, configuration, family, meta, new_plans)
 
-    dataset_json = json.loads((folder / "dataset.json").read_text())
-    channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    dataset_json = _read_json(folder / "dataset.json", f"run nnUNetv2_plan_and_preprocess -d {dataset}")
+    channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {}))) \
+        if isinstance(dataset_json, dict) else 0
+    if channels < 1:
+        raise Med3DInsightError(f"{folder / 'dataset.json'} names no input channels ('channel_names'); run "
+                                f"nnUNetv2_plan_and_preprocess -d {dataset} again")
     report = _test_load(new_plans, configuration, channels, ckpt,
-                        can_adapt=not adapt_architecture and ckpt.source_format == "med3dinsight")
+                        can_adapt=not adapt_architecture and ckpt.source_format == "med3dinsight",
+                        guarded=adapt_architecture)
 
     new_plans[PLANS_KEY] = {
         "checkpoint": str(Path(ckpt.path).resolve()),
@@ -115,12 +134,43 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
         "checkpoint_metadata": {k: v for k, v in meta.items()
                                 if k not in ("aliases", "adaptation_plan", "backbone", "nnssl_adaptation_plan")},
     }
-    out = folder / f"{new_name}.json"
+    replaced = out.exists()
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(new_plans, indent=2)))
     trainer = TRAINER_OF[family]
     command = f"nnUNetv2_train {dataset} {configuration} FOLD -p {new_name} -tr {trainer}"
     return {"plans_file": str(out), "plans_name": new_name, "trainer": trainer, "command": command,
-            "report": report, "changes": changes}
+            "report": report, "changes": changes, "replaced": replaced}
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise Med3DInsightError(f"{path} does not exist; {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Med3DInsightError(f"{path} is not valid JSON ({e}); {fix}") from None
+
+
+def _target(folder: Path, plans_file: Path, plans_name: str, new_name: str, overwrite: bool) -> Path:
+    """The plans file to write: never the source plans, and an existing file only if it may be replaced."""
+    if (not new_name or new_name != new_name.strip() or new_name.startswith(".") or new_name.endswith(".json")
+            or any(c in new_name for c in '/\\:*?"<>|') or any(ord(c) < 32 for c in new_name)):
+        raise Med3DInsightError(f"plans name {new_name!r} must be a plain name such as nnUNetPlans__med3dinsight (no "
+                                f"folder, no .json): nnU-Net looks the plans up as {folder}/NAME.json")
+    out = folder / f"{new_name}.json"
+    if new_name == plans_name or (out.exists() and os.path.samefile(out, plans_file)):
+        raise Med3DInsightError(f"-n {new_name} would overwrite the plans it starts from ({plans_file}); choose "
+                                f"another name, e.g. the default {plans_name}__med3dinsight")
+    if out.exists() and not overwrite:
+        try:
+            existing = json.loads(out.read_text())
+        except (OSError, ValueError):
+            existing = None
+        entry = existing.get(PLANS_KEY) if isinstance(existing, dict) else None
+        if not (isinstance(entry, dict) and entry.get("attached_to") == plans_name):
+            raise Med3DInsightError(f"{out} exists and was not written by nnunet-attach from {plans_name}; choose "
+                                    f"another name (-n), or add --overwrite to replace it")
+    return out
 
 
 def _arch_name(config: Dict[str, Any]) -> str:
@@ -160,8 +210,9 @@ def _adapt(config, configuration, family, meta, plans):
     return changes
 
 
-def _test_load(plans, configuration, channels, ckpt, can_adapt):
-    """Build the network the trainer will build and load the checkpoint into it (strict)."""
+def _test_load(plans, configuration, channels, ckpt, can_adapt, guarded):
+    """Build the network the trainer will build and load the checkpoint into it (strict). ``guarded``: the
+    architecture came from the checkpoint's metadata, so it is built under the checkpoint's allocation guard."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -169,9 +220,12 @@ def _test_load(plans, configuration, channels, ckpt, can_adapt):
 
     cm = PlansManager(plans).get_configuration(configuration)
     try:
-        network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                         cm.network_arch_init_kwargs_req_import, channels, 2, allow_init=False,
-                                         deep_supervision=False)
+        with allocation_guard(ckpt) if guarded else contextlib.nullcontext():
+            network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                             cm.network_arch_init_kwargs_req_import, channels, 2, allow_init=False,
+                                             deep_supervision=False)
+    except CheckpointError:
+        raise
     except (TypeError, ValueError) as e:
         raise Med3DInsightError(f"the plans' {configuration} network cannot be built for this checkpoint: {e}") from None
     try:

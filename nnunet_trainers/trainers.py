@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from med3dinsight_plugin.checkpoint import CheckpointError, atomic_write
+from med3dinsight_plugin.checkpoint import atomic_write
+from med3dinsight_plugin.errors import Med3DInsightError, first_line
 from med3dinsight_plugin.finetune import (apply_finetune_lr, default_warmup, finetune_optimizer, finetune_param_groups,
                                          freeze_dead_parameters)
 from med3dinsight_plugin.loading import load_pretrained_encoder
@@ -109,9 +110,9 @@ class Med3DInsightTrainer(nnUNetTrainer):
             if entry.get("sha256") and origin.startswith("plans") and file_sha256(path) != entry["sha256"]:
                 self.print_to_log_file(f"WARNING: {path} changed since it was attached to these plans")
             report = load_pretrained_encoder(self.network, path, strict_encoder=True)
-        except (CheckpointError, OSError) as e:
+        except (Med3DInsightError, OSError) as e:  # a user error; anything else is a bug and keeps its traceback
             details = getattr(e, "report", None)
-            self._stop(f"pretrained checkpoint from {origin}: {str(e).splitlines()[0]}", details)
+            self._stop(f"pretrained checkpoint from {origin}: {first_line(e)}", details)
         self.print_to_log_file(f"Pretrained weights from {origin}:\n{report}", add_timestamp=False)
         if self.local_rank == 0:
             atomic_write(Path(self.output_folder) / "pretrained_load_report.json",
