@@ -108,6 +108,24 @@ def test_monai_networks_through_nnunet(nnunet, tmp_path, name, trainer, network,
     assert config["patch_size"] == patch and plans["med3dinsight"]["family"] == name
 
 
+def _spoiled(src, dst, poison=False, meta=None):
+    """A copy of a checkpoint with a NaN in an encoder tensor and/or its metadata changed by ``meta``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(src))
+    with safe_open(str(src), "pt") as f:
+        header = f.metadata()
+    if poison:
+        key = next(k for k, t in tensors.items() if k.startswith("network.encoder.") and t.is_floating_point())
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = float("nan")
+    if meta is not None:
+        header = {"med3dinsight": json.dumps(meta(json.loads(header["med3dinsight"])))}
+    save_file(tensors, str(dst), metadata=header)
+    return dst
+
+
 def test_failures_stop_before_training(nnunet, tmp_path):
     env, root = nnunet["env"], nnunet["root"]
     resenc = save_pretrained(build_backbone("nnunet", plans=nnunet["pre"] / "nnUNetPlans.json"),
@@ -128,6 +146,12 @@ def test_failures_stop_before_training(nnunet, tmp_path):
         ({"MED3DINSIGHT_CHECKPOINT": str(tmp_path / "missing.safetensors")}, "plansOk",
          "Med3DInsightTrainer_smoke", "does not exist"),
         ({}, "plansOk", "Med3DInsightTrainer_SwinUNETR_smoke", "builds PlainConvUNet"),
+        # diverged weights used to fine-tune with loss nan and exit 0; malformed metadata used to crash
+        ({"MED3DINSIGHT_CHECKPOINT": str(_spoiled(resenc, tmp_path / "nan.safetensors", poison=True))}, "plansOk",
+         "Med3DInsightTrainer_smoke", "holds NaN or Inf values"),
+        ({"MED3DINSIGHT_CHECKPOINT": str(_spoiled(resenc, tmp_path / "meta.safetensors",
+                                                  meta=lambda m: {**m, "encoder_prefixes": "encoder."}))},
+         "plansOk", "Med3DInsightTrainer_smoke", "checkpoint metadata 'encoder_prefixes' must be"),
     ]
     for fold_id, (extra, plans_name, trainer, message) in enumerate(cases, start=1):  # a fresh fold folder each
         r = run(["nnUNetv2_train", DATASET, "3d_fullres", fold_id, "-p", plans_name, "-tr", trainer, "-device",
