@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,10 @@ from typing import Any, Dict, Iterable, List, Optional
 import yaml
 
 from ..psat import PSAT_PRESETS
-from ..errors import Med3DInsightError
+from ..errors import Med3DInsightError, short_repr
 
 __all__ = ["ConfigError", "DataConfig", "LossWeights", "ModelConfig", "PretrainConfig", "TrainConfig",
-           "diff_configs", "load_config", "save_config", "RESUMABLE_CHANGES"]
+           "check_backbone_kwargs", "diff_configs", "load_config", "save_config", "RESUMABLE_CHANGES"]
 
 # Keys that may differ between a run and its resumption: they change how long or how verbosely it runs, not what
 # a step computes (the data loader's worker count does not change the batches either).
@@ -80,6 +81,9 @@ class TrainConfig:
     steps: int = _f(10000, kind="int", min=0)
     batch_size: int = _f(2, kind="int", min=1)  # per process
     lr: float = _f(1.0e-5, kind="float", min=0.0)
+    # adamw: AdamW(betas, weight_decay), as the authors train; sgd: SGD with Nesterov momentum 0.99 and
+    # weight_decay as L2, as nnU-Net trains (an update linear in the gradients; betas unused)
+    optimizer: str = _f("adamw", kind="str", choices=("adamw", "sgd"))
     weight_decay: float = _f(1.0e-5, kind="float", min=0.0)
     betas: List[float] = _f([0.9, 0.999], kind="floats", length=2, min=0.0, max=0.999999)
     warmup_steps: int = _f(500, kind="int", min=0)
@@ -135,7 +139,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()
     if path is not None:
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text())
+            values = _load_yaml(path.read_text(), str(path))
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
         except yaml.YAMLError as e:
@@ -148,9 +152,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.lr=3e-4), got {item!r}")
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.lr=3e-4), got {short_repr(item)}")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = _load_yaml(text, f"--set {_show_key(key)}") if text.strip() else None
         except yaml.YAMLError:
             value = text  # let the type check say what is wrong
         nested: Any = value
@@ -158,6 +162,109 @@ def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()
             nested = {part: nested}
         _merge(config, nested, "", "--set")
     return config
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (``*name``, and ``<<: *name`` merges).
+
+    A configuration has no need for them, and an alias is how a few hundred bytes describe gigabytes (anchors
+    nested a few levels deep, "billion laughs"): harmless while shared, but any later walk or copy of the value
+    (an error message, ``dataclasses.asdict``, saving the config) would expand it.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasFound(event.anchor, event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _AliasFound(Exception):
+    def __init__(self, anchor, mark):
+        super().__init__(anchor)
+        self.anchor, self.mark = anchor, mark
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """YAML without aliases; an alias is a :class:`ConfigError` naming ``where`` and the line."""
+    loader = _NoAliasLoader(text)
+    try:
+        return loader.get_single_data()
+    except _AliasFound as e:
+        line = f" line {e.mark.line + 1}" if e.mark is not None else ""
+        raise ConfigError(f"{where}{line} uses the YAML alias *{_show_key(str(e.anchor), 40)}; aliases and anchors "
+                          f"are not supported in configurations: write the value out") from None
+    finally:
+        loader.dispose()
+
+
+def _show_key(key: str, limit: int = 80) -> str:
+    """A key as written, cut to ``limit`` characters for one-line messages."""
+    key = str(key)
+    return key if len(key) <= limit else key[:limit - 3] + "..."
+
+
+# Backbones whose builder forwards **kwargs to a network class: where its constructor's arguments come from.
+_NETWORK_CLASSES = {"swin_unetr": ("monai.networks.nets", "SwinUNETR"), "unetr": ("monai.networks.nets", "UNETR")}
+# Builder arguments set elsewhere in the configuration (or by the builder itself), never in backbone_kwargs.
+_SET_ELSEWHERE = {"in_channels": "model.in_channels", "patch_size": "model.patch_size",
+                  "img_size": "model.patch_size"}
+
+
+def backbone_arguments(name: str) -> Optional[Dict[str, Any]]:
+    """The ``model.backbone_kwargs`` keys ``model.backbone`` accepts, each with its default (``inspect``'s
+    ``Parameter.empty`` if required), or ``None`` where they cannot be known (a registered builder that forwards
+    ``**kwargs`` to an unknown network).
+
+    Raises:
+        ConfigError: ``name`` is not a registered backbone.
+    """
+    import importlib
+
+    from ..backbones import _REGISTRY, list_backbones
+
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model.backbone {short_repr(name)}; expected one of {', '.join(list_backbones())}")
+    accepted: Dict[str, Any] = {}
+    signatures = [inspect.signature(_REGISTRY[name])]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signatures[0].parameters.values()):
+        if name not in _NETWORK_CLASSES:
+            return None
+        module, cls = _NETWORK_CLASSES[name]
+        signatures.append(inspect.signature(getattr(importlib.import_module(module), cls)))
+    for sig in signatures:
+        for arg, p in sig.parameters.items():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and arg not in _SET_ELSEWHERE:
+                accepted.setdefault(arg, p.default)
+    return accepted
+
+
+def check_backbone_kwargs(model: "ModelConfig") -> None:
+    """Refuse ``model.backbone_kwargs`` keys the backbone's builder (and its network's constructor) does not take,
+    and nulls for arguments that have a non-null default, before any work is done.
+
+    Raises:
+        ConfigError: naming ``model.backbone_kwargs.KEY`` and the accepted keys.
+    """
+    accepted = backbone_arguments(model.backbone)
+    for key, value in model.backbone_kwargs.items():
+        where = f"model.backbone_kwargs.{_show_key(key, 60)}"
+        if key in _SET_ELSEWHERE:
+            raise ConfigError(f"{where} cannot be set there; set {_SET_ELSEWHERE[key]} instead")
+        if accepted is None:
+            continue
+        if key not in accepted:
+            hint = ""
+            if ":" in key:  # YAML reads {a:4} (no space after the colon) as the key "a:4"
+                hint = " (YAML needs a space after the colon: {a: 4}, not {a:4})"
+            else:
+                match = difflib.get_close_matches(key, list(accepted), n=1, cutoff=0.6)
+                hint = f" (did you mean '{match[0]}'?)" if match else ""
+            raise ConfigError(f"{where} is not an argument of backbone {model.backbone!r}{hint}; accepted: "
+                              f"{', '.join(sorted(accepted))}")
+        default = accepted[key]
+        if value is None and default is not None and default is not inspect.Parameter.empty:
+            raise ConfigError(f"{where} is null; give it a value (default {short_repr(default, 40)}) or remove it")
 
 
 def save_config(config: PretrainConfig, path: str | Path) -> Path:
@@ -211,12 +318,12 @@ def _merge(obj, values: Dict[str, Any], prefix: str, source: str, root=None) -> 
             match = _suggest(str(name), list(fields), prefix, _all_keys(root))
             hint = f"; did you mean '{match}'?" if match else \
                 f"; expected one of: {', '.join(f'{prefix}{n}' for n in fields)}"
-            raise ConfigError(f"unknown key '{key}' in {source}{hint}")
+            raise ConfigError(f"unknown key '{_show_key(key)}' in {source}{hint}")
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"'{key}' in {source} must be a mapping of keys ({', '.join(_all_keys(current))}), "
-                                  f"got {value!r}")
+                raise ConfigError(f"'{_show_key(key)}' in {source} must be a mapping of keys ({', '.join(_all_keys(current))}), "
+                                  f"got {short_repr(value)}")
             _merge(current, value, key + ".", source, root)
         elif fields[name].metadata.get("kind") == "dict" and isinstance(value, dict) and isinstance(current, dict):
             merged = dict(current)
@@ -256,7 +363,7 @@ def _check(value: Any, rules: Dict[str, Any], key: str, source: str) -> Any:
     kind = rules["kind"]
 
     def fail(expected: str):
-        raise ConfigError(f"'{key}' in {source} must be {expected}, got {value!r}")
+        raise ConfigError(f"'{_show_key(key)}' in {source} must be {expected}, got {short_repr(value)}")
 
     if value is None:
         if rules.get("optional"):

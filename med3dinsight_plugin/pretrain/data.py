@@ -15,6 +15,8 @@ would change what the teacher saw in the slice.
 from __future__ import annotations
 
 import json
+import random
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -31,10 +33,21 @@ __all__ = ["PretrainDataset", "compute_normalization", "prepare_volumes", "split
 
 PREPARED = "prepared.json"
 _SAMPLES_PER_CASE = 10000  # body voxels per case for the CT statistics (nnU-Net's fingerprint samples likewise)
+# No CT holds Hounsfield units beyond this (the extended scale for metal reaches about 3e4; unrescaled 16-bit
+# storage 65535); a voxel beyond it is corruption, and one such voxel would dominate the dataset's mean and std.
+_CT_LIMIT = 1.0e6
 
 
 def compute_normalization(source, cases: Sequence[str], seed: int = 0) -> Dict[str, Any]:
-    """nnU-Net's intensity normalisation scheme and, for CT, its dataset statistics over body voxels."""
+    """nnU-Net's intensity normalisation scheme and, for CT, its dataset statistics over body voxels.
+
+    The statistics are computed in float64.
+
+    Raises:
+        VolumeError: a CT case with voxels beyond +-1e6 (not Hounsfield units), naming its file.
+    """
+    from ..volumes import VolumeError
+
     if source.kind == "nnunet_preprocessed":
         return {"scheme": "nnunet_preprocessed", **source.describe()}
     if source.modality == "mri":
@@ -42,28 +55,42 @@ def compute_normalization(source, cases: Sequence[str], seed: int = 0) -> Dict[s
     rng = np.random.default_rng(seed)
     samples = []
     for case in cases:
-        v = source.read(case).native(0)
+        volume = source.read(case)
+        v = volume.native(0)
+        extreme = float(np.max(np.abs(v))) if v.size else 0.0
+        if extreme > _CT_LIMIT:
+            raise VolumeError(f"{_files(volume, case)} has voxel values up to {extreme:.3g}, far beyond any CT "
+                              f"(|HU| <= {_CT_LIMIT:.0e}); repair the file or remove it from the dataset")
         body = v[v > -500.0]
         if body.size:
-            samples.append(rng.choice(body, min(_SAMPLES_PER_CASE, body.size), replace=False))
-    values = np.concatenate(samples) if samples else np.zeros(1, np.float32)
+            samples.append(rng.choice(body, min(_SAMPLES_PER_CASE, body.size), replace=False).astype(np.float64))
+    values = np.concatenate(samples) if samples else np.zeros(1, np.float64)
     return {"scheme": "CTNormalization", "mean": float(values.mean()), "std": float(values.std()),
             "percentile_00_5": float(np.percentile(values, 0.5)), "percentile_99_5": float(np.percentile(values, 99.5))}
 
 
+def _files(volume, case: str) -> str:
+    """The file(s) a case was read from, for messages (else the case name)."""
+    files = list(getattr(volume, "files", None) or [])
+    return files[0] if len(files) == 1 else f"case {case}" + (f" ({', '.join(files)})" if files else "")
+
+
 def _normalize(array: np.ndarray, normalization: Dict[str, Any]) -> np.ndarray:
+    """Normalise every channel with nnU-Net's scheme, computed in float64 (a float32 mean or std of an MRI with
+    huge values overflows), stored as float32."""
     from nnunetv2.preprocessing.normalization.default_normalization_schemes import (CTNormalization,
                                                                                     ZScoreNormalization)
     scheme = normalization["scheme"]
     if scheme == "nnunet_preprocessed":
         return array
-    out = np.empty_like(array)
+    out = np.empty(array.shape, np.float32)
     for c in range(array.shape[0]):
         if scheme == "CTNormalization":
             props = {k: normalization[k] for k in ("mean", "std", "percentile_00_5", "percentile_99_5")}
-            out[c] = CTNormalization(use_mask_for_norm=False, intensityproperties=props).run(array[c].copy())
-        else:
-            out[c] = ZScoreNormalization(use_mask_for_norm=False).run(array[c].copy())
+            norm = CTNormalization(use_mask_for_norm=False, intensityproperties=props, target_dtype=np.float64)
+        else:  # per-volume statistics; nnU-Net >= 2.6 asserts intensityproperties is a dict even when unused
+            norm = ZScoreNormalization(use_mask_for_norm=False, intensityproperties={}, target_dtype=np.float64)
+        out[c] = norm.run(array[c].astype(np.float64))
     return out
 
 
@@ -84,11 +111,38 @@ def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[st
             continue
         volume = source.read(case)
         data = _normalize(volume.array, normalization)
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            from ..volumes import VolumeError
+            raise VolumeError(f"{_files(volume, case)} gives {bad} non-finite voxels after {normalization['scheme']} "
+                              f"(its values are too extreme to normalise); repair the file or remove it from the "
+                              f"dataset")
         atomic_write(path, lambda tmp, d=data: np.save(open(tmp, "wb"), d, allow_pickle=False))
         shapes[case] = list(volume.shape)
         done[case] = shapes[case]
         atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps({"settings": settings, "cases": done})))
     return shapes
+
+
+@contextmanager
+def _global_rngs(seed: int):
+    """Seed Python's, numpy's and torch's global generators for one sample, and restore them afterwards.
+
+    batchgenerators' transforms draw from the global generators (GaussianNoiseTransform from both ``random`` and
+    ``np.random``; batchgeneratorsv2's from torch). Seeding all of them from the sample's own generator makes a sample the same in any loader
+    worker and in the main process; restoring them leaves the training loop's own streams (saved in checkpoints,
+    with ``data.num_workers: 0`` in the same process) exactly as they were.
+    """
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)  # the CPU generator only (torch.manual_seed would reseed CUDA's too)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 def split_cases(cases: Sequence[str], eval_cases: int, seed: int):
@@ -183,8 +237,8 @@ class PretrainDataset(Dataset):
         rows = self._pick(e, start, rng)
         crop = self._crop(volume, start)
         if self._augment is not None:
-            np.random.seed(int(rng.integers(2 ** 31)))  # batchgenerators draws from numpy's global generator
-            crop = self._augment(data=crop[None])["data"][0].astype(np.float32, copy=False)
+            with _global_rngs(int(rng.integers(2 ** 31))):  # batchgenerators draws from Python's and numpy's
+                crop = self._augment(data=crop[None])["data"][0].astype(np.float32, copy=False)
         mask = np.zeros(self.k, bool)
         mask[:len(rows)] = True
         rows = rows + [rows[0]] * (self.k - len(rows))

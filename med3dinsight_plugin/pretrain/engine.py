@@ -4,6 +4,7 @@ Layout of a run folder ``OUTPUT``::
 
     config.yaml                 the configuration of the run
     checkpoints/last.pt         full training state (model, optimizer, scheduler, scaler, step, RNG, config)
+    checkpoints/previous.pt     the state saved before it (resumed from, with a warning, if last.pt is unreadable)
     metrics.jsonl               one JSON line per log / eval step
     tensorboard/                TensorBoard scalars (when tensorboard is installed)
     med3dinsight.safetensors    the pretrained model, written at the end (``save_pretrained``)
@@ -27,17 +28,25 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from ..checkpoint import atomic_write, save_pretrained
-from .config import RESUMABLE_CHANGES, ConfigError, PretrainConfig, TrainConfig, diff_configs, save_config
+from ..checkpoint import CheckpointError, atomic_write, save_pretrained
+from ..distributed import DistributedContext, init_distributed
+from ..errors import Med3DInsightError, first_line
+from .config import (RESUMABLE_CHANGES, ConfigError, PretrainConfig, TrainConfig, check_backbone_kwargs,
+                     diff_configs, save_config)
 from .diagnostics import MetricsLog, evaluate, plot_metrics
 
-__all__ = ["build_model", "lr_factor", "pretrain", "STATE_FORMAT"]
+__all__ = ["NonFiniteError", "build_model", "lr_factor", "pretrain", "STATE_FORMAT"]
 
 STATE_FORMAT = "med3dinsight-pretrain-state"
 # Metadata keys save_pretrained writes itself (it refuses them from callers); checked before training, not after it.
 _RESERVED_METADATA = ("format", "format_version", "package_version", "backbone", "network_class", "in_channels",
                       "patch_size", "encoder_prefixes", "adaptation_plan", "aliases", "psat", "alignment",
                       "pretraining")
+_STATE_KEYS = ("step", "model", "optimizer", "scheduler", "scaler", "rng", "config")
+
+
+class NonFiniteError(Med3DInsightError):
+    """Training diverged: a loss or a weight became NaN/Inf (nothing non-finite is ever saved)."""
 
 
 def build_model(config: PretrainConfig, embed_dim: int):
@@ -56,6 +65,7 @@ def build_model(config: PretrainConfig, embed_dim: int):
     from ..psat import PlaneSliceAwareTransformer
 
     m = config.model
+    check_backbone_kwargs(m)
     torch.manual_seed(config.train.seed)
     backbone = build_backbone(m.backbone, in_channels=m.in_channels, patch_size=m.patch_size or None,
                               **m.backbone_kwargs)
@@ -131,7 +141,8 @@ def _gather_plain(t: Optional[torch.Tensor], world: int) -> Optional[torch.Tenso
 
 def pretrain(config: PretrainConfig, model: nn.Module, train_set, eval_set=None, *, metadata: Optional[dict] = None,
              resume: bool = True, progress: bool = True,
-             on_start: Optional[Callable[[nn.Module], Any]] = None) -> Dict[str, Any]:
+             on_start: Optional[Callable[[nn.Module], Any]] = None,
+             context: Optional[DistributedContext] = None) -> Dict[str, Any]:
     """Pretrain ``model`` on ``train_set`` as ``config`` says; runs alike alone and under ``torchrun``.
 
     Args:
@@ -146,11 +157,17 @@ def pretrain(config: PretrainConfig, model: nn.Module, train_set, eval_set=None,
         progress: show a progress bar (rank 0).
         on_start: called with the model on rank 0 before the first step (e.g. to test-load the downstream network);
             an exception there aborts the run before training.
+        context: the :class:`~med3dinsight_plugin.distributed.DistributedContext` of a caller that already joined
+            the process group (it stays the caller's to close); ``None``: joined (and left) here from torchrun's
+            environment and ``train.device``.
 
     Batches are read through a DataLoader whose sampler gives step s, rank r the sample numbers s*W*b + r*b + j, so
     a run depends on neither the worker count nor where it was resumed. The full state is saved every
-    ``train.checkpoint_every`` steps and at the end to ``OUTPUT/checkpoints/last.pt``; on CPU a run killed and
-    resumed ends with the same weights, bit for bit, as one never interrupted.
+    ``train.checkpoint_every`` steps and at the end to ``OUTPUT/checkpoints/last.pt`` (the one before is kept as
+    ``previous.pt``, resumed from with a warning when last.pt is unreadable); on CPU a run killed and resumed ends
+    with the same weights, bit for bit, as one never interrupted. Losses and weights are checked to be finite at
+    every log step and before every save, so a diverged run stops with :class:`NonFiniteError` and never saves a
+    non-finite state.
 
     Returns:
         ``checkpoint`` (the final ``med3dinsight.safetensors``; ``None`` on ranks other than 0), ``state``
@@ -159,6 +176,8 @@ def pretrain(config: PretrainConfig, model: nn.Module, train_set, eval_set=None,
 
     Raises:
         ConfigError: a bad configuration, or a resumption with a configuration other than the checkpoint's.
+        CheckpointError: ``last.pt`` (and ``previous.pt``) cannot be resumed from.
+        NonFiniteError: the loss or the weights became non-finite.
         ValueError: metadata that is not JSON-serialisable or uses a key the checkpoint format reserves.
     """
     if not config.output:
@@ -172,18 +191,22 @@ def pretrain(config: PretrainConfig, model: nn.Module, train_set, eval_set=None,
     except TypeError as e:
         raise ValueError(f"metadata must be JSON-serialisable: {e}") from None
 
-    rank, world, device, own_group = _init_distributed(config.train.device)
+    ctx = context if context is not None else init_distributed(config.train.device, option="train.device")
     try:
-        return _run(config, model, train_set, eval_set, metadata, resume, progress, on_start, rank, world, device)
+        return _run(config, model, train_set, eval_set, metadata, resume, progress, on_start, ctx)
     finally:
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if context is None:
+            ctx.close()
 
 
-def _run(config, model, train_set, eval_set, metadata, resume, progress, on_start, rank, world, device):
+def _run(config, model, train_set, eval_set, metadata, resume, progress, on_start, ctx: DistributedContext):
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
     tc, out = config.train, Path(config.output)
-    state_path = out / "checkpoints" / "last.pt"
-    state = _load_state(state_path, config, device) if resume and state_path.is_file() else None
+    states = _States(out / "checkpoints", rank)
+    state_path = states.last
+    state = states.resume(config, device) if resume else None
+    if state is None:
+        states.forget_previous()  # a fresh start: an older run's previous.pt must never be fallen back to
     start = int(state["step"]) if state else 0
 
     # Parameters pretraining gives no gradient (segmentation head, dead weights) are frozen, so DDP can run without
@@ -204,11 +227,11 @@ def _run(config, model, train_set, eval_set, metadata, resume, progress, on_star
 
     amp_dtype = _amp_dtype(tc.amp, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    # Weight decay on every trainable tensor, as the authors' AdamW does.
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
+    optimizer = _optimizer(params, tc)
     # A plain function (not a picklable object) so the scheduler's state holds no callable, and a resumed run with a
     # changed train.steps follows the new schedule.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
+    lr_now = lambda: scheduler.get_last_lr()[0]  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if state:
         optimizer.load_state_dict(state["optimizer"])
@@ -246,6 +269,7 @@ def _run(config, model, train_set, eval_set, metadata, resume, progress, on_star
     last_losses: Dict[str, float] = {}
     last_eval: Dict[str, float] = {}
     step, count, tick, final = start, 0, time.perf_counter(), None
+    window = []  # each step's loss since the last finiteness check (kept on the device: no sync per step)
     try:
         if log and eval_set is not None and start == 0:  # the untrained baseline of the retrieval curves
             last_eval = evaluate(model, eval_set, tc.batch_size, device, amp_dtype=amp_dtype)
@@ -254,8 +278,18 @@ def _run(config, model, train_set, eval_set, metadata, resume, progress, on_star
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             model.train()
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                losses = step_module(**batch)
+            try:
+                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                    losses = step_module(**batch)
+            except ValueError as e:
+                # A diverged model (the same on every rank: the OT inputs are gathered) can make the OT solver refuse
+                # its cost matrix ("... NaN or Inf": non-finite weights, or finite ones whose predictions or learned
+                # metric overflow) before there is a loss to check: say what happened, not where it surfaced.
+                if not all(bool(torch.isfinite(p.detach()).all()) for p in params):
+                    raise _diverged("weights", step, lr_now(), states.saved_step) from None
+                if "NaN or Inf" in str(e):
+                    raise _diverged("loss", step + 1, lr_now(), states.saved_step) from None
+                raise
             scaler.scale(losses["loss"]).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 \
@@ -269,14 +303,16 @@ def _run(config, model, train_set, eval_set, metadata, resume, progress, on_star
             step, count = step + 1, count + 1
             for k, v in {**losses, "grad_norm": grad_norm}.items():  # summed on device: no sync per step
                 sums[k] = sums.get(k, 0) + v.detach().float()
+            window.append(losses["loss"].detach())
 
             record: Dict[str, Any] = {}
+            save = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.steps
+            if save or step % tc.log_every == 0:
+                # fp16 gradients may overflow (the scaler then skips the step); a non-finite loss is a real failure
+                _check_finite(window, params, step, lr, states.saved_step, world, device)
+                window = []
             if step % tc.log_every == 0 or step == tc.steps:
                 last_losses = _reduce_mean(sums, count, world)
-                # fp16 gradients may overflow (the scaler then skips the step); a non-finite loss is a real failure
-                if not all(math.isfinite(v) for k, v in last_losses.items() if k != "grad_norm"):
-                    raise FloatingPointError(f"the loss became non-finite at step {step} ({last_losses}); lower "
-                                             f"train.lr or raise train.warmup_steps")
                 now = time.perf_counter()
                 record = {"step": step, "lr": lr, **last_losses, "samples_per_s": global_batch * count / (now - tick)}
                 sums, count, tick = {}, 0, now
@@ -285,8 +321,8 @@ def _run(config, model, train_set, eval_set, metadata, resume, progress, on_star
                 record.update({"step": step, **{f"eval/{k}": v for k, v in last_eval.items()}})
             if log:
                 log.advance(step, record)
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.steps:
-                _save_state(state_path, model, optimizer, scheduler, scaler, step, config, rank, world, device)
+            if save:
+                states.save(model, optimizer, scheduler, scaler, step, config, world, device)
         if rank == 0:
             pretraining = {"steps": step, "global_batch": global_batch, "world_size": world,
                            "config": config.to_dict()}
@@ -303,17 +339,133 @@ def _run(config, model, train_set, eval_set, metadata, resume, progress, on_star
             "eval": last_eval}
 
 
+class _Unusable(Exception):
+    """A state file that cannot be resumed from (unreadable, foreign, incomplete, non-finite); the reason."""
+
+
+class _States:
+    """``checkpoints/last.pt`` and the state saved before it, ``previous.pt``.
+
+    Saving moves a good ``last.pt`` (one this run wrote or resumed from) to ``previous.pt`` and writes the new state
+    atomically; resuming falls back to ``previous.pt``, with a warning, when ``last.pt`` is missing or unusable
+    (truncated by a full disk, replaced by a foreign file).
+    """
+
+    def __init__(self, folder: Path, rank: int):
+        self.folder, self.rank = folder, rank
+        self.last, self.previous = folder / "last.pt", folder / "previous.pt"
+        self.rotate = False  # last.pt is known good: keep it as previous.pt when writing the next one
+        self.saved_step: Optional[int] = None  # the step of the newest good state on disk
+
+    def resume(self, config: PretrainConfig, device: torch.device) -> Optional[Dict[str, Any]]:
+        """The newest usable state, or ``None`` when there is none to resume."""
+        candidates = [p for p in (self.last, self.previous) if p.is_file()]
+        if not candidates:
+            return None
+        problems = [] if self.last.is_file() else [f"{self.last} is missing"]
+        for path in candidates:
+            try:
+                state = _load_state(path, config, device)
+            except _Unusable as e:
+                problems.append(f"{path} {e}")
+                continue
+            if problems and self.rank == 0:
+                warnings.warn(f"{'; '.join(problems)}: resuming from {path} (step {int(state['step'])}) instead",
+                              stacklevel=4)
+            self.rotate = path == self.last
+            self.saved_step = int(state["step"])
+            return state
+        raise CheckpointError(f"{'; '.join(problems)}: cannot resume the run in {self.folder.parent}; move "
+                              f"{self.folder} out of the way, or pass --no-resume (resume=False) to start over")
+
+    def forget_previous(self) -> None:
+        """A fresh start: drop an older run's previous.pt, so no later fallback resumes another run."""
+        if self.rank == 0 and self.previous.is_file():
+            self.previous.unlink()
+
+    def save(self, model, optimizer, scheduler, scaler, step, config, world, device) -> None:
+        """All ranks' RNG states gathered; rank 0 writes atomically; the others wait so nobody runs ahead."""
+        rng = _get_rng(device)
+        rngs = [rng]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng)
+        if self.rank == 0:
+            state = {"format": STATE_FORMAT, "version": 1, "step": step, "world_size": world,
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                     "config": config.to_dict()}
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if self.rotate and self.last.is_file():
+                os.replace(self.last, self.previous)  # a crash before the next line leaves previous.pt to resume
+            atomic_write(self.last, lambda tmp: torch.save(state, tmp))
+        self.rotate, self.saved_step = True, step
+        if world > 1:
+            dist.barrier()
+
+
 def _load_state(path: Path, config: PretrainConfig, device: torch.device) -> Dict[str, Any]:
-    """The saved training state, refused when it was written with another configuration."""
-    state = torch.load(path, map_location=device, weights_only=True)
+    """The saved training state; :class:`_Unusable` if it cannot be resumed from, :class:`ConfigError` when it was
+    written with another configuration."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- truncated zip, foreign pickle, ...: torch raises assorted types
+        raise _Unusable(f"is unreadable ({type(e).__name__}: {first_line(e)[:120]})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ConfigError(f"{path} is not a med3dinsight pretraining state; use a new output folder")
-    changed = diff_configs(state["config"], config.to_dict())
+        raise _Unusable("is not a med3dinsight pretraining state")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing or not isinstance(state["model"], dict) or not isinstance(state["config"], dict):
+        raise _Unusable(f"is incomplete (no {', '.join(missing) or 'model/config mapping'})")
+    if not all(torch.isfinite(v).all() for v in state["model"].values()
+               if isinstance(v, torch.Tensor) and v.is_floating_point()):
+        raise _Unusable("holds non-finite weights")
+    changed = diff_configs(_with_defaults(state["config"]), config.to_dict())
     if changed:
         raise ConfigError(f"{path} was written with a different configuration ({', '.join(changed)} differ); use a "
                           f"new output folder, or resume with the same configuration (only "
                           f"{', '.join(RESUMABLE_CHANGES)} may change)")
     return state
+
+
+def _with_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A saved configuration with the keys added since it was written at their defaults (which behave as before)."""
+    try:
+        return PretrainConfig.from_dict(saved).to_dict()
+    except ConfigError:
+        return saved  # a key since removed: the comparison names it
+
+
+def _optimizer(params, tc: TrainConfig) -> torch.optim.Optimizer:
+    if tc.optimizer == "sgd":  # nnU-Net's: SGD, Nesterov momentum 0.99, L2 weight decay
+        return torch.optim.SGD(params, lr=tc.lr, momentum=0.99, nesterov=True, weight_decay=tc.weight_decay)
+    # Weight decay on every trainable tensor, as the authors' AdamW does.
+    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
+
+
+def _check_finite(window, params, step: int, lr: float, saved_step: Optional[int], world: int,
+                  device: torch.device) -> None:
+    """Raise :class:`NonFiniteError` on every rank if a loss of the last ``len(window)`` steps (on any rank) or a
+    weight is non-finite; one small collective."""
+    flags = [torch.isfinite(torch.stack([w.float() for w in window])).float() if window else
+             torch.zeros(0, device=device),
+             torch.stack([torch.isfinite(p.detach()).all() for p in params]).all().float()[None] if params else
+             torch.ones(1, device=device)]
+    flags = torch.cat([f.to(device) for f in flags])
+    if world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    ok = flags.tolist()
+    if all(ok):
+        return
+    bad_losses = [i for i, v in enumerate(ok[:-1]) if not v]
+    what, at = ("loss", step - len(window) + 1 + bad_losses[0]) if bad_losses else ("weights", step)
+    raise _diverged(what, at, lr, saved_step)
+
+
+def _diverged(what: str, step: int, lr: float, saved_step: Optional[int]) -> NonFiniteError:
+    kept = f"the last saved state is step {saved_step}" if saved_step is not None else "no state was saved"
+    return NonFiniteError(f"the {what} became non-finite at step {step} (lr {lr:.3g}); {kept}, nothing non-finite "
+                          f"was written: lower train.lr or raise train.warmup_steps, and start over (--no-resume "
+                          f"or a new output folder)")
 
 
 def _call_on_start(on_start, model, rank: int, world: int, device: torch.device) -> None:
@@ -335,32 +487,6 @@ def _call_on_start(on_start, model, rank: int, world: int, device: torch.device)
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-
-def _init_distributed(device_name: str):
-    """(rank, world, device, created_group) from torchrun's environment; a single process without it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_available() and dist.is_initialized():  # the caller set up the group
-        world, rank = dist.get_world_size(), dist.get_rank()
-    try:
-        if device_name == "auto":
-            device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        else:
-            device = torch.device(device_name)
-            if device.type == "cuda" and device.index is None:
-                device = torch.device("cuda", local_rank)
-    except RuntimeError as e:
-        raise ConfigError(f"'train.device' must be auto, cpu, cuda or cuda:N, got {device_name!r} ({e})") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"'train.device' is {device_name!r} but CUDA is not available; use auto or cpu")
-        torch.cuda.set_device(device)
-    created = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        created = True
-    return rank, world, device, created
-
 
 def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "auto":  # bf16 needs no loss scaling; fp16 only when asked
@@ -409,20 +535,3 @@ def _set_rng(rng: Dict[str, Any], device: torch.device) -> None:
                          n["cached_gaussian"]))
     p = rng["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-
-
-def _save_state(path: Path, model, optimizer, scheduler, scaler, step, config, rank, world, device) -> None:
-    """All ranks' RNG states gathered; rank 0 writes atomically; the others wait so nobody runs ahead of the file."""
-    rng = _get_rng(device)
-    rngs = [rng]
-    if world > 1:
-        rngs = [None] * world
-        dist.all_gather_object(rngs, rng)
-    if rank == 0:
-        state = {"format": STATE_FORMAT, "version": 1, "step": step, "world_size": world,
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                 "config": config.to_dict()}
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-    if world > 1:
-        dist.barrier()

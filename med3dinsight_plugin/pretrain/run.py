@@ -1,7 +1,8 @@
 """``med3dinsight pretrain``: from a configuration to a pretrained checkpoint.
 
-Opens the volumes and the teacher cache, checks that they belong together, prepares the normalised volumes once
-(rank 0; other ranks wait), builds the model (for an nnU-Net preprocessed dataset and ``backbone: nnunet``, from that
+Checks the backbone's arguments, takes the run folder's lock (``OUTPUT/.lock``: one run per folder), opens the
+volumes and the teacher cache, checks that they belong together, prepares the normalised volumes once (rank 0;
+other ranks wait), builds the model (for an nnU-Net preprocessed dataset and ``backbone: nnunet``, from that
 dataset's own plans), test-loads the encoder into a freshly built downstream network before the first step -- so a
 checkpoint that could not be fine-tuned fails now, not days later -- and hands over to :func:`.engine.pretrain`.
 """
@@ -9,31 +10,115 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
-
-import torch
+from typing import Any, Dict, Optional
 
 from ..checkpoint import atomic_write
+from ..distributed import init_distributed
+from ..errors import Med3DInsightError, first_line
 from ..teacher.cache import TeacherCache
-from .config import ConfigError, PretrainConfig
+from .config import ConfigError, PretrainConfig, check_backbone_kwargs
 from .data import PretrainDataset, compute_normalization, prepare_volumes, split_cases
 
-__all__ = ["run_pretraining", "check_downstream_load"]
+__all__ = ["RunLock", "RunLockedError", "run_pretraining", "check_downstream_load"]
 
 ORIENTATION = "canonical LPS: axis 0 toward superior, 1 toward posterior, 2 toward the patient's left"
 EVAL_CROPS_PER_CASE = 4
 
 
-def _distributed(config: PretrainConfig):
-    """Join the torchrun process group early: rank 0 prepares the data while the others wait."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        cuda = config.train.device.startswith("cuda") or (config.train.device == "auto" and torch.cuda.is_available())
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-        return int(os.environ.get("RANK", "0")), world, True
-    return (torch.distributed.get_rank(), world, False) if world > 1 else (0, 1, False)
+class RunLockedError(Med3DInsightError):
+    """Another live process is pretraining into the same run folder."""
+
+
+class RunLock:
+    """``OUTPUT/.lock``: one pretraining process (rank 0) per run folder.
+
+    The lock is an exclusive ``flock`` on the file, which the kernel releases when its holder dies, however it dies
+    (so a recycled pid never makes a stale lock look alive); the file names the holder (``pid host``). A second
+    start fails naming the folder and that pid. A lock file left by a process that is gone (``kill -9``, a crashed
+    node) is taken over with a note on stderr. :meth:`release` (or leaving the ``with`` block) removes the file.
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.path = self.folder / ".lock"
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot write to the output folder {self.folder} ({e.strerror or e}); choose another "
+                              f"-o/--output") from None
+        me = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(100):  # retried only when the file was replaced between open and flock
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConfigError(f"cannot write to the output folder {self.folder} ({e.strerror or e}); choose "
+                                  f"another -o/--output") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunLockedError(self._busy(holder)) from None
+            except OSError as e:
+                os.close(fd)
+                raise ConfigError(f"cannot lock {self.path} ({e.strerror or e}): the file system of the output folder "
+                                  f"does not support locks; choose another -o/--output") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # its holder removed it after we opened it: lock the new file instead
+                os.close(fd)
+                continue
+            holder = _read_holder(fd)
+            if holder:
+                print(f"note: taking over the stale lock {self.path} left by process {holder[0]} on {holder[1]}, "
+                      f"which no longer runs there", file=sys.stderr)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{me}\n".encode(), 0)
+            os.fsync(fd)
+            self._fd = fd
+            return self
+        raise RunLockedError(f"{self.folder} is being locked and unlocked by other processes; retry later")
+
+    def _busy(self, holder) -> str:
+        who = f"process {holder[0]} on {holder[1]}" if holder else "another process"
+        return (f"the run folder {self.folder} is in use by {who} ({self.path}); wait for that run to end or stop "
+                f"it, or choose another -o/--output")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still holding the flock: the next process locks a fresh file
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int):
+    """(pid, host) written in a lock file, or ``None`` (empty or unreadable)."""
+    try:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").split()
+        return int(text[0]), (text[1] if len(text) > 1 else "?")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _backbone_kwargs(config: PretrainConfig, source) -> None:
@@ -99,16 +184,29 @@ def run_pretraining(config: PretrainConfig, resume: bool = True, progress: bool 
 
     Raises:
         ConfigError, VolumeError, CacheError: bad configuration or data, before any training step.
+        RunLockedError: another process is pretraining into the same output folder.
     """
-    from .engine import build_model, pretrain
-    from ..volumes import open_source
-
     d = config.data
     for key in ("source", "cache"):
         if not getattr(d, key):
             raise ConfigError(f"data.{key} is not set; pass --data/--cache or set it in the config")
     if not config.output:
         raise ConfigError("output is not set; pass -o/--output or set it in the config")
+    check_backbone_kwargs(config.model)  # before any data is read: a typo must not cost a preparation pass
+    rank = int(os.environ.get("RANK", "0"))
+    lock = RunLock(config.output).acquire() if rank == 0 else None
+    try:
+        return _run_locked(config, resume, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Dict[str, Any]:
+    from .engine import build_model, pretrain
+    from ..volumes import open_source
+
+    d = config.data
     source = open_source(d.source, modality=d.modality, configuration=d.configuration, plans=d.plans)
     if source.num_channels != config.model.in_channels:
         raise ConfigError(f"{d.source} has {source.num_channels} channel(s) but model.in_channels is "
@@ -116,19 +214,26 @@ def run_pretraining(config: PretrainConfig, resume: bool = True, progress: bool 
     cache = TeacherCache(d.cache, expect={"source": {k: source.describe()[k] for k in ("kind", "num_channels")}})
     train_cases, eval_cases = split_cases(source.cases, d.eval_cases, d.seed)
     _backbone_kwargs(config, source)
-    rank, world, own_group = _distributed(config)
-    try:
+    # One process group for the whole run, its CUDA device selected before the first collective (the broadcast
+    # below); the engine trains in the same context.
+    with init_distributed(config.train.device, option="train.device") as ctx:
         prepared = Path(config.output) / "prepared"
-        if rank == 0:
-            _check_output(Path(config.output), cache)
-            normalization = compute_normalization(source, train_cases, d.seed)
-            shapes = prepare_volumes(source, source.cases, prepared, normalization)
-            payload = [normalization, shapes]
-        else:
-            payload = [None, None]
-        if world > 1:
-            torch.distributed.broadcast_object_list(payload, src=0)  # plain JSON-like objects from rank 0
-        normalization, shapes = payload
+        payload, failure = [None, None, None], None
+        if ctx.is_main:
+            try:
+                _check_output(Path(config.output), cache)
+                normalization = compute_normalization(source, train_cases, d.seed)
+                shapes = prepare_volumes(source, source.cases, prepared, normalization)
+                payload = [normalization, shapes, None]
+            except Exception as e:  # noqa: BLE001 -- re-raised below, after telling the other ranks
+                failure = e
+                payload = [None, None, first_line(e)]
+        # plain JSON-like objects from rank 0, or why it failed (so no rank waits for data that never comes)
+        normalization, shapes, error = ctx.broadcast_object(payload)
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise Med3DInsightError(f"rank 0 failed to prepare the data: {error}")
         model = build_model(config, cache.embed_dim)
         patch = model.backbone.patch_size
         train_set = PretrainDataset(prepared, train_cases, shapes, cache, patch, d.slices_per_sample, d.seed,
@@ -141,7 +246,4 @@ def run_pretraining(config: PretrainConfig, resume: bool = True, progress: bool 
                     "teacher_render": cache.settings["render"], "captions": cache.settings.get("captions"),
                     "data": source.describe()}
         return pretrain(config, model, train_set, eval_set, metadata=metadata, resume=resume, progress=progress,
-                        on_start=lambda m: check_downstream_load(m, metadata))
-    finally:
-        if own_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+                        on_start=lambda m: check_downstream_load(m, metadata), context=ctx)
