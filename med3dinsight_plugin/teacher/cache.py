@@ -2,7 +2,8 @@
 
 Layout of a cache folder::
 
-    manifest.json                 settings (teacher, rendering, slice policy, captions, source), shards, cases
+    manifest.json                 settings (teacher, rendering, slice policy, captions, source), shards (rows,
+                                  bytes, sha256), cases (shape, shard, volume fingerprint)
     shard-00000.safetensors       rows of (plane, index, position, case) + image/text embeddings (float16)
     ...
 
@@ -10,6 +11,9 @@ A shard holds the slices of a fixed run of cases (``cases_per_shard`` consecutiv
 files do not depend on how many processes wrote them. Each shard is written whole to a temporary name and renamed;
 its header repeats the settings hash, so a resumed run keeps the shards that match and a stale one is refused.
 Training reads the embeddings through ``numpy.memmap`` of the safetensors data, so worker processes share pages.
+Opening a cache checks each shard cheaply (size, header, layout, row metadata) and the first read of a case
+checks its embeddings are finite unit vectors, so damage is refused rather than trained on; ``verify_cache``
+compares the full checksums.
 """
 from __future__ import annotations
 
