@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import sys
 import warnings
@@ -323,32 +322,18 @@ def _cuda() -> bool:
 
 
 # Known third-party noise that every run would print and that says nothing about the user's run: a deprecation
-# inside timm (imported by open_clip), and open_clip's note that the architecture was built before its weights
-# were loaded from a local folder. Filtered for the command line only; the library leaves warnings alone.
+# inside timm (imported by open_clip). Filtered for the command line only; the library leaves warnings alone.
 _NOISY_WARNINGS = [(FutureWarning, r"`torch\.jit\.interface` is deprecated")]
-_NOISY_LOG_LINES = ("No pretrained weights loaded for model",)
-
-
-class _DropKnownNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_NOISY_LOG_LINES)
 
 
 @contextlib.contextmanager
 def _quiet_third_parties(debug: bool):
-    """Silence :data:`_NOISY_WARNINGS` and :data:`_NOISY_LOG_LINES` while a command runs (not with debug on)."""
-    if debug:
-        yield
-        return
-    root, noise = logging.getLogger(), _DropKnownNoise()
-    root.addFilter(noise)
-    try:
-        with warnings.catch_warnings():
+    """Silence :data:`_NOISY_WARNINGS` while a command runs (not with debug on)."""
+    with warnings.catch_warnings():
+        if not debug:
             for category, message in _NOISY_WARNINGS:
                 warnings.filterwarnings("ignore", message=message, category=category)
-            yield
-    finally:
-        root.removeFilter(noise)
+        yield
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -63,15 +63,13 @@ def test_only_user_errors_become_one_line(monkeypatch, capsys):
         cli.main(["models"])
 
 
-def test_known_third_party_noise_is_silenced_in_the_cli_only(monkeypatch, capsys):
-    import logging
+def test_known_third_party_noise_is_silenced_in_the_cli_only(monkeypatch):
     import warnings
 
     from med3dinsight_plugin import cli
 
     def noisy(args):
         warnings.warn("`torch.jit.interface` is deprecated. Please use `torch.compile` instead.", FutureWarning)
-        logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
         warnings.warn("a warning of the user's own", UserWarning)
         return 0
 
@@ -81,5 +79,8 @@ def test_known_third_party_noise_is_silenced_in_the_cli_only(monkeypatch, capsys
         warnings.simplefilter("always")
         assert cli.main(["models"]) == 0
     assert [str(w.message) for w in seen] == ["a warning of the user's own"]
-    assert "No pretrained weights" not in capsys.readouterr().err
-    assert not any(isinstance(f, cli._DropKnownNoise) for f in logging.getLogger().filters)  # nothing left behind
+    monkeypatch.setenv("MED3DINSIGHT_DEBUG", "1")  # debugging shows everything
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert cli.main(["models"]) == 0
+    assert len(seen) == 2
