@@ -37,8 +37,14 @@ def configured_checkpoint(plans: Dict[str, Any]) -> Tuple[Optional[str], str]:
     """``(checkpoint path, where it came from)``: ``$MED3DINSIGHT_CHECKPOINT`` overrides the plans' entry."""
     if os.environ.get(ENV_CHECKPOINT):
         return os.environ[ENV_CHECKPOINT], f"${ENV_CHECKPOINT}"
-    entry = plans.get(PLANS_KEY) or {}
-    return entry.get("checkpoint"), f"plans '{plans.get('plans_name')}'"
+    origin = f"plans '{plans.get('plans_name')}'"
+    entry = plans.get(PLANS_KEY)
+    if entry is None:
+        return None, origin
+    if not isinstance(entry, dict) or not isinstance(entry.get("checkpoint"), str) or not entry["checkpoint"]:
+        raise Med3DInsightError(f"{origin}: its '{PLANS_KEY}' entry must be an object with a 'checkpoint' path, as "
+                                f"med3dinsight nnunet-attach writes it; attach the checkpoint again")
+    return entry["checkpoint"], origin
 
 
 def file_sha256(path: os.PathLike) -> str:

@@ -99,13 +99,16 @@ class Med3DInsightTrainer(nnUNetTrainer):
     def load_pretrained_checkpoint(self):
         """Load the configured checkpoint into ``self.network``; stop the run with exit code 2 if impossible."""
         plans = self.plans_manager.plans
-        path, origin = configured_checkpoint(plans)
+        try:
+            path, origin = configured_checkpoint(plans)
+        except Med3DInsightError as e:
+            self._stop(first_line(e))
         if not path:
             self._stop(f"{type(self).__name__} has no pretrained checkpoint: the plans '{plans.get('plans_name')}' "
                        f"carry none and $MED3DINSIGHT_CHECKPOINT is unset. Run `med3dinsight nnunet-attach -d "
                        f"DATASET -p {plans.get('plans_name')} -c CHECKPOINT` and train with the plans it writes (-p), "
                        f"or set MED3DINSIGHT_CHECKPOINT; to train from scratch use -tr nnUNetTrainer")
-        entry = plans.get(PLANS_KEY) or {}
+        entry = plans.get(PLANS_KEY) if origin.startswith("plans") else {}
         try:
             if entry.get("sha256") and origin.startswith("plans") and file_sha256(path) != entry["sha256"]:
                 self.print_to_log_file(f"WARNING: {path} changed since it was attached to these plans")

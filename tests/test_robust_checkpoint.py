@@ -439,3 +439,15 @@ def test_export_plans_mistakes_and_writing_over_its_input(nnunet_plans, tmp_path
     code, _, err = _cli(capsys, "export", ckpt, "--to", "nnssl", "-o", ckpt)
     _one_line(code, err, ckpt, "is the checkpoint being exported")
     assert ckpt.read_bytes() == original and not (tmp_path / "x.pth").exists()
+
+
+def test_hand_edited_plans_entry_is_a_user_error(monkeypatch):
+    from nnunet_trainers.attach import configured_checkpoint
+
+    monkeypatch.delenv("MED3DINSIGHT_CHECKPOINT", raising=False)
+    assert configured_checkpoint({"plans_name": "p"}) == (None, "plans 'p'")
+    assert configured_checkpoint({"plans_name": "p", "med3dinsight": {"checkpoint": "/w.safetensors"}})[0] == \
+        "/w.safetensors"
+    for entry in ("/w.safetensors", {"checkpoint": 3}, {"sha256": "x"}, []):
+        with pytest.raises(Med3DInsightError, match="plans 'p': its 'med3dinsight' entry must be an object"):
+            configured_checkpoint({"plans_name": "p", "med3dinsight": entry})
