@@ -630,7 +630,7 @@ def _from_torch_file(path: Path, mmap: bool = False) -> Checkpoint:
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path} needs arbitrary unpickling, which could run code, so it was not loaded "
                               f"({_unsafe_reason(e)}); {_CONVERT_HINT}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError) as e:
+    except Exception as e:  # whatever a damaged or crafted file makes torch.load raise, it is the file's fault
         raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({_first_line(e)}); re-download or "
                               f"re-save it") from None
     return _interpret(obj, path)

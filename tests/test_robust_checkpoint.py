@@ -364,6 +364,23 @@ def test_sparse_file_is_inspected_from_its_header_and_never_loaded(tmp_path):
         load_checkpoint(sparse)
 
 
+def _inspect_reads_headers():
+    import inspect
+
+    from med3dinsight_plugin import cli
+    return "read_checkpoint_info" in inspect.getsource(cli._cmd_inspect)
+
+
+@pytest.mark.skipif(not _inspect_reads_headers(), reason="cli inspect does not use read_checkpoint_info yet")
+def test_cli_inspect_of_a_sparse_file_reads_its_header_only(tmp_path, capsys):
+    sparse = _header_only_file(tmp_path / "sparse.safetensors", 1 << 28, sparse=True)
+    if sparse.stat().st_blocks * 512 > 1 << 20:
+        sparse.unlink()
+        pytest.skip("this filesystem does not keep sparse files")
+    code, out, err = _cli(capsys, "inspect", sparse)
+    assert code == 0 and f"{sparse}: state_dict, 1 network tensors, 268.44M values" in out, err
+
+
 def test_header_only_info_matches_the_loaded_checkpoint(tiny_backbone_name, tmp_path):
     path = save_pretrained(tiny_backbone(tiny_backbone_name), tmp_path / "c.safetensors", teacher="t")
     info, ckpt = read_checkpoint_info(path), load_checkpoint(path)
@@ -385,6 +402,28 @@ class _Payload:
         return (os.system, (f"touch {_Payload.marker}",))
 
 
+def _torch_file_claiming(path, numel):
+    """torch.save of a 4-element tensor whose pickled storage entry claims ``numel`` elements."""
+    import pickletools
+
+    torch.save({"w": torch.zeros(4)}, path)
+    with zipfile.ZipFile(path) as z:
+        records = {n: z.read(n) for n in z.namelist()}
+    name = next(n for n in records if n.endswith("data.pkl"))
+    data, seen_location = records[name], False
+    for op, arg, pos in pickletools.genops(data):
+        seen_location = seen_location or arg == "cpu"
+        if seen_location and op.name == "BININT1" and arg == 4:  # ('storage', type, key, 'cpu', numel)
+            records[name] = data[:pos] + b"J" + struct.pack("<I", numel) + data[pos + 2:]  # BININT: 4 bytes
+            break
+    else:
+        raise AssertionError("storage numel not found in the pickle")
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for n, content in records.items():
+            z.writestr(n, content)
+    return path
+
+
 def _unusable(tmp_path):
     (tmp_path / "empty_folder").mkdir()
     (tmp_path / "empty.safetensors").write_bytes(b"")
@@ -395,12 +434,16 @@ def _unusable(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(2)}, "obj": _Payload()}, tmp_path / "foreign_class.pt")
     sd = tiny_backbone("plain_conv_unet").network.state_dict()
     torch.save({"network_weights": sd, "nnssl_adaptation_plan": ["encoder"]}, tmp_path / "bad_plan.pth")
+    _torch_file_claiming(tmp_path / "claims_2gb.pt", 1 << 29)  # torch compares it with the record: not allocated
+    _torch_file_claiming(tmp_path / "claims_negative.pt", 3 << 30)  # a negative int32: torch raised TypeError
     return {"empty_folder": "is a folder with 0 .safetensors files",
             "empty.safetensors": "is empty (0 bytes)",
             "plain_pickle.pt": "needs arbitrary unpickling",
             "not_torch.pt": "not a torch checkpoint",
             "foreign_class.pt": "holds an object of class",
-            "bad_plan.pth": "nnssl_adaptation_plan must be a dict"}
+            "bad_plan.pth": "nnssl_adaptation_plan must be a dict",
+            "claims_2gb.pt": "not a torch checkpoint",
+            "claims_negative.pt": "not a torch checkpoint"}
 
 
 def test_unusable_checkpoint_files_give_one_line(tmp_path, capsys):
@@ -410,7 +453,10 @@ def test_unusable_checkpoint_files_give_one_line(tmp_path, capsys):
         with pytest.raises(CheckpointError) as e:
             load_checkpoint(path)
         assert needle in str(e.value) and str(path) in str(e.value)
-        for args in (["inspect", path], ["export", path, "--to", "nnssl", "-o", tmp_path / "out.pth"]):
+        commands = [["export", path, "--to", "nnssl", "-o", tmp_path / "out.pth"]]
+        if name != "claims_2gb.pt":  # inspect memory-maps torch files: it shows the 4 values the tensor views
+            commands.append(["inspect", path])
+        for args in commands:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 code, _, err = _cli(capsys, *args)
