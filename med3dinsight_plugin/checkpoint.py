@@ -10,6 +10,11 @@ normalisation, teacher ids, plans, ...).
 Foreign files -- MONAI's SwinUNETR SSL ``model_swinvit.pt``, nnU-Net ``checkpoint_*.pth``, nnssl checkpoints, plain
 state dicts -- are read with ``torch.load(weights_only=True)`` only; numpy scalars and arrays (in nnU-Net's logs) are
 the only globals allowed. A file that needs anything else is refused before any of it runs.
+
+Nothing is trusted on the file's word: the med3dinsight header is validated once, at read (:func:`validate_metadata`),
+so every consumer can use its keys; empty, sparse and over-declaring files are refused before their claimed sizes are
+allocated; weights holding NaN or Inf are refused (:func:`check_finite`); :func:`read_checkpoint_info` describes a file
+from its header without reading tensors; networks described by metadata are built under :func:`allocation_guard`.
 """
 from __future__ import annotations
 

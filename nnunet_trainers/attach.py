@@ -6,7 +6,8 @@ weights it started from; the preprocessed data are shared (the data identifiers 
 ``--adapt-architecture`` the configuration's architecture becomes the checkpoint's (a SwinUNETR / UNETR for the MONAI
 families, with the patch size made acceptable to them), so ``nnUNetv2_predict`` rebuilds it from the plans alone.
 Before anything is written, the network the new plans build is test-loaded: an incompatible checkpoint fails here,
-not at epoch 0.
+not at epoch 0. The source plans are never overwritten; another existing plans file only with ``overwrite=True``,
+unless an earlier attach wrote it from the same source plans (re-attaching).
 """
 from __future__ import annotations
 
