@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import Med3DInsightError
+from .errors import Med3DInsightError, short_repr
 
 __all__ = ["DeviceError", "DistributedContext", "init_distributed", "resolve_device"]
 
@@ -96,14 +96,15 @@ def resolve_device(name: str, local_rank: int = 0, option: str = "device") -> to
             device = torch.device(name)
             if device.type == "cuda" and device.index is None:
                 device = torch.device("cuda", local_rank)
-    except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"'{option}' must be auto, cpu, cuda or cuda:N, got {name!r} ({e})") from None
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"'{option}' must be auto, cpu, cuda or cuda:N, got {short_repr(name)}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"'{option}' is {name!r} but CUDA is not available; use auto or cpu")
+            raise DeviceError(f"'{option}' is {short_repr(name)} but CUDA is not available; use auto or cpu")
         if device.index >= torch.cuda.device_count():
-            raise DeviceError(f"'{option}' is {name!r} (process {local_rank} on this machine: {device}) but only "
-                              f"{torch.cuda.device_count()} GPU(s) are visible; start fewer processes per node")
+            raise DeviceError(f"'{option}' is {short_repr(name)} (process {local_rank} on this machine: {device}) "
+                              f"but only {torch.cuda.device_count()} GPU(s) are visible; start fewer processes per "
+                              f"node")
     return device
 
 

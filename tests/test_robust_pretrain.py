@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -228,12 +229,12 @@ def test_a_diverging_run_stops_with_one_line_and_never_saves_non_finite_weights(
 
 
 def test_a_ct_volume_with_absurd_voxels_is_named_before_training(ct, tmp_path, capsys):
-    """One voxel of 3e38 (finite in float32) must not overflow the dataset statistics and turn every volume into
-    NaN: the file is named instead."""
+    """Voxels of 3e38 (finite in float32) must not overflow the dataset statistics and turn every volume into NaN
+    (the run then failed at step 1 naming no file): the file is named instead."""
     vols = tmp_path / "vols"
     shutil.copytree(ct / "vols", vols)
     bad = _ct(2)
-    bad[20, 20, 20] = 3e38
+    bad[20:22] = 3e38  # a corrupt slab: certainly among the sampled body voxels
     _nifti(vols / "case2.nii.gz", bad)
     out = tmp_path / "run"
     code, err = _pretrain(capsys, vols, ct / "cache", out)
@@ -329,31 +330,40 @@ def test_a_monai_backbone_argument_typo_names_the_networks_arguments(ct, tmp_pat
 
 # ---------------------------------------------------------------------------------------- 10. YAML bombs
 
+# 9 levels of 9 aliases: 364 bytes that describe 9^9 (387 million) strings as the value of train.lr
 BILLION_LAUGHS = """\
-a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
-b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
-c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
-d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
-e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
-f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
-g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
-h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
-i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
 train:
-  lr: *i
+  lr:
+  - &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+  - &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+  - &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+  - &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+  - &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+  - &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+  - &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+  - &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+  - &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
 """
+
+
+def _limit_memory():
+    import resource
+    # 12 GB of address space (importing torch reserves about 3): a regression that expands the value dies with a
+    # MemoryError instead of taking the machine's memory
+    resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))
 
 
 def test_a_billion_laughs_config_is_refused_in_one_line(tmp_path):
     cfg = tmp_path / "bomb.yaml"
     cfg.write_text(BILLION_LAUGHS)
-    assert len(cfg.read_bytes()) < 700
-    # a subprocess, so that a regression (expanding 9^9 items) times out here instead of eating the test's memory
+    assert len(cfg.read_bytes()) < 600
+    # a subprocess, so that a regression (the message repr()-ing 9^9 strings: minutes, then MemoryError) fails
+    # this test instead of the test process
     proc = subprocess.run([str(BIN / "med3dinsight"), "pretrain", "--config", str(cfg)], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300, preexec_fn=_limit_memory)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "bomb.yaml line 2" in err[0] and "alias" in err[0] and len(err[0]) < 300
+    assert "bomb.yaml line 4" in err[0] and "alias *a" in err[0] and len(err[0]) < 300
 
 
 def test_aliases_are_refused_and_long_values_are_cut_in_messages(tmp_path):
@@ -454,6 +464,31 @@ def test_init_distributed_selects_the_gpu_before_the_group_and_its_first_collect
     assert calls == [("set_device", "cuda:1")]
 
 
+def test_run_pretraining_joins_once_and_trains_in_the_same_context(ct, tmp_path, monkeypatch):
+    """The data broadcast and the training share one context (device selected, group created once)."""
+    from med3dinsight_plugin import distributed
+    from med3dinsight_plugin.pretrain import engine, load_config, run, run_pretraining
+
+    made, handed = [], []
+
+    def init_spy(*args, **kwargs):
+        made.append(distributed.init_distributed(*args, **kwargs))
+        return made[-1]
+
+    def pretrain_spy(*args, **kwargs):
+        handed.append(kwargs.get("context"))
+        return real_pretrain(*args, **kwargs)
+
+    real_pretrain = engine.pretrain
+    monkeypatch.setattr(run, "init_distributed", init_spy)
+    monkeypatch.setattr(engine, "init_distributed", init_spy)
+    monkeypatch.setattr(engine, "pretrain", pretrain_spy)
+    config = load_config(None, [*FAST, f"output={tmp_path / 'run'}", f"data.source={ct / 'vols'}",
+                                f"data.cache={ct / 'cache'}"])
+    assert run_pretraining(config, progress=False)["steps"] == 2
+    assert len(made) == 1 and handed == made and made[0].device == torch.device("cpu")
+
+
 def test_a_bad_device_is_one_line_naming_the_option(ct, tmp_path, capsys):
     code, err = _pretrain(capsys, ct / "vols", ct / "cache", tmp_path / "run", "train.device=cuda") \
         if not torch.cuda.is_available() else \
@@ -463,10 +498,19 @@ def test_a_bad_device_is_one_line_naming_the_option(ct, tmp_path, capsys):
 
 
 def _torchrun(*args, timeout=300):
+    """``torchrun --nproc_per_node 2 -m med3dinsight_plugin.cli pretrain ARGS`` (gloo on CPU); on a timeout the
+    launcher and its workers are killed together."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "med3dinsight_plugin.cli", "pretrain", *[str(a) for a in args]]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_pretrain_under_torchrun_shares_the_prepared_data_through_one_group(ct, tmp_path):
@@ -479,13 +523,14 @@ def test_pretrain_under_torchrun_shares_the_prepared_data_through_one_group(ct, 
 
 
 def test_a_rank_0_data_error_under_torchrun_stops_every_rank(ct, tmp_path):
+    """Only rank 0 reads the volumes; a damaged one must stop rank 1 too, which would otherwise wait in the
+    broadcast for data that never comes (for gloo's 30-minute timeout)."""
     vols = tmp_path / "vols"
     shutil.copytree(ct / "vols", vols)
-    bad = _ct(2)
-    bad[1, 2, 3] = 3e38
-    _nifti(vols / "case2.nii.gz", bad)
-    # without telling rank 1, it would wait in the broadcast for data that never comes (30 minutes by default)
-    done = _torchrun("--data", vols, "--cache", ct / "cache", "-o", tmp_path / "run", "--set", *FAST, timeout=240)
+    (vols / "zbad.nii.gz").write_bytes((vols / "case0.nii.gz").read_bytes()[:2000])  # truncated
+    done = _torchrun("--data", vols, "--cache", ct / "cache", "-o", tmp_path / "run", "--set", *FAST,
+                     "data.modality=ct", timeout=240)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if "med3dinsight pretrain: error:" in line]
-    assert len(errors) == 2 and all("case2.nii.gz" in line for line in errors), done.stderr[-3000:]
+    assert len(errors) == 2 and all("zbad.nii.gz" in line for line in errors), done.stderr[-3000:]
+    assert not (tmp_path / "run" / ".lock").exists()

@@ -322,8 +322,8 @@ def _merge(obj, values: Dict[str, Any], prefix: str, source: str, root=None) -> 
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"'{_show_key(key)}' in {source} must be a mapping of keys ({', '.join(_all_keys(current))}), "
-                                  f"got {short_repr(value)}")
+                raise ConfigError(f"'{_show_key(key)}' in {source} must be a mapping of keys "
+                                  f"({', '.join(_all_keys(current))}), got {short_repr(value)}")
             _merge(current, value, key + ".", source, root)
         elif fields[name].metadata.get("kind") == "dict" and isinstance(value, dict) and isinstance(current, dict):
             merged = dict(current)

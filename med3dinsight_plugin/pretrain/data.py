@@ -126,12 +126,12 @@ def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[st
 
 @contextmanager
 def _global_rngs(seed: int):
-    """Seed Python's, numpy's and torch's global generators for one sample, and restore them afterwards.
+    """Seed Python's, numpy's and torch's (CPU) global generators for one sample; restore them afterwards.
 
     batchgenerators' transforms draw from the global generators (GaussianNoiseTransform from both ``random`` and
-    ``np.random``; batchgeneratorsv2's from torch). Seeding all of them from the sample's own generator makes a sample the same in any loader
-    worker and in the main process; restoring them leaves the training loop's own streams (saved in checkpoints,
-    with ``data.num_workers: 0`` in the same process) exactly as they were.
+    ``np.random``; batchgeneratorsv2's from torch). Seeding all of them from the sample's own generator makes a
+    sample the same in any loader worker and in the main process; restoring them leaves the training loop's own
+    streams (saved in checkpoints, with ``data.num_workers: 0`` in the same process) exactly as they were.
     """
     saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)

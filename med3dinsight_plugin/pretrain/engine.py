@@ -397,11 +397,26 @@ class _States:
                      "config": config.to_dict()}
             self.folder.mkdir(parents=True, exist_ok=True)
             if self.rotate and self.last.is_file():
-                os.replace(self.last, self.previous)  # a crash before the next line leaves previous.pt to resume
+                self._keep_last_as_previous()
             atomic_write(self.last, lambda tmp: torch.save(state, tmp))
         self.rotate, self.saved_step = True, step
         if world > 1:
             dist.barrier()
+
+    def _keep_last_as_previous(self) -> None:
+        """previous.pt := last.pt, atomically, and last.pt stays in place (a hard link: no copy) until the new
+        state replaces it; where hard links are unsupported, last.pt is moved (a crash before the new one is
+        written then leaves previous.pt, which resuming falls back to)."""
+        tmp = self.folder / f".previous.pt.{os.getpid()}.tmp"
+        try:
+            if tmp.exists():
+                tmp.unlink()
+            os.link(self.last, tmp)
+            os.replace(tmp, self.previous)
+        except OSError:
+            if tmp.exists():
+                tmp.unlink()
+            os.replace(self.last, self.previous)
 
 
 def _load_state(path: Path, config: PretrainConfig, device: torch.device) -> Dict[str, Any]:
