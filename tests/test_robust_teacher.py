@@ -228,7 +228,6 @@ def test_a_cache_without_fingerprints_is_accepted_with_a_warning(tmp_path):
         cache.check_fingerprint("c", "v1:whatever")
 
 
-@pytest.mark.xfail(strict=True, reason="pretrain/data.py must call TeacherCache.check_volume (lead wires it)")
 def test_pretraining_refuses_a_cache_made_from_other_images(base, tmp_path, capsys):
     other = Path(shutil.copytree(base / "vols", tmp_path / "other"))
     _nifti(other / "case1.nii.gz", _ct(seed=99))
@@ -236,6 +235,21 @@ def test_pretraining_refuses_a_cache_made_from_other_images(base, tmp_path, caps
     code, err, _ = _run(capsys, "pretrain", "--data", other, "--cache", base / "cache", "-o", out, *TINY)
     _one_line(code, err, "case1", "med3dinsight embed")
     _assert_no_checkpoint(out)
+
+
+def test_a_resumed_run_checks_prepared_cases_against_the_cache_without_rereading(base, tmp_path, capsys):
+    """The second start reuses the prepared volumes: their recorded fingerprints still have to match the cache."""
+    vols = Path(shutil.copytree(base / "vols", tmp_path / "vols"))
+    out = tmp_path / "run"
+    code, err, _ = _run(capsys, "pretrain", "--data", vols, "--cache", base / "cache", "-o", out, *TINY)
+    assert code == 0, err
+    index = json.loads((out / "prepared" / "prepared.json").read_text())
+    assert set(index["fingerprints"]) == set(index["cases"])
+    index["fingerprints"]["case1"] = "v1:" + "0" * 16  # as if case1's image had changed since it was prepared
+    (out / "prepared" / "prepared.json").write_text(json.dumps(index))
+    code, err, _ = _run(capsys, "pretrain", "--data", vols, "--cache", base / "cache", "-o", out, *TINY,
+                        "train.steps=2")
+    _one_line(code, err, "case1", "med3dinsight embed")
 
 
 # ------------------------------------------------------------------------------ 10: memory bomb
@@ -390,7 +404,6 @@ def test_mri_folder_pretrains_with_zscore_normalisation(mri, tmp_path, capsys):
     assert meta["data"]["modality"] == "mri"
 
 
-@pytest.mark.xfail(strict=True, reason="pretrain/run.py must expect source.modality of the cache (lead wires it)")
 def test_a_cache_rendered_as_mri_is_refused_for_ct_pretraining(mri, tmp_path, capsys):
     code, err, _ = _run(capsys, "pretrain", "--data", mri / "vols", "--cache", mri / "cache", "-o", tmp_path / "r",
                         *TINY, "data.modality=ct")

@@ -94,22 +94,36 @@ def _normalize(array: np.ndarray, normalization: Dict[str, Any]) -> np.ndarray:
     return out
 
 
-def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[str, Any]) -> Dict[str, List[int]]:
+def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[str, Any],
+                    cache: Optional[TeacherCache] = None) -> Dict[str, List[int]]:
     """Write each case's normalised canonical array to ``folder/CASE.npy`` (atomically) unless a matching one is
-    there from an earlier run; returns the canonical shape of every case."""
+    there from an earlier run; returns the canonical shape of every case.
+
+    With ``cache``, each volume's content fingerprint must be the one the teacher cache recorded for the case
+    (:meth:`~med3dinsight_plugin.teacher.cache.TeacherCache.check_fingerprint`): a cache made from other images
+    with the same case names and shapes is refused. Fingerprints are kept in the index, so prepared cases are
+    checked on later starts without being read again.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index_path = folder / PREPARED
     settings = {"source": source.describe(), "normalization": normalization}
     old = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    done = old.get("cases", {}) if old.get("settings") == settings else {}
+    same = old.get("settings") == settings
+    done = old.get("cases", {}) if same else {}
+    fingerprints = old.get("fingerprints", {}) if same else {}
     shapes = {}
     for case in cases:
         path = folder / f"{case}.npy"
-        if case in done and path.is_file():
+        if case in done and case in fingerprints and path.is_file():
+            if cache is not None:
+                cache.check_fingerprint(case, fingerprints[case])
             shapes[case] = done[case]
             continue
         volume = source.read(case)
+        fingerprints[case] = volume.fingerprint()
+        if cache is not None:
+            cache.check_fingerprint(case, fingerprints[case])
         data = _normalize(volume.array, normalization)
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
@@ -120,7 +134,8 @@ def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[st
         atomic_write(path, lambda tmp, d=data: np.save(open(tmp, "wb"), d, allow_pickle=False))
         shapes[case] = list(volume.shape)
         done[case] = shapes[case]
-        atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps({"settings": settings, "cases": done})))
+        index = {"settings": settings, "cases": done, "fingerprints": fingerprints}
+        atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index)))
     return shapes
 
 

@@ -211,7 +211,9 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Dict[st
     if source.num_channels != config.model.in_channels:
         raise ConfigError(f"{d.source} has {source.num_channels} channel(s) but model.in_channels is "
                           f"{config.model.in_channels}; set model.in_channels={source.num_channels}")
-    cache = TeacherCache(d.cache, expect={"source": {k: source.describe()[k] for k in ("kind", "num_channels")}})
+    # one modality decision per dataset: a cache rendered as MRI does not teach a CT pretraining
+    cache = TeacherCache(d.cache, expect={"source": {k: source.describe()[k]
+                                                     for k in ("kind", "num_channels", "modality")}})
     train_cases, eval_cases = split_cases(source.cases, d.eval_cases, d.seed)
     _backbone_kwargs(config, source)
     # One process group for the whole run, its CUDA device selected before the first collective (the broadcast
@@ -223,7 +225,7 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Dict[st
             try:
                 _check_output(Path(config.output), cache)
                 normalization = compute_normalization(source, train_cases, d.seed)
-                shapes = prepare_volumes(source, source.cases, prepared, normalization)
+                shapes = prepare_volumes(source, source.cases, prepared, normalization, cache)
                 payload = [normalization, shapes, None]
             except Exception as e:  # noqa: BLE001 -- re-raised below, after telling the other ranks
                 failure = e
