@@ -134,17 +134,16 @@ def _cmd_caption(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
+    from .distributed import init_distributed
     from .teacher.clip import ClipTeacher
     from .teacher.embed import embed_dataset
 
     policy, render = _slice_settings(args, size=224)
     source = _source(args)
-    device = args.device
-    if device == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per process
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    teacher = ClipTeacher(args.clip_model, args.clip_pretrained, device=device, precision=args.precision)
-    r = embed_dataset(source, args.output, teacher, policy, render, captions=args.captions,
-                      batch_size=args.batch_size, cases_per_shard=args.cases_per_shard)
+    with init_distributed(args.device, option="--device") as ctx:  # under torchrun: this process's GPU
+        teacher = ClipTeacher(args.clip_model, args.clip_pretrained, device=str(ctx.device), precision=args.precision)
+        r = embed_dataset(source, args.output, teacher, policy, render, captions=args.captions,
+                          batch_size=args.batch_size, cases_per_shard=args.cases_per_shard)
     if r["rank"] == 0:
         print(f"{r['folder']}: {r['cases']} cases, {r['shards_written']} shard(s) written here, {r['shards_kept']} "
               f"kept from an earlier run, {r['seconds']} s")

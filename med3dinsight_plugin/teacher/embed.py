@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-import torch
 
+from ..distributed import init_distributed
 from ..planes import plane_id
 from ..slices import RenderSettings, SlicePolicy, volume_slices
 from ..errors import first_line
@@ -59,17 +58,6 @@ def _load_captions(path: Path, policy: SlicePolicy, render: RenderSettings):
     return {k: r["text"] for k, r in records.items()}, {"sha256": digest, "model": meta.get("model")}
 
 
-def _distributed(device: str):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend)
-    if device.startswith("cuda") and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return rank, world, device
-
-
 def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
                   render: Optional[RenderSettings] = None, captions: Optional[str] = None, batch_size: int = 64,
                   cases_per_shard: int = 32, progress: bool = True) -> Dict[str, Any]:
@@ -103,44 +91,46 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
                 "captions": caption_info, "source": source.describe()}
     digest = settings_hash(settings)
     out = Path(out)
-    rank, world, _ = _distributed(str(teacher.device))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    _barrier(world)
-    if (out / MANIFEST).is_file():
-        old = read_manifest(out)["settings"]
-        if old != settings:
-            raise StaleCacheError(f"{out} holds a cache made with other settings ({', '.join(diff_keys(old, settings)[:4])}"
-                                  f" differ); embed into a new folder")
-    cases = source.cases
-    shard_cases = {k: cases[i:i + cases_per_shard] for k, i in enumerate(range(0, len(cases), cases_per_shard))}
-    mine = [k for k in shard_cases if k % world == rank]
-    start, written, kept, n_slices = time.perf_counter(), 0, 0, 0
-    bar = _progress(sum(len(shard_cases[k]) for k in mine), progress and rank == 0)
-    try:
-        for k in mine:
-            path = out / shard_name(k)
-            if _keep_shard(path, digest):
-                kept += 1
-                bar.update(len(shard_cases[k]))
-                continue
-            rows, shapes, prints = _embed_cases(source, shard_cases[k], teacher, policy, render, texts, batch_size,
-                                                bar)
-            write_shard(out, k, shard_cases[k], shapes, rows, digest, fingerprints=prints)
-            written += 1
-            n_slices += len(rows["plane"])
-    finally:
-        bar.close()  # before any error message, so that the message is the last line
-    _barrier(world)
-    if rank == 0:
-        missing = [shard_name(k) for k in shard_cases if not (out / shard_name(k)).is_file()]
-        if missing:
-            raise CacheError(f"{out} lacks {len(missing)} shard(s) ({missing[0]}, ...) after embedding; rerun the "
-                             f"same command to finish them")
-        write_manifest(out, settings, shard_cases)
-    _barrier(world)
-    return {"folder": str(out), "cases": len(cases), "slices_embedded_here": n_slices, "shards_written": written,
-            "shards_kept": kept, "seconds": round(time.perf_counter() - start, 2), "rank": rank, "world": world}
+    with init_distributed(str(teacher.device), option="--device") as ctx:  # joins the caller's group if any
+        rank, world = ctx.rank, ctx.world_size
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        ctx.barrier()
+        if (out / MANIFEST).is_file():
+            old = read_manifest(out)["settings"]
+            if old != settings:
+                differ = ", ".join(diff_keys(old, settings)[:4])
+                raise StaleCacheError(f"{out} holds a cache made with other settings ({differ} differ); embed into a "
+                                      f"new folder")
+        cases = source.cases
+        shard_cases = {k: cases[i:i + cases_per_shard] for k, i in enumerate(range(0, len(cases), cases_per_shard))}
+        mine = [k for k in shard_cases if k % world == rank]
+        start, written, kept, n_slices = time.perf_counter(), 0, 0, 0
+        bar = _progress(sum(len(shard_cases[k]) for k in mine), progress and rank == 0)
+        try:
+            for k in mine:
+                path = out / shard_name(k)
+                if _keep_shard(path, digest):
+                    kept += 1
+                    bar.update(len(shard_cases[k]))
+                    continue
+                rows, shapes, prints = _embed_cases(source, shard_cases[k], teacher, policy, render, texts, batch_size,
+                                                    bar)
+                write_shard(out, k, shard_cases[k], shapes, rows, digest, fingerprints=prints)
+                written += 1
+                n_slices += len(rows["plane"])
+        finally:
+            bar.close()  # before any error message, so that the message is the last line
+        ctx.barrier()
+        if rank == 0:
+            missing = [shard_name(k) for k in shard_cases if not (out / shard_name(k)).is_file()]
+            if missing:
+                raise CacheError(f"{out} lacks {len(missing)} shard(s) ({missing[0]}, ...) after embedding; rerun the "
+                                 f"same command to finish them")
+            write_manifest(out, settings, shard_cases)
+        ctx.barrier()
+        return {"folder": str(out), "cases": len(cases), "slices_embedded_here": n_slices, "shards_written": written,
+                "shards_kept": kept, "seconds": round(time.perf_counter() - start, 2), "rank": rank, "world": world}
 
 
 def _keep_shard(path: Path, digest: str) -> bool:
@@ -196,11 +186,6 @@ def _embed_cases(source, cases, teacher, policy, render, texts, batch_size, bar)
     rows["text"] = (np.concatenate(cols["text"]) if cols["text"] else np.zeros((0, width), np.float32)) \
         if texts is not None else None
     return rows, shapes, prints
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
 
 
 def _progress(total: int, enabled: bool):
