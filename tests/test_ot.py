@@ -4,6 +4,7 @@ import ot
 import pytest
 import torch
 
+import med3dinsight_plugin.ot as torch_ot
 from med3dinsight_plugin.ot import entropic_partial_wasserstein, log_entropic_partial_wasserstein
 
 
@@ -51,6 +52,40 @@ def test_partial_transport_constraints_and_finite_at_small_reg(reg, iters, tol):
     assert (plan.sum(1) <= a * (1 + tol)).all() and (plan.sum(0) <= a * (1 + tol)).all()
 
 
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_dominated_cost_does_not_stop_before_the_plan_moves(dtype, rtol):
+    # One cheap entry holds nearly all the kernel's mass: the row projection scales it down to a_0 = 1/3, the
+    # total-mass projection scales it straight back up to m, and the plan does not move at iteration 0 (its change is
+    # ~1e-14) while the Dykstra corrections build up. A test on the plan's change alone stops there with the initial
+    # plan (loss -mean log P_ii = 21.6 instead of 1.61). The solver must not stop before the marginals hold, so with
+    # the loss's threshold it runs all 300 iterations here, as POT does with its default threshold.
+    M = np.ones((3, 3))
+    M[0, 0] = 0.0
+    a = np.full(3, 1 / 3)
+    expected = ot.partial.entropic_partial_wasserstein(a, a, M, 0.03, 0.95, numItermax=300)
+    t = lambda x: torch.tensor(x, dtype=dtype)
+    got, log = entropic_partial_wasserstein(t(a), t(a), t(M), 0.03, 0.95, numItermax=300, stopThr=1e-7, log=True)
+    assert log["n_iter"] == 300
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=rtol, atol=1e-12)
+    loss = -got.diagonal().log().mean()
+    assert float(loss) == pytest.approx(-np.log(np.diag(expected)).mean(), rel=rtol)
+
+
+def test_small_reg_equals_pot_log_domain_solver_including_redone_blocks(monkeypatch):
+    # At reg 1e-4 some blocks of iterations drift too far from their kernel and are redone in the log domain
+    # (_log_block); the plan must still equal POT's log-domain solver after the same iterations.
+    redone = []
+    log_block = torch_ot._log_block
+    monkeypatch.setattr(torch_ot, "_log_block", lambda *args: redone.append(1) or log_block(*args))
+    rng = np.random.default_rng(0)
+    n = 24
+    M, a = rng.random((n, n)), np.full(n, 1 / n)
+    expected = ot.partial.entropic_partial_wasserstein_logscale(a, a, M, 1e-4, 0.95, numItermax=300)
+    got = entropic_partial_wasserstein(torch.tensor(a), torch.tensor(a), torch.tensor(M), 1e-4, 0.95, numItermax=300)
+    assert redone
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-13)
+
+
 def test_float32_small_reg_no_nan_where_pot_classic_fails():
     torch.manual_seed(1)
     M = torch.rand(64, 64)
@@ -73,6 +108,41 @@ def test_batched_equals_one_by_one():
     for i in range(3):
         single = entropic_partial_wasserstein(a, b, M[i], 0.05, float(m[i]), numItermax=200)
         torch.testing.assert_close(batched[i], single, rtol=1e-10, atol=1e-14)
+
+
+def test_batched_differentiable_path_equals_one_by_one():
+    torch.manual_seed(5)
+    M = torch.rand(2, 3, 12, 9, dtype=torch.float64, requires_grad=True)
+    a, b = torch.full((12,), 1 / 12, dtype=torch.float64), torch.full((9,), 1 / 9, dtype=torch.float64)
+    batched = log_entropic_partial_wasserstein(a, b, M, 0.05, 0.7, stopThr=1e-12)
+    (grad,) = torch.autograd.grad(batched.diagonal(dim1=-2, dim2=-1).sum(), M)
+    for i, j in np.ndindex(2, 3):
+        M_ij = M[i, j].detach().requires_grad_()
+        single = log_entropic_partial_wasserstein(a, b, M_ij, 0.05, 0.7, stopThr=1e-12)
+        (grad_ij,) = torch.autograd.grad(single.diagonal().sum(), M_ij)
+        torch.testing.assert_close(batched[i, j], single, rtol=1e-10, atol=1e-12)
+        # the batch stops when its last problem converges, so the gradients went through more iterations
+        torch.testing.assert_close(grad[i, j], grad_ij, rtol=1e-6, atol=1e-9)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def failing_compile():
+        def block(*args):
+            raise RuntimeError("no C++ compiler")
+        return block
+
+    torch.manual_seed(6)
+    M = torch.rand(8, 8, dtype=torch.float64, requires_grad=True)  # the differentiable path is the compilable one
+    a = torch.full((8,), 1 / 8, dtype=torch.float64)
+    monkeypatch.setenv("MED3DINSIGHT_OT_COMPILE", "0")
+    eager = log_entropic_partial_wasserstein(a, a, M, 0.1, 0.9, numItermax=50)
+    monkeypatch.setenv("MED3DINSIGHT_OT_COMPILE", "1")
+    monkeypatch.setattr(torch_ot, "_compiled_block", failing_compile)
+    monkeypatch.setitem(torch_ot._COMPILED, "failed", None)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        fallback = log_entropic_partial_wasserstein(a, a, M, 0.1, 0.9, numItermax=50)
+    torch.testing.assert_close(fallback, eager, rtol=0, atol=0)
+    assert torch_ot._COMPILED["failed"] is not None  # later calls do not try again
 
 
 def test_gradient_matches_finite_differences():
