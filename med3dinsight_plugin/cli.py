@@ -14,7 +14,7 @@ import warnings
 from typing import List, Optional
 
 from . import __version__
-from .errors import Med3DInsightError, first_line
+from .errors import Med3DInsightError, first_line, short_repr
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -47,24 +47,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
+    from .checkpoint import read_checkpoint_info
 
-    ckpt = load_checkpoint(args.checkpoint)
-    params = sum(t.numel() for t in {id(t): t for t in ckpt.state_dict.values()}.values())
-    print(f"{ckpt.path}: {ckpt.source_format}, {len(ckpt.state_dict)} network tensors, {params / 1e6:.2f}M values")
-    meta = ckpt.metadata
-    if ckpt.source_format == "med3dinsight":
+    info = read_checkpoint_info(args.checkpoint)  # header and shapes only: no tensor data is read
+    print(f"{info.path}: {info.source_format}, {len(info.tensors)} network tensors, {info.values / 1e6:.2f}M values")
+    meta = info.metadata
+    if info.source_format == "med3dinsight":  # validated at read: these keys exist and have the format's types
         cfg = meta["backbone"]
         print(f"  backbone      {cfg['name']} ({meta['network_class'].rsplit('.', 1)[-1]}), in_channels "
               f"{meta['in_channels']}, patch {tuple(meta['patch_size'])}")
-        if "configuration" in cfg:
+        if "configuration" in cfg and isinstance(cfg.get("plans"), dict):
             print(f"  nnU-Net plans {cfg['plans'].get('plans_name')} of {cfg['plans'].get('dataset_name')}, "
                   f"configuration {cfg['configuration']}")
         print(f"  encoder       {', '.join(meta['encoder_prefixes'])}")
         for key in sorted(set(meta) - _SHOWN):
-            print(f"  {key:<13} {meta[key]}")
-    elif ckpt.encoder_prefixes:
-        print(f"  encoder       {', '.join(ckpt.encoder_prefixes)}")
+            print(f"  {key:<13} {short_repr(meta[key], 200)}")
+    elif info.encoder_prefixes:
+        print(f"  encoder       {', '.join(info.encoder_prefixes)}")
     return 0
 
 
@@ -82,11 +81,12 @@ def _cmd_nnunet_attach(args: argparse.Namespace) -> int:
     from nnunet_trainers.attach import attach_checkpoint
 
     result = attach_checkpoint(args.dataset, args.plans, args.checkpoint, name=args.name,
-                               configuration=args.configuration, adapt_architecture=args.adapt_architecture)
+                               configuration=args.configuration, adapt_architecture=args.adapt_architecture,
+                               overwrite=args.overwrite)
     print(result["report"])
     for change in result["changes"]:
         print(f"changed in the plans: {change}")
-    print(f"wrote {result['plans_file']}")
+    print(f"{'replaced' if result.get('replaced') else 'wrote'} {result['plans_file']}")
     print(f"now train with:  {result['command']}")
     return 0
 
@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configuration", default="3d_fullres")
     p.add_argument("--adapt-architecture", action="store_true",
                    help="train the checkpoint's architecture (required for SwinUNETR / UNETR checkpoints)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing plans file of that name (the plans you start from are never replaced; "
+                        "plans an earlier nnunet-attach wrote from the same -p are replaced without it)")
     p.set_defaults(func=_cmd_nnunet_attach)
 
     p = sub.add_parser("slices", help="write PNGs of the slices the teacher will see, to check orientation/window")
