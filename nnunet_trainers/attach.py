@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Tuple
 from med3dinsight_plugin.checkpoint import CheckpointError, allocation_guard, atomic_write, load_checkpoint
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
 
-__all__ = ["ENV_CHECKPOINT", "MONAI_NETWORKS", "PLANS_KEY", "TRAINER_OF", "attach_checkpoint",
+__all__ = ["ENV_CHECKPOINT", "MONAI_NETWORKS", "PLANS_KEY", "TRAINER_OF", "attach_checkpoint", "attached_plans",
            "configured_checkpoint"]
 
 PLANS_KEY = "med3dinsight"
@@ -102,6 +102,24 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
     if configuration not in plans.get("configurations", {}):
         raise Med3DInsightError(f"configuration {configuration!r} is not in {plans_file}; available: "
                          f"{sorted(plans.get('configurations', {}))}")
+    dataset_json = _read_json(folder / "dataset.json", f"run nnUNetv2_plan_and_preprocess -d {dataset}")
+    new_plans, report, changes, family = attached_plans(plans, plans_file, new_name, checkpoint, configuration,
+                                                        adapt_architecture, dataset_json, dataset)
+    replaced = out.exists()
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(new_plans, indent=2)))
+    trainer = TRAINER_OF[family]
+    command = f"nnUNetv2_train {dataset} {configuration} FOLD -p {new_name} -tr {trainer}"
+    return {"plans_file": str(out), "plans_name": new_name, "trainer": trainer, "command": command,
+            "report": report, "changes": changes, "replaced": replaced}
+
+
+def attached_plans(plans: Dict[str, Any], plans_file: Path, new_name: str, checkpoint: os.PathLike,
+                   configuration: str, adapt_architecture: bool, dataset_json: Any, dataset: str = "DATASET"):
+    """The plans ``attach_checkpoint`` writes, without writing them: ``(new plans, load report, changes, family)``.
+
+    The checkpoint is test-loaded into the network the new plans build; an incompatible one raises here.
+    """
+    plans_name = plans_file.stem
     ckpt = load_checkpoint(checkpoint)
     meta = ckpt.metadata
     family = meta.get("backbone", {}).get("name", "nnunet") if ckpt.source_format == "med3dinsight" else "nnunet"
@@ -120,12 +138,11 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
                              f"--adapt-architecture needs a checkpoint written by save_pretrained")
         changes += _adapt(config, configuration, family, meta, new_plans)
 
-    dataset_json = _read_json(folder / "dataset.json", f"run nnUNetv2_plan_and_preprocess -d {dataset}")
     channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {}))) \
         if isinstance(dataset_json, dict) else 0
     if channels < 1:
-        raise Med3DInsightError(f"{folder / 'dataset.json'} names no input channels ('channel_names'); run "
-                                f"nnUNetv2_plan_and_preprocess -d {dataset} again")
+        raise Med3DInsightError(f"{plans_file.parent / 'dataset.json'} names no input channels ('channel_names'); "
+                                f"run nnUNetv2_plan_and_preprocess -d {dataset} again")
     report = _test_load(new_plans, configuration, channels, ckpt,
                         can_adapt=not adapt_architecture and ckpt.source_format == "med3dinsight",
                         guarded=adapt_architecture)
@@ -141,12 +158,7 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
         "checkpoint_metadata": {k: v for k, v in meta.items()
                                 if k not in ("aliases", "adaptation_plan", "backbone", "nnssl_adaptation_plan")},
     }
-    replaced = out.exists()
-    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(new_plans, indent=2)))
-    trainer = TRAINER_OF[family]
-    command = f"nnUNetv2_train {dataset} {configuration} FOLD -p {new_name} -tr {trainer}"
-    return {"plans_file": str(out), "plans_name": new_name, "trainer": trainer, "command": command,
-            "report": report, "changes": changes, "replaced": replaced}
+    return new_plans, report, changes, family
 
 
 def _read_json(path: Path, fix: str) -> Any:

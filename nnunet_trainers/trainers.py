@@ -40,6 +40,8 @@ __all__ = [
     "Med3DInsightTrainer_SwinUNETR_smoke",
     "Med3DInsightTrainer_UNETR", "Med3DInsightTrainer_UNETR_100epochs", "Med3DInsightTrainer_UNETR_250epochs",
     "Med3DInsightTrainer_UNETR_frozenEncoder", "Med3DInsightTrainer_UNETR_smoke",
+    "Med3DInsightTrainer_study", "Med3DInsightTrainer_SwinUNETR_study", "Med3DInsightTrainer_UNETR_study",
+    "nnUNetTrainer_med3dinsightStudy",
 ]
 
 
@@ -247,3 +249,88 @@ class Med3DInsightTrainer_UNETR_frozenEncoder(_FrozenEncoder, Med3DInsightTraine
 
 class Med3DInsightTrainer_UNETR_smoke(_Smoke, Med3DInsightTrainer_UNETR):
     pass
+
+
+# ``med3dinsight study`` (nnunet_trainers/study.py): the plans' "med3dinsight_study" entry fixes the training subset,
+# the held-out cases, the schedule and the seed. Scratch runs use the same trainer and plans without a checkpoint, so
+# the initial weights are the only difference between the initialisations compared.
+
+STUDY_KEY = "med3dinsight_study"
+
+
+def _study_entry(trainer) -> dict:
+    entry = trainer.plans_manager.plans.get(STUDY_KEY)
+    if not isinstance(entry, dict) or not isinstance(entry.get("train_cases"), list):
+        raise SystemExit(f"med3dinsight: error: {type(trainer).__name__} trains only with plans written by "
+                         f"`med3dinsight study` (a '{STUDY_KEY}' entry); use -tr Med3DInsightTrainer otherwise")
+    return entry
+
+
+def _apply_study(trainer) -> None:
+    """Schedule and seed from the plans' study entry (called at the end of ``__init__``, before the network is
+    built, so that a seed gives every initialisation the same random decoder and augmentation stream)."""
+    import random
+
+    import numpy as np
+
+    entry = _study_entry(trainer)
+    if entry.get("num_epochs"):
+        trainer.num_epochs = int(entry["num_epochs"])
+    if entry.get("iterations"):
+        trainer.num_iterations_per_epoch = int(entry["iterations"])
+    if entry.get("val_iterations"):
+        trainer.num_val_iterations_per_epoch = int(entry["val_iterations"])
+    seed = int(entry.get("seed", 0))
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _study_split(trainer):
+    entry = _study_entry(trainer)
+    train, held_out = list(entry["train_cases"]), list(entry["val_cases"])
+    trainer.print_to_log_file(f"med3dinsight study: init {entry.get('init')}, {len(train)} training cases "
+                              f"(seed {entry.get('seed')}), {len(held_out)} held-out cases of fold {trainer.fold}")
+    return train, held_out
+
+
+class _Study:
+    """Subset, held-out cases, schedule and seed from the plans (``med3dinsight study``); no checkpoint = scratch."""
+
+    def configure_run(self):
+        super().configure_run()
+        _apply_study(self)
+
+    def do_split(self):
+        return _study_split(self)
+
+    def load_pretrained_checkpoint(self):
+        if _study_entry(self).get("checkpoint") is None:
+            self.print_to_log_file("med3dinsight study: scratch (random initial weights, same recipe)")
+            self.pretrained_load_report = None
+            return
+        super().load_pretrained_checkpoint()
+
+
+class Med3DInsightTrainer_study(_Study, Med3DInsightTrainer):
+    pass
+
+
+class Med3DInsightTrainer_SwinUNETR_study(_Study, Med3DInsightTrainer_SwinUNETR):
+    pass
+
+
+class Med3DInsightTrainer_UNETR_study(_Study, Med3DInsightTrainer_UNETR):
+    pass
+
+
+class nnUNetTrainer_med3dinsightStudy(nnUNetTrainer):
+    """nnU-Net's default recipe, only with the study's subset, held-out cases, schedule and seed (the reference)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _apply_study(self)
+
+    def do_split(self):
+        return _study_split(self)

@@ -1,0 +1,478 @@
+"""Compare initialisations on an nnU-Net dataset: ``med3dinsight study``.
+
+For every (init, labelled, seed) the study writes a plans copy (same ``data_identifier``, so nnU-Net's preprocessed
+data are reused) whose ``"med3dinsight_study"`` entry fixes the training cases, the held-out cases, the schedule and
+the seed, and trains it with the real ``nnUNetv2_train`` (a subprocess) and one of the ``*_study`` trainers of
+:mod:`nnunet_trainers.trainers`. Evaluation is nnU-Net's own final validation (``fold_F/validation/summary.json``).
+
+* Subsets are nested: per seed, one seeded permutation of the fold's training cases; a run with ``n`` labelled cases
+  trains on its first ``n``. The held-out cases are the fold's validation cases (nnU-Net's ``splits_final.json``, or
+  nnU-Net's own seeded 5-fold split when the dataset has none yet) and the same for every run.
+* Scratch is the same trainer, recipe, architecture and seed without a checkpoint: initial weights are the only
+  difference. SwinUNETR / UNETR checkpoints go through the plans ``nnunet-attach --adapt-architecture`` writes;
+  checkpoints of different architectures cannot be compared in one study. ``reference=True`` adds nnU-Net's default
+  ``nnUNetTrainer`` recipe (on the plans' own architecture) with the same subsets.
+* Nothing is written into the user's nnU-Net folders: the plans copies go to ``OUT/nnUNet_preprocessed/DATASET``
+  (beside links to the user's preprocessed files) and the runs to ``OUT/nnUNet_results``.
+* Resumable: a run whose ``summary.json`` exists is not trained again; an interrupted one continues (``--c``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from med3dinsight_plugin.checkpoint import atomic_write
+from med3dinsight_plugin.errors import Med3DInsightError, first_line
+
+from .attach import ENV_CHECKPOINT, MONAI_NETWORKS, PLANS_KEY, _read_json, attached_plans
+
+__all__ = ["StudyError", "StudyResult", "StudyRun", "bootstrap_interval", "paired_differences", "run_study"]
+
+STUDY_KEY = "med3dinsight_study"  # = nnunet_trainers.trainers.STUDY_KEY (not imported: that pulls in nnU-Net)
+STUDY_TRAINER = {"nnunet": "Med3DInsightTrainer_study", "swin_unetr": "Med3DInsightTrainer_SwinUNETR_study",
+                 "unetr": "Med3DInsightTrainer_UNETR_study"}
+REFERENCE_TRAINER = "nnUNetTrainer_med3dinsightStudy"
+REFERENCE = "nnunet"  # the init name of the reference row
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class StudyError(Med3DInsightError):
+    """A study that cannot run as asked (bad arguments, a checkpoint that does not fit, a failed training)."""
+
+
+@dataclass
+class StudyRun:
+    init: str
+    labelled: int
+    labelled_arg: str  # "5" or "all"
+    seed: int
+    plans_name: str
+    trainer: str
+    folder: Path  # nnU-Net's fold folder of this run
+    plans: Dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / "validation" / "summary.json").is_file()
+
+
+@dataclass
+class StudyResult:
+    output: Path
+    runs: List[StudyRun]
+    rows: List[Dict[str, Any]]
+    trained: int
+    skipped: int
+    results_csv: Path
+    summary_md: Path
+    plot: Path
+
+
+# ------------------------------------------------------------------------------------------------- statistics
+
+def bootstrap_interval(values: Sequence[float], level: float = 0.95, n_boot: int = 10000,
+                       seed: int = 0) -> Tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``values`` and its percentile bootstrap interval (deterministic per seed).
+
+    For paired differences (pretrained minus scratch, same seed and labelled count) this is the interval of the mean
+    improvement. One value gives a zero-width interval; NaNs are dropped; no values give NaNs.
+    """
+    d = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if d.size == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(d.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def paired_differences(rows: Sequence[Dict[str, Any]], init: str, baseline: str = "scratch",
+                       key: str = "mean_dice") -> Dict[int, List[float]]:
+    """Per labelled count, ``row[init] - row[baseline]`` over the seeds both have."""
+    table = {(r["init"], r["labelled"], r["seed"]): r[key] for r in rows}
+    out: Dict[int, List[float]] = {}
+    for (name, labelled, seed), value in sorted(table.items()):
+        if name == init and (baseline, labelled, seed) in table:
+            out.setdefault(labelled, []).append(value - table[(baseline, labelled, seed)])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- the study
+
+def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], output: os.PathLike,
+              configuration: str = "3d_fullres", labelled: Sequence[str] = ("all",), seeds: Sequence[int] = (0,),
+              fold: int = 0, plans: str = "nnUNetPlans", epochs: Optional[int] = None,
+              iterations: Optional[int] = None, device: Optional[str] = None, reference: bool = False,
+              log: Callable[[str], None] = print) -> StudyResult:
+    """Train every (init, labelled, seed) with ``nnUNetv2_train`` and summarise nnU-Net's validation Dice.
+
+    Args:
+        dataset: nnU-Net dataset id or name, planned and preprocessed (``nnUNet_preprocessed`` set).
+        inits: ``(name, checkpoint)`` pairs; checkpoint ``None`` = scratch (random weights, same recipe).
+        output: the study folder (results.csv, summary.md, label_efficiency.png, nnU-Net's runs).
+        configuration: the nnU-Net configuration.
+        labelled: counts of labelled training cases (strings or ints) or ``"all"``.
+        seeds: one nested subset sequence (and training seed) per seed.
+        fold: the fold whose validation cases are held out.
+        plans: the plans to start from.
+        epochs: epochs per run (default: the trainer's, 1000).
+        iterations: training iterations per epoch (default 250); validation iterations are scaled alike (50/250).
+        device: ``cuda``, ``cpu`` (default cuda when available).
+        reference: add nnU-Net's default nnUNetTrainer recipe as the init ``nnunet``.
+        log: where progress lines go.
+
+    Raises:
+        StudyError: before any training for bad arguments or a checkpoint that does not fit the plans; during the
+            study when a training fails (its log named).
+    """
+    output = Path(output)
+    device = device or _default_device()
+    if device not in ("cuda", "cpu", "mps"):
+        raise StudyError(f"--device {device!r}: use cuda, cpu or mps")
+    if not inits and not reference:
+        raise StudyError("no initialisation to compare: pass --init scratch and/or --init NAME=CHECKPOINT")
+    if epochs is not None and epochs < 1 or iterations is not None and iterations < 1:
+        raise StudyError("--epochs and --iterations must be at least 1")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise StudyError(f"--seeds {seeds}: give distinct seeds")
+    names = [n for n, _ in inits] + ([REFERENCE] if reference else [])
+    for name in names:
+        if not _NAME.match(name):
+            raise StudyError(f"init name {name!r}: use letters, digits, '_' and '-' (e.g. --init ot=run/ckpt)")
+    if len(set(names)) != len(names):
+        raise StudyError(f"init names must differ (the name {REFERENCE!r} is --reference's): {names}")
+
+    pre_root = os.environ.get("nnUNet_preprocessed")
+    if not pre_root:
+        raise StudyError("nnUNet_preprocessed is not set: export it as for nnUNetv2_train")
+    folder = _dataset_folder(Path(pre_root), str(dataset))
+    plans_file = folder / f"{plans}.json"
+    base = _read_json(plans_file, f"run nnUNetv2_plan_and_preprocess -d {dataset} (or pass -p)")
+    if not isinstance(base, dict) or configuration not in base.get("configurations", {}):
+        raise StudyError(f"configuration {configuration!r} is not in {plans_file}")
+    dataset_json = _read_json(folder / "dataset.json", f"run nnUNetv2_plan_and_preprocess -d {dataset}")
+    held_out, train_pool = _fold_cases(folder, base, configuration, fold)
+    counts = _labelled_counts(labelled, len(train_pool))
+
+    # every checkpoint is test-loaded (and the architectures compared) before anything is trained
+    variants: Dict[str, Tuple[Dict[str, Any], str]] = {}  # init -> (plans with the attach entry or none, family)
+    architecture = None
+    for name, checkpoint in inits:
+        if checkpoint is None:
+            continue
+        family = _family(checkpoint)
+        try:
+            new, _, _, family = attached_plans(base, plans_file, plans, checkpoint, configuration,
+                                               family in MONAI_NETWORKS, dataset_json, str(dataset))
+        except Med3DInsightError as e:
+            raise StudyError(f"--init {name}={checkpoint} does not fit {plans_file.name} ({configuration}): "
+                             f"{first_line(e)}") from None
+        config = new["configurations"][configuration]
+        arch = (family, json.dumps(config["architecture"], sort_keys=True), list(config["patch_size"]))
+        if architecture is not None and arch != architecture[1]:
+            raise StudyError(f"--init {name} builds {_arch(config)} {config['patch_size']} but --init "
+                             f"{architecture[0]} builds {architecture[2]}: compare checkpoints of one architecture "
+                             f"per study")
+        architecture = architecture or (name, arch, f"{_arch(config)} {config['patch_size']}")
+        variants[name] = (new, family)
+    scratch_plans, family = (next(iter(variants.values())) if variants else (base, "nnunet"))
+    scratch_plans = {k: v for k, v in scratch_plans.items() if k != PLANS_KEY}
+    for name, checkpoint in inits:
+        if checkpoint is None:
+            variants[name] = (scratch_plans, family)
+    if reference:
+        variants[REFERENCE] = ({k: v for k, v in base.items() if k != PLANS_KEY}, "reference")
+
+    val_iterations = max(1, round(iterations * 50 / 250)) if iterations else None
+    results_root = output / "nnUNet_results"
+    study_pre = output / "nnUNet_preprocessed" / folder.name
+    runs: List[StudyRun] = []
+    for name in names:
+        source, fam = variants[name]
+        trainer = REFERENCE_TRAINER if fam == "reference" else STUDY_TRAINER[fam]
+        checkpoint = source.get(PLANS_KEY, {}).get("checkpoint")
+        for n, arg in counts:
+            for seed in seeds:
+                perm = [str(c) for c in np.random.default_rng(seed).permutation(train_pool)]
+                plans_name = f"{plans}__study_{name}_L{arg}_s{seed}"
+                run_plans = dict(source, plans_name=plans_name)
+                run_plans[STUDY_KEY] = {
+                    "init": name, "checkpoint": checkpoint, "labelled": n, "seed": seed, "fold": fold,
+                    "train_cases": sorted(perm[:n]), "val_cases": list(held_out), "num_epochs": epochs,
+                    "iterations": iterations, "val_iterations": val_iterations, "source_plans": plans,
+                    "configuration": configuration, "recipe": trainer}
+                runs.append(StudyRun(name, n, arg, seed, plans_name, trainer,
+                                     results_root / folder.name / f"{trainer}__{plans_name}__{configuration}"
+                                     / f"fold_{fold}", run_plans))
+
+    _link_preprocessed(folder, study_pre, {f"{r.plans_name}.json" for r in runs})
+    for run in runs:  # a finished run of other settings is never mixed in
+        target = study_pre / f"{run.plans_name}.json"
+        if run.done and target.is_file():
+            try:
+                old = json.loads(target.read_text()).get(STUDY_KEY)
+            except (OSError, ValueError):
+                old = None
+            if old != run.plans[STUDY_KEY]:
+                raise StudyError(f"{output} holds a finished run {run.plans_name} with other settings (epochs, "
+                                 f"iterations, cases or checkpoint); use another -o for the new settings")
+        atomic_write(target, lambda tmp, p=run.plans: Path(tmp).write_text(json.dumps(p, indent=2)))
+
+    env = _environment(pre=output / "nnUNet_preprocessed", results=results_root, device=device)
+    todo = [r for r in runs if not r.done]
+    log(f"study: {len(runs)} runs ({len(names)} inits x {len(counts)} labelled x {len(seeds)} seeds), "
+        f"{len(runs) - len(todo)} finished already, {len(todo)} to train; held-out cases: {len(held_out)}")
+    logs = output / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for i, run in enumerate(todo, start=1):
+        log(f"[{i}/{len(todo)}] training {run.init}, {run.labelled} labelled, seed {run.seed} "
+            f"({len(todo) - i} left after this)")
+        log_file = logs / f"{run.plans_name}.log"
+        command = [_nnunet_train(), str(folder.name), configuration, str(fold), "-p", run.plans_name, "-tr",
+                   run.trainer, "-device", device, "--c"]
+        start = time.perf_counter()
+        with open(log_file, "w") as f:
+            code = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        wall = time.perf_counter() - start
+        if code != 0 or not run.done:
+            lines = [ln for ln in log_file.read_text(errors="replace").splitlines() if ln.strip()]
+            why = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "")
+            raise StudyError(f"training {run.plans_name} failed (exit {code}): {why.strip()[:300]}; see {log_file}; "
+                             f"run the same command again to resume")
+        atomic_write(run.folder / "study_run.json",
+                     lambda tmp, w=wall: Path(tmp).write_text(json.dumps({"wall_time_s": w})))
+        log(f"[{i}/{len(todo)}] done {run.init}, {run.labelled} labelled, seed {run.seed}: mean Dice "
+            f"{_row(run, dataset_json)['mean_dice']:.4f} ({wall:.0f} s)")
+
+    rows = [_row(run, dataset_json) for run in runs]
+    output.mkdir(parents=True, exist_ok=True)
+    results_csv, summary_md, plot = output / "results.csv", output / "summary.md", output / "label_efficiency.png"
+    _write_csv(results_csv, rows)
+    atomic_write(summary_md, lambda tmp: Path(tmp).write_text(
+        summary_markdown(rows, names, len(held_out), fold, configuration, epochs, iterations)))
+    plot_label_efficiency(rows, names, plot)
+    log(f"study: wrote {results_csv}, {summary_md}, {plot}")
+    return StudyResult(output, runs, rows, len(todo), len(runs) - len(todo), results_csv, summary_md, plot)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+def _default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dataset_folder(pre: Path, dataset: str) -> Path:
+    if (pre / dataset).is_dir():
+        return pre / dataset
+    if dataset.isdigit():
+        found = sorted(pre.glob(f"Dataset{int(dataset):03d}_*"))
+        if len(found) == 1:
+            return found[0]
+    raise StudyError(f"dataset {dataset!r} is not in nnUNet_preprocessed ({pre}): pass the id or full name of a "
+                     f"dataset preprocessed with nnUNetv2_plan_and_preprocess")
+
+
+def _fold_cases(folder: Path, plans: Dict[str, Any], configuration: str, fold: int) -> Tuple[List[str], List[str]]:
+    """``(held-out cases, training cases)`` of the fold, as nnU-Net's do_split makes them (nothing is written)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    data = folder / PlansManager(plans).get_configuration(configuration).data_identifier
+    if not data.is_dir():
+        raise StudyError(f"{data} does not exist: run nnUNetv2_preprocess -d {folder.name} -c {configuration} first")
+    splits_file = folder / "splits_final.json"
+    if splits_file.is_file():
+        splits = _read_json(splits_file, "delete it to let nnU-Net create it again")
+    else:
+        identifiers = sorted(infer_dataset_class(str(data)).get_identifiers(str(data)))
+        if len(identifiers) < 5:
+            raise StudyError(f"{folder.name} has {len(identifiers)} preprocessed cases; nnU-Net's 5-fold split "
+                             f"needs 5 (or write splits_final.json)")
+        splits = generate_crossval_split(identifiers, seed=12345, n_splits=5)
+    if not 0 <= fold < len(splits):
+        raise StudyError(f"--fold {fold}: the split of {folder.name} has folds 0..{len(splits) - 1}")
+    return sorted(splits[fold]["val"]), sorted(splits[fold]["train"])
+
+
+def _labelled_counts(labelled: Sequence[Any], available: int) -> List[Tuple[int, str]]:
+    out = []
+    for value in labelled:
+        text = str(value).strip().lower()
+        if text == "all":
+            out.append((available, "all"))
+        elif text.isdigit() and 1 <= int(text) <= available:
+            out.append((int(text), text))
+        else:
+            raise StudyError(f"--labelled {value!r}: give counts from 1 to {available} (the fold's training cases) "
+                             f"or 'all'")
+    seen, unique = set(), []
+    for n, arg in sorted(out):
+        if n not in seen:
+            seen.add(n)
+            unique.append((n, arg))
+    return unique
+
+
+def _family(checkpoint) -> str:
+    from med3dinsight_plugin.checkpoint import read_checkpoint_info
+
+    info = read_checkpoint_info(checkpoint)
+    name = info.metadata.get("backbone", {}).get("name", "nnunet") if info.source_format == "med3dinsight" \
+        else "nnunet"
+    return name if name in MONAI_NETWORKS else "nnunet"
+
+
+def _arch(config: Dict[str, Any]) -> str:
+    return str(config["architecture"]["network_class_name"]).rsplit(".", 1)[-1]
+
+
+def _link_preprocessed(source: Path, target: Path, own: set) -> None:
+    """``target`` mirrors the user's preprocessed dataset folder by links; only the study's plans are files."""
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        link = target / entry.name
+        if entry.name in own or link.is_symlink() or link.exists():
+            continue
+        link.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+
+
+def _environment(pre: Path, results: Path, device: str) -> Dict[str, str]:
+    import importlib.util
+
+    shim = importlib.util.find_spec("nnunet_trainers.ext").submodule_search_locations[0]
+    env = dict(os.environ)
+    env.pop(ENV_CHECKPOINT, None)  # the plans say which weights; scratch must stay scratch
+    env["nnUNet_preprocessed"] = str(pre.resolve())
+    env["nnUNet_results"] = str(results.resolve())
+    env["nnUNet_extTrainer"] = os.pathsep.join([shim, *[p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep)
+                                                        if p and p != shim]])
+    if device == "cpu":
+        env.setdefault("nnUNet_n_proc_DA", "0")
+        env.setdefault("nnUNet_def_n_proc", "1")
+    return env
+
+
+def _nnunet_train() -> str:
+    import shutil
+
+    here = Path(sys.executable).parent / "nnUNetv2_train"
+    found = str(here) if here.is_file() else shutil.which("nnUNetv2_train")
+    if not found:
+        raise StudyError("nnUNetv2_train is not on PATH: install nnunetv2 in this environment")
+    return found
+
+
+def _labels(dataset_json: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """``(label id as in summary.json, column name)`` of the foreground classes."""
+    out = []
+    for label_name, value in dataset_json.get("labels", {}).items():
+        ids = value if isinstance(value, list) else [value]
+        if label_name != "background" and 0 not in ids:
+            key = str(tuple(ids)) if len(ids) > 1 else str(ids[0])
+            out.append((key, re.sub(r"\W+", "_", str(label_name))))
+    return out
+
+
+def _row(run: StudyRun, dataset_json: Dict[str, Any]) -> Dict[str, Any]:
+    summary = json.loads((run.folder / "validation" / "summary.json").read_text())
+    wall_file = run.folder / "study_run.json"
+    wall = json.loads(wall_file.read_text())["wall_time_s"] if wall_file.is_file() else math.nan
+    row: Dict[str, Any] = {"init": run.init, "labelled": run.labelled, "seed": run.seed,
+                           "fold": run.plans[STUDY_KEY]["fold"]}
+    for key, column in _labels(dataset_json):
+        value = summary.get("mean", {}).get(key, {}).get("Dice")
+        row[f"dice_{column}"] = math.nan if value is None else float(value)
+    mean = summary.get("foreground_mean", {}).get("Dice")
+    row["mean_dice"] = math.nan if mean is None else float(mean)
+    row["wall_time_s"] = round(float(wall), 1)
+    return row
+
+
+def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["init"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if not math.isfinite(v) else f"{v:.4f}"
+
+
+def summary_markdown(rows, names, n_held_out, fold, configuration, epochs, iterations) -> str:
+    """The study's summary: mean +- sd of the mean Dice per init x labelled; paired differences to scratch."""
+    counts = sorted({r["labelled"] for r in rows})
+    lines = [f"# Initialisation study ({configuration}, fold {fold})", "",
+             f"Mean foreground Dice of nnU-Net's validation on the same {n_held_out} held-out cases; "
+             f"epochs {epochs or 'trainer default'}, iterations/epoch {iterations or 'trainer default'}. "
+             f"mean +- sd over seeds (n = seeds).", "",
+             "| init | " + " | ".join(f"{c} labelled" for c in counts) + " |",
+             "|---|" + "---|" * len(counts)]
+    for name in names:
+        cells = []
+        for c in counts:
+            values = [r["mean_dice"] for r in rows if r["init"] == name and r["labelled"] == c
+                      and math.isfinite(r["mean_dice"])]
+            if not values:
+                cells.append("n/a")
+                continue
+            sd = f"{np.std(values, ddof=1):.4f}" if len(values) > 1 else "n/a"
+            cells.append(f"{np.mean(values):.4f} +- {sd} (n={len(values)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    others = [n for n in names if n != "scratch"]
+    lines += [""]
+    if "scratch" in names and others:
+        lines += ["## Paired difference to scratch (same seed and labelled count)", "",
+                  "Mean of (init - scratch) with a 95 % percentile bootstrap interval (10000 resamples of the seeds, "
+                  "seed 0); n = paired seeds. With n = 1 the interval has zero width and says nothing.", "",
+                  "| init | labelled | mean difference | 95 % interval | n |", "|---|---|---|---|---|"]
+        for name in others:
+            for c, diffs in paired_differences(rows, name).items():
+                mean, low, high = bootstrap_interval(diffs)
+                lines.append(f"| {name} | {c} | {_fmt(mean)} | [{_fmt(low)}, {_fmt(high)}] | {len(diffs)} |")
+    else:
+        lines.append("No paired differences: the study has no 'scratch' init to compare with.")
+    if REFERENCE in names:
+        lines += ["", f"'{REFERENCE}' is nnU-Net's default nnUNetTrainer recipe on the plans' own architecture "
+                      f"(same cases, schedule and seed)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_label_efficiency(rows, names, path: Path) -> Path:
+    """Mean Dice against the number of labelled cases, one line per init, error bars = sd over seeds (Agg)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for name in names:
+        xs, ys, es = [], [], []
+        for c in sorted({r["labelled"] for r in rows if r["init"] == name}):
+            values = [r["mean_dice"] for r in rows if r["init"] == name and r["labelled"] == c
+                      and math.isfinite(r["mean_dice"])]
+            if values:
+                xs.append(c)
+                ys.append(float(np.mean(values)))
+                es.append(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+    ax.set(xlabel="labelled training cases", ylabel="mean Dice (held-out)", title="label efficiency")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return Path(path)

@@ -1,0 +1,140 @@
+"""``med3dinsight study`` end to end with PyPI's unmodified nnunetv2 (``nnUNetv2_train`` subprocesses, CPU), and the
+study's statistics."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import tiny_backbone
+from med3dinsight_plugin import build_backbone, save_pretrained
+from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
+from nnunet_trainers.study import STUDY_KEY, bootstrap_interval, paired_differences
+
+BIN = Path(sys.executable).parent
+DATASET = "992"
+
+
+def run(cmd, env, check=True):
+    r = subprocess.run([str(BIN / cmd[0]), *map(str, cmd[1:])], env=env, capture_output=True, text=True,
+                       timeout=900)
+    if check:
+        assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    write_nnunet_raw_dataset(root / "raw", dataset_id=992, cases=5)  # nnU-Net's 5-fold split needs 5 cases
+    env = {**os.environ, "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
+           "nnUNet_results": str(root / "res"), "nnUNet_def_n_proc": "1"}
+    for key in ("nnUNet_n_proc_DA", "MED3DINSIGHT_CHECKPOINT", "nnUNet_extTrainer"):
+        env.pop(key, None)  # the study sets what training needs itself
+    run(["nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
+    return {"env": env, "root": root, "pre": root / "pre" / "Dataset992_Tiny"}
+
+
+def _plans_of(out):
+    folder = out / "nnUNet_preprocessed" / "Dataset992_Tiny"
+    return {p.stem: json.loads(p.read_text()) for p in folder.glob("nnUNetPlans__study_*.json")}
+
+
+def test_study_end_to_end(dataset, tmp_path):
+    env, pre = dataset["env"], dataset["pre"]
+    user_files = sorted(p.name for p in pre.iterdir())
+    torch.manual_seed(0)
+    ckpt = save_pretrained(build_backbone("nnunet", plans=pre / "nnUNetPlans.json"), tmp_path / "pre.safetensors")
+    out = tmp_path / "study"
+    args = ["med3dinsight", "study", "-d", DATASET, "-c", "3d_fullres", "--init", "scratch", "--init",
+            f"pre={ckpt}", "--labelled", "1", "2", "--seeds", "0", "--epochs", "1", "--iterations", "2",
+            "--device", "cpu", "-o", out]
+    r = run(args, env)
+    assert "[4/4] done pre, 2 labelled, seed 0: mean Dice" in r.stdout and "4 to train" in r.stdout
+    for name in ("results.csv", "summary.md", "label_efficiency.png"):
+        assert (out / name).stat().st_size > 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4 and {(r["init"], r["labelled"]) for r in rows} == {
+        (i, n) for i in ("scratch", "pre") for n in ("1", "2")}
+    assert all(math.isfinite(float(r["mean_dice"])) and math.isfinite(float(r["dice_foreground"])) for r in rows)
+    summary = (out / "summary.md").read_text()
+    assert "Paired difference to scratch" in summary and "| pre | 2 |" in summary and "(n=1)" in summary
+
+    plans = _plans_of(out)
+    assert len(plans) == 4
+    entries = {(p[STUDY_KEY]["init"], p[STUDY_KEY]["labelled"]): p[STUDY_KEY] for p in plans.values()}
+    # nested subsets of the fold's training cases, the same held-out cases everywhere, disjoint from training
+    splits = json.loads((pre / "splits_final.json").read_text()) if (pre / "splits_final.json").exists() else None
+    for init in ("scratch", "pre"):
+        assert set(entries[(init, 1)]["train_cases"]) < set(entries[(init, 2)]["train_cases"])
+    assert entries[("scratch", 2)]["train_cases"] == entries[("pre", 2)]["train_cases"]
+    held_out = {tuple(e["val_cases"]) for e in entries.values()}
+    assert len(held_out) == 1 and not set(next(iter(held_out))) & set(entries[("pre", 2)]["train_cases"])
+    assert splits is None  # the user's preprocessed folder got no split file (nor anything else)
+    assert sorted(p.name for p in pre.iterdir()) == user_files
+    # scratch and pretrained plans differ only in the checkpoint (and the names saying so)
+    by_name = {(p[STUDY_KEY]["init"], p[STUDY_KEY]["labelled"]): p for p in plans.values()}
+    strip = lambda p: {**{k: v for k, v in p.items() if k not in ("plans_name", "med3dinsight")},  # noqa: E731
+                       STUDY_KEY: {k: v for k, v in p[STUDY_KEY].items() if k not in ("init", "checkpoint")}}
+    assert strip(by_name[("scratch", 2)]) == strip(by_name[("pre", 2)])
+    assert by_name[("scratch", 2)][STUDY_KEY]["checkpoint"] is None
+    assert by_name[("pre", 2)][STUDY_KEY]["checkpoint"] == str(ckpt.resolve())
+    # the pretrained run loaded its weights, the scratch run did not
+    folders = {f.parent.name.split("__")[2]: f for f in (out / "nnUNet_results").glob("*/*/fold_0")}
+    pre_fold = next(f for n, f in folders.items() if n.startswith("study_pre_L2"))
+    scratch_fold = next(f for n, f in folders.items() if n.startswith("study_scratch_L2"))
+    assert json.loads((pre_fold / "pretrained_load_report.json").read_text())["coverage"] == 100.0
+    assert not (scratch_fold / "pretrained_load_report.json").exists()
+
+    # resumable: nothing is trained again
+    again = run(args, env)
+    assert "4 finished already, 0 to train" in again.stdout and "training" not in again.stdout.replace(
+        "0 to train", "")
+    assert list(csv.DictReader((out / "results.csv").open())) == rows
+
+
+def test_study_refuses_before_training(dataset, tmp_path):
+    env, pre = dataset["env"], dataset["pre"]
+    plain = save_pretrained(build_backbone("nnunet", plans=pre / "nnUNetPlans.json"), tmp_path / "plain.safetensors")
+    other = save_pretrained(tiny_backbone("resenc_unet"), tmp_path / "resenc.safetensors")
+    swin = save_pretrained(tiny_backbone("swin_unetr"), tmp_path / "swin.safetensors")
+    cases = [
+        (["--init", "scratch", "--init", f"bad={other}"], "--init bad=", "does not fit"),
+        (["--init", f"plain={plain}", "--init", f"swin={swin}"], "--init swin builds SwinUNETRForNNUNet",
+         "one architecture"),
+        (["--init", "scratch", "--labelled", "9"], "--labelled '9'", "from 1 to 4"),
+    ]
+    for extra, *messages in cases:
+        out = tmp_path / f"out_{len(extra)}_{messages[0][:8]}"
+        r = run(["med3dinsight", "study", "-d", DATASET, "--device", "cpu", "--epochs", "1", "--iterations", "1",
+                 "-o", out, *extra], env, check=False)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert all(m in r.stderr for m in messages), r.stderr
+        assert not (out / "nnUNet_results").exists() and "training" not in r.stdout
+
+
+def test_bootstrap_interval_of_a_paired_difference():
+    rng = np.random.default_rng(1)
+    small, large = rng.normal(0.05, 0.1, size=5), rng.normal(0.05, 0.1, size=200)
+    first = bootstrap_interval(small, seed=3)
+    assert first == bootstrap_interval(small, seed=3)  # deterministic with a seed
+    assert first != bootstrap_interval(small, seed=4)
+    mean, low, high = first
+    assert mean == pytest.approx(small.mean()) and low <= mean <= high
+    m2, low2, high2 = bootstrap_interval(large, seed=3)
+    assert low2 <= m2 <= high2 and high2 - low2 < (high - low) / 2  # width shrinks with n (~ 1/sqrt(n))
+    assert bootstrap_interval([0.2]) == (0.2, 0.2, 0.2)
+    assert all(math.isnan(v) for v in bootstrap_interval([float("nan")]))
+
+
+def test_paired_differences_match_seed_and_labelled():
+    rows = [{"init": i, "labelled": n, "seed": s, "mean_dice": d} for i, n, s, d in [
+        ("scratch", 2, 0, 0.5), ("scratch", 2, 1, 0.4), ("ot", 2, 0, 0.7), ("ot", 2, 1, 0.3), ("ot", 5, 0, 0.9)]]
+    diffs = paired_differences(rows, "ot")
+    assert list(diffs) == [2] and diffs[2] == pytest.approx([0.2, -0.1])  # labelled 5 has no scratch partner
