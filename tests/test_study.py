@@ -62,7 +62,7 @@ def test_study_end_to_end(dataset, tmp_path):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 4 and {(r["init"], r["labelled"]) for r in rows} == {
         (i, n) for i in ("scratch", "pre") for n in ("1", "2")}
-    assert all(math.isfinite(float(r["mean_dice"])) and math.isfinite(float(r["dice_foreground"])) for r in rows)
+    assert all(math.isfinite(float(r["mean_dice"])) and math.isfinite(float(r["dice_box"])) for r in rows)
     summary = (out / "summary.md").read_text()
     assert "Paired difference to scratch" in summary and "| pre | 2 |" in summary and "(n=1)" in summary
 
@@ -138,3 +138,32 @@ def test_paired_differences_match_seed_and_labelled():
         ("scratch", 2, 0, 0.5), ("scratch", 2, 1, 0.4), ("ot", 2, 0, 0.7), ("ot", 2, 1, 0.3), ("ot", 5, 0, 0.9)]]
     diffs = paired_differences(rows, "ot")
     assert list(diffs) == [2] and diffs[2] == pytest.approx([0.2, -0.1])  # labelled 5 has no scratch partner
+
+
+def test_identical_captions_warn_once_and_the_plot_shows_text_chance(tmp_path, capsys):
+    # (pretraining diagnostics, issue "[study]" part 3)
+    from med3dinsight_plugin.pretrain.diagnostics import MetricsLog, plot_metrics, retrieval_metrics
+
+    torch.manual_seed(0)
+    z, image = torch.randn(20, 8), torch.randn(20, 8)
+    same = retrieval_metrics(z, image, torch.ones(20, 8))  # every held-out slice has the same caption
+    assert same["text_top1"] == 1.0 and same["text_chance_top1"] == 1.0 and same["text_distinct"] == pytest.approx(0.05)
+    varied = retrieval_metrics(z, image, torch.randn(20, 8))
+    assert varied["text_distinct"] == pytest.approx(1.0) and varied["image_distinct"] == pytest.approx(1.0)
+
+    log = MetricsLog(tmp_path, total=2, start=0, progress=False)
+    log.write({"step": 0, **{f"eval/{k}": v for k, v in varied.items()}})
+    assert "warning" not in capsys.readouterr().err
+    log.write({"step": 1, **{f"eval/{k}": v for k, v in same.items()}})
+    log.write({"step": 2, **{f"eval/{k}": v for k, v in same.items()}})
+    log.close()
+    err = capsys.readouterr().err
+    assert err.count("warning: only 5% of the held-out captions are distinct") == 1 and "1.00 by chance" in err
+
+    # the plot draws the text chance level: the image differs from the same log without it
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    without = tmp_path / "without.jsonl"
+    without.write_text("".join(json.dumps({k: v for k, v in r.items() if "text_chance" not in k}) + "\n"
+                               for r in records))
+    with_png = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "with.png").read_bytes()
+    assert with_png != plot_metrics(without, tmp_path / "without.png").read_bytes()

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MetricsLog", "evaluate", "plot_metrics", "retrieval_metrics"]
+__all__ = ["MetricsLog", "caption_warning", "evaluate", "plot_metrics", "retrieval_metrics"]
 
 
 def retrieval_metrics(z3d: torch.Tensor, image_emb: torch.Tensor,
@@ -32,7 +32,8 @@ def retrieval_metrics(z3d: torch.Tensor, image_emb: torch.Tensor,
         ``image_top1``, ``image_top5`` (and ``text_top1``, ``text_top5``): fraction of predictions whose own slice's
         embedding ranks first / in the first five among all N (identical targets, e.g. repeated captions, count as
         the own one); ``chance_top1`` = 1/N, ``chance_top5`` = min(5, N)/N for distinct targets, and
-        ``image_chance_top1`` ... the chance levels given the repeated targets;
+        ``image_chance_top1`` ... the chance levels given the repeated targets; ``image_distinct`` (and
+        ``text_distinct``): the fraction of distinct targets (1.0: all differ; 1/N: all identical);
         ``gap_z3d_image`` (and ``gap_z3d_text``, ``modality_gap`` = image vs text): centroid distances. All inputs
         are L2-normalised here.
     """
@@ -57,6 +58,7 @@ def retrieval_metrics(z3d: torch.Tensor, image_emb: torch.Tensor,
         out[f"{name}_top1"] = float((rank < 1).float().mean())
         out[f"{name}_top5"] = float((rank < 5).float().mean())
         copies = same.sum(1).tolist()
+        out[f"{name}_distinct"] = sum(1 / c for c in copies) / n  # the number of distinct targets, over N
         out[f"{name}_chance_top1"] = sum(c / n for c in copies) / n
         out[f"{name}_chance_top5"] = sum(1 - math.comb(n - c, min(5, n)) / math.comb(n, min(5, n))
                                          for c in copies) / n
@@ -153,10 +155,13 @@ def plot_metrics(metrics_jsonl: str | Path, png_path: str | Path) -> Path:
         points = [(r["step"], r[f"eval/{key}"]) for r in records if f"eval/{key}" in r]
         if points:
             ax_ret.plot(*zip(*points), marker="o", label=key)
-    for key, style in (("chance_top1", ":"), ("chance_top5", "--")):
-        chance = [r[f"eval/{key}"] for r in records if f"eval/{key}" in r]
+    # image chance assumes distinct slices; text chance counts repeated captions as the own one (all identical
+    # captions: 1.0 -- text retrieval then says nothing, and the line shows it)
+    for key, color in (("chance_top1", "grey"), ("chance_top5", "grey"), ("text_chance_top1", "tab:brown"),
+                       ("text_chance_top5", "tab:brown")):
+        chance = [r[f"eval/{key}"] for r in records if r.get(f"eval/{key}") is not None]
         if chance:
-            ax_ret.axhline(chance[-1], color="grey", linestyle=style, label=key)
+            ax_ret.axhline(chance[-1], color=color, linestyle=":" if key.endswith("top1") else "--", label=key)
     ax_ret.set(xlabel="step", ylabel="held-out retrieval accuracy", title="3D -> 2D slice retrieval", ylim=(0, 1.02))
     for ax in (ax_loss, ax_ret):
         if ax.get_legend_handles_labels()[0]:
@@ -164,6 +169,21 @@ def plot_metrics(metrics_jsonl: str | Path, png_path: str | Path) -> Path:
     path = Path(png_path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return path
+
+
+DISTINCT_CAPTIONS_WARNING = 0.1  # below this fraction of distinct held-out captions, text retrieval says little
+
+
+def caption_warning(record: Dict[str, Any]) -> Optional[str]:
+    """A warning line when an evaluation record's held-out captions are (nearly) all identical, else ``None``."""
+    distinct = record.get("eval/text_distinct")
+    if distinct is None or distinct >= DISTINCT_CAPTIONS_WARNING:
+        return None
+    chance = record.get("eval/text_chance_top1")
+    return (f"warning: only {distinct:.0%} of the held-out captions are distinct, so text retrieval is near "
+            f"{'certain' if chance is None else f'{chance:.2f}'} by chance (text_top1/top5 say little; see the "
+            f"text chance lines of the plot); caption the slices with more specific prompts for a useful text "
+            f"target")
 
 
 class MetricsLog:
@@ -183,6 +203,7 @@ class MetricsLog:
         _rewind(self.path, start)
         self.file = open(self.path, "a")
         self.writer = None
+        self.warned = False
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=start or None)
@@ -197,8 +218,13 @@ class MetricsLog:
                 pass
 
     def write(self, record: Dict[str, Any]) -> None:
-        """Append one record (it must hold ``step``); non-finite numbers become null (strict JSON)."""
+        """Append one record (it must hold ``step``); non-finite numbers become null (strict JSON). An evaluation
+        whose held-out captions are (nearly) all identical is warned about once (:func:`caption_warning`)."""
         record = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
+        warning = None if self.warned else caption_warning(record)
+        if warning:
+            self.warned = True
+            self.note(warning)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer:
@@ -206,6 +232,13 @@ class MetricsLog:
                 if key != "step" and value is not None:
                     self.writer.add_scalar(key if "/" in key else f"train/{key}", value, record["step"])
             self.writer.flush()
+
+    def note(self, line: str) -> None:
+        """Print a line to stderr without breaking the progress bar."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def advance(self, step: int, record: Dict[str, Any]) -> None:
         """Write ``record`` if not empty and move the bar to ``step``."""
