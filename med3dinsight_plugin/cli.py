@@ -91,6 +91,26 @@ def _cmd_nnunet_attach(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from nnunet_trainers.study import run_study
+
+    inits = []
+    for spec in args.init or []:
+        name, sep, path = spec.partition("=")
+        if spec == "scratch" or (sep and path in ("", "none")):
+            inits.append((name, None))
+        elif not sep or not name or not path:
+            raise Med3DInsightError(f"--init {spec!r}: use 'scratch' or NAME=CHECKPOINT")
+        else:
+            inits.append((name, path))
+    result = run_study(args.dataset, inits, args.output, configuration=args.configuration, labelled=args.labelled,
+                       seeds=args.seeds, fold=args.fold, plans=args.plans, epochs=args.epochs,
+                       iterations=args.iterations, device=args.device, reference=args.reference == "nnunet",
+                       log=lambda line: print(line, flush=True))
+    print(f"{result.trained} runs trained, {result.skipped} already finished; see {result.summary_md}")
+    return 0
+
+
 def _slice_settings(args: argparse.Namespace, size: Optional[int] = None):
     from .slices import RenderSettings, SlicePolicy
 
@@ -251,6 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing plans file of that name (the plans you start from are never replaced; "
                         "plans an earlier nnunet-attach wrote from the same -p are replaced without it)")
     p.set_defaults(func=_cmd_nnunet_attach)
+
+    p = sub.add_parser("study", help="compare initialisations (scratch, checkpoints) with nnUNetv2_train on nested "
+                                     "labelled subsets of an nnU-Net dataset")
+    p.add_argument("-d", "--dataset", required=True, help="nnU-Net dataset id or name (planned and preprocessed)")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans to start from (default nnUNetPlans)")
+    p.add_argument("--init", action="append", metavar="scratch|NAME=CHECKPOINT",
+                   help="an initialisation to compare (repeat): scratch, or NAME=CHECKPOINT")
+    p.add_argument("--reference", choices=["nnunet"], help="add nnU-Net's default nnUNetTrainer recipe as a row")
+    p.add_argument("--labelled", nargs="+", default=["all"], help="labelled training cases per run: counts or all")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one nested subset sequence per seed")
+    p.add_argument("--fold", type=int, default=0, help="the fold whose validation cases are held out (default 0)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: the trainer's 1000)")
+    p.add_argument("--iterations", type=int, help="training iterations per epoch (default 250; validation scaled alike)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cuda", "cpu", "mps"])
+    p.add_argument("-o", "--output", required=True, help="study folder (resumable: finished runs are skipped)")
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("slices", help="write PNGs of the slices the teacher will see, to check orientation/window")
     _add_data_arguments(p)
