@@ -6,8 +6,11 @@ from med3dinsight_plugin.errors import Med3DInsightError, first_line, short_repr
 
 def test_every_package_error_class_is_a_user_error():
     from med3dinsight_plugin.checkpoint import CheckpointError
+    from med3dinsight_plugin.distributed import DeviceError
     from med3dinsight_plugin.loading import IncompatibleCheckpointError
     from med3dinsight_plugin.pretrain.config import ConfigError
+    from med3dinsight_plugin.pretrain.engine import NonFiniteError
+    from med3dinsight_plugin.pretrain.run import RunLockedError
     from med3dinsight_plugin.teacher.cache import CacheError, StaleCacheError
     from med3dinsight_plugin.teacher.captioner import VLMError
     from med3dinsight_plugin.teacher.captions import CaptionError
@@ -15,7 +18,7 @@ def test_every_package_error_class_is_a_user_error():
     from med3dinsight_plugin.volumes import VolumeError
 
     for cls in (CheckpointError, IncompatibleCheckpointError, ConfigError, CacheError, StaleCacheError, VLMError,
-                CaptionError, TeacherError, VolumeError):
+                CaptionError, TeacherError, VolumeError, DeviceError, NonFiniteError, RunLockedError):
         assert issubclass(cls, Med3DInsightError) and issubclass(cls, ValueError), cls
 
 
