@@ -37,3 +37,33 @@ def swin_ssl_state_dict(swin_vit_state: dict) -> dict:
     sd["module.norm.weight"], sd["module.norm.bias"] = torch.ones(width), torch.zeros(width)
     return {"epoch": 100, "state_dict": sd}
 
+
+
+def tiny_pretrain_config(backbone: str, patch_size=None, alignment: str = "ot", seed: int = 0, **sections):
+    """The :class:`PretrainConfig` of a tiny real model: the TINY_BACKBONES configuration of ``backbone`` (at
+    ``patch_size``, default its own), the ``small`` PSAT shrunk to tiny_psat_kwargs, ``alignment``; ``sections``
+    are extra config sections (``train={...}``, ``output=...``)."""
+    from med3dinsight_plugin.pretrain.config import PretrainConfig
+
+    kwargs = {k: v for k, v in TINY_BACKBONES[backbone].items() if k != "patch_size"}
+    psat = {k: v for k, v in tiny_psat_kwargs(1).items() if k not in ("in_dim", "out_dim")}
+    model = {"backbone": backbone, "backbone_kwargs": kwargs, "psat": "small", "psat_kwargs": psat,
+             "patch_size": list(patch_size or TINY_BACKBONES[backbone]["patch_size"]), "alignment": alignment}
+    train = {"seed": seed, **sections.pop("train", {})}
+    return PretrainConfig.from_dict({"model": model, "train": train, **sections})
+
+
+def tiny_pretrain_batch(patch_size, embed_dim: int, batch: int = 2, slices: int = 4, seed: int = 0, device="cpu"):
+    """A deterministic pretraining batch (the keyword arguments of Med3DInsightModel): random volumes of
+    ``patch_size``, K slices per volume at random planes/positions, unit teacher embeddings, the last slice of the
+    last volume masked out as padding."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    b, k = batch, slices
+    emb = torch.nn.functional.normalize(torch.randn(2, b, k, embed_dim, generator=g), dim=-1)
+    mask = torch.ones(b, k, dtype=torch.bool)
+    mask[-1, -1] = False
+    out = {"volume": torch.randn(b, 1, *patch_size, generator=g), "plane": torch.randint(0, 3, (b, k), generator=g),
+           "position": torch.rand(b, k, generator=g), "image_emb": emb[0], "text_emb": emb[1], "mask": mask}
+    return {name: t.to(device) for name, t in out.items()}
