@@ -106,7 +106,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
     result = run_study(args.dataset, inits, args.output, configuration=args.configuration, labelled=args.labelled,
                        seeds=args.seeds, fold=args.fold, plans=args.plans, epochs=args.epochs,
                        iterations=args.iterations, device=args.device, reference=args.reference == "nnunet",
-                       log=lambda line: print(line, flush=True))
+                       log=lambda line: print(line, flush=True), dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
     print(f"{result.trained} runs trained, {result.skipped} already finished; see {result.summary_md}")
     return 0
 
@@ -287,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="training iterations per epoch (default 250; validation scaled alike)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cuda", "cpu", "mps"])
     p.add_argument("-o", "--output", required=True, help="study folder (resumable: finished runs are skipped)")
+    p.add_argument("--dry-run", action="store_true", help="check the checkpoints, write the runs' plans, list the "
+                                                          "runs; train nothing")
     p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("slices", help="write PNGs of the slices the teacher will see, to check orientation/window")

@@ -115,7 +115,7 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
               configuration: str = "3d_fullres", labelled: Sequence[str] = ("all",), seeds: Sequence[int] = (0,),
               fold: int = 0, plans: str = "nnUNetPlans", epochs: Optional[int] = None,
               iterations: Optional[int] = None, device: Optional[str] = None, reference: bool = False,
-              log: Callable[[str], None] = print) -> StudyResult:
+              log: Callable[[str], None] = print, dry_run: bool = False) -> StudyResult:
     """Train every (init, labelled, seed) with ``nnUNetv2_train`` and summarise nnU-Net's validation Dice.
 
     Args:
@@ -132,6 +132,7 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
         device: ``cuda``, ``cpu`` (default cuda when available).
         reference: add nnU-Net's default nnUNetTrainer recipe as the init ``nnunet``.
         log: where progress lines go.
+        dry_run: check the checkpoints and write the runs' plans, list the runs, train nothing (no outputs).
 
     Raises:
         StudyError: before any training for bad arguments or a checkpoint that does not fit the plans; during the
@@ -233,6 +234,12 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
 
     env = _environment(pre=output / "nnUNet_preprocessed", results=results_root, device=device)
     todo = [r for r in runs if not r.done]
+    if dry_run:
+        for run in runs:
+            log(f"{'finished' if run.done else 'to train'}: {run.init}, {run.labelled} labelled, seed {run.seed}: "
+                f"nnUNetv2_train {folder.name} {configuration} {fold} -p {run.plans_name} -tr {run.trainer}")
+        return StudyResult(output, runs, [], 0, len(runs) - len(todo), output / "results.csv",
+                           output / "summary.md", output / "label_efficiency.png")
     log(f"study: {len(runs)} runs ({len(names)} inits x {len(counts)} labelled x {len(seeds)} seeds), "
         f"{len(runs) - len(todo)} finished already, {len(todo)} to train; held-out cases: {len(held_out)}")
     logs = output / "logs"

@@ -119,6 +119,28 @@ def test_study_refuses_before_training(dataset, tmp_path):
         assert not (out / "nnUNet_results").exists() and "training" not in r.stdout
 
 
+def test_swin_unetr_study_compares_inits_on_the_checkpoints_architecture(dataset, tmp_path, monkeypatch):
+    from nnunet_trainers.study import run_study
+
+    monkeypatch.setenv("nnUNet_preprocessed", str(dataset["root"] / "pre"))
+    swin = save_pretrained(tiny_backbone("swin_unetr"), tmp_path / "swin.safetensors")
+    lines = []
+    result = run_study(DATASET, [("scratch", None), ("swin", swin)], tmp_path / "out", labelled=["2", "all"],
+                       seeds=[0, 1], epochs=1, iterations=1, device="cpu", reference=True, log=lines.append,
+                       dry_run=True)
+    assert len(result.runs) == 12 and result.trained == 0 and not (tmp_path / "out" / "nnUNet_results").exists()
+    assert sum("to train:" in line for line in lines) == 12
+    arch = {r.init: (r.trainer, r.plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"],
+                     r.plans["configurations"]["3d_fullres"]["patch_size"]) for r in result.runs}
+    swin_arch = ("nnunet_trainers.networks.SwinUNETRForNNUNet", [64, 64, 64])
+    assert arch["scratch"] == ("Med3DInsightTrainer_SwinUNETR_study", *swin_arch) == arch["swin"]
+    assert arch["nnunet"][0] == "nnUNetTrainer_med3dinsightStudy" and "PlainConvUNet" in arch["nnunet"][1]
+    # per seed one permutation: the 2-case subset lies inside 'all'; seeds draw different subsets
+    cases = {(r.init, r.labelled_arg, r.seed): r.plans[STUDY_KEY]["train_cases"] for r in result.runs}
+    assert all(set(cases[(i, "2", s)]) < set(cases[(i, "all", s)]) for i in ("scratch", "swin") for s in (0, 1))
+    assert cases[("scratch", "2", 0)] == cases[("nnunet", "2", 0)] != cases[("scratch", "2", 1)]
+
+
 def test_bootstrap_interval_of_a_paired_difference():
     rng = np.random.default_rng(1)
     small, large = rng.normal(0.05, 0.1, size=5), rng.normal(0.05, 0.1, size=200)
