@@ -12,8 +12,9 @@ Bregman projections, Benamou et al. 2015, prop. 5), rewritten for training:
   always ``exp(-M/reg + f_i + g_j + c)``, and an iteration costs two matrix-vector products with a stabilised kernel
   and a few vector operations (see :func:`_iterate`).
 * **blocks without synchronisation** -- the iterations between two convergence checks (every 10, as POT) run as one
-  block that never reads a value back to the host: on CPU in place in preallocated buffers, on CUDA compiled with
-  ``torch.compile`` when it works (falling back to eager otherwise).
+  block that never reads a value back to the host. On CUDA the block is compiled with ``torch.compile`` when that
+  works (eager otherwise). On CPU without autograd it runs in numpy on the tensors' memory (one thread, half
+  torch's cost per operation on vectors of a few hundred entries; see ``_HOST_MAX``); with autograd, in torch.
 * **batched** -- leading dimensions of ``M`` are independent problems solved together (e.g. image and text terms).
 * **differentiable** -- autograd runs through the iterations (``grad_iters=None``), or, to bound memory on large
   batches, through only the last ``grad_iters`` iterations started from the converged potentials.
@@ -25,6 +26,7 @@ import os
 import warnings
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 __all__ = ["entropic_partial_wasserstein", "log_entropic_partial_wasserstein"]
@@ -58,12 +60,12 @@ def entropic_partial_wasserstein(a: torch.Tensor, b: torch.Tensor, M: torch.Tens
         The plan ``P`` of shape ``(..., n, k)``, and the log dict if ``log`` is true.
     """
     out = log_entropic_partial_wasserstein(a, b, M, reg, m, numItermax, stopThr, verbose, log, grad_iters)
+    log_plan, info = out if log else (out, None)
+    plan = log_plan.exp() if log_plan.requires_grad else _exp_(log_plan)
     if log:
-        log_plan, info = out
-        plan = log_plan.exp()
         info["partial_w_dist"] = (plan * M).sum((-2, -1))
         return plan, info
-    return out.exp()
+    return plan
 
 
 def log_entropic_partial_wasserstein(a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float,
@@ -75,10 +77,11 @@ def log_entropic_partial_wasserstein(a: torch.Tensor, b: torch.Tensor, M: torch.
         raise ValueError(f"numItermax and grad_iters must be >= 0, got {numItermax} and {grad_iters}")
     n, k = M.shape[-2:]
     batch = M.shape[:-2]
-    L0 = -M / reg
+    host = _host(M)
+    L0 = torch.from_numpy(np.divide(host, -reg)) if host is not None else -M / reg
     # Internally the problems are flattened to one batch dimension: L (B, n, k), f (B, n), g (B, k), c (B,).
     L = L0.reshape(-1, n, k)
-    log_a, log_b = a.log().reshape(-1, n), b.log().reshape(-1, k)
+    log_a, log_b = _log(a).reshape(-1, n), _log(b).reshape(-1, k)
     log_m = log_m.reshape(-1)
     info = {"err": [], "n_iter": 0}
     if grad_iters is None:
@@ -100,7 +103,8 @@ def _check_inputs(a, b, M, reg, m):
                          f"{tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}")
     if not M.dtype.is_floating_point:
         raise ValueError(f"M must be a floating-point tensor, got {M.dtype}")
-    if not bool(torch.isfinite(M).all()):
+    host = _host(M.detach())
+    if not (np.isfinite(host).all() if host is not None else bool(torch.isfinite(M).all())):
         raise ValueError("the cost matrix M contains NaN or Inf")
     if not (isinstance(reg, (int, float)) and reg > 0):
         raise ValueError(f"reg must be a positive number, got {reg!r}")
@@ -117,7 +121,7 @@ def _check_inputs(a, b, M, reg, m):
     # POT rejects m > min(|a|, |b|); allow float rounding so that m computed from the marginals is accepted.
     if bool((m > max_mass * (1 + 1e-6)).any()):
         raise ValueError("Problem infeasible. Parameter m should lower or equal than min(|a|_1, |b|_1).")
-    return a, b, m.log()
+    return a, b, _log(m)
 
 
 def _marginal(w, size, batch, M, name):
@@ -133,6 +137,10 @@ def _marginal(w, size, batch, M, name):
 
 
 def _log_plan(L0, f, g, c):
+    hosts = [_host(t) for t in (L0, f, g, c)]
+    if all(h is not None for h in hosts):  # see _HOST_MAX
+        L0, f, g, c = hosts
+        return torch.from_numpy(L0 + (f + c[..., None])[..., None] + g[..., None, :])
     return L0 + (f + c.unsqueeze(-1)).unsqueeze(-1) + g.unsqueeze(-2)
 
 
@@ -161,14 +169,17 @@ def _iterate(L, log_a, log_b, log_m, state, num_iter, stop_thr, verbose, info):
     Dykstra's corrections for these three projections are the inverses of the last scalings, so the iteration
     collapses to ``f = min(log a - LSE_j(L + g + c), 0)``, ``g = min(log b - LSE_i(L + f + c), 0)``,
     ``c = log m - LSE(L + f + g)``: POT's iterates, with no correction state. Blocks of iterations run these in the
-    scaling domain on a stabilised kernel (:func:`_block_inplace`, :func:`_block`); ``stop_thr=None`` runs exactly
+    scaling domain on a stabilised kernel (:func:`_block_numpy`, :func:`_block`); ``stop_thr=None`` runs exactly
     ``num_iter`` iterations and never computes the plan's change.
     """
     kernel, scalings = (_Kernel.initial(L, log_m) if state is None else (None, None))
     f, g, c = state if state is not None else (None, None, None)
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (L, log_a, log_b, log_m))
-    a_m = (log_a - log_m.unsqueeze(-1)).exp()  # a / m, b / m: the iteration's constants (see _block)
-    b_m = (log_b - log_m.unsqueeze(-1)).exp()
+    a_m = _exp(log_a - log_m.unsqueeze(-1))  # a / m, b / m: the iteration's constants (see _block)
+    b_m = _exp(log_b - log_m.unsqueeze(-1))
+    numpy_path = (not differentiable and L.device.type == "cpu" and L.dtype in (torch.float32, torch.float64)
+                  and not _use_compile(L))
+    a_np, b_np = (a_m.numpy(), b_m.numpy()) if numpy_path else (None, None)
     done = 0
     while done < num_iter:
         check_at = -(-done // _CHECK_EVERY) * _CHECK_EVERY  # POT checks iterations 0, 10, 20, ...
@@ -178,11 +189,12 @@ def _iterate(L, log_a, log_b, log_m, state, num_iter, stop_thr, verbose, info):
             kernel = _Kernel(L, f, g, c, log_m)
             scalings = kernel.identity()
         start = scalings
-        if differentiable or L.is_cuda:
+        if not numpy_path:
             before, scalings = _run_block(kernel, a_m, b_m, start, n)
+            stats = kernel.stats(before, scalings, checked)
         else:
-            before, scalings = _block_inplace(kernel, a_m, b_m, start, n)
-        drift, err = kernel.check(before, scalings, checked)  # the block's one synchronisation
+            before, scalings, stats = _block_numpy(kernel, a_np, b_np, start, n, checked)
+        drift, err = _read_stats(stats)  # the block's one synchronisation
         if not drift <= _REDO_AT:  # also NaN
             f, g, c = kernel.potentials(*start)
             before, (f, g, c) = _log_block(L, log_a, log_b, log_m, f, g, c, n)
@@ -217,41 +229,50 @@ class _Kernel:
 
     def __init__(self, L, f, g, c, log_m, K=None):
         self.F, self.G, self.C, self.log_m = f, g, c, log_m
-        self.m = log_m.exp().unsqueeze(-1)
+        self.m = _exp(log_m).unsqueeze(-1)
         if K is None:
             K = _log_plan(L, f, g, c)
-            K = K.exp() if K.requires_grad else K.exp_()
+            K = K.exp() if K.requires_grad else _exp_(K)
         self.K = K
-        self.KT = K.transpose(-2, -1).contiguous()  # contiguous: a faster matrix-vector product on CPU
+        host = _host(K)  # contiguous transpose: a faster matrix-vector product on CPU
+        self.KT = (torch.from_numpy(np.ascontiguousarray(host.transpose(0, 2, 1))) if host is not None
+                   else K.transpose(-2, -1).contiguous())
         big = torch.finfo(L.dtype).max
         # f <= 0 and g <= 0 (the row and column projections only scale down): caps on u and v.
-        self.cap_u = (-f).exp().clamp(max=big)
-        self.cap_v = (-g).exp().clamp(max=big)
-        self._workspace = None
+        self.cap_u = _exp(-f).clamp(max=big)
+        self.cap_v = _exp(-g).clamp(max=big)
+        self._numpy = None
 
     @classmethod
     def initial(cls, L, log_m):
         """The kernel ``exp(L - max L)`` (one exp), with the scalings of the initial plan: ``f = g = 0`` and
         ``c = log m - LSE(L)``. Returns the kernel and the scalings."""
-        shift = L.detach().amax((-2, -1), keepdim=True)  # the plan does not depend on it: no gradient through it
-        K = L - shift
-        K = K.exp() if K.requires_grad else K.exp_()
+        host = _host(L)
+        if host is not None:
+            shift = host.max(axis=(-2, -1), keepdims=True)
+            K = np.exp(host - shift)
+            total = torch.from_numpy(K.sum(axis=(-2, -1)))
+            K, shift = torch.from_numpy(K), torch.from_numpy(shift)
+        else:
+            shift = L.detach().amax((-2, -1), keepdim=True)  # the plan does not depend on it: no gradient through it
+            K = (L - shift).exp()
+            total = K.sum((-2, -1))
         kernel = cls(L, L.new_zeros(L.shape[:-1]), L.new_zeros(L.shape[:-2] + L.shape[-1:]), -shift[:, 0, 0],
                      log_m, K)
         u, v, _ = kernel.identity()
-        return kernel, (u, v, 1.0 / K.sum((-2, -1)).unsqueeze(-1))  # w = exp(c - C) = m / sum(K)
+        return kernel, (u, v, 1.0 / total.unsqueeze(-1))  # w = exp(c - C) = m / sum(K)
 
     def identity(self):
         """Scalings of the absorbed potentials themselves."""
         return torch.ones_like(self.F), torch.ones_like(self.G), 1.0 / self.m
 
     def potentials(self, u, v, om):
-        return self.F + u.log(), self.G + v.log(), self.C + (om * self.m).squeeze(-1).log()
+        return self.F + _log(u), self.G + _log(v), self.C + _log((om * self.m).squeeze(-1))
 
-    def check(self, before, after, checked):
-        """``(drift, err)`` with one synchronisation: the largest |log| of the scalings (how far the potentials
-        moved from the kernel; inf or NaN if not finite) and, if ``checked``, POT's stopping error: the largest
-        Frobenius norm of ``P_before - P_after``. With ``x = u om``, ``P / m = K * x v^T`` and the difference is
+    def stats(self, before, after, checked):
+        """What a check reads back, as one tensor: the smallest and largest scaling (``exp`` of how far the
+        potentials moved from the kernel) and, if ``checked``, POT's stopping error, the largest Frobenius norm of
+        ``P_before - P_after``. With ``x = u om``, ``P / m = K * x v^T`` and the difference is
         ``K * ((x - x') v^T + x' (v - v')^T)``: two rank-one terms, no difference of nearly equal plan entries."""
         (u_p, v_p, om_p), (u, v, om) = before, after
         with torch.no_grad():
@@ -262,10 +283,7 @@ class _Kernel:
                 diff = (x - x_p).unsqueeze(-1) * v.unsqueeze(-2)
                 diff.addcmul_(x_p.unsqueeze(-1), (v - v_p).unsqueeze(-2)).mul_(self.K)
                 stats.append((torch.linalg.vector_norm(diff.flatten(-2), dim=-1) * self.m.squeeze(-1)).max())
-            values = torch.stack(stats).tolist()
-        low, high = values[0], values[1]
-        drift = max(_abs_log(low), _abs_log(high)) if low == low and high == high else float("nan")
-        return drift, (values[2] if checked else None)
+            return torch.stack(stats)
 
     def marginal_excess(self, a_m, b_m, scalings):
         """:func:`_marginal_excess` from the scalings: row sums ``u (K v) m om``, column sums ``v (K^T u) m om``."""
@@ -275,16 +293,61 @@ class _Kernel:
             cols = v * _matvec(self.KT, u) * om / b_m
             return float(torch.maximum(rows.max(), cols.max()).clamp(min=1.0)) - 1.0
 
-    def workspace(self):
-        """Buffers of :func:`_block_inplace`, and their per-problem views."""
-        if self._workspace is None:
-            B, n, k = self.K.shape
-            new = self.K.new_empty
-            Kv, x, y, cap = new(B, n), new(B, n), new(B, k), new(B, n)
-            dots = new(_CHECK_EVERY, B, 1)
-            self._workspace = (Kv, x, y, cap, dots, self.K.unbind(0), self.KT.unbind(0), Kv.unbind(0),
-                               x.unbind(0), y.unbind(0), [d.squeeze(-1) for d in dots.unbind(0)])
-        return self._workspace
+    def numpy_arrays(self):
+        """Numpy views of ``(K, K^T, cap_u, cap_v, m)`` and a buffer of K's shape, for :func:`_block_numpy`."""
+        if self._numpy is None:
+            self._numpy = tuple(t.numpy() for t in (self.K, self.KT, self.cap_u, self.cap_v, self.m)) + (
+                np.empty(self.K.shape, self.K.numpy().dtype),)
+        return self._numpy
+
+
+# Outside autograd, whole-matrix work on CPU tensors up to this size (exp, transposed copy, reductions) runs in
+# numpy, on one thread, on the tensors' memory: torch parallelises exp from 2048 entries and reductions from 32768,
+# and on a busy machine a parallel region of a few microseconds' work can wait milliseconds for its second thread
+# (or leave it spinning against the main one). The blocks of iterations run in numpy at any size (_block_numpy).
+_HOST_MAX = 1 << 22
+
+
+def _host(t):
+    """The numpy view of ``t`` if it is a CPU float32/float64 tensor outside autograd of at most _HOST_MAX
+    entries, else None."""
+    if (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
+            and t.numel() <= _HOST_MAX):
+        return t.numpy()
+    return None
+
+
+def _exp_(t):
+    """``t.exp_()`` for a tensor outside autograd (in numpy if :func:`_host` allows)."""
+    host = _host(t)
+    if host is None:
+        return t.exp_()
+    np.exp(host, out=host)
+    return t
+
+
+def _exp(t):
+    """``t.exp()`` (in numpy if :func:`_host` allows: on CPU torch's exp and log go through MKL, which opens a
+    parallel region even for a few entries)."""
+    host = _host(t)
+    return t.exp() if host is None else torch.from_numpy(np.exp(host, out=np.empty(host.shape, host.dtype)))
+
+
+def _log(t):
+    """``t.log()`` (in numpy if :func:`_host` allows, as :func:`_exp`)."""
+    host = _host(t)
+    return t.log() if host is None else torch.from_numpy(np.log(host, out=np.empty(host.shape, host.dtype)))
+
+
+def _read_stats(stats):
+    """``(drift, err)`` from a block's statistics (one synchronisation): the largest |log| of a scaling (inf or NaN
+    if one is not finite) and POT's stopping error (None if not checked)."""
+    values = stats.tolist() if isinstance(stats, torch.Tensor) else stats
+    low, high = values[0], values[1]
+    if low != low or high != high:
+        return float("nan"), None
+    drift = max(_abs_log(low), _abs_log(high))
+    return drift, (values[2] if len(values) > 2 else None)
 
 
 def _abs_log(value):
@@ -296,36 +359,60 @@ def _abs_log(value):
 # which is f = min(log a - LSE_j(L + g + c), 0), g = min(log b - LSE_i(L + f + c), 0), c = log m - LSE(L + f + g).
 
 
-def _block_inplace(kernel, a_m, b_m, scalings, n):
-    """``n`` iterations without autograd, in preallocated buffers: per iteration two matrix-vector products per
-    problem and six vector operations (``cap = cap_u om`` is divided in place by ``y . v``; ``om`` itself and ``u``
-    are formed only for the last two iterations). Returns the scalings before and after the last iteration."""
-    u, om = scalings[0], scalings[2]
-    Kv, x, y, cap, dots, Ks, KTs, Kvs, xs, ys, dot_rows = kernel.workspace()
-    v = scalings[1].clone()  # the block's own state (the caller keeps `scalings`, to redo the block if need be)
-    vs = v.unbind(0)
-    cap_v = kernel.cap_v
-    torch.mul(kernel.cap_u, om, out=cap)
-    before = scalings
-    for it in range(n):
-        if it == n - 1:
-            before = (u, v.clone(), om)
-        elif it == n - 2 and it > 0:
-            om = om / dots[:it].prod(0)
-        for K_i, v_i, out in zip(Ks, vs, Kvs):
-            torch.mv(K_i, v_i, out=out)
-        torch.div(a_m, Kv, out=Kv)
-        torch.minimum(Kv, cap, out=x)
-        for KT_i, x_i, out in zip(KTs, xs, ys):
-            torch.mv(KT_i, x_i, out=out)
-        torch.div(b_m, y, out=v)
-        torch.minimum(v, cap_v, out=v)
-        torch.linalg.vecdot(y, v, out=dot_rows[it])
-        torch.div(cap, dots[it], out=cap)
-        if it >= n - 2:
-            u = x / om
-            om = om / dots[it]
-    return before, (u, v, om)
+def _block_numpy(kernel, a_m, b_m, scalings, n, checked):
+    """``n`` iterations without autograd on CPU (float32/float64), on numpy views of the tensors' memory: on vectors
+    of a few hundred entries numpy's cost per operation is about half of torch's, and its batched matrix-vector
+    product several times faster than torch's ``bmm`` with vectors. Two matrix-vector products and five vector
+    operations per iteration (``cap = cap_u om`` is divided in place by ``y . v``; ``om`` and ``u`` are formed for
+    the last two iterations only). Returns the scalings before and after the last iteration, and the statistics of
+    :meth:`_Kernel.stats` as floats (nothing to synchronise on CPU)."""
+    K, KT, cap_u, cap_v, m, diff = kernel.numpy_arrays()
+    u, v, om = (s.numpy() for s in scalings)
+    with np.errstate(all="ignore"):  # inf and NaN are caught by the drift test, as on the torch path
+        cap = cap_u * om
+        dots = []
+        u_p, v_p, om_p = u, v, om
+        for it in range(n):
+            if it == n - 1:
+                u_p, v_p, om_p = u, v, om
+            elif it == n - 2 and it > 0:
+                om = om / np.prod(dots, axis=0)
+            x = np.minimum(a_m / _np_matvec(K, v), cap)
+            y = _np_matvec(KT, x)
+            v = np.minimum(b_m / y, cap_v)
+            dot = _np_vecdot(y, v)[:, None]
+            cap /= dot
+            dots.append(dot)
+            if it >= n - 2:
+                u = x / om
+                om = om / dot
+        stats = _stats_numpy(K, m, diff, u_p, v_p, om_p, u, v, om, checked)
+    before, after = (tuple(torch.from_numpy(t) for t in ts) for ts in ((u_p, v_p, om_p), (u, v, om)))
+    return before, after, stats
+
+
+def _stats_numpy(K, m, diff, u_p, v_p, om_p, u, v, om, checked):
+    """:meth:`_Kernel.stats` on numpy arrays, as floats. The plan's change is formed in the buffer ``diff`` as one
+    rank-2 product per problem, ``[x - x', x'] @ [v; v - v']``, then scaled by ``K``."""
+    scalings = np.concatenate((u.ravel(), v.ravel(), (om * m).ravel()))
+    stats = [float(scalings.min()), float(scalings.max())]
+    if checked:
+        x, x_p = u * om, u_p * om_p
+        np.matmul(np.stack((x - x_p, x_p), axis=-1), np.stack((v, v - v_p), axis=-2), out=diff)
+        np.multiply(diff, K, out=diff)
+        # einsum, not a BLAS dot: OpenBLAS threads a long dot, and waking its threads costs more than the sum
+        stats.append(float((np.sqrt(np.einsum("bij,bij->b", diff, diff)) * m[:, 0]).max()))
+    return stats
+
+
+if hasattr(np, "matvec"):  # numpy >= 2.2
+    _np_matvec, _np_vecdot = np.matvec, np.vecdot
+else:
+    def _np_matvec(K, v):
+        return np.matmul(K, v[..., None])[..., 0]
+
+    def _np_vecdot(x, y):
+        return np.einsum("...i,...i->...", x, y)
 
 
 def _block(K, KT, cap_u, cap_v, a_m, b_m, u, v, om, n: int):
@@ -344,8 +431,8 @@ def _block(K, KT, cap_u, cap_v, a_m, b_m, u, v, om, n: int):
 
 
 def _matvec(K, v):
-    """``K_i @ v_i`` for each problem i. On CPU one matrix-vector product each: a batched ``bmm`` with a vector is
-    several times slower there than the products it batches."""
+    """``K_i @ v_i`` for each problem i. On CPU one matrix-vector product each: torch's batched ``bmm`` with a vector
+    is several times slower there than the products it batches."""
     if K.is_cuda:
         return (K @ v.unsqueeze(-1)).squeeze(-1)
     if K.shape[0] == 1:
@@ -367,9 +454,10 @@ def _run_block(kernel, a_m, b_m, scalings, n):
     return out[:3], out[3:]
 
 
-# torch.compile of _block: "auto" compiles on CUDA, where the fused block saves ~10 kernel launches per iteration;
-# on CPU the in-place eager block was as fast as the compiled one or faster, and compiling costs seconds per shape.
-# MED3DINSIGHT_OT_COMPILE=1 forces it on (also on CPU, for the differentiable path), 0 off.
+# torch.compile of _block: "auto" compiles on CUDA, where the fused block saves ~10 kernel launches per iteration.
+# On CPU it is off: there the compiled block was slower than the numpy one (about as fast as torch's eager one in
+# float64 and at B = 256), and compiling costs 10-50 s per shape. MED3DINSIGHT_OT_COMPILE=1 forces it on (on CPU
+# too, instead of numpy), 0 off.
 _COMPILED = {"fn": None, "failed": None}
 
 

@@ -125,6 +125,22 @@ def test_batched_differentiable_path_equals_one_by_one():
         torch.testing.assert_close(grad[i, j], grad_ij, rtol=1e-6, atol=1e-9)
 
 
+def test_numpy_block_without_matvec_gufuncs_and_torch_block_give_the_same_plan(monkeypatch):
+    # Without autograd on CPU the blocks run in numpy (np.matvec/np.vecdot from numpy 2.2, matmul/einsum before);
+    # with autograd, in torch. All three give the same iterates.
+    torch.manual_seed(7)
+    M = torch.rand(2, 20, 16, dtype=torch.float64)
+    a, b = torch.full((20,), 1 / 20, dtype=torch.float64), torch.full((16,), 1 / 16, dtype=torch.float64)
+    solve = lambda M: log_entropic_partial_wasserstein(a, b, M, 0.03, 0.8, numItermax=150)
+    numpy_plan = solve(M)
+    torch_plan = solve(M.clone().requires_grad_()).detach()
+    monkeypatch.setattr(torch_ot, "_np_matvec", lambda K, v: np.matmul(K, v[..., None])[..., 0])
+    monkeypatch.setattr(torch_ot, "_np_vecdot", lambda x, y: np.einsum("...i,...i->...", x, y))
+    old_numpy_plan = solve(M)
+    torch.testing.assert_close(torch_plan, numpy_plan, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(old_numpy_plan, numpy_plan, rtol=1e-10, atol=1e-10)
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     def failing_compile():
         def block(*args):
