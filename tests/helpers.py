@@ -67,3 +67,51 @@ def tiny_pretrain_batch(patch_size, embed_dim: int, batch: int = 2, slices: int 
     out = {"volume": torch.randn(b, 1, *patch_size, generator=g), "plane": torch.randint(0, 3, (b, k), generator=g),
            "position": torch.rand(b, k, generator=g), "image_emb": emb[0], "text_emb": emb[1], "mask": mask}
     return {name: t.to(device) for name, t in out.items()}
+
+
+def run_tool(cmd, env, check=True, timeout=900):
+    """Run an installed command (``med3dinsight``, ``nnUNetv2_*``) of this environment; with ``check``, fail the test
+    with the tail of its output when it does not exit 0."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([str(Path(sys.executable).parent / cmd[0]), *map(str, cmd[1:])], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def write_nifti(path, array, affine=None):
+    """Save ``array`` as a NIfTI file (identity affine unless given), keeping its dtype."""
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def ct_like(seed=0, shape=(32, 32, 32)):
+    """A float32 volume in Hounsfield-like units: noise of sd 100 with a slab of air (-1000) on top."""
+    import numpy as np
+
+    a = np.random.default_rng(seed).normal(size=shape).astype(np.float32) * 100
+    a[:4] = -1000
+    return a
+
+
+def ct_world(root, cases: int = 3):
+    """``root/vols``: CT-like NIfTI cases ``case0``, ...; ``root/clip``: a tiny open_clip; ``root/cache``: their
+    teacher cache (4 slices per plane), made by ``med3dinsight embed``. Returns ``root``."""
+    from med3dinsight_plugin.cli import main
+    from med3dinsight_plugin.teacher.tiny import save_tiny_open_clip
+
+    vols = root / "vols"
+    vols.mkdir()
+    for i in range(cases):
+        write_nifti(vols / f"case{i}.nii.gz", ct_like(seed=i))
+    clip = save_tiny_open_clip(root / "clip")
+    assert main(["embed", str(vols), "-o", str(root / "cache"), "--clip-model", str(clip), "--per-plane", "4",
+                 "--modality", "ct"]) == 0
+    return root

@@ -5,7 +5,6 @@ Runs PyPI's unmodified nnunetv2 in subprocesses, finding the trainers only throu
 """
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,20 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import run_tool as run
 from helpers import tiny_backbone
 from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
 from med3dinsight_plugin import build_backbone, save_pretrained
 
 BIN = Path(sys.executable).parent
 DATASET = "991"
-
-
-def run(cmd, env, check=True):
-    r = subprocess.run([str(BIN / cmd[0]), *map(str, cmd[1:])], env=env, capture_output=True, text=True,
-                       timeout=900)
-    if check:
-        assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
 
 
 @pytest.fixture(scope="module")

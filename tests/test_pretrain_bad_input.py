@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import ct_like, ct_world, write_nifti
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.teacher.tiny import save_tiny_open_clip
 
@@ -17,28 +18,12 @@ TINY = ["--set", "model.backbone=plain_conv_unet", "model.backbone_kwargs={base_
         *COMMON]
 
 
-def _nifti(path, array):
-    import nibabel as nib
-    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4)), str(path))
-
-
-def _good(shape=(32, 32, 32), seed=0):
-    a = np.random.default_rng(seed).normal(size=shape).astype(np.float32) * 100
-    a[:4] = -1000  # some air
-    return a
+_nifti, _good = write_nifti, ct_like
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad")
-    vols = root / "vols"
-    vols.mkdir()
-    for i in range(3):
-        _nifti(vols / f"case{i}.nii.gz", _good(seed=i))
-    clip = save_tiny_open_clip(root / "clip")
-    assert main(["embed", str(vols), "-o", str(root / "cache"), "--clip-model", str(clip), "--per-plane", "4",
-                 "--modality", "ct"]) == 0
-    return root
+    return ct_world(tmp_path_factory.mktemp("bad"))
 
 
 def _pretrain(capsys, *args):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ct_like
 from med3dinsight_plugin import load_checkpoint
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.teacher.tiny import save_tiny_open_clip
@@ -36,10 +37,7 @@ def _nifti(path, array, affine=None):
     nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine), str(path))
 
 
-def _ct(seed, shape=(32, 32, 32)):
-    a = np.random.default_rng(seed).normal(size=shape).astype(np.float32) * 100
-    a[:4] = -1000  # some air
-    return a
+_ct = ct_like
 
 
 def _mri(seed, shape=(32, 32, 32)):

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ct_like, ct_world
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.slices import RenderSettings, SlicePolicy, dataset_slices
 from med3dinsight_plugin.teacher.cache import (CacheError, StaleCacheError, TeacherCache, verify_cache,
                                                write_manifest, write_shard)
 from med3dinsight_plugin.teacher.captioner import Captioner, VLMError, load_prompts, load_vlm, prompt_for
 from med3dinsight_plugin.teacher.clip import ClipTeacher, TeacherError
-from med3dinsight_plugin.teacher.tiny import save_tiny_llava, save_tiny_open_clip
+from med3dinsight_plugin.teacher.tiny import save_tiny_llava
 from med3dinsight_plugin.volumes import VolumeError, open_source
 
 COMMON = ["model.patch_size=[32,32,32]", "model.psat=small", "train.steps=1", "data.num_workers=0",
@@ -38,10 +39,7 @@ def _nifti(path, array, affine=None):
     nib.save(nib.Nifti1Image(np.asarray(array, np.float32), np.eye(4) if affine is None else affine), str(path))
 
 
-def _ct(seed=0, shape=(32, 32, 32)):
-    a = np.random.default_rng(seed).normal(size=shape).astype(np.float32) * 100
-    a[:4] = -1000  # air: CT
-    return a
+_ct = ct_like
 
 
 def _mri(seed=0, shape=(32, 32, 32)):
@@ -69,15 +67,7 @@ def _one_line(code, err, *needles):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("robust")
-    vols = root / "vols"
-    vols.mkdir()
-    for i in range(3):
-        _nifti(vols / f"case{i}.nii.gz", _ct(seed=i))
-    clip = save_tiny_open_clip(root / "clip")
-    assert main(["embed", str(vols), "-o", str(root / "cache"), "--clip-model", str(clip), "--per-plane", "4",
-                 "--modality", "ct"]) == 0
-    return root
+    return ct_world(tmp_path_factory.mktemp("robust"))
 
 
 def _copy_cache(base, tmp_path):

@@ -4,7 +4,6 @@ import csv
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import run_tool as run
 from helpers import tiny_backbone
 from med3dinsight_plugin import build_backbone, save_pretrained
 from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
@@ -19,14 +19,6 @@ from nnunet_trainers.study import STUDY_KEY, bootstrap_interval, paired_differen
 
 BIN = Path(sys.executable).parent
 DATASET = "992"
-
-
-def run(cmd, env, check=True):
-    r = subprocess.run([str(BIN / cmd[0]), *map(str, cmd[1:])], env=env, capture_output=True, text=True,
-                       timeout=900)
-    if check:
-        assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
 
 
 @pytest.fixture(scope="module")
