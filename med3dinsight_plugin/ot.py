@@ -12,8 +12,8 @@ Bregman projections, Benamou et al. 2015, prop. 5), rewritten for training:
   always ``exp(-M/reg + f_i + g_j + c)``, and an iteration costs two matrix-vector products with a stabilised kernel
   and a few vector operations (see :func:`_iterate`).
 * **blocks without synchronisation** -- the iterations between two convergence checks (every 10, as POT) run as one
-  block that never reads a value back to the host. On CUDA the block is compiled with ``torch.compile`` when that
-  works (eager otherwise). On CPU without autograd it runs in numpy on the tensors' memory (one thread, half
+  block that never reads a value back to the host. On CUDA outside autograd the block is compiled with
+  ``torch.compile`` when that works (eager otherwise). On CPU without autograd it runs in numpy on the tensors' memory (one thread, half
   torch's cost per operation on vectors of a few hundred entries; see ``_HOST_MAX``); with autograd, in torch.
 * **batched** -- leading dimensions of ``M`` are independent problems solved together (e.g. image and text terms).
 * **differentiable** -- autograd runs through the iterations (``grad_iters=None``), or, to bound memory on large
@@ -178,7 +178,7 @@ def _iterate(L, log_a, log_b, log_m, state, num_iter, stop_thr, verbose, info):
     a_m = _exp(log_a - log_m.unsqueeze(-1))  # a / m, b / m: the iteration's constants (see _block)
     b_m = _exp(log_b - log_m.unsqueeze(-1))
     numpy_path = (not differentiable and L.device.type == "cpu" and L.dtype in (torch.float32, torch.float64)
-                  and not _use_compile(L))
+                  and not _use_compile(L, False))
     a_np, b_np = (a_m.numpy(), b_m.numpy()) if numpy_path else (None, None)
     done = 0
     while done < num_iter:
@@ -190,7 +190,7 @@ def _iterate(L, log_a, log_b, log_m, state, num_iter, stop_thr, verbose, info):
             scalings = kernel.identity()
         start = scalings
         if not numpy_path:
-            before, scalings = _run_block(kernel, a_m, b_m, start, n)
+            before, scalings = _run_block(kernel, a_m, b_m, start, n, differentiable)
             stats = kernel.stats(before, scalings, checked)
         else:  # the scalings stay numpy arrays between blocks
             before, scalings, stats = _block_numpy(kernel, a_np, b_np, tuple(map(_numpy, start)), n, checked)
@@ -461,8 +461,8 @@ def _matvec(K, v):
     return torch.stack([torch.mv(K_i, v_i) for K_i, v_i in zip(K.unbind(0), v.unbind(0))])
 
 
-def _run_block(kernel, a_m, b_m, scalings, n):
-    block = _compiled_block() if n == _CHECK_EVERY and _use_compile(kernel.K) else _block
+def _run_block(kernel, a_m, b_m, scalings, n, differentiable):
+    block = _compiled_block() if n == _CHECK_EVERY and _use_compile(kernel.K, differentiable) else _block
     try:
         out = block(kernel.K, kernel.KT, kernel.cap_u, kernel.cap_v, a_m, b_m, *scalings, n)
     except Exception as error:  # noqa: BLE001 -- any failure to compile: fall back to eager, once
@@ -475,18 +475,20 @@ def _run_block(kernel, a_m, b_m, scalings, n):
     return out[:3], out[3:]
 
 
-# torch.compile of _block: "auto" compiles on CUDA, where the fused block saves ~10 kernel launches per iteration.
-# On CPU it is off: there the compiled block was slower than the numpy one (about as fast as torch's eager one in
-# float64 and at B = 256), and compiling costs 10-50 s per shape. MED3DINSIGHT_OT_COMPILE=1 forces it on (on CPU
-# too, instead of numpy), 0 off.
+# torch.compile of _block. "auto" compiles it on CUDA outside autograd (the convergence solve of grad_iters, eval),
+# where the fused block saves ~10 kernel launches per iteration and a failure to compile surfaces at the call, into
+# the eager fallback of _run_block. Not with autograd: the compiled backward is lowered at the first backward pass,
+# out of the fallback's reach. Not on CPU: there the compiled block was slower than the numpy one (about as fast as
+# torch's eager one in float64 and at B = 256), and compiling costs 10-50 s per shape.
+# MED3DINSIGHT_OT_COMPILE=1 compiles everywhere (CPU and autograd included), 0 nowhere.
 _COMPILED = {"fn": None, "failed": None}
 
 
-def _use_compile(K):
+def _use_compile(K, differentiable):
     setting = os.environ.get("MED3DINSIGHT_OT_COMPILE", "auto").strip().lower()
     if _COMPILED["failed"] is not None or setting in ("0", "false", "no", "off"):
         return False
-    return K.is_cuda if setting == "auto" else True
+    return (K.is_cuda and not differentiable) if setting == "auto" else True
 
 
 def _compiled_block():
