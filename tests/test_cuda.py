@@ -116,6 +116,7 @@ def test_nnunet_train_and_predict_on_cuda_for_each_family(device, nnunet, tmp_pa
         log = next(fold.glob("training_log_*.txt")).read_text()
         assert report["coverage"] == 100.0 and report["applied"], (family, report)
         assert "Pretrained encoder loaded" in log and (fold / "checkpoint_final.pth").is_file(), family
+        assert "Learning rates: encoder" in log, family  # the encoder found through the compile wrapper
         weights = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
         _carries(weights, backbone.network.state_dict(), backbone.encoder_prefixes)
         out = root / f"pred_cuda_{family}"
