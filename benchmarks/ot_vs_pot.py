@@ -44,8 +44,8 @@ def main():
         at32, M32 = at64.float(), M64.float()
         pot_one = lambda: ot.partial.entropic_partial_wasserstein(a, a, M[0], 0.03, 0.95)
         rows = [
-            ("same-iterations", pot_one, lambda **kw: entropic_partial_wasserstein(at64, at64, M64[0], 0.03, 0.95, **kw),
-             1e-9),
+            ("same-iterations", pot_one,
+             lambda **kw: entropic_partial_wasserstein(at64, at64, M64[0], 0.03, 0.95, **kw), 1e-9),
             ("loss-settings", pot_one,
              lambda **kw: entropic_partial_wasserstein(at32, at32, M32[0], 0.03, 0.95, stopThr=1e-7, **kw), 1e-5),
             ("pair", lambda: np.stack([ot.partial.entropic_partial_wasserstein(a, a, m, 0.03, 0.95) for m in M]),
