@@ -148,7 +148,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         return block
 
     torch.manual_seed(6)
-    M = torch.rand(8, 8, dtype=torch.float64, requires_grad=True)  # the differentiable path is the compilable one
+    M = torch.rand(8, 8, dtype=torch.float64, requires_grad=True)  # both runs on the torch block (no numpy path)
     a = torch.full((8,), 1 / 8, dtype=torch.float64)
     monkeypatch.setenv("MED3DINSIGHT_OT_COMPILE", "0")
     eager = log_entropic_partial_wasserstein(a, a, M, 0.1, 0.9, numItermax=50)
