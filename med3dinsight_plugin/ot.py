@@ -30,6 +30,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .errors import Med3DInsightError
+
 __all__ = ["entropic_partial_wasserstein", "log_entropic_partial_wasserstein"]
 
 Scalar = Union[float, torch.Tensor]
@@ -75,7 +77,7 @@ def log_entropic_partial_wasserstein(a: torch.Tensor, b: torch.Tensor, M: torch.
     """Like :func:`entropic_partial_wasserstein` but returns ``log(P)``, exact even where ``P`` underflows."""
     a, b, log_m = _check_inputs(a, b, M, reg, m)
     if numItermax < 0 or (grad_iters is not None and grad_iters < 0):
-        raise ValueError(f"numItermax and grad_iters must be >= 0, got {numItermax} and {grad_iters}")
+        raise Med3DInsightError(f"numItermax and grad_iters must be >= 0, got {numItermax} and {grad_iters}")
     n, k = M.shape[-2:]
     batch = M.shape[:-2]
     host = _host(M)
@@ -100,15 +102,16 @@ def log_entropic_partial_wasserstein(a: torch.Tensor, b: torch.Tensor, M: torch.
 
 def _check_inputs(a, b, M, reg, m):
     if not isinstance(M, torch.Tensor) or M.dim() < 2:
-        raise ValueError(f"M must be a tensor of shape (..., n, k), got "
-                         f"{tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}")
+        raise Med3DInsightError(f"M must be a tensor of shape (..., n, k), got "
+                                f"{tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}")
     if not M.dtype.is_floating_point:
-        raise ValueError(f"M must be a floating-point tensor, got {M.dtype}")
+        raise Med3DInsightError(f"M must be a floating-point tensor, got {M.dtype}")
     host = _host(M.detach())
     if not (np.isfinite(host).all() if host is not None else bool(torch.isfinite(M).all())):
+        # a numerical failure (a diverged model's embeddings) more often than a bad argument: keeps its traceback
         raise ValueError("the cost matrix M contains NaN or Inf")
     if not (isinstance(reg, (int, float)) and reg > 0):
-        raise ValueError(f"reg must be a positive number, got {reg!r}")
+        raise Med3DInsightError(f"reg must be a positive number, got {reg!r}")
     n, k = M.shape[-2:]
     batch = M.shape[:-2]
     a = _marginal(a, n, batch, M, "a")
@@ -118,10 +121,10 @@ def _check_inputs(a, b, M, reg, m):
         m = max_mass
     m = torch.as_tensor(m, dtype=M.dtype, device=M.device).expand(batch)
     if bool((m <= 0).any()):
-        raise ValueError("Problem infeasible. Parameter m should be greater than 0.")
+        raise Med3DInsightError("Problem infeasible. Parameter m should be greater than 0.")
     # POT rejects m > min(|a|, |b|); allow float rounding so that m computed from the marginals is accepted.
     if bool((m > max_mass * (1 + 1e-6)).any()):
-        raise ValueError("Problem infeasible. Parameter m should lower or equal than min(|a|_1, |b|_1).")
+        raise Med3DInsightError("Problem infeasible. Parameter m should lower or equal than min(|a|_1, |b|_1).")
     return a, b, _log(m)
 
 
@@ -130,10 +133,11 @@ def _marginal(w, size, batch, M, name):
     if w.numel() == 0:
         w = torch.full((size,), 1.0 / size, dtype=M.dtype, device=M.device)
     if w.shape[-1:] != (size,):
-        raise ValueError(f"{name} must have shape (..., {size}) to match M of shape {tuple(M.shape)}, "
-                         f"got {tuple(w.shape)}")
+        raise Med3DInsightError(f"{name} must have shape (..., {size}) to match M of shape {tuple(M.shape)}, "
+                                f"got {tuple(w.shape)}")
     if not bool((w > 0).all()):
-        raise ValueError(f"{name} must be strictly positive (a zero weight makes the Bregman projections undefined)")
+        raise Med3DInsightError(f"{name} must be strictly positive (a zero weight makes the Bregman projections "
+                                "undefined)")
     return w.expand(*batch, size)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import med3dinsight_plugin.ot as torch_ot
+from med3dinsight_plugin.errors import Med3DInsightError
 from med3dinsight_plugin.ot import entropic_partial_wasserstein, log_entropic_partial_wasserstein
 
 
@@ -189,18 +190,20 @@ def test_truncated_backprop_keeps_value_and_approximates_gradient():
 def test_infeasible_arguments_raise(kwargs, match):
     a = torch.full((4,), 0.25)
     args = dict(reg=0.1, m=0.5) | kwargs
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(Med3DInsightError, match=match):
         entropic_partial_wasserstein(a, a, torch.rand(4, 4), args["reg"], args["m"])
 
 
 def test_shape_mismatch_and_zero_weights_raise():
-    with pytest.raises(ValueError, match=r"a must have shape \(\.\.\., 4\)"):
+    with pytest.raises(Med3DInsightError, match=r"a must have shape \(\.\.\., 4\)"):
         entropic_partial_wasserstein(torch.full((3,), 1 / 3), torch.full((4,), 0.25), torch.rand(4, 4), 0.1, 0.5)
-    with pytest.raises(ValueError, match="strictly positive"):
+    with pytest.raises(Med3DInsightError, match="strictly positive"):
         entropic_partial_wasserstein(torch.tensor([0.5, 0.5, 0.0]), torch.full((3,), 1 / 3), torch.rand(3, 3), 0.1,
                                      0.5)
     with pytest.raises(ValueError, match="contains NaN or Inf"):
         entropic_partial_wasserstein(torch.ones(2) / 2, torch.ones(2) / 2, torch.tensor([[0.0, 1], [float("nan"), 0]]),
                                      0.1, 0.5)
-    with pytest.raises(ValueError, match="M must be a tensor of shape"):
+    with pytest.raises(Med3DInsightError, match="M must be a tensor of shape"):
         entropic_partial_wasserstein(torch.ones(3), torch.ones(3), torch.rand(3), 0.1, 0.5)
+    with pytest.raises(Med3DInsightError, match="numItermax and grad_iters must be >= 0"):
+        entropic_partial_wasserstein(torch.ones(3) / 3, torch.ones(3) / 3, torch.rand(3, 3), 0.1, 0.5, numItermax=-1)
