@@ -40,13 +40,22 @@ class _Attention(nn.Module):
         self.out = nn.Linear(width, width)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """``q`` (..., Lq, W) attends to projected keys/values ``kv`` (..., Lk, 2W)."""
+        """``q`` (..., Lq, W) attends to projected keys/values ``kv`` (..., Lk, 2W).
+
+        The leading dimensions are flattened into one batch dimension: SDPA's fused CUDA kernels (flash, memory
+        efficient) take 4-D inputs only, and inductor's attention pattern rewrite fails on 5-D ones.
+        """
         k, v = kv.chunk(2, dim=-1)
         q = self.q(q)
-        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(-3, -2)  # (..., heads, L, d)
+        lead = torch.broadcast_shapes(q.shape[:-2], kv.shape[:-2])
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (..., L, W) -> (prod(lead), heads, L, W / heads)
+            t = t.expand(*lead, *t.shape[-2:]).reshape(-1, *t.shape[-2:])
+            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
         o = F.scaled_dot_product_attention(split(q), split(k), split(v),
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out(o.transpose(-3, -2).flatten(-2))
+        return self.out(o.transpose(1, 2).flatten(-2).reshape(*lead, q.shape[-2], q.shape[-1]))
 
 
 class _DecoderLayer(nn.Module):
