@@ -32,7 +32,12 @@ import torch
 
 from .errors import Med3DInsightError
 
-__all__ = ["entropic_partial_wasserstein", "log_entropic_partial_wasserstein"]
+__all__ = ["NonFiniteCostError", "entropic_partial_wasserstein", "log_entropic_partial_wasserstein"]
+
+
+class NonFiniteCostError(ValueError):
+    """The cost matrix holds NaN or Inf: a numerical failure upstream (e.g. a diverged model's embeddings), more
+    often than a bad argument, so it is not a user error and keeps its traceback unless a caller explains it."""
 
 Scalar = Union[float, torch.Tensor]
 
@@ -108,8 +113,7 @@ def _check_inputs(a, b, M, reg, m):
         raise Med3DInsightError(f"M must be a floating-point tensor, got {M.dtype}")
     host = _host(M.detach())
     if not (np.isfinite(host).all() if host is not None else bool(torch.isfinite(M).all())):
-        # a numerical failure (a diverged model's embeddings) more often than a bad argument: keeps its traceback
-        raise ValueError("the cost matrix M contains NaN or Inf")
+        raise NonFiniteCostError("the cost matrix M contains NaN or Inf")
     if not (isinstance(reg, (int, float)) and reg > 0):
         raise Med3DInsightError(f"reg must be a positive number, got {reg!r}")
     n, k = M.shape[-2:]

@@ -6,7 +6,8 @@ import torch
 
 import med3dinsight_plugin.ot as torch_ot
 from med3dinsight_plugin.errors import Med3DInsightError
-from med3dinsight_plugin.ot import entropic_partial_wasserstein, log_entropic_partial_wasserstein
+from med3dinsight_plugin.ot import (NonFiniteCostError, entropic_partial_wasserstein,
+                                   log_entropic_partial_wasserstein)
 
 
 def _problem(rng, n, k):
@@ -200,7 +201,7 @@ def test_shape_mismatch_and_zero_weights_raise():
     with pytest.raises(Med3DInsightError, match="strictly positive"):
         entropic_partial_wasserstein(torch.tensor([0.5, 0.5, 0.0]), torch.full((3,), 1 / 3), torch.rand(3, 3), 0.1,
                                      0.5)
-    with pytest.raises(ValueError, match="contains NaN or Inf"):
+    with pytest.raises(NonFiniteCostError, match="contains NaN or Inf"):
         entropic_partial_wasserstein(torch.ones(2) / 2, torch.ones(2) / 2, torch.tensor([[0.0, 1], [float("nan"), 0]]),
                                      0.1, 0.5)
     with pytest.raises(Med3DInsightError, match="M must be a tensor of shape"):

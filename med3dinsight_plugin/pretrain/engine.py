@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..checkpoint import CheckpointError, atomic_write, save_pretrained
 from ..distributed import DistributedContext, init_distributed
 from ..errors import Med3DInsightError, first_line
+from ..ot import NonFiniteCostError
 from .config import (RESUMABLE_CHANGES, ConfigError, PretrainConfig, TrainConfig, check_backbone_kwargs,
                      diff_configs, save_config)
 from .diagnostics import MetricsLog, evaluate, plot_metrics
@@ -281,15 +282,13 @@ def _run(config, model, train_set, eval_set, metadata, resume, progress, on_star
             try:
                 with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
                     losses = step_module(**batch)
-            except ValueError as e:
+            except NonFiniteCostError:
                 # A diverged model (the same on every rank: the OT inputs are gathered) can make the OT solver refuse
-                # its cost matrix ("... NaN or Inf": non-finite weights, or finite ones whose predictions or learned
-                # metric overflow) before there is a loss to check: say what happened, not where it surfaced.
+                # its cost matrix (non-finite weights, or finite ones whose predictions or learned metric overflow)
+                # before there is a loss to check: say what happened, not where it surfaced.
                 if not all(bool(torch.isfinite(p.detach()).all()) for p in params):
                     raise _diverged("weights", step, lr_now(), states.saved_step) from None
-                if "NaN or Inf" in str(e):
-                    raise _diverged("loss", step + 1, lr_now(), states.saved_step) from None
-                raise
+                raise _diverged("loss", step + 1, lr_now(), states.saved_step) from None
             scaler.scale(losses["loss"]).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 \
