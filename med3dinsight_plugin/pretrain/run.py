@@ -53,15 +53,13 @@ class RunLock:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"cannot write to the output folder {self.folder} ({e.strerror or e}); choose another "
-                              f"-o/--output") from None
+            raise self._unwritable(e) from None
         me = f"{os.getpid()} {socket.gethostname()}"
         for _ in range(100):  # retried only when the file was replaced between open and flock
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                raise ConfigError(f"cannot write to the output folder {self.folder} ({e.strerror or e}); choose "
-                                  f"another -o/--output") from None
+                raise self._unwritable(e) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -89,6 +87,10 @@ class RunLock:
             self._fd = fd
             return self
         raise RunLockedError(f"{self.folder} is being locked and unlocked by other processes; retry later")
+
+    def _unwritable(self, e: OSError) -> ConfigError:
+        return ConfigError(f"cannot write to the output folder {self.folder} ({e.strerror or e}); choose another "
+                           f"-o/--output")
 
     def _busy(self, holder) -> str:
         who = f"process {holder[0]} on {holder[1]}" if holder else "another process"
