@@ -143,8 +143,19 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     from .teacher.captioner import Captioner, caption_slices, load_prompts, load_vlm
     from .teacher.embed import caption_settings_for
 
+    if args.from_labels is None and args.class_names is not None:
+        raise Med3DInsightError("--class-names goes with --from-labels (a VLM names what it sees)")
+    if args.from_labels is not None and args.prompts is not None:
+        raise Med3DInsightError("--prompts goes with --vlm; --from-labels writes its captions without prompts")
     policy, render = _slice_settings(args)
     source = _source(args)
+    if args.from_labels is not None:
+        from .teacher.label_captions import caption_from_labels
+
+        result = caption_from_labels(source, args.from_labels, args.output, policy, render,
+                                     class_names=args.class_names)
+        print(f"{args.output}: {result['written']} captions written, {result['skipped']} already there")
+        return 0
     prompts = load_prompts(args.prompts) if args.prompts else None
     vlm = load_vlm(args.vlm, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     captioner = Captioner(vlm, prompts=prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
@@ -300,9 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224, help="image size in pixels (default 224)")
     p.set_defaults(func=_cmd_slices)
 
-    p = sub.add_parser("caption", help="caption slices with a Hugging Face vision-language model (resumable JSONL)")
+    p = sub.add_parser("caption", help="caption slices with a Hugging Face vision-language model, or from label "
+                                       "masks (resumable JSONL)")
     _add_data_arguments(p)
-    p.add_argument("--vlm", required=True, help="hub id or local folder of an image-text-to-text model")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--vlm", help="hub id or local folder of an image-text-to-text model")
+    how.add_argument("--from-labels", metavar="LABELS",
+                     help="no model: captions from label masks, one file per case (CASE.nii.gz, e.g. nnU-Net's "
+                          "labelsTr or TotalSegmentator's): the structures each slice cuts, their size and side")
+    p.add_argument("--class-names", metavar="FILE",
+                   help="with --from-labels: JSON of label names ({\"1\": \"spleen\"}, nnU-Net's dataset.json or "
+                        "{\"liver\": 1}); default: the dataset.json next to LABELS, else 'label N'")
     p.add_argument("-o", "--output", required=True, help="captions .jsonl (resumed if it exists)")
     p.add_argument("--prompts", help="JSON/YAML file of prompt templates (keys like 'ct.axial', 'mri.*', '*')")
     p.add_argument("--batch-size", type=int, default=8)
@@ -312,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: bf16 on CUDA)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.set_defaults(func=_cmd_caption)
+    _one_line_usage_errors(p)
 
     p = sub.add_parser("embed", help="embed slices (and captions) with an open_clip teacher into a cache "
                                      "(torchrun-shardable, resumable)")
@@ -357,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.set_defaults(func=_cmd_inspect)
     return parser
+
+
+def _one_line_usage_errors(parser: argparse.ArgumentParser) -> None:
+    """Report ``parser``'s usage errors (e.g. neither or both of two exclusive options) as one line and exit code 2,
+    like every other error of the command, instead of argparse's usage block."""
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = error
 
 
 def _cuda() -> bool:
