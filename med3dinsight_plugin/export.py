@@ -5,7 +5,10 @@
   the one the target plans build. Pass those plans to have that checked here instead of at training time.
 * ``monai``: the SwinUNETR / UNETR state dict without the segmentation head ``out.*``: plain
   ``model.load_state_dict(sd, strict=False)`` loads it with no unexpected key and every encoder key present.
-* ``nnssl``: ``network_weights`` + ``nnssl_adaptation_plan``, as nnssl writes them (loads with ``weights_only=True``).
+* ``nnssl``: ``network_weights`` + ``nnssl_adaptation_plan``, as nnssl writes them (loads with ``weights_only=True``),
+  with its pretraining ``Plan`` (:func:`~med3dinsight_plugin.checkpoint.nnssl_pretrain_plan`) that nnU-Net's
+  ``nnUNetv2_preprocess_like_nnssl`` / ``nnUNetv2_plan_like_dynamic`` read. PlainConvUNet / ResidualEncoderUNet
+  backbones only: nnU-Net builds nothing else (but Primus) from such a file.
 """
 from __future__ import annotations
 
@@ -18,10 +21,15 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint
 from .errors import Med3DInsightError, first_line
 
-__all__ = ["export_checkpoint", "rebuild_backbone", "EXPORT_FORMATS"]
+__all__ = ["ExportError", "export_checkpoint", "rebuild_backbone", "EXPORT_FORMATS"]
 
 EXPORT_FORMATS = ("nnunet", "monai", "nnssl")
 PathLike = Union[str, os.PathLike]
+_MONAI_NAMES = {"swin_unetr": "SwinUNETR", "unetr": "UNETR"}
+
+
+class ExportError(CheckpointError):
+    """A checkpoint whose network the chosen ``--to`` target cannot take; the message names the export to use."""
 
 
 def rebuild_backbone(checkpoint: Union[PathLike, Checkpoint], in_channels: Optional[int] = None,
@@ -100,9 +108,9 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
     note = ""
     if to == "nnunet":
         if name != "nnunet":
-            raise CheckpointError(f"{ckpt.path} holds a {name} backbone; nnU-Net's -pretrained_weights only takes "
-                                  f"PlainConvUNet/ResidualEncoderUNet weights built from the dataset's plans. Use "
-                                  f"nnUNetv2_train -tr Med3DInsightTrainer_{'SwinUNETR' if name == 'swin_unetr' else 'UNETR'}")
+            raise ExportError(f"{ckpt.path} holds a {name} backbone; nnU-Net's -pretrained_weights only takes "
+                              f"PlainConvUNet/ResidualEncoderUNet weights built from the dataset's plans. Use "
+                              f"nnUNetv2_train -tr Med3DInsightTrainer_{_MONAI_NAMES.get(name, 'UNETR')}")
         if plans is not None:
             _check_nnunet_plans(state, backbone.in_channels, plans, configuration, ckpt.path)
             note = f"checked against {plans} ({configuration}): every non-segmentation tensor fits"
@@ -113,13 +121,18 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
         payload: Dict[str, Any] = {"network_weights": state}
     elif to == "monai":
         if name not in ("swin_unetr", "unetr"):
-            raise CheckpointError(f"{ckpt.path} holds a {name} backbone; --to monai exports SwinUNETR/UNETR weights. "
-                                  f"Use --to nnunet or --to nnssl for nnU-Net networks")
+            raise ExportError(f"{ckpt.path} holds a {name} backbone; --to monai exports SwinUNETR/UNETR weights. "
+                              f"Use --to nnunet or --to nnssl for nnU-Net networks")
         payload = {k: v for k, v in state.items() if not k.startswith("out.")}
         note = "load with model.load_state_dict(torch.load(path, weights_only=True), strict=False)"
     else:
+        if name in _MONAI_NAMES:  # nnU-Net builds PlainConvUNet / ResidualEncoderUNet / Primus from nnssl files
+            arch = _MONAI_NAMES[name]
+            raise ExportError(f"{ckpt.path} holds a {name} backbone; nnU-Net's nnssl fine-tuning builds only "
+                              f"PlainConvUNet/ResidualEncoderUNet/Primus. Use --to monai (MONAI's {arch}) or "
+                              f"nnUNetv2_train -tr Med3DInsightTrainer_{arch}")
         from .checkpoint import adaptation_plan
-        payload = {"network_weights": state, "nnssl_adaptation_plan": adaptation_plan(backbone)}
+        payload = {"network_weights": state, "nnssl_adaptation_plan": adaptation_plan(backbone, ckpt.metadata)}
     atomic_write(out, lambda tmp: torch.save(payload, tmp))
     tensors = len(payload.get("network_weights", payload))
     return {"format": to, "path": str(out), "tensors": tensors, "note": note}
