@@ -4,7 +4,8 @@
 * :class:`PartialOTAlignment` -- the journal version: a learnable diagonal metric gives pairwise costs, entropic
   partial OT (:mod:`.ot`) couples predictions and teacher embeddings while leaving 1 - m of the mass untransported
   (tolerance to noisy captions), and the loss is the cross-entropy between the identity coupling and the plan.
-* :func:`reconstruction_loss` -- MSE between the backbone decoder's reconstruction and the input.
+* :func:`reconstruction_loss` -- MSE between the backbone decoder's reconstruction and the input (optionally on the
+  masked voxels only: masked reconstruction, see :class:`~med3dinsight_plugin.model.Med3DInsightModel`).
 * :class:`Med3DInsightLoss` -- the weighted sum: image alignment + text alignment + reconstruction.
 """
 from __future__ import annotations
@@ -39,12 +40,33 @@ def clip_loss(z3d: torch.Tensor, z2d: torch.Tensor, logit_scale: torch.Tensor | 
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def reconstruction_loss(reconstruction: torch.Tensor, volume: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the reconstruction and the input volume (same shape)."""
+def reconstruction_loss(reconstruction: torch.Tensor, volume: torch.Tensor,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared error between the reconstruction and the input volume (same shape), in float32.
+
+    Args:
+        reconstruction: (B, C, D, H, W) the backbone's output.
+        volume: (B, C, D, H, W) the target: the original (unmasked) input.
+        mask: ``None`` averages over every voxel; else a bool (B, 1, D, H, W) or (B, C, D, H, W) tensor, True where
+            the voxel counts (the masked input voxels of masked reconstruction; a (B, 1, ...) mask applies to every
+            channel). The mean is then over the selected voxels of all channels, computed without a host sync; an
+            all-False mask gives 0.
+
+    Returns:
+        Scalar float32 loss.
+    """
     if reconstruction.shape != volume.shape:
         raise ValueError(f"reconstruction has shape {tuple(reconstruction.shape)} but the input volume has "
                          f"{tuple(volume.shape)}")
-    return F.mse_loss(reconstruction.float(), volume.float())
+    if mask is None:
+        return F.mse_loss(reconstruction.float(), volume.float())
+    if (mask.dim() != volume.dim() or mask.shape[0] != volume.shape[0] or mask.shape[2:] != volume.shape[2:]
+            or mask.shape[1] not in (1, volume.shape[1])):
+        raise ValueError(f"the reconstruction mask must have shape {(volume.shape[0], 1, *volume.shape[2:])} or "
+                         f"{tuple(volume.shape)}, got {tuple(mask.shape)}")
+    squared = (reconstruction.float() - volume.float()).square()
+    count = mask.sum() * (volume.shape[1] // mask.shape[1])  # selected elements once broadcast over channels
+    return torch.where(mask.bool(), squared, 0.0).sum() / count.clamp_min(1)
 
 
 def _check_pairs(z3d: torch.Tensor, z2d: torch.Tensor) -> None:
@@ -150,14 +172,18 @@ class Med3DInsightLoss(nn.Module):
                         "reconstruction": float(reconstruction_weight)}
 
     def forward(self, z3d: torch.Tensor, image_emb: Optional[torch.Tensor], text_emb: Optional[torch.Tensor],
-                reconstruction: Optional[torch.Tensor] = None,
-                volume: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                reconstruction: Optional[torch.Tensor] = None, volume: Optional[torch.Tensor] = None,
+                reconstruction_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Losses for ``P`` aligned pairs.
 
         Args:
             z3d: (P, E) L2-normalised PSAT predictions.
             image_emb, text_emb: (P, E) teacher embeddings (normalised here), or ``None`` to skip that term.
-            reconstruction, volume: the backbone's reconstruction and its input, or ``None`` to skip that term.
+            reconstruction, volume: the backbone's reconstruction and its (original, unmasked) input, or ``None`` to
+                skip that term.
+            reconstruction_mask: ``None`` (plain reconstruction: MSE over all voxels) or the bool mask of masked
+                reconstruction, True on the voxels hidden from the backbone: the MSE is taken on those only (see
+                :func:`reconstruction_loss`).
 
         Returns:
             ``{"loss", "image", "text", "reconstruction"}`` -- the weighted total and each unweighted term present.
@@ -178,7 +204,7 @@ class Med3DInsightLoss(nn.Module):
         if names:  # both terms in one batched call: one OT solve instead of two
             terms.update(zip(names, self.align(z3d, torch.stack(targets)).unbind(0)))
         if reconstruction is not None and volume is not None and self.weights["reconstruction"]:
-            terms["reconstruction"] = reconstruction_loss(reconstruction, volume)
+            terms["reconstruction"] = reconstruction_loss(reconstruction, volume, reconstruction_mask)
         if not terms:
             raise ValueError("no loss term to compute: pass image_emb, text_emb or a reconstruction with a "
                              "non-zero weight")

@@ -1,16 +1,83 @@
 """Med3DInsightModel: backbone + PSAT + loss, one forward pass per volume for K aligned slices."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+import math
+from typing import Dict, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .alignment import Med3DInsightLoss
 from .backbones import Backbone
+from .errors import Med3DInsightError
 from .psat import PlaneSliceAwareTransformer
 
-__all__ = ["Med3DInsightModel"]
+__all__ = ["Med3DInsightModel", "MaskedReconstruction", "RECONSTRUCTIONS", "block_mask", "masked_block_count"]
+
+RECONSTRUCTIONS = ("plain", "masked")
+
+
+class MaskedReconstruction(NamedTuple):
+    """What :meth:`Med3DInsightModel.encode` returns as the reconstruction when it masked the input."""
+    output: torch.Tensor  # (B, C, D, H, W) the backbone's reconstruction of the masked volume
+    mask: torch.Tensor  # (B, 1, D, H, W) bool, True on the voxels that were hidden (set to 0)
+
+
+def masked_block_count(blocks: int, ratio: float) -> int:
+    """How many of a volume's ``blocks`` mask blocks are masked: ``ratio * blocks`` rounded half up, at least 1 and at
+    most ``blocks - 1`` (something is always hidden and something always visible).
+
+    Args:
+        blocks: the number of blocks on the volume's grid (>= 2).
+        ratio: the mask ratio, 0 < ratio < 1.
+
+    Returns:
+        The count, the same for every sample.
+    """
+    if blocks < 2:
+        raise Med3DInsightError(f"masked reconstruction needs at least 2 mask blocks per volume, got {blocks}; lower "
+                                f"model.mask_block (the block edge in voxels) or use a larger patch")
+    return min(max(math.floor(ratio * blocks + 0.5), 1), blocks - 1)
+
+
+def block_mask(batch: int, spatial: Sequence[int], ratio: float, block: int,
+               device: Union[torch.device, str, None] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A random block mask per sample, for masked (MAE / Spark-style) reconstruction.
+
+    The volume is tiled by a grid of ``block``^3 cubes starting at voxel 0; where a size is not a multiple of
+    ``block``, the last (partial) cube of that axis is a block like the others. Each sample gets its own mask with
+    exactly :func:`masked_block_count` blocks masked, chosen uniformly: the blocks with the smallest of one uniform
+    draw per block. The draw is ``torch.rand`` on ``device`` (its global generator unless ``generator`` is given),
+    so a seeded run, and one resumed with its saved RNG state, draws the same masks; everything stays on the device
+    (no host sync, no Python loop over voxels or samples).
+
+    Args:
+        batch: the number of samples B.
+        spatial: the volume's (D, H, W).
+        ratio: the fraction of blocks masked, 0 < ratio < 1.
+        block: the block edge in voxels, >= 1.
+        device: where the mask is drawn and kept.
+        generator: an explicit generator (on ``device``) instead of the global one.
+
+    Returns:
+        (B, 1, D, H, W) bool, True on masked voxels (each block all True or all False).
+    """
+    if not 0 < ratio < 1:
+        raise Med3DInsightError(f"mask_ratio must lie strictly between 0 and 1, got {ratio}")
+    if int(block) != block or block < 1:
+        raise Med3DInsightError(f"mask_block must be a positive integer, got {block}")
+    block = int(block)
+    d, h, w = (int(s) for s in spatial)
+    grid = [-(-s // block) for s in (d, h, w)]  # ceil: partial blocks count
+    blocks = grid[0] * grid[1] * grid[2]
+    count = masked_block_count(blocks, ratio)
+    noise = torch.rand(batch, blocks, device=device, generator=generator)
+    chosen = noise.topk(count, dim=1, largest=False).indices
+    flags = torch.zeros(batch, blocks, dtype=torch.bool, device=noise.device).scatter_(1, chosen, True)
+    gd, gh, gw = grid
+    voxels = flags.view(batch, 1, gd, 1, gh, 1, gw, 1).expand(batch, 1, gd, block, gh, block, gw, block)
+    return voxels.reshape(batch, 1, gd * block, gh * block, gw * block)[:, :, :d, :h, :w]
 
 
 class Med3DInsightModel(nn.Module):
@@ -20,10 +87,29 @@ class Med3DInsightModel(nn.Module):
         backbone: a :class:`~med3dinsight_plugin.backbones.Backbone` (see ``build_backbone``).
         psat: a :class:`PlaneSliceAwareTransformer` whose ``in_dim`` equals the backbone's token width.
         loss: a :class:`Med3DInsightLoss` whose embedding width equals PSAT's ``out_dim``.
+        reconstruction: ``"plain"``: the backbone sees the whole volume and the reconstruction MSE covers every
+            voxel. ``"masked"``: in training mode (``model.train()``) and when the reconstruction term has a non-zero
+            weight, each sample loses a random ``mask_ratio`` of its ``mask_block``^3 blocks (:func:`block_mask`):
+            those voxels are set to 0 -- the mean of the z-scored inputs -- on every channel, the backbone runs
+            once on the masked volume (its tokens also feed PSAT), and the MSE against the original volume covers
+            the masked voxels only. A U-Net's first skip connection carries its input to the decoder, so plain
+            reconstruction is close to an identity map; masking makes it an inpainting task. Evaluation mode
+            never masks.
+        mask_ratio: the fraction of blocks masked, 0 < mask_ratio < 1 (masked reconstruction only).
+        mask_block: the edge of the cubic mask blocks in voxels, >= 1 (masked reconstruction only).
     """
 
-    def __init__(self, backbone: Backbone, psat: PlaneSliceAwareTransformer, loss: Optional[Med3DInsightLoss] = None):
+    def __init__(self, backbone: Backbone, psat: PlaneSliceAwareTransformer, loss: Optional[Med3DInsightLoss] = None,
+                 reconstruction: str = "plain", mask_ratio: float = 0.6, mask_block: int = 16):
         super().__init__()
+        if reconstruction not in RECONSTRUCTIONS:
+            raise Med3DInsightError(f"reconstruction must be one of {', '.join(map(repr, RECONSTRUCTIONS))}, got "
+                                    f"{reconstruction!r}")
+        if not 0 < mask_ratio < 1:
+            raise Med3DInsightError(f"mask_ratio must lie strictly between 0 and 1, got {mask_ratio}")
+        if isinstance(mask_block, bool) or int(mask_block) != mask_block or mask_block < 1:
+            raise Med3DInsightError(f"mask_block must be a positive integer, got {mask_block!r}")
+        self.reconstruction, self.mask_ratio, self.mask_block = reconstruction, float(mask_ratio), int(mask_block)
         if psat.in_dim != backbone.token_dim:
             raise ValueError(f"PSAT in_dim is {psat.in_dim} but the {backbone.config['name']} backbone gives "
                              f"{backbone.token_dim}-wide tokens; build PSAT with in_dim={backbone.token_dim}")
@@ -32,14 +118,33 @@ class Med3DInsightModel(nn.Module):
             raise ValueError(f"the loss expects {loss.embed_dim}-wide embeddings but PSAT outputs {psat.out_dim}")
         self.backbone, self.psat, self.loss = backbone, psat, loss
 
+    @property
+    def masks_input(self) -> bool:
+        """Whether :meth:`encode` masks its input now: masked reconstruction, training mode, and a reconstruction
+        term that is computed (a zero weight would only hide input from PSAT for nothing)."""
+        return self.reconstruction == "masked" and self.training and bool(self.loss.weights["reconstruction"])
+
     def encode(self, volume: torch.Tensor, plane: torch.Tensor, position: torch.Tensor):
         """PSAT predictions for the given slices and the backbone's reconstruction.
 
+        Args:
+            volume: (B, C, D, H, W), z-scored intensities.
+            plane, position: the slices, as in :meth:`forward`.
+
         Returns:
-            ``(z3d, reconstruction)``: z3d (B, out_dim) or (B, K, out_dim), L2-normalised.
+            ``(z3d, reconstruction)``: z3d (B, out_dim) or (B, K, out_dim), L2-normalised; reconstruction the
+            (B, C, D, H, W) tensor, or -- when :attr:`masks_input` (masked reconstruction in training mode) -- a
+            :class:`MaskedReconstruction` of it and the mask drawn for this call, which :meth:`compute_losses`
+            takes as it is. The mask comes from ``torch.rand`` on the volume's device (its global generator).
         """
-        tokens, reconstruction = self.backbone(volume)
-        return self.psat(tokens, plane, position), reconstruction
+        if not self.masks_input:
+            tokens, reconstruction = self.backbone(volume)
+            return self.psat(tokens, plane, position), reconstruction
+        if volume.dim() != 5:
+            self.backbone.check_input(volume)  # says what shape is expected
+        mask = block_mask(volume.shape[0], volume.shape[2:], self.mask_ratio, self.mask_block, volume.device)
+        tokens, reconstruction = self.backbone(volume.masked_fill(mask, 0))  # 0: the z-scored mean
+        return self.psat(tokens, plane, position), MaskedReconstruction(reconstruction, mask)
 
     def forward(self, volume: torch.Tensor, plane: torch.Tensor, position: torch.Tensor,
                 image_emb: Optional[torch.Tensor] = None, text_emb: Optional[torch.Tensor] = None,
@@ -60,10 +165,24 @@ class Med3DInsightModel(nn.Module):
         z3d, reconstruction = self.encode(volume, plane, position)
         return self.compute_losses(z3d, reconstruction, volume, image_emb, text_emb, mask)
 
-    def compute_losses(self, z3d: torch.Tensor, reconstruction: torch.Tensor, volume: torch.Tensor,
-                       image_emb: Optional[torch.Tensor] = None, text_emb: Optional[torch.Tensor] = None,
+    def compute_losses(self, z3d: torch.Tensor, reconstruction: Union[torch.Tensor, MaskedReconstruction],
+                       volume: torch.Tensor, image_emb: Optional[torch.Tensor] = None,
+                       text_emb: Optional[torch.Tensor] = None,
                        mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """The losses of :meth:`forward` from the outputs of :meth:`encode` (all B*K pairs aligned together)."""
+        """The losses of :meth:`forward` from the outputs of :meth:`encode` (all B*K pairs aligned together).
+
+        Args:
+            z3d, reconstruction: what :meth:`encode` returned (a :class:`MaskedReconstruction` restricts the
+                reconstruction MSE to its masked voxels).
+            volume: the original (unmasked) input volume, the reconstruction target.
+            image_emb, text_emb, mask: as in :meth:`forward`.
+
+        Returns:
+            ``{"loss", "image", "text", "reconstruction"}`` (the terms present).
+        """
+        voxel_mask = None
+        if isinstance(reconstruction, MaskedReconstruction):
+            reconstruction, voxel_mask = reconstruction
         for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
             if emb is not None and (emb.shape[:-1] != z3d.shape[:-1]):
                 raise ValueError(f"{name} must have shape {tuple(z3d.shape[:-1])} + (E,) to match plane/position, "
@@ -78,4 +197,4 @@ class Med3DInsightModel(nn.Module):
                 return None
             t = t.reshape(-1, t.shape[-1])
             return t if keep is None else t[keep]
-        return self.loss(flat(z3d), flat(image_emb), flat(text_emb), reconstruction, volume)
+        return self.loss(flat(z3d), flat(image_emb), flat(text_emb), reconstruction, volume, voxel_mask)

@@ -73,6 +73,11 @@ class ModelConfig:
     psat_kwargs: Dict[str, Any] = _f({}, kind="dict")
     alignment: str = _f("ot", kind="str", choices=("ot", "clip"))
     loss_weights: LossWeights = field(default_factory=LossWeights)
+    # plain: the decoder rebuilds the whole input it sees; masked: training inputs lose a random mask_ratio of their
+    # mask_block^3 blocks (set to 0, the z-scored mean) and the MSE is taken on those voxels only (Med3DInsightModel)
+    reconstruction: str = _f("plain", kind="str", choices=("plain", "masked"))
+    mask_ratio: float = _f(0.6, kind="float", above=0.0, below=1.0)
+    mask_block: int = _f(16, kind="int", min=1)
 
 
 @dataclass
@@ -414,7 +419,9 @@ def _number(value: Any, kind: str):
 
 
 def _in_range(v, rules) -> bool:
-    return ("min" not in rules or v >= rules["min"]) and ("max" not in rules or v <= rules["max"])
+    """``min``/``max`` are inclusive bounds, ``above``/``below`` exclusive ones."""
+    return (("min" not in rules or v >= rules["min"]) and ("max" not in rules or v <= rules["max"])
+            and ("above" not in rules or v > rules["above"]) and ("below" not in rules or v < rules["below"]))
 
 
 def _describe(rules: Dict[str, Any]) -> str:
@@ -424,6 +431,8 @@ def _describe(rules: Dict[str, Any]) -> str:
         bounds = f" in [{rules['min']}, {rules['max']}]"
     elif "min" in rules:
         bounds = " >= 0" if rules["min"] == 0 else f" >= {rules['min']}"
+    elif "above" in rules and "below" in rules:
+        bounds = f" strictly between {rules['above']:g} and {rules['below']:g}"
     names = {"int": "an integer", "float": "a number", "str": "a string", "ints": "integers", "floats": "numbers"}
     text = names.get(kind, kind) + bounds
     if kind in ("ints", "floats"):

@@ -58,7 +58,10 @@ def build_model(config: PretrainConfig, embed_dim: int):
         embed_dim: the teacher's embedding width (PSAT's ``out_dim`` and the loss width).
 
     Returns:
-        A fresh model (identical on every rank).
+        A fresh model (identical on every rank), with ``model.reconstruction`` / ``mask_ratio`` / ``mask_block``.
+
+    Raises:
+        ConfigError: a bad backbone argument, or ``model.mask_block`` leaving fewer than 2 mask blocks in the patch.
     """
     from ..alignment import Med3DInsightLoss
     from ..backbones import build_backbone
@@ -75,7 +78,14 @@ def build_model(config: PretrainConfig, embed_dim: int):
     w = m.loss_weights
     loss = Med3DInsightLoss(m.alignment, embed_dim=embed_dim, image_weight=w.image, text_weight=w.text,
                             reconstruction_weight=w.reconstruction)
-    return Med3DInsightModel(backbone, psat, loss)
+    if m.reconstruction == "masked":
+        grid = [-(-size // m.mask_block) for size in backbone.patch_size]
+        if grid[0] * grid[1] * grid[2] < 2:
+            raise ConfigError(f"model.mask_block={m.mask_block} leaves a single mask block in the "
+                              f"{'x'.join(map(str, backbone.patch_size))} patch: masked reconstruction would hide "
+                              f"the whole input; lower model.mask_block")
+    return Med3DInsightModel(backbone, psat, loss, reconstruction=m.reconstruction, mask_ratio=m.mask_ratio,
+                             mask_block=m.mask_block)
 
 
 def lr_factor(step: int, train: TrainConfig) -> float:
