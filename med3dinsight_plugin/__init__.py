@@ -1,19 +1,43 @@
 """med3dinsight: Med3DInsight pretraining (3D encoders taught by 2D CLIP/MLLM slice embeddings) for nnU-Net and MONAI.
 
 The core imports only torch; MONAI, nnU-Net, open_clip and transformers are imported by the parts that need them.
+The names below are loaded on first use (PEP 562), so that ``import med3dinsight_plugin.cli`` (``med3dinsight
+--help``) does not pay for importing torch.
 """
-from .alignment import ClipAlignment, Med3DInsightLoss, PartialOTAlignment, clip_loss, reconstruction_loss
-from .backbones import Backbone, BackboneOutput, build_backbone, list_backbones, register_backbone
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_pretrained
-from .loading import IncompatibleCheckpointError, LoadReport, load_pretrained_encoder
-from .model import Med3DInsightModel
-from .psat import PlaneSliceAwareTransformer
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Backbone", "BackboneOutput", "Checkpoint", "CheckpointError", "ClipAlignment", "IncompatibleCheckpointError",
-    "LoadReport", "Med3DInsightLoss", "Med3DInsightModel", "PartialOTAlignment", "PlaneSliceAwareTransformer",
-    "build_backbone", "clip_loss", "list_backbones", "load_checkpoint", "load_pretrained_encoder",
-    "reconstruction_loss", "register_backbone", "save_pretrained", "__version__",
-]
+_EXPORTS = {
+    "alignment": ("ClipAlignment", "Med3DInsightLoss", "PartialOTAlignment", "clip_loss", "reconstruction_loss"),
+    "backbones": ("Backbone", "BackboneOutput", "build_backbone", "list_backbones", "register_backbone"),
+    "checkpoint": ("Checkpoint", "CheckpointError", "load_checkpoint", "save_pretrained"),
+    "loading": ("IncompatibleCheckpointError", "LoadReport", "load_pretrained_encoder"),
+    "model": ("Med3DInsightModel",),
+    "psat": ("PlaneSliceAwareTransformer",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .alignment import ClipAlignment, Med3DInsightLoss, PartialOTAlignment, clip_loss, reconstruction_loss
+    from .backbones import Backbone, BackboneOutput, build_backbone, list_backbones, register_backbone
+    from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_pretrained
+    from .loading import IncompatibleCheckpointError, LoadReport, load_pretrained_encoder
+    from .model import Med3DInsightModel
+    from .psat import PlaneSliceAwareTransformer

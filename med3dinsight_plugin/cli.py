@@ -105,7 +105,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             inits.append((name, path))
     result = run_study(args.dataset, inits, args.output, configuration=args.configuration, labelled=args.labelled,
                        seeds=args.seeds, fold=args.fold, plans=args.plans, epochs=args.epochs,
-                       iterations=args.iterations, device=args.device, reference=args.reference == "nnunet",
+                       iterations=args.iterations, device=_device(args.device), reference=args.reference == "nnunet",
                        log=lambda line: print(line, flush=True), dry_run=args.dry_run)
     if args.dry_run:
         return 0
@@ -157,7 +157,7 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         print(f"{args.output}: {result['written']} captions written, {result['skipped']} already there")
         return 0
     prompts = load_prompts(args.prompts) if args.prompts else None
-    vlm = load_vlm(args.vlm, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    vlm = load_vlm(args.vlm, device=_device(args.device), dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     captioner = Captioner(vlm, prompts=prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     settings = {"model": args.vlm, "prompts": captioner.prompts, "max_new_tokens": args.max_new_tokens,
                 "image_size": render.size, **caption_settings_for(policy, render)}
@@ -174,7 +174,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     policy, render = _slice_settings(args, size=224)
     source = _source(args)
     with init_distributed(args.device, option="--device") as ctx:  # under torchrun: this process's GPU
-        teacher = ClipTeacher(args.clip_model, args.clip_pretrained, device=str(ctx.device), precision=args.precision)
+        precision = args.precision if args.precision != "auto" else ("bf16" if ctx.device.type == "cuda" else "fp32")
+        teacher = ClipTeacher(args.clip_model, args.clip_pretrained, device=str(ctx.device), precision=precision)
         r = embed_dataset(source, args.output, teacher, policy, render, captions=args.captions,
                           batch_size=args.batch_size, cases_per_shard=args.cases_per_shard)
     if r["rank"] == 0:
@@ -222,7 +223,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, device=args.device, steps=args.steps)
+    run_demo(args.output, device=_device(args.device), steps=args.steps)
     return 0
 
 
@@ -246,19 +247,86 @@ _SHOWN = {"format", "format_version", "backbone", "network_class", "in_channels"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="med3dinsight", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="med3dinsight", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Med3DInsight: pretrain a 3D encoder (nnU-Net, SwinUNETR, UNETR) without labels from what 2D\n"
+                    "image/text teachers say about its slices, then fine-tune it in nnU-Net or MONAI.\n\n"
+                    "The commands in the order you run them: demo (everything on generated data); slices, caption,\n"
+                    "embed, cache (the teacher cache of your volumes); pretrain; export, inspect (the checkpoint);\n"
+                    "nnunet-env, nnunet-attach, study (fine-tuning with nnU-Net); models (sizes of the networks).",
+        epilog="A user error ends with one line and exit code 2; MED3DINSIGHT_DEBUG=1 shows its traceback.")
     parser.add_argument("--version", action="version", version=f"med3dinsight {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("models", help="build each backbone + PSAT on random data; print shapes and parameter counts")
-    p.add_argument("--backbones", nargs="+", metavar="NAME",
-                   help="backbones to build (default: swin_unetr unetr plain_conv_unet resenc_unet)")
-    p.add_argument("--patch-size", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--slices", type=int, default=4, help="slices aligned per volume (K)")
-    p.add_argument("--psat", default="paper", help="PSAT preset: paper (the authors' configuration) or small")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_cmd_models)
+    p = sub.add_parser("demo", help="the whole method on generated data with tiny local teachers (CPU: minutes)")
+    p.add_argument("-o", "--output", default="med3dinsight_demo", help="a new folder (default ./med3dinsight_demo)")
+    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda")
+    p.add_argument("--steps", type=int, default=12, help="pretraining steps (default 12)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("slices", help="write PNGs of the slices the teacher will see, to check orientation/window")
+    _add_data_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="folder for the PNGs")
+    p.add_argument("--cases", type=int, default=3, help="how many cases (default 3)")
+    p.add_argument("--size", type=int, default=224, help="image size in pixels (default 224)")
+    p.set_defaults(func=_cmd_slices)
+
+    p = sub.add_parser("caption", help="caption slices with a Hugging Face vision-language model, or from label "
+                                       "masks (resumable JSONL)")
+    _add_data_arguments(p)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--vlm", help="hub id or local folder of an image-text-to-text model")
+    how.add_argument("--from-labels", metavar="LABELS",
+                     help="no model: captions from label masks, one file per case (CASE.nii.gz, e.g. nnU-Net's "
+                          "labelsTr or TotalSegmentator's): the structures each slice cuts, their size and side")
+    p.add_argument("--class-names", metavar="FILE",
+                   help="with --from-labels: JSON of label names ({\"1\": \"spleen\"}, nnU-Net's dataset.json or "
+                        "{\"liver\": 1}); default: the dataset.json next to LABELS, else 'label N'")
+    p.add_argument("-o", "--output", required=True, help="captions .jsonl (resumed if it exists)")
+    p.add_argument("--prompts", help="JSON/YAML file of prompt templates (keys like 'ct.axial', 'mri.*', '*')")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--size", type=int, default=448, help="rendered image size for the VLM (default 448)")
+    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: bf16 on CUDA)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    p.set_defaults(func=_cmd_caption)
+    _one_line_usage_errors(p)
+
+    p = sub.add_parser("embed", help="embed slices (and captions) with an open_clip teacher into a cache "
+                                     "(torchrun-shardable, resumable)")
+    _add_data_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="cache folder")
+    p.add_argument("--clip-model", default="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+                   help="open_clip model: hf-hub:ID, a local open_clip folder, or an architecture name "
+                        "(default BiomedCLIP)")
+    p.add_argument("--clip-pretrained", help="pretrained tag or local weight file for an architecture name")
+    p.add_argument("--captions", help="caption JSONL from med3dinsight caption (omit for image embeddings only)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cases-per-shard", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: bf16 on CUDA, else fp32")
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("cache", help="teacher cache tools")
+    cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    q = cache_sub.add_parser("verify", help="check every shard of a teacher cache")
+    q.add_argument("cache")
+    q.set_defaults(func=_cmd_cache_verify)
+
+    p = sub.add_parser("pretrain", help="pretrain a backbone on your volumes with a teacher cache (torchrun for "
+                                        "several GPUs; resumes a run folder)")
+    p.add_argument("--config", help="YAML configuration (sections data, model, train, output)")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override config keys, e.g. train.lr=3e-4")
+    p.add_argument("--data", help="= data.source: NIfTI folder, nnU-Net raw or preprocessed dataset")
+    p.add_argument("--cache", help="= data.cache: the teacher cache from med3dinsight embed")
+    p.add_argument("-o", "--output", help="= output: the run folder")
+    p.add_argument("--backbone", help="= model.backbone: swin_unetr, unetr, nnunet, plain_conv_unet, resenc_unet")
+    p.add_argument("--steps", type=int, help="= train.steps")
+    p.add_argument("--device", help="= train.device (auto, cpu, cuda)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
+    p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("export", help="write a checkpoint in the format nnU-Net, MONAI or nnssl loads unmodified")
     p.add_argument("checkpoint", help="a med3dinsight .safetensors checkpoint")
@@ -267,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plans", help="nnunet: the target dataset's plans.json, to check the export fits it")
     p.add_argument("--configuration", default="3d_fullres", help="nnunet: configuration in --plans")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("inspect", help="print what a checkpoint holds (any supported format)")
+    p.add_argument("checkpoint")
+    p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("nnunet-env", help="print the export line that lets nnU-Net find the Med3DInsight trainers "
                                           "(use: eval \"$(med3dinsight nnunet-env)\")")
@@ -297,85 +369,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one nested subset sequence per seed")
     p.add_argument("--fold", type=int, default=0, help="the fold whose validation cases are held out (default 0)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the trainer's 1000)")
-    p.add_argument("--iterations", type=int, help="training iterations per epoch (default 250; validation scaled alike)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cuda", "cpu", "mps"])
+    p.add_argument("--iterations", type=int,
+                   help="training iterations per epoch (default 250; validation scaled alike)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"],
+                   help="auto: cuda when available (default)")
     p.add_argument("-o", "--output", required=True, help="study folder (resumable: finished runs are skipped)")
     p.add_argument("--dry-run", action="store_true", help="check the checkpoints, write the runs' plans, list the "
                                                           "runs; train nothing")
     p.set_defaults(func=_cmd_study)
 
-    p = sub.add_parser("slices", help="write PNGs of the slices the teacher will see, to check orientation/window")
-    _add_data_arguments(p)
-    p.add_argument("-o", "--output", required=True, help="folder for the PNGs")
-    p.add_argument("--cases", type=int, default=3, help="how many cases (default 3)")
-    p.add_argument("--size", type=int, default=224, help="image size in pixels (default 224)")
-    p.set_defaults(func=_cmd_slices)
-
-    p = sub.add_parser("caption", help="caption slices with a Hugging Face vision-language model, or from label "
-                                       "masks (resumable JSONL)")
-    _add_data_arguments(p)
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--vlm", help="hub id or local folder of an image-text-to-text model")
-    how.add_argument("--from-labels", metavar="LABELS",
-                     help="no model: captions from label masks, one file per case (CASE.nii.gz, e.g. nnU-Net's "
-                          "labelsTr or TotalSegmentator's): the structures each slice cuts, their size and side")
-    p.add_argument("--class-names", metavar="FILE",
-                   help="with --from-labels: JSON of label names ({\"1\": \"spleen\"}, nnU-Net's dataset.json or "
-                        "{\"liver\": 1}); default: the dataset.json next to LABELS, else 'label N'")
-    p.add_argument("-o", "--output", required=True, help="captions .jsonl (resumed if it exists)")
-    p.add_argument("--prompts", help="JSON/YAML file of prompt templates (keys like 'ct.axial', 'mri.*', '*')")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--size", type=int, default=448, help="rendered image size for the VLM (default 448)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: bf16 on CUDA)")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
-    p.set_defaults(func=_cmd_caption)
-    _one_line_usage_errors(p)
-
-    p = sub.add_parser("embed", help="embed slices (and captions) with an open_clip teacher into a cache "
-                                     "(torchrun-shardable, resumable)")
-    _add_data_arguments(p)
-    p.add_argument("-o", "--output", required=True, help="cache folder")
-    p.add_argument("--clip-model", default="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
-                   help="open_clip model: hf-hub:ID, a local open_clip folder, or an architecture name "
-                        "(default BiomedCLIP)")
-    p.add_argument("--clip-pretrained", help="pretrained tag or local weight file for an architecture name")
-    p.add_argument("--captions", help="caption JSONL from med3dinsight caption (omit for image embeddings only)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--cases-per-shard", type=int, default=32)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--precision", default="bf16" if _cuda() else "fp32", choices=["fp32", "fp16", "bf16"])
-    p.set_defaults(func=_cmd_embed)
-
-    p = sub.add_parser("cache", help="teacher cache tools")
-    cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
-    q = cache_sub.add_parser("verify", help="check every shard of a teacher cache")
-    q.add_argument("cache")
-    q.set_defaults(func=_cmd_cache_verify)
-
-    p = sub.add_parser("pretrain", help="pretrain a backbone on your volumes with a teacher cache (torchrun for "
-                                        "several GPUs; resumes a run folder)")
-    p.add_argument("--config", help="YAML configuration (sections data, model, train, output)")
-    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override config keys, e.g. train.lr=3e-4")
-    p.add_argument("--data", help="= data.source: NIfTI folder, nnU-Net raw or preprocessed dataset")
-    p.add_argument("--cache", help="= data.cache: the teacher cache from med3dinsight embed")
-    p.add_argument("-o", "--output", help="= output: the run folder")
-    p.add_argument("--backbone", help="= model.backbone: swin_unetr, unetr, nnunet, plain_conv_unet, resenc_unet")
-    p.add_argument("--steps", type=int, help="= train.steps")
-    p.add_argument("--device", help="= train.device (auto, cpu, cuda)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
-    p.set_defaults(func=_cmd_pretrain)
-
-    p = sub.add_parser("demo", help="the whole method on generated data with tiny local teachers (CPU: minutes)")
-    p.add_argument("-o", "--output", default="med3dinsight_demo", help="a new folder (default ./med3dinsight_demo)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--steps", type=int, default=12, help="pretraining steps (default 12)")
-    p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser("inspect", help="print what a checkpoint holds (any supported format)")
-    p.add_argument("checkpoint")
-    p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("models", help="build each backbone + PSAT on random data; print shapes and parameter counts")
+    p.add_argument("--backbones", nargs="+", metavar="NAME",
+                   help="backbones to build (default: swin_unetr unetr plain_conv_unet resenc_unet)")
+    p.add_argument("--patch-size", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--slices", type=int, default=4, help="slices aligned per volume (K)")
+    p.add_argument("--psat", default="paper", help="PSAT preset: paper (the authors' configuration) or small")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_models)
     return parser
 
 
@@ -388,9 +399,13 @@ def _one_line_usage_errors(parser: argparse.ArgumentParser) -> None:
     parser.error = error
 
 
-def _cuda() -> bool:
+def _device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; other names unchanged. Resolved when a command runs, not
+    while the parser is built (probing CUDA imports torch and costs seconds, also for ``--help``)."""
+    if name != "auto":
+        return name
     import torch
-    return torch.cuda.is_available()
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # Known third-party noise that every run would print and that says nothing about the user's run: a deprecation

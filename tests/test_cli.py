@@ -36,6 +36,23 @@ def test_version_and_help():
     assert r.returncode == 0 and "models" in r.stdout
 
 
+def test_help_lists_the_commands_in_the_order_a_user_runs_them_without_importing_torch():
+    """``--help`` builds every parser without probing CUDA or importing torch (it took 5 s when it did); the package's
+    public names still load on first use."""
+    code = ("import sys; from med3dinsight_plugin.cli import build_parser; text = build_parser().format_help(); "
+            "print('torch' in sys.modules); import med3dinsight_plugin as m; m.build_backbone; "
+            "print('torch' in sys.modules); print(text)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    before, after, text = r.stdout.split("\n", 2)
+    assert (before, after) == ("False", "True")
+    listed = [line.split()[0] for line in text.split("COMMAND", 2)[2].split("options:")[0].splitlines()
+              if line.startswith("    ") and not line.startswith("     ")]
+    assert listed == ["demo", "slices", "caption", "embed", "cache", "pretrain", "export", "inspect", "nnunet-env",
+                      "nnunet-attach", "study", "models"]
+    assert text.startswith("usage: med3dinsight") and '"""' not in text and "``" not in text
+
+
 def test_only_user_errors_become_one_line(monkeypatch, capsys):
     """A Med3DInsightError (or OSError) is one line and exit 2; any other exception is a bug and keeps its
     traceback; MED3DINSIGHT_DEBUG=1 re-raises user errors too."""
