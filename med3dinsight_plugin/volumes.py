@@ -324,13 +324,72 @@ class VolumeSource:
             raise VolumeError(f"{folder / case} holds a {data.ndim}D array; expected nnU-Net's (C, X, Y, Z)")
         _check_values(data, str(folder / case))
         transpose = self._extra["transpose_forward"]
-        sitk_stuff = props.get("sitk_stuff", {}) if isinstance(props, dict) else {}
-        direction = np.array(sitk_stuff.get("direction", np.eye(3).ravel())).reshape(3, 3)
-        # preprocessed axis p is raw array axis transpose[p], i.e. image index axis 2 - transpose[p]
+        direction = _preprocessed_direction(props, folder / f"{case}.pkl", self._extra.get("reader"))
+        # preprocessed axis p is raw array axis transpose[p], i.e. image index axis 2 - transpose[p] (nnU-Net's
+        # readers all give arrays in SimpleITK's (z, y, x) order: the nibabel ones transpose (x, y, z))
         permutation, flips = canonical_axes(direction, [2 - t for t in transpose])
         data, spacing = _to_canonical(data, self._extra["spacing"], permutation, flips)
         return Volume(case, data, spacing, self.modality, normalized=True, ct_stats=self._extra.get("ct_stats"),
                       files=[str(folder / case)])
+
+
+_TIFF_READER = "Tiff3DIO"
+
+
+def _preprocessed_direction(props: Any, pkl: Path, reader: Optional[str]) -> np.ndarray:
+    """The LPS direction matrix (SimpleITK's: column ``i`` is image index axis ``i``) of the image array nnU-Net's
+    reader produced, from a preprocessed case's properties.
+
+    SimpleITKIO (and SimpleITKIOWithReorient, after its reorientation) store ``sitk_stuff["direction"]``. NibabelIO
+    stores ``nibabel_stuff["original_affine"]``; NibabelIOWithReorient reorients to RAS first, so the stored array is
+    described by ``nibabel_stuff["reoriented_affine"]``. Nibabel affines map index axes to RAS world: the first two
+    rows are negated for LPS. Tiff3DIO stores no orientation (TIFF has none): identity, as SimpleITK reads the raw
+    ``.tif``. Anything else raises :class:`VolumeError` rather than guessing.
+    """
+    redo = "rerun nnUNetv2_preprocess for this dataset"
+    if not isinstance(props, dict):
+        raise VolumeError(f"{pkl} holds a {type(props).__name__}, not nnU-Net's properties dict; {redo}")
+    if "sitk_stuff" not in props and "nibabel_stuff" not in props:
+        if reader == _TIFF_READER:
+            return np.eye(3)
+        by = f", written by {reader}," if reader else ""
+        raise VolumeError(f"{pkl}{by} has neither sitk_stuff (nnU-Net's SimpleITKIO) nor nibabel_stuff (NibabelIO) "
+                          f"to give the image orientation (only Tiff3DIO, for .tif data, writes neither); {redo}")
+    what = 'sitk_stuff["direction"]' if "sitk_stuff" in props else "nibabel_stuff"
+    try:
+        if "sitk_stuff" in props:
+            direction = np.asarray(props["sitk_stuff"]["direction"], dtype=np.float64).reshape(3, 3)
+        else:
+            stuff = props["nibabel_stuff"]
+            key = "reoriented_affine" if "reoriented_affine" in stuff else "original_affine"
+            what = f'nibabel_stuff["{key}"]'
+            affine = np.asarray(stuff[key], dtype=np.float64)
+            if affine.shape != (4, 4):
+                raise ValueError(f"shape {affine.shape}, not 4x4")
+            if not np.isfinite(affine).all():
+                raise ValueError(f"not finite: {short_repr(affine.tolist())}")
+            direction = affine[:3, :3] * np.array([[-1.0], [-1.0], [1.0]])  # RAS -> LPS
+            norms = np.linalg.norm(direction, axis=0)
+            if not np.all(norms > 0):
+                raise ValueError(f"a zero column: {short_repr(affine.tolist())}")
+            direction = direction / norms
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise VolumeError(f"{pkl} has no usable {what} ({type(e).__name__}: {first_line(e)}) for the image "
+                          f"orientation; {redo}") from None
+    if not np.isfinite(direction).all():
+        raise VolumeError(f"{pkl} has no usable {what} (not finite: {short_repr(direction.tolist())}) for the image "
+                          f"orientation; {redo}")
+    return direction
+
+
+def _image_reader(plans: Dict[str, Any], ds: Dict[str, Any]) -> Optional[str]:
+    """The nnU-Net image reader class that preprocessed a dataset: the plans' ``image_reader_writer`` (the planner
+    records it), else dataset.json's ``overwrite_image_reader_writer``, else Tiff3DIO for a ``.tif`` file_ending."""
+    for name in (plans.get("image_reader_writer"), ds.get("overwrite_image_reader_writer")):
+        if isinstance(name, str) and name:
+            return name
+    ending = ds.get("file_ending")
+    return _TIFF_READER if isinstance(ending, str) and ending.lower() in (".tif", ".tiff") else None
 
 
 def _read_preprocessed_array(folder: Path, case: str) -> np.ndarray:
@@ -492,7 +551,8 @@ def _preprocessed_source(root: Path, modality: str, configuration: str, plans_na
     plans_path = root / f"{plans_name}.json"
     plans = _load_json(plans_path)
     ds_path = root / "dataset.json"
-    channels = _channel_names(_load_json(ds_path), ds_path)
+    ds = _load_json(ds_path)
+    channels = _channel_names(ds, ds_path)
     configurations = plans.get("configurations")
     if not isinstance(configurations, dict) or configuration not in configurations:
         raise VolumeError(f"{plans_path} has no configuration {configuration!r}; choose one of "
@@ -519,7 +579,8 @@ def _preprocessed_source(root: Path, modality: str, configuration: str, plans_na
         raise VolumeError(f"{folder} holds no preprocessed cases; run nnUNetv2_preprocess -d "
                           f"{plans.get('dataset_name')} -c {configuration} -plans_name {plans_name}")
     extra: Dict[str, Any] = {"data_folder": str(folder), "transpose_forward": transpose, "spacing": spacing,
-                             "plans_name": plans_name, "configuration": configuration}
+                             "plans_name": plans_name, "configuration": configuration,
+                             "reader": _image_reader(plans, ds)}
     if ct_stats is not None:
         extra["ct_stats"] = ct_stats
     mod, why = _given_or(modality, lambda: ("ct", f"CTNormalization in {plans_path}") if ct_stats is not None
