@@ -116,3 +116,34 @@ def test_step_zero_check_rebuilds_the_downstream_network_and_loads_the_whole_enc
     model = Med3DInsightModel(backbone, PlaneSliceAwareTransformer(**tiny_psat_kwargs(backbone.token_dim)))
     report = check_downstream_load(model, {"teacher": {"model": "x"}})
     assert report.applied and report.loaded == report.expected > 0 and not report.missing
+
+
+def test_volume_view_maps_slices_into_the_resampled_body_box(tmp_path):
+    """``data.view: volume``: the sample is the body box resampled to the patch (nnU-Net's resampling), and every
+    slice handed to PSAT is, in the resampled box, the cached volume slice -- to within half a resampled voxel, the
+    most a resampling can keep of a slice position. Slices outside the box are never picked."""
+    from med3dinsight_plugin.pretrain.data import resample_box
+
+    cache = _world(tmp_path, per_plane=12)
+    boxes = {"a": [[4, 36], [2, 30], [5, 25]], "b": [[0, 20], [10, 50], [3, 24]]}
+    (tmp_path / "vol").mkdir()
+    for case, shape in SHAPES.items():
+        np.save(tmp_path / "vol" / f"{case}.npy", resample_box(_coded_volume(shape), boxes[case], (1, 1, 1), PATCH))
+    ds = PretrainDataset(tmp_path / "vol", list(SHAPES), SHAPES, cache, PATCH, slices=8, seed=3, augment=False,
+                         boxes=boxes)
+    for i in range(30):
+        s = ds[i]
+        vol = s["volume"].numpy()
+        assert vol.shape == (3, *PATCH) and s["mask"].all()
+        for k in range(len(s["plane"])):
+            p, pos = int(s["plane"][k]), float(s["position"][k])
+            emb = s["image_emb"][k].numpy()
+            index = round(emb[3] / emb[:3].max() * 100)
+            j = slice_index(pos, PATCH[p])
+            coord = float(np.take(vol[p], j, axis=p).mean())  # the original coordinate the resampled slice shows
+            fits = [c for c, b in boxes.items() if b[p][0] <= index < b[p][1] and
+                    abs(coord - index) <= 0.5 * (b[p][1] - b[p][0]) / PATCH[p] + 0.05]
+            assert fits, (i, p, index, coord)
+    with pytest.raises(ValueError, match="less than half the patch"):  # the crop view refuses "b"; volume does not
+        PretrainDataset(tmp_path, ["b"], SHAPES, cache, (48, 48, 48))
+    PretrainDataset(tmp_path / "vol", ["b"], SHAPES, cache, (48, 48, 48), boxes=boxes)

@@ -532,3 +532,24 @@ def test_a_rank_0_data_error_under_torchrun_stops_every_rank(ct, tmp_path):
     errors = [line for line in done.stderr.splitlines() if "med3dinsight pretrain: error:" in line]
     assert len(errors) == 2 and all("zbad.nii.gz" in line for line in errors), done.stderr[-3000:]
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_volume_view_pretrains_on_the_resampled_body_box(ct, tmp_path, capsys):
+    """``data.view=volume`` end to end: the prepared arrays are the body boxes (air slab cut off) resampled to the
+    patch, the boxes are recorded, and a second start reuses them."""
+    out = tmp_path / "run"
+    code, err = _pretrain(capsys, ct / "vols", ct / "cache", out, "data.view=volume")
+    assert code == 0, err
+    index = json.loads((out / "prepared" / "prepared.json").read_text())
+    assert index["settings"]["view"] == "volume" and index["settings"]["patch_size"] == [16, 16, 16]
+    for case in ("case0", "case1", "case2"):
+        assert np.load(out / "prepared" / f"{case}.npy").shape == (1, 16, 16, 16)
+        box = index["boxes"][case]
+        assert len(box) == 3 and all(0 <= a < b <= 32 for a, b in box)
+        # the air slab (array axis 0 of a RAS file, x toward the patient's right) is cut off the left end of
+        # canonical axis 2 (toward the patient's left); the other axes are all body
+        assert box == [[0, 32], [0, 32], [0, 28]]
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "prepared").glob("*.npy")}
+    code, err = _pretrain(capsys, ct / "vols", ct / "cache", out, "data.view=volume", "train.steps=3")
+    assert code == 0, err
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "prepared").glob("*.npy")} == before

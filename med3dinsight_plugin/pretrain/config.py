@@ -46,6 +46,9 @@ class DataConfig:
     configuration: str = _f("3d_fullres", kind="str")
     plans: str = _f("nnUNetPlans", kind="str")  # nnU-Net preprocessed sources: the plans identifier
     modality: str = _f("auto", kind="str")
+    # crop: random patch_size crops at the volume's spacing; volume: the body box resampled to patch_size (the
+    # authors' setup; the encoder sees the whole field of view the teacher saw)
+    view: str = _f("crop", kind="str", choices=("crop", "volume"))
     slices_per_sample: int = _f(8, kind="int", min=1)
     num_workers: int = _f(2, kind="int", min=0)
     augment: bool = _f(True, kind="bool")

@@ -1,4 +1,12 @@
-"""Pretraining samples: a random 3D crop of a volume plus K cached teacher slices that lie inside it.
+"""Pretraining samples: a 3D view of a volume plus K cached teacher slices that lie inside it.
+
+Two views (``data.view``):
+
+- ``crop``: a random crop of ``patch_size`` voxels at the volume's own spacing; the teacher's slices are whole slices
+  of the volume, so a crop shows the encoder only part of what the teacher saw in-plane.
+- ``volume`` (the authors' setup): the body's bounding box, resampled once to ``patch_size`` with nnU-Net's own
+  resampling (third order, z separately when anisotropic); every sample is the whole box, so the encoder sees what
+  the teacher saw. Slice positions are relative, so they carry over to the resampled box exactly.
 
 Volumes are first *prepared* once: read in canonical orientation (:mod:`..volumes`), normalised as nnU-Net does it
 (CT: clip to the dataset's 0.5/99.5 body percentiles, z-score with the dataset's body mean/std; MRI: per-volume
@@ -29,7 +37,8 @@ from ..planes import crop_position
 from ..teacher.cache import StaleCacheError, TeacherCache
 from ..errors import Med3DInsightError
 
-__all__ = ["PretrainDataset", "compute_normalization", "prepare_volumes", "split_cases"]
+__all__ = ["VIEWS", "PretrainDataset", "body_box", "compute_normalization", "prepare_volumes", "prepared_boxes",
+           "resample_box", "split_cases"]
 
 PREPARED = "prepared.json"
 _SAMPLES_PER_CASE = 10000  # body voxels per case for the CT statistics (nnU-Net's fingerprint samples likewise)
@@ -94,28 +103,69 @@ def _normalize(array: np.ndarray, normalization: Dict[str, Any]) -> np.ndarray:
     return out
 
 
+VIEWS = ("crop", "volume")
+
+
+def body_box(volume) -> List[List[int]]:
+    """``[[start, stop], ...]`` per canonical axis of the body (:func:`~med3dinsight_plugin.slices.body_mask` of the
+    first channel in scanner units); the whole volume when no voxel counts as body."""
+    from ..slices import body_mask
+
+    mask = body_mask(volume.native(0), volume.modality)
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append([int(hit[0]), int(hit[-1]) + 1] if hit.size else [0, int(mask.shape[axis])])
+    return box
+
+
+def resample_box(data: np.ndarray, box: Sequence[Sequence[int]], spacing: Sequence[float],
+                 shape: Sequence[int]) -> np.ndarray:
+    """The ``box`` of ``data`` (C, D, H, W) resampled to ``shape`` with nnU-Net's data resampling (order 3, order 0
+    along z when the spacing is anisotropic, as its default plans do)."""
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+
+    crop = np.ascontiguousarray(data[(slice(None),) + tuple(slice(a, b) for a, b in box)], dtype=np.float32)
+    extent = [(b - a) * float(s) for (a, b), s in zip(box, spacing)]
+    new_spacing = [e / n for e, n in zip(extent, shape)]
+    out = resample_data_or_seg_to_shape(crop, tuple(int(n) for n in shape), list(map(float, spacing)), new_spacing,
+                                        is_seg=False, order=3, order_z=0, force_separate_z=None)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
 def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[str, Any],
-                    cache: Optional[TeacherCache] = None) -> Dict[str, List[int]]:
+                    cache: Optional[TeacherCache] = None, view: str = "crop",
+                    patch_size: Optional[Sequence[int]] = None) -> Dict[str, List[int]]:
     """Write each case's normalised canonical array to ``folder/CASE.npy`` (atomically) unless a matching one is
-    there from an earlier run; returns the canonical shape of every case.
+    there from an earlier run; returns the canonical shape of every case (as read, before any resampling).
+
+    With ``view="volume"`` the stored array is the body box resampled to ``patch_size`` and the boxes are kept in
+    the index (:func:`prepared_boxes`).
 
     With ``cache``, each volume's content fingerprint must be the one the teacher cache recorded for the case
     (:meth:`~med3dinsight_plugin.teacher.cache.TeacherCache.check_fingerprint`): a cache made from other images
     with the same case names and shapes is refused. Fingerprints are kept in the index, so prepared cases are
     checked on later starts without being read again.
     """
+    if view not in VIEWS:
+        raise Med3DInsightError(f"data.view must be one of {', '.join(VIEWS)}, got {view!r}")
+    if view == "volume" and patch_size is None:
+        raise ValueError("prepare_volumes(view='volume') needs the patch_size to resample to")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index_path = folder / PREPARED
     settings = {"source": source.describe(), "normalization": normalization}
+    if view == "volume":  # crop-view settings stay as they were, so earlier runs' prepared data remain valid
+        settings.update(view=view, patch_size=[int(p) for p in patch_size])
     old = json.loads(index_path.read_text()) if index_path.is_file() else {}
     same = old.get("settings") == settings
     done = old.get("cases", {}) if same else {}
     fingerprints = old.get("fingerprints", {}) if same else {}
+    boxes = old.get("boxes", {}) if same else {}
     shapes = {}
     for case in cases:
         path = folder / f"{case}.npy"
-        if case in done and case in fingerprints and path.is_file():
+        if case in done and case in fingerprints and path.is_file() and (view == "crop" or case in boxes):
             if cache is not None:
                 cache.check_fingerprint(case, fingerprints[case])
             shapes[case] = done[case]
@@ -131,12 +181,23 @@ def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[st
             raise VolumeError(f"{_files(volume, case)} gives {bad} non-finite voxels after {normalization['scheme']} "
                               f"(its values are too extreme to normalise); repair the file or remove it from the "
                               f"dataset")
+        if view == "volume":
+            boxes[case] = body_box(volume)
+            data = resample_box(data, boxes[case], volume.spacing, patch_size)
         atomic_write(path, lambda tmp, d=data: np.save(open(tmp, "wb"), d, allow_pickle=False))
         shapes[case] = list(volume.shape)
         done[case] = shapes[case]
         index = {"settings": settings, "cases": done, "fingerprints": fingerprints}
+        if view == "volume":
+            index["boxes"] = boxes
         atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index)))
     return shapes
+
+
+def prepared_boxes(folder) -> Dict[str, List[List[int]]]:
+    """The body boxes :func:`prepare_volumes` recorded for the ``volume`` view (empty for ``crop``)."""
+    index_path = Path(folder) / PREPARED
+    return json.loads(index_path.read_text()).get("boxes", {}) if index_path.is_file() else {}
 
 
 @contextmanager
@@ -197,14 +258,17 @@ class PretrainDataset(Dataset):
         seed: the data seed.
         augment: apply nnU-Net's intensity augmentations.
         length: ``len()`` for a finite (held-out) set, whose sample ``i`` uses case ``i % len(cases)``.
+        boxes: for the ``volume`` view, each case's body box (:func:`prepared_boxes`): the prepared arrays are those
+            boxes resampled to ``patch_size``, and every sample is a whole box. ``None``: the ``crop`` view.
     """
 
     def __init__(self, folder, cases: Sequence[str], shapes: Dict[str, Sequence[int]], cache: TeacherCache,
                  patch_size: Sequence[int], slices: int = 8, seed: int = 0, augment: bool = True,
-                 length: Optional[int] = None):
+                 length: Optional[int] = None, boxes: Optional[Dict[str, Sequence[Sequence[int]]]] = None):
         self.folder, self.cases, self.cache = Path(folder), list(cases), cache
         self.patch = tuple(int(p) for p in patch_size)
         self.k, self.seed, self.augment, self.length = int(slices), int(seed), augment, length
+        self.boxes = None if boxes is None else {c: [tuple(map(int, b)) for b in boxes[c]] for c in self.cases}
         if not self.cases:
             raise Med3DInsightError("no cases to pretrain on")
         for case in self.cases:
@@ -214,7 +278,7 @@ class PretrainDataset(Dataset):
                                       f"{tuple(entries.shape)} for case {case}, but it now has shape "
                                       f"{tuple(shapes[case])}; rerun med3dinsight embed on the current data")
             small = [a for a in range(3) if 2 * shapes[case][a] < self.patch[a]]
-            if small:
+            if small and self.boxes is None:
                 raise Med3DInsightError(f"case {case} has shape {tuple(shapes[case])}, less than half the patch "
                                  f"{self.patch} along axis {small[0]}; most of each crop would be padding: lower "
                                  f"model.patch_size or leave the case out")
@@ -240,17 +304,25 @@ class PretrainDataset(Dataset):
         case = self._case(int(i))
         e = self.cache.entries(case)
         volume = np.load(self.folder / f"{case}.npy", mmap_mode="r")
-        shape = volume.shape[1:]
-        anchor = int(rng.integers(len(e.plane)))
-        start = []
-        for axis in range(3):
-            lo, hi = min(0, shape[axis] - self.patch[axis]), max(0, shape[axis] - self.patch[axis])
-            if axis == e.plane[anchor]:  # keep the anchor slice inside the crop
-                idx = int(e.index[anchor])
-                lo, hi = max(lo, idx - self.patch[axis] + 1), min(hi, idx)
-            start.append(int(rng.integers(lo, hi + 1)))
-        rows = self._pick(e, start, rng)
-        crop = self._crop(volume, start)
+        if self.boxes is not None:  # volume view: the whole (resampled) body box
+            start, size = [b[0] for b in self.boxes[case]], [b[1] - b[0] for b in self.boxes[case]]
+            rows = self._pick(e, start, size, rng)
+            crop = np.array(volume, dtype=np.float32)
+        else:
+            shape, size = volume.shape[1:], self.patch
+            anchor = int(rng.integers(len(e.plane)))
+            start = []
+            for axis in range(3):
+                lo, hi = min(0, shape[axis] - self.patch[axis]), max(0, shape[axis] - self.patch[axis])
+                if axis == e.plane[anchor]:  # keep the anchor slice inside the crop
+                    idx = int(e.index[anchor])
+                    lo, hi = max(lo, idx - self.patch[axis] + 1), min(hi, idx)
+                start.append(int(rng.integers(lo, hi + 1)))
+            rows = self._pick(e, start, size, rng)
+            crop = self._crop(volume, start)
+        if not rows:  # volume view: no cached slice inside the body box (a box that misses the selected slices)
+            raise StaleCacheError(f"none of the cached slices of case {case} lies inside its body box "
+                                  f"{self.boxes[case]}; re-embed with the current slice settings")
         if self._augment is not None:
             with _global_rngs(int(rng.integers(2 ** 31))):  # batchgenerators draws from Python's and numpy's
                 crop = self._augment(data=crop[None])["data"][0].astype(np.float32, copy=False)
@@ -258,7 +330,7 @@ class PretrainDataset(Dataset):
         mask[:len(rows)] = True
         rows = rows + [rows[0]] * (self.k - len(rows))
         plane = e.plane[rows].astype(np.int64)
-        position = np.array([crop_position(int(e.index[r]), start[p], self.patch[p]) for r, p in zip(rows, plane)],
+        position = np.array([crop_position(int(e.index[r]), start[p], size[p]) for r, p in zip(rows, plane)],
                             np.float32)
         out = {"volume": torch.from_numpy(np.ascontiguousarray(crop)), "plane": torch.from_numpy(plane),
                "position": torch.from_numpy(position), "mask": torch.from_numpy(mask),
@@ -267,11 +339,12 @@ class PretrainDataset(Dataset):
             out["text_emb"] = torch.from_numpy(np.asarray(e.text[rows], np.float32))
         return out
 
-    def _pick(self, e, start: List[int], rng) -> List[int]:
-        """Up to K cached rows inside the crop: planes round-robin in random order, positions stratified."""
+    def _pick(self, e, start: Sequence[int], size: Sequence[int], rng) -> List[int]:
+        """Up to K cached rows inside the box ``start + size``: planes round-robin in random order, positions
+        stratified."""
         inside = {}
         for p in range(3):
-            rows = np.flatnonzero((e.plane == p) & (e.index >= start[p]) & (e.index < start[p] + self.patch[p]))
+            rows = np.flatnonzero((e.plane == p) & (e.index >= start[p]) & (e.index < start[p] + size[p]))
             if len(rows):
                 inside[p] = rows[np.argsort(e.index[rows], kind="stable")]
         quota = {p: 0 for p in inside}

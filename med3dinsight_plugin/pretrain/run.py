@@ -21,7 +21,7 @@ from ..distributed import init_distributed
 from ..errors import Med3DInsightError, first_line
 from ..teacher.cache import TeacherCache
 from .config import ConfigError, PretrainConfig, check_backbone_kwargs
-from .data import PretrainDataset, compute_normalization, prepare_volumes, split_cases
+from .data import PretrainDataset, compute_normalization, prepare_volumes, prepared_boxes, split_cases
 
 __all__ = ["RunLock", "RunLockedError", "run_pretraining", "check_downstream_load"]
 
@@ -221,13 +221,16 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Dict[st
     # One process group for the whole run, its CUDA device selected before the first collective (the broadcast
     # below); the engine trains in the same context.
     with init_distributed(config.train.device, option="train.device") as ctx:
+        model = build_model(config, cache.embed_dim)  # first: the volume view resamples to its patch size
+        patch = model.backbone.patch_size
         prepared = Path(config.output) / "prepared"
         payload, failure = [None, None, None], None
         if ctx.is_main:
             try:
                 _check_output(Path(config.output), cache)
                 normalization = compute_normalization(source, train_cases, d.seed)
-                shapes = prepare_volumes(source, source.cases, prepared, normalization, cache)
+                shapes = prepare_volumes(source, source.cases, prepared, normalization, cache, view=d.view,
+                                         patch_size=patch)
                 payload = [normalization, shapes, None]
             except Exception as e:  # noqa: BLE001 -- re-raised below, after telling the other ranks
                 failure = e
@@ -238,13 +241,12 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Dict[st
             raise failure
         if error is not None:
             raise Med3DInsightError(f"rank 0 failed to prepare the data: {error}")
-        model = build_model(config, cache.embed_dim)
-        patch = model.backbone.patch_size
+        boxes = prepared_boxes(prepared) if d.view == "volume" else None  # written by rank 0 before the broadcast
         train_set = PretrainDataset(prepared, train_cases, shapes, cache, patch, d.slices_per_sample, d.seed,
-                                    d.augment)
+                                    d.augment, boxes=boxes)
         eval_set = None if not eval_cases else PretrainDataset(
             prepared, eval_cases, shapes, cache, patch, d.slices_per_sample, d.seed, augment=False,
-            length=EVAL_CROPS_PER_CASE * len(eval_cases))
+            length=EVAL_CROPS_PER_CASE * len(eval_cases), boxes=boxes)
         metadata = {"intensity_normalization": normalization, "orientation": ORIENTATION,
                     "teacher": cache.settings["teacher"], "teacher_slices": cache.settings["slices"],
                     "teacher_render": cache.settings["render"], "captions": cache.settings.get("captions"),
