@@ -208,7 +208,11 @@ def volume_slices(volume, policy: SlicePolicy, settings: RenderSettings, render:
 
 
 class _DatasetSlices:
-    """Iterable of the rendered slices of every case of a source, with ``len`` once counted (for progress bars)."""
+    """Iterable of the rendered slices of every case of a source, read one volume at a time.
+
+    It has no ``len`` (counting would read every volume twice) but a length hint (:func:`operator.length_hint`):
+    cases x planes x ``per_plane``, exact unless a volume has fewer slices that show enough body, so progress bars
+    can show an ETA."""
 
     def __init__(self, source, policy: SlicePolicy, settings: RenderSettings, cases=None):
         self.source, self.policy, self.settings = source, policy, settings
@@ -221,6 +225,9 @@ class _DatasetSlices:
     def __iter__(self) -> Iterator[Slice]:
         for case in self.cases:
             yield from volume_slices(self.source.read(case), self.policy, self.settings)
+
+    def __length_hint__(self) -> int:
+        return len(self.cases) * len(self.policy.planes) * self.policy.per_plane
 
 
 def dataset_slices(source, policy: SlicePolicy, settings: RenderSettings, cases=None):

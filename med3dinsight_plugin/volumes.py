@@ -5,7 +5,8 @@ pointing superior, posterior and to the patient's left (LPS; the ``"zyx"`` layou
 the axial normal, 1 the coronal, 2 the sagittal). The teacher renders slices of this array and the pretraining data
 crops it, so a slice's (plane, position) means the same thing to both.
 
-SimpleITK (an nnU-Net dependency) reads the files; nnU-Net's own helpers find a raw dataset's cases. nnU-Net's
+nibabel reads NIfTI and SimpleITK (an nnU-Net dependency) the other formats (:func:`read_image` says why);
+nnU-Net's own helpers find a raw dataset's cases. nnU-Net's
 preprocessed ``.pkl`` properties are read with an allow-listed unpickler (numpy arrays and builtins only).
 """
 from __future__ import annotations

@@ -179,3 +179,18 @@ def test_nnunet_preprocessed_cases_read_like_their_raw_images(tmp_path):
         assert b.shape == a.shape == SHAPE and b.spacing == a.spacing
         expected = np.clip(a.array[0], props["percentile_00_5"], props["percentile_99_5"])
         assert np.allclose(b.native(0), expected, atol=1e-2)
+
+
+def test_dataset_slices_hint_their_count_for_progress_bars(tmp_path):
+    """No ``len`` (it would read every volume twice), but an exact length hint for ordinary volumes, so captioning
+    shows an ETA."""
+    import operator
+
+    from helpers import ct_like, write_nifti
+    from med3dinsight_plugin.slices import RenderSettings, SlicePolicy, dataset_slices
+    from med3dinsight_plugin.volumes import open_source
+
+    for i in range(2):
+        write_nifti(tmp_path / f"c{i}.nii.gz", ct_like(seed=i))
+    slices = dataset_slices(open_source(str(tmp_path), modality="ct"), SlicePolicy(per_plane=3), RenderSettings(size=16))
+    assert operator.length_hint(slices) == 2 * 3 * 3 == sum(1 for _ in slices)

@@ -10,6 +10,7 @@ torch and numpy.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import pickle
 import re
@@ -478,10 +479,9 @@ def caption_slices(slices: Iterable, captioner: Captioner, out_path: Union[str, 
     store.check_settings({**captioner.settings(), **settings})
     done = set(CaptionFile.read(store.path))
     written = skipped = 0
-    try:
-        total = len(slices)
-    except TypeError:  # a generator: the bar shows counts and rate, no ETA
-        total = None
+    # dataset_slices gives a length hint (exact unless a volume has fewer slices with enough body); a plain
+    # generator gives none: the bar then shows counts and rate, no ETA
+    total = operator.length_hint(slices) or None
     with store, tqdm(total=total, disable=not progress, unit="slice", desc=f"captioning {store.path.name}") as bar:
         batch = []
 

@@ -74,8 +74,9 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
         cases_per_shard: consecutive cases per shard file.
 
     Returns:
-        ``{"folder", "cases", "slices", "shards_written", "shards_kept", "seconds"}`` (totals over all ranks for
-        cases/slices only on rank 0's manifest).
+        This process's part: ``{"folder", "cases" (of the whole dataset), "slices_embedded_here" (by this rank, in
+        the shards it wrote now), "shards_written", "shards_kept", "seconds", "rank", "world"}``; the manifest
+        that rank 0 writes lists every case and shard.
     """
     for name, value, flag in (("batch_size", batch_size, "--batch-size"),
                               ("cases_per_shard", cases_per_shard, "--cases-per-shard")):
