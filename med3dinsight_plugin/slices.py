@@ -196,7 +196,8 @@ def volume_slices(volume, policy: SlicePolicy, settings: RenderSettings, render:
     data = volume.native(settings.channel)
     picks = select_slices(body_mask(data, volume.modality), policy)
     if not picks:
-        raise Med3DInsightError(f"no slice of case {volume.case} ({volume.files[0] if volume.files else ''}) shows enough "
+        where = f" ({volume.files[0]})" if volume.files else ""
+        raise Med3DInsightError(f"no slice of case {volume.case}{where} shows enough "
                          f"body (min_foreground {policy.min_foreground}); check its modality ({volume.modality}) "
                          f"or lower min_foreground")
     window = intensity_window(data, volume.modality, settings) if render else None

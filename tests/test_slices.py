@@ -192,5 +192,6 @@ def test_dataset_slices_hint_their_count_for_progress_bars(tmp_path):
 
     for i in range(2):
         write_nifti(tmp_path / f"c{i}.nii.gz", ct_like(seed=i))
-    slices = dataset_slices(open_source(str(tmp_path), modality="ct"), SlicePolicy(per_plane=3), RenderSettings(size=16))
+    source = open_source(str(tmp_path), modality="ct")
+    slices = dataset_slices(source, SlicePolicy(per_plane=3), RenderSettings(size=16))
     assert operator.length_hint(slices) == 2 * 3 * 3 == sum(1 for _ in slices)
