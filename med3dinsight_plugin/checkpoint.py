@@ -15,6 +15,10 @@ Nothing is trusted on the file's word: the med3dinsight header is validated once
 so every consumer can use its keys; empty, sparse and over-declaring files are refused before their claimed sizes are
 allocated; weights holding NaN or Inf are refused (:func:`check_finite`); :func:`read_checkpoint_info` describes a file
 from its header without reading tensors; networks described by metadata are built under :func:`allocation_guard`.
+
+Where a checkpoint is read, :func:`resolve_checkpoint` turns the argument into a local file: a path, a folder with one
+``.safetensors`` file, or ``hf-hub:ORG/REPO[@REVISION]`` (a Hugging Face Hub repository's ``med3dinsight.safetensors``,
+through huggingface_hub's cache; see :mod:`.hub`).
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ from torch.overrides import TorchFunctionMode
 from .errors import Med3DInsightError, short_repr
 
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointInfo", "allocation_guard", "atomic_write", "check_finite",
-           "load_checkpoint", "read_checkpoint_info", "save_pretrained", "storage_id", "unwrap", "validate_metadata"]
+           "load_checkpoint", "read_checkpoint_info", "resolve_checkpoint", "save_pretrained", "storage_id", "unwrap",
+           "validate_metadata"]
 
 FORMAT = "med3dinsight-checkpoint"
 FORMAT_VERSION = 1
@@ -309,11 +314,18 @@ _SPARSE_MIN_BYTES = 64 << 20  # files smaller than this are read whatever their 
 def load_checkpoint(path: PathLike) -> Checkpoint:
     """Read a checkpoint of this package or a foreign weight file, without executing anything in it.
 
+    Args:
+        path: a file, a folder with one ``.safetensors`` file, or ``hf-hub:ORG/REPO[@REVISION]``
+            (see :func:`resolve_checkpoint`).
+
+    Returns:
+        The :class:`Checkpoint`; its ``path`` is the local file read.
+
     Raises:
         CheckpointError: missing, empty, truncated, sparse or unknown file; one that needs arbitrary unpickling; a
             med3dinsight metadata header that does not follow the format; weights holding NaN or Inf.
     """
-    path = _resolve(path)
+    path = resolve_checkpoint(path)
     _check_on_disk(path)
     if _is_torch_file(path):
         ckpt = _from_torch_file(path)
@@ -324,8 +336,26 @@ def load_checkpoint(path: PathLike) -> Checkpoint:
     return ckpt
 
 
-def _resolve(path: PathLike) -> Path:
-    path = Path(path)
+def resolve_checkpoint(spec: PathLike) -> Path:
+    """The local file a checkpoint argument names: the one resolver every entry point goes through (the loader,
+    ``read_checkpoint_info``, the MONAI handler, ``nnunet-attach``, the nnU-Net trainers' plans entry and
+    ``$MED3DINSIGHT_CHECKPOINT``, ``export``, ``inspect``, ``push``).
+
+    Args:
+        spec: a weight file; a folder holding exactly one ``.safetensors`` file; or ``hf-hub:ORG/REPO`` /
+            ``hf-hub:ORG/REPO@REVISION``, the ``med3dinsight.safetensors`` of a Hugging Face Hub model repository,
+            taken from huggingface_hub's cache (downloaded into it first unless ``HF_HUB_OFFLINE`` is set).
+
+    Returns:
+        The path of an existing, non-empty regular file (for ``hf-hub:``, inside the cache's snapshot folder).
+
+    Raises:
+        CheckpointError: one line: a missing, empty or ambiguous path; a malformed ``hf-hub:`` reference; a Hub file
+            that is not in the cache offline (with the ``hf download`` command that fetches it) or not on the Hub.
+    """
+    from .hub import download_checkpoint, is_hub_spec
+
+    path = download_checkpoint(spec) if is_hub_spec(spec) else Path(spec)
     if path.is_dir():
         candidates = sorted(path.glob("*.safetensors"))
         if len(candidates) != 1:
@@ -589,12 +619,18 @@ def read_checkpoint_info(path: PathLike) -> CheckpointInfo:
     """Describe a checkpoint from its header (safetensors) or a memory map (torch zip files) without reading the
     tensors, so that a huge or hostile file costs nothing to inspect.
 
+    Args:
+        path: as :func:`load_checkpoint` (a file, a folder, or ``hf-hub:ORG/REPO[@REVISION]``).
+
+    Returns:
+        The :class:`CheckpointInfo`.
+
     Raises:
         CheckpointError: as :func:`load_checkpoint`, except that NaN/Inf values are not looked for.
     """
     import math
 
-    path = _resolve(path)
+    path = resolve_checkpoint(path)
     if _is_torch_file(path):
         ckpt = _from_torch_file(path, mmap=True)
         shapes = {k: (tuple(t.shape), str(t.dtype).replace("torch.", "")) for k, t in ckpt.state_dict.items()}

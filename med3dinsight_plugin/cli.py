@@ -49,8 +49,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoint import read_checkpoint_info
 
+    from .hub import is_hub_spec
+
     info = read_checkpoint_info(args.checkpoint)  # header and shapes only: no tensor data is read
-    print(f"{info.path}: {info.source_format}, {len(info.tensors)} network tensors, {info.values / 1e6:.2f}M values")
+    name = f"{args.checkpoint} ({info.path})" if is_hub_spec(args.checkpoint) else info.path
+    print(f"{name}: {info.source_format}, {len(info.tensors)} network tensors, {info.values / 1e6:.2f}M values")
     meta = info.metadata
     if info.source_format == "med3dinsight":  # validated at read: these keys exist and have the format's types
         cfg = meta["backbone"]
@@ -64,6 +67,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             print(f"  {key:<13} {short_repr(meta[key], 200)}")
     elif info.encoder_prefixes:
         print(f"  encoder       {', '.join(info.encoder_prefixes)}")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_checkpoint
+
+    result = push_checkpoint(args.checkpoint, args.repo, revision=args.revision, private=args.private,
+                             dry_run=args.dry_run)
+    where = result["repo_id"] + (f"@{result['revision']}" if result["revision"] else "")
+    if result["folder"] is not None:
+        print(f"wrote {', '.join(result['files'])} to {result['folder']} (dry run: nothing uploaded; "
+              f"push them with: hf upload {result['repo_id']} {result['folder']} .)")
+    else:
+        print(f"pushed {', '.join(result['files'])} to {where}: {result['url']}")
+        print(f"load it with: hf-hub:{where}")
     return 0
 
 
@@ -252,8 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Med3DInsight: pretrain a 3D encoder (nnU-Net, SwinUNETR, UNETR) without labels from what 2D\n"
                     "image/text teachers say about its slices, then fine-tune it in nnU-Net or MONAI.\n\n"
                     "The commands in the order you run them: demo (everything on generated data); slices, caption,\n"
-                    "embed, cache (the teacher cache of your volumes); pretrain; export, inspect (the checkpoint);\n"
-                    "nnunet-env, nnunet-attach, study (fine-tuning with nnU-Net); models (sizes of the networks).",
+                    "embed, cache (the teacher cache of your volumes); pretrain; export, inspect, push (the\n"
+                    "checkpoint; push publishes it on the Hugging Face Hub); nnunet-env, nnunet-attach, study\n"
+                    "(fine-tuning with nnU-Net); models (sizes of the networks). Wherever a checkpoint is asked\n"
+                    "for, hf-hub:ORG/REPO[@REVISION] reads one from the Hub through the Hugging Face cache\n"
+                    "(HF_HUB_OFFLINE=1: from the cache only).",
         epilog="A user error ends with one line and exit code 2; MED3DINSIGHT_DEBUG=1 shows its traceback.")
     parser.add_argument("--version", action="version", version=f"med3dinsight {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -329,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("export", help="write a checkpoint in the format nnU-Net, MONAI or nnssl loads unmodified")
-    p.add_argument("checkpoint", help="a med3dinsight .safetensors checkpoint")
+    p.add_argument("checkpoint", help="a med3dinsight .safetensors checkpoint, or hf-hub:ORG/REPO[@REVISION]")
     p.add_argument("--to", required=True, choices=["nnunet", "monai", "nnssl"])
     p.add_argument("-o", "--output", required=True, help="file to write")
     p.add_argument("--plans", help="nnunet: the target dataset's plans.json, to check the export fits it")
@@ -337,8 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("inspect", help="print what a checkpoint holds (any supported format)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint file, or hf-hub:ORG/REPO[@REVISION]")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("push", help="publish a checkpoint on the Hugging Face Hub with a model card "
+                                    "(load it as hf-hub:ORG/REPO)")
+    p.add_argument("checkpoint", help="a med3dinsight .safetensors checkpoint")
+    p.add_argument("repo", metavar="ORG/REPO", help="the Hub model repository (created if missing)")
+    p.add_argument("--revision", help="branch to commit to (created if missing; default the main branch)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--dry-run", metavar="FOLDER",
+                   help="write med3dinsight.safetensors and README.md (the model card) to FOLDER; upload nothing")
+    p.set_defaults(func=_cmd_push)
 
     p = sub.add_parser("nnunet-env", help="print the export line that lets nnU-Net find the Med3DInsight trainers "
                                           "(use: eval \"$(med3dinsight nnunet-env)\")")
@@ -347,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("nnunet-attach", help="write nnU-Net plans that carry a pretrained checkpoint")
     p.add_argument("-d", "--dataset", required=True, help="nnU-Net dataset id or name")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans to start from (default nnUNetPlans)")
-    p.add_argument("-c", "--checkpoint", required=True, help="the pretrained checkpoint")
+    p.add_argument("-c", "--checkpoint", required=True,
+                   help="the pretrained checkpoint: a file, or hf-hub:ORG/REPO[@REVISION]")
     p.add_argument("-n", "--name", help="name of the new plans (default PLANS__med3dinsight)")
     p.add_argument("--configuration", default="3d_fullres")
     p.add_argument("--adapt-architecture", action="store_true",

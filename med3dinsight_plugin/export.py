@@ -40,7 +40,8 @@ def rebuild_backbone(checkpoint: Union[PathLike, Checkpoint], in_channels: Optio
     network far larger than the weights in the file is refused before anything that large is allocated.
 
     Args:
-        checkpoint: a path or a loaded :class:`Checkpoint` written by ``save_pretrained``.
+        checkpoint: a path, ``hf-hub:ORG/REPO[@REVISION]`` or a loaded :class:`Checkpoint` written by
+            ``save_pretrained``.
         in_channels: build for another number of input channels (then load the encoder with
             ``load_pretrained_encoder``, which adapts the input layer, and pass ``load_weights=False``).
         load_weights: load the file's network (strict) and reconstruction head.
@@ -87,7 +88,7 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
     """Write ``checkpoint`` in the format ``to`` (one of :data:`EXPORT_FORMATS`) to ``out``, atomically.
 
     Args:
-        checkpoint: a checkpoint written by :func:`save_pretrained`.
+        checkpoint: a checkpoint written by :func:`save_pretrained`: a path or ``hf-hub:ORG/REPO[@REVISION]``.
         to: ``"nnunet"``, ``"monai"`` or ``"nnssl"``.
         out: the file to write.
         plans, configuration: for ``nnunet``, the target dataset's plans; the export is refused unless the network

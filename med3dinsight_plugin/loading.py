@@ -108,7 +108,8 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
         model: an nnU-Net PlainConvUNet / ResidualEncoderUNet, a MONAI SwinUNETR / UNETR, a bare encoder (e.g.
             ``swin_unetr.swinViT``), a :class:`Backbone` or :class:`Med3DInsightModel`; DDP / compile wrapped or not.
         checkpoint: a path (this package's ``.safetensors``, MONAI ``model_swinvit.pt``, nnU-Net / nnssl ``.pth``,
-            a plain state dict), a loaded :class:`Checkpoint`, or a state dict.
+            a plain state dict), ``hf-hub:ORG/REPO[@REVISION]`` (a Hub repository's ``med3dinsight.safetensors``,
+            through huggingface_hub's cache), a loaded :class:`Checkpoint`, or a state dict.
         strict_encoder: raise :class:`IncompatibleCheckpointError` unless every expected tensor loads.
         adapt_channels: allow a 1-channel input layer to be repeated over N input channels (scaled by 1/N).
         adapt_position_embedding: allow a learnable position embedding to be resized to the model's token grid.
@@ -201,7 +202,8 @@ def _diagnose(report: LoadReport, spec, adapt_channels: bool) -> str:
 
 
 def _as_checkpoint(checkpoint) -> Checkpoint:
-    """A path is read by load_checkpoint, which checks it; objects built in memory are checked here the same way."""
+    """A path or ``hf-hub:`` reference is read by load_checkpoint, which resolves and checks it; objects built in
+    memory are checked here the same way."""
     if isinstance(checkpoint, Checkpoint):
         check_finite(checkpoint.state_dict, checkpoint.path or "the checkpoint")
         return checkpoint

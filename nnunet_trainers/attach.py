@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from med3dinsight_plugin.checkpoint import CheckpointError, allocation_guard, atomic_write, load_checkpoint
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
+from med3dinsight_plugin.hub import is_hub_spec, pinned_spec
 
 __all__ = ["ENV_CHECKPOINT", "MONAI_NETWORKS", "PLANS_KEY", "TRAINER_OF", "attach_checkpoint", "attached_plans",
            "configured_checkpoint"]
@@ -35,7 +36,15 @@ _PATCH_MULTIPLE = {"swin_unetr": (32, 64), "unetr": (16, 32)}  # (divisor, minim
 
 
 def configured_checkpoint(plans: Dict[str, Any]) -> Tuple[Optional[str], str]:
-    """``(checkpoint path, where it came from)``: ``$MED3DINSIGHT_CHECKPOINT`` overrides the plans' entry."""
+    """The checkpoint a trainer should load: ``$MED3DINSIGHT_CHECKPOINT`` overrides the plans' entry.
+
+    Args:
+        plans: the nnU-Net plans the trainer runs with.
+
+    Returns:
+        ``(checkpoint, where it came from)``; the checkpoint as written (a path or ``hf-hub:ORG/REPO[@REVISION]``,
+        for :func:`~med3dinsight_plugin.checkpoint.resolve_checkpoint`), or ``None`` when neither names one.
+    """
     if os.environ.get(ENV_CHECKPOINT):
         return os.environ[ENV_CHECKPOINT], f"${ENV_CHECKPOINT}"
     origin = f"plans '{plans.get('plans_name')}'"
@@ -64,7 +73,8 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
     Args:
         dataset: nnU-Net dataset id or name (``990`` or ``Dataset990_Tiny``).
         plans_name: the plans to start from (``nnUNetPlans``).
-        checkpoint: the pretrained checkpoint.
+        checkpoint: the pretrained checkpoint: a path or ``hf-hub:ORG/REPO[@REVISION]``; the plans record a Hub
+            checkpoint pinned to the commit read (``hf-hub:ORG/REPO@COMMIT``).
         name: the new plans name; default ``PLANS_NAME__med3dinsight``.
         configuration: the configuration to train.
         adapt_architecture: replace the configuration's architecture with the checkpoint's.
@@ -148,7 +158,7 @@ def attached_plans(plans: Dict[str, Any], plans_file: Path, new_name: str, check
                         guarded=adapt_architecture)
 
     new_plans[PLANS_KEY] = {
-        "checkpoint": str(Path(ckpt.path).resolve()),
+        "checkpoint": pinned_spec(checkpoint, ckpt.path) if is_hub_spec(checkpoint) else str(Path(ckpt.path).resolve()),
         "sha256": file_sha256(ckpt.path),
         "source_format": ckpt.source_format,
         "family": family,

@@ -4,7 +4,8 @@
 ``nnUNet_extTrainer`` points at this package's shim (``eval "$(med3dinsight nnunet-env)"``).
 
 * Which weights: the plans' ``"med3dinsight"`` entry written by ``med3dinsight nnunet-attach``, or
-  ``$MED3DINSIGHT_CHECKPOINT``. None configured: the run stops with a message (never a silent scratch run).
+  ``$MED3DINSIGHT_CHECKPOINT``; either a path or ``hf-hub:ORG/REPO[@REVISION]`` (read through huggingface_hub's cache,
+  offline with ``HF_HUB_OFFLINE=1``). None configured: the run stops with a message (never a silent scratch run).
 * When: inside ``initialize()``, after the network is built and before its first (compiled) forward pass and the DDP
   wrap -- in ``configure_optimizers``, which nnU-Net calls between the two -- through the package's one loader. The
   load report goes to nnU-Net's training log and ``pretrained_load_report.json``; a mismatch stops the run before
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from med3dinsight_plugin.checkpoint import atomic_write
+from med3dinsight_plugin.checkpoint import atomic_write, resolve_checkpoint
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
 from med3dinsight_plugin.finetune import (apply_finetune_lr, default_warmup, finetune_optimizer, finetune_param_groups,
                                          freeze_dead_parameters)
@@ -112,9 +113,10 @@ class Med3DInsightTrainer(nnUNetTrainer):
                        f"or set MED3DINSIGHT_CHECKPOINT; to train from scratch use -tr nnUNetTrainer")
         entry = plans.get(PLANS_KEY) if origin.startswith("plans") else {}
         try:
-            if entry.get("sha256") and origin.startswith("plans") and file_sha256(path) != entry["sha256"]:
+            local = resolve_checkpoint(path)  # a file, or hf-hub:ORG/REPO[@REVISION] from the Hugging Face cache
+            if entry.get("sha256") and origin.startswith("plans") and file_sha256(local) != entry["sha256"]:
                 self.print_to_log_file(f"WARNING: {path} changed since it was attached to these plans")
-            report = load_pretrained_encoder(self.network, path, strict_encoder=True)
+            report = load_pretrained_encoder(self.network, local, strict_encoder=True)
         except (Med3DInsightError, OSError) as e:  # a user error; anything else is a bug and keeps its traceback
             details = getattr(e, "report", None)
             self._stop(f"pretrained checkpoint from {origin}: {first_line(e)}", details)

@@ -48,8 +48,8 @@ def test_help_lists_the_commands_in_the_order_a_user_runs_them_without_importing
     assert (before, after) == ("False", "True")
     listed = [line.split()[0] for line in text.split("COMMAND", 2)[2].split("options:")[0].splitlines()
               if line.startswith("    ") and not line.startswith("     ")]
-    assert listed == ["demo", "slices", "caption", "embed", "cache", "pretrain", "export", "inspect", "nnunet-env",
-                      "nnunet-attach", "study", "models"]
+    assert listed == ["demo", "slices", "caption", "embed", "cache", "pretrain", "export", "inspect", "push",
+                      "nnunet-env", "nnunet-attach", "study", "models"]
     assert text.startswith("usage: med3dinsight") and '"""' not in text and "``" not in text
 
 

@@ -23,7 +23,8 @@ class PretrainedEncoderLoader:
 
     Args:
         checkpoint: a med3dinsight ``.safetensors``, MONAI ``model_swinvit.pt``, nnU-Net / nnssl checkpoint or state
-            dict file.
+            dict file, or ``hf-hub:ORG/REPO[@REVISION]`` (resolved through huggingface_hub's cache when the engine
+            starts; offline, a file missing from the cache fails there with one line).
         network: the model to load into (SwinUNETR, UNETR, an nnU-Net network, a classifier, a bare encoder).
         strict_encoder, adapt_channels, scope: as :func:`~med3dinsight_plugin.load_pretrained_encoder`.
         name: logger name; default the engine's logger.
@@ -32,6 +33,8 @@ class PretrainedEncoderLoader:
 
         {"_target_": "med3dinsight_plugin.monai_support.PretrainedEncoderLoader",
          "checkpoint": "$@bundle_root + '/models/med3dinsight.safetensors'", "network": "@network"}
+
+    or ``"checkpoint": "hf-hub:ORG/REPO"`` for weights published with ``med3dinsight push``.
     """
 
     def __init__(self, checkpoint: Union[str, os.PathLike], network: torch.nn.Module, strict_encoder: bool = True,

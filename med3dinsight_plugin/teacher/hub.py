@@ -1,30 +1,16 @@
 """Hugging Face Hub access for the teachers: offline detection, so a missing model fails at once, not after retries."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Iterable, Optional
+
+from ..hub import hub_offline  # shared with the checkpoint resolver; re-exported here for the teacher modules
 
 __all__ = ["hub_offline", "pickle_files", "unsafe_pickle_message"]
 
 SAFE_FORMATS = ("safetensors weights (e.g. model.safetensors / open_clip_model.safetensors) or a torch file that "
                 "loads with torch.load(weights_only=True)")
-
-
-def hub_offline() -> bool:
-    """Whether hub downloads are switched off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``).
-
-    The variables are read here too: huggingface_hub reads them once at import, which may precede the user's setting.
-    """
-    try:
-        from huggingface_hub import constants
-        if constants.HF_HUB_OFFLINE:
-            return True
-    except ImportError:
-        pass
-    flags = (os.environ.get(v, "").strip().upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(f in ("1", "ON", "YES", "TRUE") for f in flags)
 
 
 def pickle_files(folder: Optional[Path]) -> list:

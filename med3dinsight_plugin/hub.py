@@ -1,0 +1,462 @@
+"""Checkpoints on the Hugging Face Hub, as open_clip and timm users expect them.
+
+``hf-hub:ORG/REPO`` or ``hf-hub:ORG/REPO@REVISION`` (a branch, tag or commit) names the file
+``med3dinsight.safetensors`` of a Hub model repository wherever a checkpoint path is accepted: the one resolver,
+:func:`~med3dinsight_plugin.checkpoint.resolve_checkpoint`, turns it into a file of huggingface_hub's cache
+(``hf_hub_download``), so ``load_checkpoint``, ``read_checkpoint_info``, ``load_pretrained_encoder``, the MONAI
+handler, ``nnunet-attach``, ``$MED3DINSIGHT_CHECKPOINT`` of the nnU-Net trainers, ``export`` and ``inspect`` all take
+it. With ``HF_HUB_OFFLINE=1`` only the cache is read, and a file that is not there fails at once with one line naming
+the repository and the ``hf download`` command that fetches it.
+
+:func:`push_checkpoint` (``med3dinsight push``) publishes a checkpoint: the file plus a model card (``README.md``)
+written from its metadata, uploaded with ``HfApi().upload_folder``.
+
+huggingface_hub is imported inside the functions only.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from .errors import first_line, short_repr
+
+__all__ = ["HUB_FILENAME", "HUB_PREFIX", "HubSpec", "download_checkpoint", "hub_offline", "is_hub_spec",
+           "model_card", "parse_hub_spec", "pinned_spec", "push_checkpoint"]
+
+HUB_PREFIX = "hf-hub:"
+HUB_FILENAME = "med3dinsight.safetensors"  # = checkpoint.DEFAULT_FILENAME: what save_pretrained writes in a folder
+_FORM = "hf-hub:ORG/REPO or hf-hub:ORG/REPO@REVISION"
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hub_offline() -> bool:
+    """Whether hub downloads are switched off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``).
+
+    The variables are read here too: huggingface_hub reads them once at import, which may precede the user's setting.
+
+    Returns:
+        True when only the local Hugging Face cache may be read.
+    """
+    try:
+        from huggingface_hub import constants
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:
+        pass
+    flags = (os.environ.get(v, "").strip().upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """A parsed ``hf-hub:`` checkpoint reference.
+
+    Attributes:
+        repo_id: ``ORG/REPO``.
+        revision: the branch, tag or commit after ``@``; ``None`` means the default branch.
+    """
+
+    repo_id: str
+    revision: Optional[str] = None
+
+    def __str__(self) -> str:
+        return f"{HUB_PREFIX}{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+
+    def download_command(self) -> str:
+        """The ``hf`` command line that puts the checkpoint into the local cache."""
+        return f"hf download {self.repo_id} {HUB_FILENAME}" + (f" --revision {self.revision}" if self.revision else "")
+
+
+def is_hub_spec(value: Any) -> bool:
+    """Whether a checkpoint argument names a Hub repository rather than a local path.
+
+    Args:
+        value: what the user passed (a string, a path, a loaded checkpoint, a state dict, ...).
+
+    Returns:
+        True for strings (and paths) that start with ``hf-hub:``.
+    """
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return isinstance(value, str) and value.startswith(HUB_PREFIX)
+
+
+def parse_hub_spec(spec: Union[str, os.PathLike]) -> HubSpec:
+    """Split ``hf-hub:ORG/REPO[@REVISION]`` into repository and revision, checking both.
+
+    Args:
+        spec: the reference, with its ``hf-hub:`` prefix.
+
+    Returns:
+        The :class:`HubSpec`.
+
+    Raises:
+        CheckpointError: one line naming the malformed reference and the form it must have.
+    """
+    from .checkpoint import CheckpointError
+
+    text = os.fspath(spec)
+    body = text[len(HUB_PREFIX):] if text.startswith(HUB_PREFIX) else text
+    repo_id, at, revision = body.partition("@")
+    problem = None
+    if not repo_id:
+        problem = "it names no repository"
+    elif repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        problem = f"{repo_id!r} is not ORG/REPO"
+    elif at and (not revision or any(c.isspace() for c in revision) or "@" in revision):
+        problem = f"{revision!r} after '@' is not a revision (a branch, tag or commit)"
+    else:
+        from huggingface_hub.utils import validate_repo_id
+        try:
+            validate_repo_id(repo_id)
+        except ValueError:  # HFValidationError
+            problem = (f"{repo_id!r} is not a Hub repository id (letters, digits, '-', '_', '.'; no leading or "
+                       f"trailing '-' or '.'; at most 96 characters each)")
+    if problem:
+        raise CheckpointError(f"checkpoint {text!r}: {problem}; use {_FORM}")
+    return HubSpec(repo_id, revision or None)
+
+
+def download_checkpoint(spec: Union[str, os.PathLike]) -> Path:
+    """The local file of ``hf-hub:ORG/REPO[@REVISION]``: ``med3dinsight.safetensors`` of that repository, from
+    huggingface_hub's cache, downloaded first unless ``HF_HUB_OFFLINE`` is set.
+
+    Args:
+        spec: the ``hf-hub:`` reference.
+
+    Returns:
+        The file's path in the cache (``.../models--ORG--REPO/snapshots/COMMIT/med3dinsight.safetensors``).
+
+    Raises:
+        CheckpointError: one line for a malformed reference, a file missing from the cache offline (with the
+            ``hf download`` command that fetches it), or a repository, revision or file the Hub does not have.
+    """
+    from .checkpoint import CheckpointError
+
+    hub = parse_hub_spec(spec)
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    offline = hub_offline()
+    where = f"{HUB_FILENAME} of {hub.repo_id}" + (f" at revision {hub.revision!r}" if hub.revision else "")
+    try:
+        return Path(hf_hub_download(hub.repo_id, HUB_FILENAME, revision=hub.revision, local_files_only=offline))
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        raise CheckpointError(f"{hub}: {where} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                              f"{why}; fetch it where there is network: {hub.download_command()}") from None
+    except GatedRepoError:
+        reason = "is in a gated repository: accept its conditions on the Hub, then log in (hf auth login)"
+    except RepositoryNotFoundError:
+        reason = ("cannot be read: the Hub has no model repository of that name, or it is private and you are not "
+                  "logged in (hf auth login)")
+    except RevisionNotFoundError:
+        reason = f"cannot be read: {hub.repo_id} has no such branch, tag or commit; check the part after '@'"
+    except RemoteEntryNotFoundError:
+        reason = (f"does not exist: the repository holds no med3dinsight checkpoint (publish one with: med3dinsight "
+                  f"push CHECKPOINT {hub.repo_id})")
+    except Exception as e:  # noqa: BLE001 -- only the hub's and its HTTP stack's failures; others re-raised
+        if not _hub_failure(e):
+            raise
+        raise CheckpointError(f"{hub}: cannot download {where} ({first_line(e)}); check the network, or fetch it "
+                              f"where there is one: {hub.download_command()}") from None
+    raise CheckpointError(f"{hub}: {where} {reason}")
+
+
+def pinned_spec(spec: Union[str, os.PathLike], path: Union[str, os.PathLike]) -> str:
+    """``hf-hub:ORG/REPO@COMMIT`` for a reference resolved to ``path``: the exact commit read, so that a record
+    (e.g. the plans nnunet-attach writes) names these weights even after the branch moves on.
+
+    Args:
+        spec: the ``hf-hub:`` reference as given.
+        path: the file :func:`download_checkpoint` returned for it (``.../snapshots/COMMIT/...``).
+
+    Returns:
+        The reference pinned to the snapshot's commit; the reference unchanged when the path shows none.
+    """
+    hub = parse_hub_spec(spec)
+    commit = Path(path).parent.name
+    return str(HubSpec(hub.repo_id, commit)) if _COMMIT.match(commit) else str(hub)
+
+
+def _hub_failure(e: BaseException) -> bool:
+    """Whether an exception comes from talking to the Hub (huggingface_hub, its HTTP client, the OS), not a bug."""
+    module = type(e).__module__.split(".")[0]
+    return isinstance(e, OSError) or module in ("huggingface_hub", "httpx", "httpx2", "requests", "urllib3")
+
+
+# ---------------------------------------------------------------------------------------------------------- push
+
+_TRAINER_OF = {"nnunet": "Med3DInsightTrainer", "swin_unetr": "Med3DInsightTrainer_SwinUNETR",
+               "unetr": "Med3DInsightTrainer_UNETR"}  # as nnunet_trainers.attach.TRAINER_OF (core: no nnU-Net import)
+_MONAI_CLASSES = {"swin_unetr": "SwinUNETR", "unetr": "UNETR"}
+
+
+def push_checkpoint(checkpoint: Union[str, os.PathLike], repo_id: str, *, revision: Optional[str] = None,
+                    private: bool = False, dry_run: Optional[Union[str, os.PathLike]] = None,
+                    token: Optional[str] = None) -> Dict[str, Any]:
+    """Publish a med3dinsight checkpoint on the Hub: ``med3dinsight.safetensors`` plus a model card ``README.md``.
+
+    The two files are written to a staging folder, then uploaded in one commit with ``HfApi().upload_folder``
+    (the repository is created if needed, ``exist_ok``; a ``revision`` branch likewise). With ``HF_HUB_OFFLINE`` set
+    and no ``dry_run``, nothing is read or sent: one line says so.
+
+    Args:
+        checkpoint: a checkpoint written by ``save_pretrained`` / ``med3dinsight pretrain`` (a path or ``hf-hub:``).
+        repo_id: the target ``ORG/REPO`` (an ``hf-hub:`` prefix is accepted).
+        revision: the branch to commit to (created from the default branch if missing); default the default branch.
+        private: create the repository as private (an existing repository keeps its visibility).
+        dry_run: write the staging folder here (created if missing) and upload nothing.
+        token: a Hub token; default huggingface_hub's (``HF_TOKEN`` or ``hf auth login``).
+
+    Returns:
+        ``{"repo_id", "revision", "folder" (the dry-run folder or None), "files", "url" (the commit, or None on a
+        dry run)}``.
+
+    Raises:
+        CheckpointError: a bad repository id, a foreign or invalid checkpoint, offline mode, or a refused upload.
+    """
+    from .checkpoint import CheckpointError, atomic_write, load_checkpoint
+
+    hub = parse_hub_spec(repo_id if str(repo_id).startswith(HUB_PREFIX) else HUB_PREFIX + str(repo_id))
+    if hub.revision:
+        raise CheckpointError(f"push target {repo_id!r}: pass the branch with --revision {hub.revision}, not after "
+                              f"'@'")
+    if revision is not None:
+        parse_hub_spec(f"{hub}@{revision}")  # same check of the revision's form
+    target = HubSpec(hub.repo_id, revision)
+    if dry_run is None and hub_offline():
+        raise CheckpointError(f"HF_HUB_OFFLINE is set, so nothing was uploaded to {hub.repo_id}; push where there is "
+                              f"network (unset HF_HUB_OFFLINE), or write the files only with --dry-run FOLDER")
+    ckpt = load_checkpoint(checkpoint)  # resolved, validated, finite: only a usable file is published
+    if ckpt.source_format != "med3dinsight":
+        raise CheckpointError(f"{ckpt.path} is a {ckpt.source_format} file without med3dinsight metadata, so it "
+                              f"would not describe itself on the Hub; push a checkpoint written by save_pretrained "
+                              f"or med3dinsight pretrain")
+    card = model_card(ckpt.metadata, target)
+
+    def stage(folder: Path) -> list:
+        weights = folder / HUB_FILENAME
+        if not (weights.exists() and os.path.samefile(weights, ckpt.path)):
+            atomic_write(weights, lambda tmp: shutil.copyfile(ckpt.path, tmp))
+        atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+        return [HUB_FILENAME, "README.md"]
+
+    if dry_run is not None:
+        folder = Path(dry_run)
+        if folder.exists() and not folder.is_dir():
+            raise CheckpointError(f"--dry-run {folder} is a file; pass a folder (created if missing)")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create --dry-run folder {folder}: {e.strerror or e}") from None
+        return {"repo_id": hub.repo_id, "revision": revision, "folder": str(folder), "files": stage(folder),
+                "url": None}
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory(prefix="med3dinsight-push-") as tmp:
+        files = stage(Path(tmp))
+        api = HfApi(token=token)
+        try:
+            api.create_repo(hub.repo_id, private=private, repo_type="model", exist_ok=True)
+            if revision:
+                api.create_branch(hub.repo_id, branch=revision, repo_type="model", exist_ok=True)
+            info = api.upload_folder(repo_id=hub.repo_id, folder_path=tmp, repo_type="model", revision=revision,
+                                     commit_message=f"med3dinsight push: {_backbone_name(ckpt.metadata)} checkpoint")
+        except Exception as e:  # noqa: BLE001 -- only the hub's and its HTTP stack's failures; others re-raised
+            if not _hub_failure(e):
+                raise
+            raise CheckpointError(f"uploading to {hub.repo_id} failed ({first_line(e)}); check the network and "
+                                  f"that you may write there (hf auth login, HF_TOKEN)") from None
+    return {"repo_id": hub.repo_id, "revision": revision, "folder": None, "files": files,
+            "url": getattr(info, "commit_url", None) or str(info)}
+
+
+def _backbone_name(meta: Dict[str, Any]) -> str:
+    cls = str(meta.get("network_class", "")).rsplit(".", 1)[-1]
+    return f"{meta['backbone']['name']} ({cls})" if cls else meta["backbone"]["name"]
+
+
+def _cell(value: Any) -> str:
+    """A table cell: one line, pipes escaped."""
+    text = value if isinstance(value, str) else _short(value)
+    return " ".join(text.split()).replace("|", "\\|") or "-"
+
+
+def _short(value: Any) -> str:
+    """A metadata value in a few words: numbers to 4 significant digits, a list of numbers as ``A x B x C``."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+        return " x ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value)
+    return short_repr(value, 160)
+
+
+def _spacing(meta: Dict[str, Any]) -> str:
+    backbone = meta["backbone"]
+    if isinstance(backbone.get("spacing"), list):
+        return f"{_short(backbone['spacing'])} mm"
+    plan = (meta.get("adaptation_plan") or {}).get("pretrain_plan") or {}
+    for name, config in (plan.get("configurations") or {}).items():
+        if isinstance(config, dict) and isinstance(config.get("spacing"), list):
+            return f"{_short(config['spacing'])} mm (nnU-Net {name} target spacing)"
+    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    if data.get("kind") in ("nifti", "nnunet_raw"):
+        return "each volume's own spacing (not resampled)"
+    return "not recorded"
+
+
+def _normalisation(meta: Dict[str, Any]) -> str:
+    norm = meta.get("intensity_normalization")
+    if not isinstance(norm, dict):
+        return "not recorded"
+    scheme = str(norm.get("scheme", "?"))
+    if scheme == "nnunet_preprocessed":
+        return f"nnU-Net's own (preprocessed {norm.get('plans_name', '?')} / {norm.get('configuration', '?')} data)"
+    rest = {k: v for k, v in norm.items() if k != "scheme"}
+    return scheme + (" (" + ", ".join(f"{k} {_short(v)}" for k, v in rest.items()) + ")" if rest else "")
+
+
+def _teacher(meta: Dict[str, Any]) -> str:
+    teacher = meta.get("teacher")
+    if not isinstance(teacher, dict):
+        return "not recorded"
+    parts = [str(teacher.get("model", "?"))]
+    if teacher.get("pretrained"):
+        parts.append(f"weights {teacher['pretrained']}")
+    if teacher.get("embed_dim"):
+        parts.append(f"{teacher['embed_dim']}-d")
+    if teacher.get("weights_fingerprint"):
+        parts.append(f"fingerprint {teacher['weights_fingerprint']}")
+    return ", ".join(parts)
+
+
+def _captions(meta: Dict[str, Any]) -> str:
+    if "captions" not in meta:
+        return "not recorded"
+    captions = meta["captions"]
+    if not captions:
+        return "none (image embeddings only)"
+    if isinstance(captions, dict):
+        return str(captions.get("model") or "from label masks / unnamed") + (
+            f" (captions sha256 {str(captions['sha256'])[:12]})" if captions.get("sha256") else "")
+    return _short(captions)
+
+
+def _data(meta: Dict[str, Any]) -> str:
+    data = meta.get("data")
+    if not isinstance(data, dict):
+        return "not recorded"
+    parts = []
+    if isinstance(data.get("root"), str) and data["root"]:
+        parts.append(Path(data["root"]).name)  # the dataset's name, not the pretraining machine's path
+    for key, label in (("kind", ""), ("modality", "modality "), ("num_cases", ""), ("num_channels", "")):
+        if data.get(key) is not None:
+            value = data[key]
+            parts.append(f"{value} cases" if key == "num_cases" else f"{value} channel(s)" if key == "num_channels"
+                         else f"{label}{value}")
+    if data.get("plans_name"):
+        parts.append(f"{data['plans_name']} / {data.get('configuration', '?')}")
+    return ", ".join(str(p) for p in parts) or "not recorded"
+
+
+def model_card(meta: Dict[str, Any], spec: Union[HubSpec, str]) -> str:
+    """The model card (``README.md``) of a pushed checkpoint, from its validated metadata.
+
+    Args:
+        meta: the checkpoint's med3dinsight metadata (:class:`~med3dinsight_plugin.checkpoint.Checkpoint`).
+        spec: where it is published (``ORG/REPO`` and the revision), for the loading instructions.
+
+    Returns:
+        Markdown with a YAML header: the network (backbone, channels, patch size, spacing, intensity normalisation,
+        orientation, encoder), the pretraining (teacher, captions model, data, schedule), and how to load it in
+        nnU-Net and MONAI.
+    """
+    hub = spec if isinstance(spec, HubSpec) else parse_hub_spec(spec)
+    ref = str(hub)
+    name = meta["backbone"]["name"]
+    family = name if name in _MONAI_CLASSES else "nnunet"
+    pretraining = meta.get("pretraining") if isinstance(meta.get("pretraining"), dict) else {}
+    alignment = meta.get("alignment") if isinstance(meta.get("alignment"), dict) else {}
+    rows = [("backbone", _backbone_name(meta)), ("input channels", meta["in_channels"]),
+            ("patch size", _short(meta["patch_size"])), ("spacing", _spacing(meta)),
+            ("intensity normalisation", _normalisation(meta)),
+            ("orientation", meta.get("orientation", "not recorded")),
+            ("encoder", ", ".join(meta["encoder_prefixes"]) or "the whole network"),
+            ("teacher (image/text)", _teacher(meta)), ("captions model", _captions(meta)),
+            ("pretraining data", _data(meta))]
+    if pretraining:
+        rows.append(("pretraining run", ", ".join(f"{k.replace('_', ' ')} {pretraining[k]}" for k in
+                                                   ("steps", "global_batch", "world_size") if k in pretraining)))
+    if alignment:
+        rows.append(("alignment", f"{alignment.get('type', '?')}, {alignment.get('embed_dim', '?')}-d"))
+    rows.append(("med3dinsight version", meta.get("package_version", "?")))
+    table = "\n".join(f"| {label} | {_cell(value)} |" for label, value in rows)
+    trainer = _TRAINER_OF[family]
+    if family in _MONAI_CLASSES:  # nnU-Net's plans never build these: the plans must take the checkpoint's network
+        attach = (f"med3dinsight nnunet-attach -d DATASET -p nnUNetPlans -c {ref} --adapt-architecture\n"
+                  f"nnUNetv2_train DATASET 3d_fullres FOLD -p nnUNetPlans__med3dinsight -tr {trainer}\n"
+                  f"# or, with plans that already build this network (as nnunet-attach --adapt-architecture writes):\n"
+                  f"MED3DINSIGHT_CHECKPOINT={ref} nnUNetv2_train DATASET 3d_fullres FOLD -p PLANS -tr {trainer}")
+    else:
+        attach = (f"med3dinsight nnunet-attach -d DATASET -p nnUNetPlans -c {ref}   # + --adapt-architecture "
+                  f"unless your plans build this network\n"
+                  f"nnUNetv2_train DATASET 3d_fullres FOLD -p nnUNetPlans__med3dinsight -tr {trainer}\n"
+                  f"# or, without new plans:\n"
+                  f"MED3DINSIGHT_CHECKPOINT={ref} nnUNetv2_train DATASET 3d_fullres FOLD -tr {trainer}")
+    monai_net = _MONAI_CLASSES.get(family)
+    kwargs = {k: v for k, v in (meta["backbone"].get("network_kwargs") or {}).items()
+              if k in ("feature_size", "depths", "num_heads", "hidden_size", "mlp_dim", "img_size")}
+    example = (f"network = {monai_net}(in_channels={meta['in_channels']}, out_channels=NUM_CLASSES"
+               + "".join(f", {k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in kwargs.items()) + ")"
+               if monai_net else "network = ...  # your PlainConvUNet / ResidualEncoderUNet, or any supported network")
+    imports = (f"from monai.networks.nets import {monai_net}\n" if monai_net else "")
+    tags = list(dict.fromkeys(["medical-imaging", "3d", "self-supervised-learning", "med3dinsight", name,
+                               "nnunet" if family == "nnunet" else "monai"]))
+    return f"""---
+library_name: med3dinsight
+tags:
+{chr(10).join(f"- {t}" for t in tags)}
+---
+
+# {hub.repo_id}
+
+A 3D medical image encoder pretrained without labels with Med3DInsight (Chen, Ye, Hong,
+[arXiv 2403.05141](https://arxiv.org/abs/2403.05141)): 2D image/text teachers supervise the encoder's 3D features
+through its axial, coronal and sagittal slices. `{HUB_FILENAME}` is self-describing: its header metadata
+holds the network's build arguments, an nnssl adaptation plan and the facts below (`med3dinsight inspect {ref}`
+prints them).
+
+| | |
+|---|---|
+{table}
+
+## nnU-Net
+
+```bash
+eval "$(med3dinsight nnunet-env)"
+{attach}
+```
+
+## MONAI / PyTorch
+
+```python
+{imports}from med3dinsight_plugin import load_pretrained_encoder
+
+{example}
+print(load_pretrained_encoder(network, "{ref}"))   # exact or it raises; the report says what loaded
+```
+
+In an Ignite / MONAI bundle: `PretrainedEncoderLoader("{ref}", network)` from `med3dinsight_plugin.monai_support`.
+
+## Offline
+
+`{hub.download_command()}` puts the file into the Hugging Face cache; with `HF_HUB_OFFLINE=1` the
+`{ref}` references above then read it from there.
+"""

@@ -1,0 +1,389 @@
+"""Checkpoints on the Hugging Face Hub: ``hf-hub:ORG/REPO[@REVISION]`` through every entry point that takes a
+checkpoint, offline, from a local hub cache laid out as huggingface_hub writes it; and ``med3dinsight push`` (its dry
+run and its offline refusal only: nothing is ever uploaded)."""
+import hashlib
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import run_tool
+from med3dinsight_plugin import build_backbone, load_checkpoint, load_pretrained_encoder, save_pretrained
+from med3dinsight_plugin.checkpoint import CheckpointError, read_checkpoint_info
+
+MAIN, V1 = "1" * 39 + "a", "2" * 39 + "b"  # the commits refs/main and refs/v1 point to
+TINY = dict(patch_size=(32, 32, 32), base_features=4, max_features=16)
+META = dict(
+    intensity_normalization={"scheme": "CTNormalization", "mean": 41.5, "std": 120.25, "percentile_00_5": -990.0,
+                             "percentile_99_5": 1500.0},
+    orientation="canonical LPS: axis 0 toward superior, 1 toward posterior, 2 toward the patient's left",
+    teacher={"model": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "pretrained": None,
+             "embed_dim": 512, "weights_fingerprint": "0123456789abcdef"},
+    captions={"sha256": "f" * 64, "model": "Qwen/Qwen2-VL-2B-Instruct"},
+    data={"kind": "nifti", "root": "/home/someone/private/Dataset990_Tiny", "modality": "ct", "num_channels": 1,
+          "num_cases": 12},
+    pretraining={"steps": 300, "global_batch": 8, "world_size": 1, "config": {}},
+)
+
+
+def _tiny(seed):
+    torch.manual_seed(seed)
+    return build_backbone("plain_conv_unet", **TINY)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A Hugging Face cache holding ``org/repo`` at two commits (``main`` and ``v1``, different weights), offline."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    repo = cache / "models--org--repo"
+    weights = {}
+    for commit, seed in ((MAIN, 0), (V1, 1)):
+        backbone = _tiny(seed)
+        written = save_pretrained(backbone, tmp_path / f"{commit}.safetensors", **META)
+        blob = repo / "blobs" / hashlib.sha256(written.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        written.rename(blob)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (snapshot / "med3dinsight.safetensors").symlink_to(os.path.relpath(blob, snapshot))
+        weights[commit] = {k: v.clone() for k, v in backbone.network.state_dict().items()}
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(MAIN)
+    (repo / "refs" / "v1").write_text(V1)
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # huggingface_hub read the variables at import
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv("MED3DINSIGHT_CHECKPOINT", raising=False)
+    return SimpleNamespace(cache=cache, repo=repo, weights=weights, env={**os.environ, **env})
+
+
+SPECS = [("hf-hub:org/repo", MAIN), ("hf-hub:org/repo@main", MAIN), ("hf-hub:org/repo@v1", V1),
+         (f"hf-hub:org/repo@{V1}", V1)]
+
+
+# ------------------------------------------------------------------------------------------------ the entry points
+
+def _via_load_checkpoint(spec, tmp_path):
+    ckpt = load_checkpoint(spec)
+    return ckpt.path, ckpt.state_dict
+
+
+def _via_read_checkpoint_info(spec, tmp_path):
+    info = read_checkpoint_info(spec)
+    assert info.source_format == "med3dinsight" and info.metadata["orientation"] == META["orientation"]
+    return info.path, None
+
+
+def _via_loader(spec, tmp_path):
+    network = _tiny(7).network
+    report = load_pretrained_encoder(network, spec)
+    assert report.coverage == 100.0 and report.applied
+    return Path(report.source), network.state_dict()
+
+
+def _via_monai_handler(spec, tmp_path):
+    from ignite.engine import Engine
+
+    from med3dinsight_plugin.monai_support import PretrainedEncoderLoader
+
+    network = _tiny(7).network
+    loader = PretrainedEncoderLoader(spec, network)
+    loader(Engine(lambda engine, batch: None))
+    assert loader.report.coverage == 100.0
+    return Path(loader.report.source), network.state_dict()
+
+
+def _via_export(spec, tmp_path):
+    from med3dinsight_plugin.export import export_checkpoint
+
+    out = tmp_path / f"export_{abs(hash(spec))}.pth"
+    export_checkpoint(spec, "nnunet", out)
+    return None, torch.load(out, weights_only=True)["network_weights"]
+
+
+def _via_rebuild_backbone(spec, tmp_path):
+    from med3dinsight_plugin.export import rebuild_backbone
+
+    return None, rebuild_backbone(spec).network.state_dict()
+
+
+def _via_nnunet_attach(spec, tmp_path):
+    """nnunet-attach's plans writer (attach_checkpoint minus nnU-Net's dataset folders): it test-loads the Hub file
+    and records it pinned to the commit read."""
+    from nnunet_trainers.attach import attached_plans
+
+    architecture = _tiny(0).config["architecture"]
+    plans = {"plans_name": "P", "dataset_name": "Dataset990_Tiny",
+             "configurations": {"3d_fullres": {"patch_size": [32, 32, 32], "architecture": architecture}}}
+    new, report, _, family = attached_plans(plans, tmp_path / "P.json", "P__med3dinsight", spec, "3d_fullres",
+                                            False, {"channel_names": {"0": "CT"}})
+    entry = new["med3dinsight"]
+    local = read_checkpoint_info(spec).path
+    assert report.coverage == 100.0 and family == "nnunet"
+    assert entry["checkpoint"] == f"hf-hub:org/repo@{local.parent.name}"  # pinned: the branch may move on
+    assert entry["sha256"] == hashlib.sha256(local.read_bytes()).hexdigest()
+    return local, load_checkpoint(entry["checkpoint"]).state_dict  # the pinned reference reads the same file
+
+
+def _trainer_load(plans, tmp_path):
+    """Med3DInsightTrainer.load_pretrained_checkpoint on a stand-in for the trainer (building a real trainer needs
+    a preprocessed dataset; nothing here trains)."""
+    from nnunet_trainers.trainers import Med3DInsightTrainer
+
+    log = []
+    fake = SimpleNamespace(plans_manager=SimpleNamespace(plans=plans), network=_tiny(7).network, local_rank=0,
+                           output_folder=str(tmp_path), print_to_log_file=lambda *a, **k: log.append(a[0]))
+    fake._stop = lambda message, details=None: Med3DInsightTrainer._stop(fake, message, details)
+    Med3DInsightTrainer.load_pretrained_checkpoint(fake)
+    assert fake.pretrained_load_report.coverage == 100.0 and not any("WARNING" in line for line in log)
+    return Path(fake.pretrained_load_report.source), fake.network.state_dict()
+
+
+def _via_trainer_env_variable(spec, tmp_path):
+    os.environ["MED3DINSIGHT_CHECKPOINT"] = spec  # removed by the hub fixture's monkeypatch
+    try:
+        return _trainer_load({"plans_name": "nnUNetPlans"}, tmp_path)
+    finally:
+        del os.environ["MED3DINSIGHT_CHECKPOINT"]
+
+
+def _via_trainer_plans_entry(spec, tmp_path):
+    entry = {"checkpoint": spec}
+    try:
+        entry["sha256"] = hashlib.sha256(read_checkpoint_info(spec).path.read_bytes()).hexdigest()
+    except CheckpointError:  # a missing file: the trainer must say so itself
+        pass
+    return _trainer_load({"plans_name": "P__med3dinsight", "med3dinsight": entry}, tmp_path)
+
+
+ENTRY_POINTS = [_via_load_checkpoint, _via_read_checkpoint_info, _via_loader, _via_monai_handler, _via_export,
+                _via_rebuild_backbone, _via_nnunet_attach, _via_trainer_env_variable, _via_trainer_plans_entry]
+
+
+@pytest.mark.parametrize("spec,commit", SPECS)
+def test_every_entry_point_reads_the_hub_checkpoint_of_the_revision(hub, tmp_path, spec, commit):
+    expected = hub.weights[commit]
+    for entry_point in ENTRY_POINTS:
+        path, state = entry_point(spec, tmp_path)
+        where = f"{entry_point.__name__}({spec})"
+        if path is not None:
+            assert Path(path).parent == hub.repo / "snapshots" / commit, where
+        if state is not None:  # the encoder is the revision's (the loaders load the encoder only)
+            encoder = [k for k in expected if k.startswith("encoder.")]
+            assert encoder and all(torch.equal(state[k], expected[k]) for k in encoder), where
+
+
+def test_missing_repo_or_revision_fails_offline_with_one_line_and_the_fetch_command(hub, tmp_path, capsys):
+    for spec, command in (("hf-hub:org/missing", "hf download org/missing med3dinsight.safetensors"),
+                          ("hf-hub:org/repo@v2", "hf download org/repo med3dinsight.safetensors --revision v2")):
+        for entry_point in ENTRY_POINTS:
+            if entry_point.__name__.startswith("_via_trainer"):
+                with pytest.raises(SystemExit) as stop:  # the trainer stops the run with exit code 2
+                    entry_point(spec, tmp_path)
+                assert stop.value.code == 2
+                message = capsys.readouterr().err.strip()
+            else:
+                with pytest.raises(CheckpointError) as e:
+                    entry_point(spec, tmp_path)
+                message = str(e.value)
+            assert len(message.splitlines()) == 1, (entry_point.__name__, message)
+            assert command in message and "HF_HUB_OFFLINE is set" in message, (entry_point.__name__, message)
+            assert "not in the local Hugging Face cache" in message, message
+
+
+def test_hub_failures_online_are_one_line(hub, monkeypatch):
+    """What the Hub answers (hf_hub_download replaced: no network), each as one line with its remedy."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from med3dinsight_plugin import hub as hub_module
+
+    response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/org/x"))
+    cases = [(errors.RepositoryNotFoundError("404", response=response), "no model repository of that name"),
+             (errors.GatedRepoError("403", response=response), "gated repository"),
+             (errors.RevisionNotFoundError("404", response=response), "no such branch, tag or commit"),
+             (errors.RemoteEntryNotFoundError("404", response=response), "med3dinsight push CHECKPOINT org/x"),
+             (errors.LocalEntryNotFoundError("offline"), "the Hub cannot be reached; fetch it where there is "
+                                                         "network: hf download org/x med3dinsight.safetensors"),
+             (httpx2.ConnectError("connection refused\nmore"), "(connection refused); check the network")]
+    monkeypatch.setattr(hub_module, "hub_offline", lambda: False)
+    for error, what in cases:
+        def download(*args, error=error, **kwargs):
+            assert kwargs["local_files_only"] is False
+            raise error
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint("hf-hub:org/x")
+        message = str(e.value)
+        assert message.startswith("hf-hub:org/x: ") and what in message and len(message.splitlines()) == 1, message
+
+
+def test_malformed_specs_are_one_line(hub, capsys):
+    from med3dinsight_plugin.cli import main
+
+    for spec, what in (("hf-hub:", "names no repository"), ("hf-hub:a/b/c", "'a/b/c' is not ORG/REPO"),
+                       ("hf-hub:org", "'org' is not ORG/REPO"), ("hf-hub:org/repo@", "is not a revision"),
+                       ("hf-hub:-org/repo", "is not a Hub repository id")):
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(spec)
+        message = str(e.value)
+        assert len(message.splitlines()) == 1 and what in message and "hf-hub:ORG/REPO@REVISION" in message, message
+        assert main(["inspect", spec]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("med3dinsight inspect: error: ") and what in err[0], err
+
+
+def test_cli_inspect_and_export_from_the_hub_in_a_subprocess(hub, tmp_path):
+    r = run_tool(["med3dinsight", "inspect", "hf-hub:org/repo@v1"], hub.env)
+    first = r.stdout.splitlines()[0]
+    assert first.startswith(f"hf-hub:org/repo@v1 ({hub.repo / 'snapshots' / V1 / 'med3dinsight.safetensors'}): "
+                            f"med3dinsight"), first
+    assert "orientation" in r.stdout and "CTNormalization" in r.stdout
+    out = tmp_path / "exported.pth"
+    r = run_tool(["med3dinsight", "export", "hf-hub:org/repo", "--to", "nnssl", "-o", out], hub.env)
+    assert r.stdout.startswith(f"wrote {out} (nnssl, ")
+    exported = torch.load(out, weights_only=True)["network_weights"]
+    assert all(torch.equal(exported[k], v) for k, v in hub.weights[MAIN].items())
+    r = run_tool(["med3dinsight", "inspect", "hf-hub:org/missing"], hub.env, check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("med3dinsight inspect: error: hf-hub:org/missing: ")
+    assert "hf download org/missing med3dinsight.safetensors" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------------------------ push
+
+def test_push_dry_run_writes_the_file_and_a_model_card(hub, tmp_path, capsys):
+    from med3dinsight_plugin.cli import main
+
+    source = tmp_path / "run" / "med3dinsight.safetensors"
+    source.parent.mkdir()
+    save_pretrained(_tiny(3), source, **META)
+    folder = tmp_path / "staging"
+    assert main(["push", str(source), "org/published", "--revision", "v2", "--dry-run", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"to {folder} (dry run: nothing uploaded" in out
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "med3dinsight.safetensors"]
+    assert (folder / "med3dinsight.safetensors").read_bytes() == source.read_bytes()
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: med3dinsight\n") and "# org/published" in card
+    for fact in ("nnunet (PlainConvUNet)", "| input channels | 1 |", "| patch size | 32 x 32 x 32 |",
+                 "| spacing | each volume's own spacing (not resampled) |",
+                 "CTNormalization (mean 41.5, std 120.2", "canonical LPS: axis 0 toward superior",
+                 "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "512-d",
+                 "Qwen/Qwen2-VL-2B-Instruct", "Dataset990_Tiny, nifti, modality ct, 12 cases, 1 channel(s)",
+                 "steps 300, global batch 8, world size 1",
+                 "med3dinsight nnunet-attach -d DATASET -p nnUNetPlans -c hf-hub:org/published@v2   # + "
+                 "--adapt-architecture unless your plans build this network\n",
+                 "-tr Med3DInsightTrainer\n", "MED3DINSIGHT_CHECKPOINT=hf-hub:org/published@v2 nnUNetv2_train",
+                 'load_pretrained_encoder(network, "hf-hub:org/published@v2")',
+                 'PretrainedEncoderLoader("hf-hub:org/published@v2", network)',
+                 "hf download org/published med3dinsight.safetensors --revision v2"):
+        assert fact in card, fact
+    assert "/home/someone" not in card  # the dataset's name, not the pretraining machine's path
+
+
+def test_push_card_of_a_swin_unetr_says_how_to_build_it():
+    from helpers import TINY_BACKBONES
+    from med3dinsight_plugin.hub import model_card
+
+    cfg = {k: v for k, v in TINY_BACKBONES["swin_unetr"].items() if k != "patch_size"}
+    meta = {"backbone": {"name": "swin_unetr", "in_channels": 1, "network_kwargs": {"out_channels": 2, **cfg}},
+            "network_class": "monai.networks.nets.swin_unetr.SwinUNETR", "in_channels": 1,
+            "patch_size": [64, 64, 64], "encoder_prefixes": ["swinViT."]}
+    card = model_card(meta, "org/swin")
+    assert "-c hf-hub:org/swin --adapt-architecture\n" in card and "-tr Med3DInsightTrainer_SwinUNETR\n" in card
+    assert "MED3DINSIGHT_CHECKPOINT=hf-hub:org/swin nnUNetv2_train DATASET 3d_fullres FOLD -p PLANS" in card
+    assert "- swin_unetr\n- monai\n---" in card
+    assert ("network = SwinUNETR(in_channels=1, out_channels=NUM_CLASSES, feature_size=12, depths=(1, 1, 1, 1), "
+            "num_heads=(1, 1, 2, 2))") in card
+    assert "| intensity normalisation | not recorded |" in card and "hf download org/swin med3dinsight" in card
+
+
+def test_push_refuses_offline_before_anything_is_sent(hub, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    from med3dinsight_plugin.cli import main
+
+    def sent(*args, **kwargs):
+        raise AssertionError("push talked to the Hub while offline")
+
+    for name in ("create_repo", "create_branch", "upload_folder"):
+        monkeypatch.setattr(huggingface_hub.HfApi, name, sent)
+    source = save_pretrained(_tiny(3), tmp_path / "c.safetensors")
+    assert main(["push", str(source), "org/published"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("med3dinsight push: error: HF_HUB_OFFLINE is set, so nothing was "
+                                               "uploaded to org/published"), err
+    assert "--dry-run FOLDER" in err[0]
+
+
+def test_push_uploads_the_staged_folder_in_one_commit(hub, tmp_path, capsys, monkeypatch):
+    """Online push with HfApi's methods replaced by recorders: nothing can reach the network."""
+    import huggingface_hub
+
+    from med3dinsight_plugin import hub as hub_module
+    from med3dinsight_plugin.cli import main
+
+    calls = []
+
+    def record(name):
+        def method(self, *args, **kwargs):
+            if name == "upload_folder":
+                folder = Path(kwargs["folder_path"])
+                kwargs["files"] = sorted(p.name for p in folder.iterdir())
+                kwargs["card"] = (folder / "README.md").read_text()
+            calls.append((name, args, kwargs))
+            return SimpleNamespace(commit_url="https://huggingface.co/org/published/commit/abc")
+        return method
+
+    for name in ("create_repo", "create_branch", "upload_folder"):
+        monkeypatch.setattr(huggingface_hub.HfApi, name, record(name))
+    monkeypatch.setattr(hub_module, "hub_offline", lambda: False)
+    source = save_pretrained(_tiny(3), tmp_path / "c.safetensors", **META)
+    assert main(["push", str(source), "org/published", "--revision", "dev", "--private"]) == 0
+    assert [c[0] for c in calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert calls[0][1] == ("org/published",) and calls[0][2]["exist_ok"] and calls[0][2]["private"]
+    assert calls[1][2]["branch"] == "dev" and calls[1][2]["exist_ok"]
+    upload = calls[2][2]
+    assert upload["repo_id"] == "org/published" and upload["revision"] == "dev"
+    assert upload["files"] == ["README.md", "med3dinsight.safetensors"] and "hf-hub:org/published@dev" in upload["card"]
+    assert not Path(upload["folder_path"]).exists()  # the staging folder is removed after the upload
+    out = capsys.readouterr().out
+    assert "pushed med3dinsight.safetensors, README.md to org/published@dev: https://" in out
+    assert "load it with: hf-hub:org/published@dev" in out
+
+
+def test_push_refuses_foreign_files_and_bad_targets(hub, tmp_path):
+    from med3dinsight_plugin.hub import push_checkpoint
+
+    foreign = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="without med3dinsight metadata"):
+        push_checkpoint(foreign, "org/x", dry_run=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    source = save_pretrained(_tiny(3), tmp_path / "c.safetensors")
+    for target, what in (("org/x/y", "is not ORG/REPO"), ("org/x@dev", "--revision dev")):
+        with pytest.raises(CheckpointError, match=what):
+            push_checkpoint(source, target, dry_run=tmp_path / "out")
+
+
+def test_hub_helpers_are_shared_and_huggingface_hub_is_imported_lazily():
+    import subprocess
+
+    from med3dinsight_plugin import hub
+    from med3dinsight_plugin.teacher import hub as teacher_hub
+
+    assert teacher_hub.hub_offline is hub.hub_offline  # moved; the teacher modules' import still works
+    code = ("import sys, med3dinsight_plugin.checkpoint, med3dinsight_plugin.loading, med3dinsight_plugin.export, "
+            "med3dinsight_plugin.hub; print('huggingface_hub' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
