@@ -80,6 +80,10 @@ PROTOCOL: Dict[str, Any] = {
                  "warmup_fraction": 0.1},
     "labelled": [1, 2, 4],
     "seeds": [0, 1, 2],
+    # paired differences reported besides "init - scratch": does alignment add to reconstruction, does masking help
+    "comparisons": [["m3di_ot", "reconstruction"], ["m3di_infonce", "reconstruction"],
+                    ["reconstruction_masked", "reconstruction"], ["m3di_ot_masked", "m3di_ot"],
+                    ["m3di_ot_masked", "reconstruction_masked"]],
     "teacher": {"image": "tiny random open_clip (ViT, 64 px, average-pooled, 384-d)", "text": "all-MiniLM-L6-v2 (mean pooled)"},
 }
 QUICK = {"subjects": {"pretrain": 6, "labelled": 2, "test": 2}, "per_plane": 4,
@@ -343,6 +347,19 @@ def retrieval_markdown(pretrained: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparisons_markdown(rows: List[Dict[str, Any]], pairs: Sequence[Sequence[str]]) -> str:
+    """Paired differences ``a - b`` (same seed and labelled count) with 95 % bootstrap intervals."""
+    from nnunet_trainers.study import bootstrap_interval, paired_differences
+
+    lines = ["## Paired differences between pretrainings (same seed and labelled count)", "",
+             "| comparison | labelled | mean difference | 95 % interval | n |", "|---|---|---|---|---|"]
+    for a, b in pairs:
+        for labelled, diffs in paired_differences(rows, a, baseline=b).items():
+            mean, low, high = bootstrap_interval(diffs)
+            lines.append(f"| {a} - {b} | {labelled} | {mean:.4f} | [{low:.4f}, {high:.4f}] | {len(diffs)} |")
+    return "\n".join(lines) + "\n"
+
+
 def run(out: Path, quick: bool = False, log=print) -> Dict[str, Path]:
     """The whole simulation into ``out``; returns the output files. Reruns resume (finished runs are kept)."""
     from med3dinsight_plugin.pretrain.data import compute_normalization
@@ -399,6 +416,7 @@ def run(out: Path, quick: bool = False, log=print) -> Dict[str, Path]:
               f"{protocol['subjects']['pretrain']} unlabelled subjects. Image teacher: {protocol['teacher']['image']}; "
               f"text teacher: {protocol['teacher']['text']} on label-derived captions. mean +- sd over seeds."]
     summary = summary_markdown(rows, names, len(test_x), 0, "simulation", None, None, header=header)
+    summary += "\n" + comparisons_markdown(rows, [c for c in protocol["comparisons"] if set(c) <= set(names)])
     retrieval = retrieval_markdown(pretrained)
     (out / "summary.md").write_text(summary)
     (out / "retrieval.md").write_text(retrieval)

@@ -94,6 +94,7 @@ def test_simulation_quick_produces_every_output(tmp_path):
         assert len(r["subjects"].split(",")) == int(r["labelled"])
     summary = (out / "summary.md").read_text()
     assert all(f"| {i} |" in summary for i in inits) and "Paired difference to scratch" in summary
+    assert "| m3di_ot - reconstruction | 1 |" in summary and "| m3di_ot_masked - m3di_ot | 2 |" in summary
     retrieval = (out / "retrieval.md").read_text()
     assert all(f"| {v} |" in retrieval for v in protocol["variants"])
     assert (out / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
