@@ -1,6 +1,6 @@
 """Does Med3DInsight pretraining help? A small, fixed-protocol simulation on real anatomy, on CPU.
 
-Run: python benchmarks/simulation.py -o sim_out            (the full protocol, about an hour on 2 cores)
+Run: python benchmarks/simulation.py -o sim_out            (the full protocol: about 45 min alone on 2 cores)
      python benchmarks/simulation.py -o sim_out --quick    (a few minutes: checks the pipeline, not the result)
 
 What it does, in order (every step goes through the package's own API, the one the CLI uses):
