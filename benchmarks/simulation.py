@@ -259,19 +259,19 @@ def pretrain_variants(out: Path, folders: Dict[str, Path], cache: Path, protocol
 def load_split(folder: Path, normalization: Dict[str, Any], class_map: Dict[int, int]):
     """Normalised canonical images (N, 1, D, H, W) and target classes (N, D, H, W) of one subject set."""
     from med3dinsight_plugin.pretrain.data import _normalize
-    from med3dinsight_plugin.volumes import _to_canonical, canonical_axes, open_source, read_image
+    from med3dinsight_plugin.teacher.label_captions import read_labels
+    from med3dinsight_plugin.volumes import open_source
 
     source = open_source(str(folder / "images"), modality="ct")
+    lut = np.zeros(256, np.int64)  # TotalSegmentator label value -> class index
+    for value, cls in class_map.items():
+        lut[value] = cls
     images, targets = [], []
     for case in source.cases:
         volume = source.read(case)
         images.append(_normalize(volume.array, normalization))
-        label, _, direction, axes = read_image(str(folder / "labels" / f"{case}.nii.gz"))
-        canonical, _ = _to_canonical(label[None].astype(np.float32), (1, 1, 1), *canonical_axes(direction, axes))
-        lut = np.zeros(256, np.int64)
-        for value, cls in class_map.items():
-            lut[value] = cls
-        targets.append(lut[canonical[0].astype(np.int64)])
+        # the labels on the image's canonical grid, read and checked as caption --from-labels reads them
+        targets.append(lut[read_labels(str(folder / "labels" / f"{case}.nii.gz"), volume, source).astype(np.int64)])
     return source.cases, torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(targets))
 
 

@@ -32,7 +32,7 @@ from .captions import CaptionError, CaptionFile
 from .embed import caption_settings_for
 
 __all__ = ["GENERATOR", "LABEL_ENDINGS", "LabelCaptionError", "MIDLINE_MM", "caption_from_labels",
-           "describe_slice", "humanize_name", "load_class_names", "slice_structures"]
+           "describe_slice", "humanize_name", "load_class_names", "read_labels", "slice_structures"]
 
 GENERATOR = "med3dinsight-label-captions/1"  # recorded with the captions: change it when the wording changes
 LABEL_ENDINGS = (*NIFTI_ENDINGS, ".mha", ".mhd", ".nrrd", ".nhdr")  # label files: NIfTI, or what SimpleITK reads
@@ -307,8 +307,9 @@ def _label_files(source, folder: Path) -> Dict[str, str]:
     return files
 
 
-def _read_labels(path: str, volume, source) -> np.ndarray:
-    """The label file at ``path`` on ``volume``'s canonical grid, as the smallest unsigned integer array."""
+def read_labels(path: str, volume, source=None) -> np.ndarray:
+    """The label file at ``path`` on ``volume``'s canonical grid, as the smallest unsigned integer array
+    (``source``, when given, only sharpens the message for a grid mismatch)."""
     # volumes.read_image would refuse an all-background mask as "constant"; an empty segmentation is valid here,
     # so its two readers are called directly and the values are checked below.
     reader = _read_nifti if path.endswith(NIFTI_ENDINGS) else _read_sitk
@@ -441,7 +442,7 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
                     done.add(s.key)
                     todo.append(s)
             if todo:
-                records = _records(volume, _read_labels(files[case], volume, source), todo, names, max_structures,
+                records = _records(volume, read_labels(files[case], volume, source), todo, names, max_structures,
                                    render.channel)
                 if not opened:  # the sidecar (and the file) only once there is something to write
                     store.check_settings(settings)
