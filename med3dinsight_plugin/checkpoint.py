@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import pickle
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +36,17 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import Med3DInsightError, short_repr
+from .fileio import OutputError, atomic_write, storage_id, unwrap
 
-__all__ = ["Checkpoint", "CheckpointError", "CheckpointInfo", "allocation_guard", "atomic_write", "check_finite",
-           "load_checkpoint", "read_checkpoint_info", "resolve_checkpoint", "save_pretrained", "storage_id", "unwrap",
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointInfo", "allocation_guard", "check_finite",
+           "load_checkpoint", "read_checkpoint_info", "resolve_checkpoint", "save_pretrained", "RESERVED_METADATA",
            "validate_metadata"]
 
 FORMAT = "med3dinsight-checkpoint"
 FORMAT_VERSION = 1
+# Header keys save_pretrained writes itself; callers' metadata may not use them.
+RESERVED_METADATA = ("format", "format_version", "package_version", "backbone", "network_class", "in_channels",
+                     "patch_size", "encoder_prefixes", "adaptation_plan", "aliases", "psat", "alignment")
 DEFAULT_FILENAME = "med3dinsight.safetensors"
 PathLike = Union[str, os.PathLike]
 
@@ -73,16 +76,6 @@ class Checkpoint:
     extras: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)
     path: Optional[Path] = None
 
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = module.module
-        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
-            module = module._orig_mod
-        else:
-            return module
 
 
 # ---------------------------------------------------------------------------------------------------------- saving
@@ -126,7 +119,7 @@ def save_pretrained(backbone_or_model: nn.Module, path: PathLike, **metadata: An
         meta["alignment"] = {"type": model.loss.alignment, "embed_dim": model.loss.embed_dim,
                              "weights": model.loss.weights}
     for key, value in metadata.items():
-        if key in meta:
+        if key in meta or key in RESERVED_METADATA:
             raise CheckpointError(f"metadata key {key!r} is reserved by the checkpoint format; choose another name")
         meta[key] = value
     try:
@@ -136,7 +129,10 @@ def save_pretrained(backbone_or_model: nn.Module, path: PathLike, **metadata: An
     path = Path(path)
     if path.is_dir():
         path = path / DEFAULT_FILENAME
-    atomic_write(path, lambda tmp: _save_safetensors(tensors, tmp, {"med3dinsight": header}))
+    try:
+        atomic_write(path, lambda tmp: _save_safetensors(tensors, tmp, {"med3dinsight": header}))
+    except OutputError as e:
+        raise CheckpointError(str(e)) from None
     return path
 
 
@@ -271,39 +267,11 @@ def _dedup(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], D
     return kept, aliases
 
 
-def storage_id(t: torch.Tensor) -> tuple:
-    """Identity of the memory a tensor views: aliases (nnU-Net's decoder.encoder.*) share it."""
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
 
 def _save_safetensors(tensors, filename, metadata):
     from safetensors.torch import save_file
     save_file(tensors, str(filename), metadata=metadata)
 
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the target folder, flush it to disk and rename it into place: a crash or
-    a full disk leaves the old file (or none), never a half-written one."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise CheckpointError(f"cannot write {path}: the folder {path.parent} does not exist")
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        open(tmp, "xb").close()  # exclusive create: the permissions the umask gives a new file...
-        mode = tmp.stat().st_mode & 0o777
-        write(str(tmp))
-        os.chmod(tmp, mode)  # ...kept even by writers that recreate the file as 0600 (safetensors does)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
-    except Exception as e:  # writers wrap I/O errors in their own types (safetensors: SafetensorError)
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise CheckpointError(f"cannot write {path}: {reason}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --------------------------------------------------------------------------------------------------------- loading

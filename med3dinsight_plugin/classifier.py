@@ -9,6 +9,7 @@ from torch import nn
 
 from .backbones import Backbone, build_backbone
 from .errors import Med3DInsightError
+from .fileio import freeze
 
 __all__ = ["Med3DInsightClassifier"]
 
@@ -43,9 +44,7 @@ class Med3DInsightClassifier(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Dropout(dropout), nn.Linear(width, num_classes))
         used = tuple(f"network.{q}" for q in backbone.bottleneck_prefixes)
         dead = {f"network.{n}" for n in backbone.dead_parameters()}
-        for name, p in backbone.named_parameters():
-            if not name.startswith(used) or name in dead:
-                p.requires_grad_(False)
+        freeze(backbone, [n for n, _ in backbone.named_parameters() if not n.startswith(used) or n in dead])
 
     @classmethod
     def from_pretrained(cls, checkpoint: Union[str, os.PathLike], num_classes: int, in_channels: int = None,

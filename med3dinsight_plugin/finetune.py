@@ -13,6 +13,7 @@ from typing import List, Optional
 from torch import nn
 
 from .errors import Med3DInsightError
+from .fileio import freeze
 
 __all__ = ["apply_finetune_lr", "default_warmup", "finetune_lr_factor", "finetune_optimizer", "finetune_param_groups",
            "freeze_dead_parameters"]
@@ -26,11 +27,7 @@ def freeze_dead_parameters(network: nn.Module) -> List[str]:
 
     target = target_network(network)
     spec = network_spec(target)
-    dead = list(spec.dead_parameters) if spec else []
-    params = dict(target.named_parameters())
-    for name in dead:
-        params[name].requires_grad_(False)
-    return dead
+    return freeze(target, spec.dead_parameters if spec else ())
 
 
 def finetune_param_groups(network: nn.Module, lr: float, encoder_lr: Optional[float] = None) -> List[dict]:
@@ -42,7 +39,7 @@ def finetune_param_groups(network: nn.Module, lr: float, encoder_lr: Optional[fl
     ``requires_grad=False`` are left out.
     """
     from .backbones import network_spec
-    from .checkpoint import unwrap
+    from .fileio import unwrap
     from .loading import target_network
 
     target = target_network(network)

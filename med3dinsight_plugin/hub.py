@@ -222,7 +222,8 @@ def push_checkpoint(checkpoint: Union[str, os.PathLike], repo_id: str, *, revisi
     Raises:
         CheckpointError: a bad repository id, a foreign or invalid checkpoint, offline mode, or a refused upload.
     """
-    from .checkpoint import CheckpointError, atomic_write, load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .fileio import atomic_write
 
     hub = parse_hub_spec(repo_id if str(repo_id).startswith(HUB_PREFIX) else HUB_PREFIX + str(repo_id))
     if hub.revision:

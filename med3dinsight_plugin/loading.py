@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import network_spec
-from .checkpoint import Checkpoint, CheckpointError, check_finite, storage_id, load_checkpoint, unwrap
+from .checkpoint import Checkpoint, CheckpointError, check_finite, load_checkpoint
+from .fileio import storage_id, unwrap
 
 __all__ = ["IncompatibleCheckpointError", "LoadReport", "load_pretrained_encoder"]
 

@@ -248,7 +248,7 @@ def write_slice_pngs(source, out, policy: SlicePolicy, settings: RenderSettings,
 
     from PIL import Image
 
-    from .checkpoint import atomic_write
+    from .fileio import atomic_write
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

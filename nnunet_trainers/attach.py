@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from med3dinsight_plugin.checkpoint import CheckpointError, allocation_guard, atomic_write, load_checkpoint
+from med3dinsight_plugin.checkpoint import CheckpointError, allocation_guard, load_checkpoint
+from med3dinsight_plugin.fileio import atomic_write, sha256_file
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
 from med3dinsight_plugin.hub import is_hub_spec, pinned_spec
 
@@ -56,13 +56,6 @@ def configured_checkpoint(plans: Dict[str, Any]) -> Tuple[Optional[str], str]:
                                 f"med3dinsight nnunet-attach writes it; attach the checkpoint again")
     return entry["checkpoint"], origin
 
-
-def file_sha256(path: os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, name: Optional[str] = None,
@@ -159,7 +152,7 @@ def attached_plans(plans: Dict[str, Any], plans_file: Path, new_name: str, check
 
     new_plans[PLANS_KEY] = {
         "checkpoint": pinned_spec(checkpoint, ckpt.path) if is_hub_spec(checkpoint) else str(Path(ckpt.path).resolve()),
-        "sha256": file_sha256(ckpt.path),
+        "sha256": sha256_file(ckpt.path),
         "source_format": ckpt.source_format,
         "family": family,
         "configuration": configuration,

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from med3dinsight_plugin.checkpoint import atomic_write
+from med3dinsight_plugin.fileio import atomic_write
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
 
 from .attach import ENV_CHECKPOINT, MONAI_NETWORKS, PLANS_KEY, _read_json, attached_plans

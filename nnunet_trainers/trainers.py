@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from med3dinsight_plugin.checkpoint import atomic_write, resolve_checkpoint
+from med3dinsight_plugin.checkpoint import resolve_checkpoint
+from med3dinsight_plugin.fileio import atomic_write, sha256_file
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
 from med3dinsight_plugin.finetune import (apply_finetune_lr, default_warmup, finetune_optimizer, finetune_param_groups,
                                          freeze_dead_parameters)
 from med3dinsight_plugin.loading import load_pretrained_encoder
 
-from .attach import MONAI_NETWORKS, PLANS_KEY, TRAINER_OF, configured_checkpoint, file_sha256
+from .attach import MONAI_NETWORKS, PLANS_KEY, TRAINER_OF, configured_checkpoint
 
 __all__ = [
     "Med3DInsightTrainer", "Med3DInsightTrainer_100epochs", "Med3DInsightTrainer_250epochs",
@@ -114,7 +115,7 @@ class Med3DInsightTrainer(nnUNetTrainer):
         entry = plans.get(PLANS_KEY) if origin.startswith("plans") else {}
         try:
             local = resolve_checkpoint(path)  # a file, or hf-hub:ORG/REPO[@REVISION] from the Hugging Face cache
-            if entry.get("sha256") and origin.startswith("plans") and file_sha256(local) != entry["sha256"]:
+            if entry.get("sha256") and origin.startswith("plans") and sha256_file(local) != entry["sha256"]:
                 self.print_to_log_file(f"WARNING: {path} changed since it was attached to these plans")
             report = load_pretrained_encoder(self.network, local, strict_encoder=True)
         except (Med3DInsightError, OSError) as e:  # a user error; anything else is a bug and keeps its traceback

@@ -165,7 +165,7 @@ def test_settings_mismatch_is_refused(tmp_path, llava):
     out = tmp_path / "captions.jsonl"
     captioner = Captioner(llava, batch_size=4, max_new_tokens=2)
     caption_slices(_slices(2), captioner, out, {"render": {"window": "abdomen"}}, progress=False)
-    with pytest.raises(CaptionError, match=r"captions\.jsonl was written with other settings \(render .*abdomen.* vs "
+    with pytest.raises(CaptionError, match=r"captions\.jsonl was written with other settings \(render\.window .*abdomen.* vs "
                                            r".*lung.*; use a new output file or pass the same settings"):
         caption_slices(_slices(3), captioner, out, {"render": {"window": "lung"}}, progress=False)
     with pytest.raises(CaptionError, match="differing keys: generation"):

@@ -277,7 +277,7 @@ def check_backbone_kwargs(model: "ModelConfig") -> None:
 
 def save_config(config: PretrainConfig, path: str | Path) -> Path:
     """Write ``config`` as YAML, atomically (a crash leaves the old file or none)."""
-    from ..checkpoint import atomic_write
+    from ..fileio import atomic_write
 
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     path = Path(path)
@@ -287,23 +287,14 @@ def save_config(config: PretrainConfig, path: str | Path) -> Path:
 
 def diff_configs(old: Dict[str, Any], new: Dict[str, Any], ignore: Iterable[str] = RESUMABLE_CHANGES) -> List[str]:
     """Dotted keys whose values differ between two ``to_dict()`` configs, except ``ignore``."""
-    flat_old, flat_new = _flatten(old), _flatten(new)
-    ignored = tuple(ignore)
-    return sorted(k for k in set(flat_old) | set(flat_new)
-                  if flat_old.get(k, _MISSING) != flat_new.get(k, _MISSING) and k not in ignored)
+    from ..fileio import diff_keys
+
+    ignored = set(ignore)
+    return [k for k in diff_keys(old, new, leaves=_WHOLE_VALUES) if k not in ignored]
 
 
-_MISSING = object()
-
-
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and prefix + k not in ("model.backbone_kwargs", "model.psat_kwargs"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+# Free-form keyword sections compared as whole values.
+_WHOLE_VALUES = ("model.backbone_kwargs", "model.psat_kwargs")
 
 
 def _all_keys(obj, prefix: str = "") -> List[str]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..checkpoint import atomic_write
+from ..fileio import atomic_write
 from ..planes import crop_position
 from ..teacher.cache import StaleCacheError, TeacherCache
 from ..errors import Med3DInsightError

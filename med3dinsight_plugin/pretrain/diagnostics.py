@@ -89,7 +89,7 @@ def evaluate(model, eval_set, batch_size: int, device, amp_dtype: Optional[torch
     """
     from torch.utils.data import default_collate
 
-    from ..checkpoint import unwrap
+    from ..fileio import unwrap
 
     model = unwrap(model)
     device = torch.device(device)
@@ -136,7 +136,7 @@ def plot_metrics(metrics_jsonl: str | Path, png_path: str | Path) -> Path:
     """
     from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no GUI backend touched
 
-    from ..checkpoint import atomic_write
+    from ..fileio import atomic_write
 
     records = []
     for line in Path(metrics_jsonl).read_text().splitlines():
@@ -259,7 +259,7 @@ class MetricsLog:
 
 def _rewind(path: Path, start: int) -> None:
     """Keep the lines of steps <= ``start`` (a resumed run rewrites the later ones); ``start=0``: a new file."""
-    from ..checkpoint import atomic_write
+    from ..fileio import atomic_write
 
     if not path.is_file():
         return

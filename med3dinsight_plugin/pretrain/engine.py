@@ -28,7 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from ..checkpoint import CheckpointError, atomic_write, save_pretrained
+from ..checkpoint import RESERVED_METADATA, CheckpointError, save_pretrained
+from ..fileio import atomic_write, freeze
 from ..distributed import DistributedContext, init_distributed
 from ..errors import Med3DInsightError, first_line
 from ..ot import NonFiniteCostError
@@ -39,10 +40,8 @@ from .diagnostics import MetricsLog, evaluate, plot_metrics
 __all__ = ["NonFiniteError", "build_model", "lr_factor", "pretrain", "STATE_FORMAT"]
 
 STATE_FORMAT = "med3dinsight-pretrain-state"
-# Metadata keys save_pretrained writes itself (it refuses them from callers); checked before training, not after it.
-_RESERVED_METADATA = ("format", "format_version", "package_version", "backbone", "network_class", "in_channels",
-                      "patch_size", "encoder_prefixes", "adaptation_plan", "aliases", "psat", "alignment",
-                      "pretraining")
+# Metadata keys the checkpoint format and this loop write themselves: checked before training, not after it.
+_RESERVED_METADATA = RESERVED_METADATA + ("pretraining",)
 _STATE_KEYS = ("step", "model", "optimizer", "scheduler", "scaler", "rng", "config")
 
 
@@ -222,10 +221,7 @@ def _run(config, model, train_set, eval_set, metadata, resume, progress, on_star
 
     # Parameters pretraining gives no gradient (segmentation head, dead weights) are frozen, so DDP can run without
     # find_unused_parameters (which costs a graph traversal per step).
-    frozen = set(model.backbone.unused_in_pretraining())
-    for name, p in model.backbone.network.named_parameters():
-        if name in frozen:
-            p.requires_grad_(False)
+    freeze(model.backbone.network, model.backbone.unused_in_pretraining())
     model.to(device)
     if state:
         model.load_state_dict(state["model"])

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..checkpoint import atomic_write
+from ..fileio import atomic_write
 from ..distributed import init_distributed
 from ..errors import Med3DInsightError, first_line
 from ..teacher.cache import TeacherCache
@@ -142,7 +142,8 @@ def check_downstream_load(model, metadata: Dict[str, Any]):
         The :class:`~med3dinsight_plugin.loading.LoadReport`.
     """
     from ..backbones import build_backbone_from_config
-    from ..checkpoint import load_checkpoint, save_pretrained, unwrap
+    from ..checkpoint import load_checkpoint, save_pretrained
+    from ..fileio import unwrap
     from ..loading import load_pretrained_encoder
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,7 +175,8 @@ def _check_output(out: Path, cache: TeacherCache) -> None:
     if record.is_file():
         started = json.loads(record.read_text())
         if started != json.loads(json.dumps(teacher)):
-            from ..teacher.cache import StaleCacheError, diff_keys
+            from ..fileio import diff_keys
+            from ..teacher.cache import StaleCacheError
             raise StaleCacheError(f"{out} was started with another teacher cache ({', '.join(diff_keys(started, teacher)[:3])}"
                                   f" differ); resume with the cache it started with, or use a new output folder")
     else:

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..checkpoint import atomic_write
+from ..fileio import atomic_write, diff_keys, sha256_file
 from ..errors import Med3DInsightError, first_line, short_repr
 
 __all__ = ["CacheError", "CaseEntries", "StaleCacheError", "TeacherCache", "settings_hash", "shard_name",
@@ -60,17 +60,6 @@ def settings_hash(settings: Dict[str, Any]) -> str:
 def shard_name(shard_id: int) -> str:
     return f"shard-{shard_id:05d}.safetensors"
 
-
-def diff_keys(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += diff_keys(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}")
-    return out
 
 
 def write_shard(folder: Path, shard_id: int, cases: Sequence[str], shapes: Dict[str, Sequence[int]],
@@ -211,13 +200,6 @@ def shard_settings(path: Path) -> Optional[str]:
         return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def write_manifest(folder: Path, settings: Dict[str, Any], shard_cases: Dict[int, List[str]]) -> Path:
     """Describe the finished cache: every shard (rows, sha256) and every case (shape, shard)."""
@@ -228,7 +210,7 @@ def write_manifest(folder: Path, settings: Dict[str, Any], shard_cases: Dict[int
         meta, entries = _read_header(path)
         shapes = meta["shapes"]
         shards.append({"file": path.name, "rows": entries["plane"][1][0], "cases": len(shard_cases[sid]),
-                       "bytes": path.stat().st_size, "sha256": _sha256(path)})
+                       "bytes": path.stat().st_size, "sha256": sha256_file(path)})
         prints = meta.get("fingerprints") or {}
         for c in shard_cases[sid]:
             cases[c] = {"shard": path.name, "shape": shapes[c], "fingerprint": prints.get(c)}
@@ -430,7 +412,7 @@ def verify_cache(folder) -> List[str]:
         if not path.is_file():
             problems.append(f"{path}: missing; rerun med3dinsight embed with the same settings to rewrite it")
             continue
-        if _sha256(path) != shard["sha256"]:
+        if sha256_file(path) != shard["sha256"]:
             problems.append(f"{path}: checksum mismatch (the file changed or is corrupt); delete it and rerun "
                             f"med3dinsight embed with the same settings")
             continue

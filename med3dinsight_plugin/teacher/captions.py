@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from ..planes import PLANES
 from ..slices import slice_key
 from ..errors import Med3DInsightError
+from ..fileio import atomic_write_text, diff_keys
 
 PathLike = Union[str, os.PathLike]
 _REQUIRED = {"case": str, "plane": str, "index": int, "position": (int, float), "text": str}
@@ -68,6 +68,13 @@ def _canonical(settings: dict, what: str) -> dict:
         return json.loads(json.dumps(settings, sort_keys=True))
     except (TypeError, ValueError) as e:
         raise CaptionError(f"settings for {what} must be JSON-serialisable: {e}") from None
+
+
+def _dotted(d: dict, key: str):
+    """The value at a dotted key of a nested dict (None where missing)."""
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
 def _short(value, n: int = 60) -> str:
@@ -153,22 +160,13 @@ class CaptionFile:
                     from None
             if stored == given:
                 return
-            keys = sorted(k for k in set(stored) | set(given) if stored.get(k) != given.get(k))
-            shown = "; ".join(f"{k} {_short(stored.get(k))} vs {_short(given.get(k))}" for k in keys[:3])
+            keys = diff_keys(stored, given)
+            shown = "; ".join(f"{k} {_short(_dotted(stored, k))} vs {_short(_dotted(given, k))}" for k in keys[:3])
             raise CaptionError(f"{self.path.name} was written with other settings ({shown}; differing keys: "
                                f"{', '.join(keys)}); use a new output file or pass the same settings")
         # No captions yet: (re)write the sidecar atomically, so it is never half-written.
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.meta_path.with_name(f".{self.meta_path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(given, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.meta_path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write_text(self.meta_path, json.dumps(given, indent=1, sort_keys=True))
 
     # --------------------------------------------------------------------------------------------------- appending
     def open(self) -> "CaptionFile":

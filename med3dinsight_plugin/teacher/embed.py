@@ -6,7 +6,6 @@ are kept, so a crashed run resumes. Rank 0 writes the manifest once every shard 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ from ..distributed import init_distributed
 from ..planes import plane_id
 from ..slices import RenderSettings, SlicePolicy, volume_slices
 from ..errors import first_line
-from .cache import (MANIFEST, CacheError, StaleCacheError, _read_header, diff_keys, read_manifest, settings_hash,
+from ..fileio import diff_keys, sha256_file
+from .cache import (MANIFEST, CacheError, StaleCacheError, _read_header, read_manifest, settings_hash,
                     shard_name, write_manifest, write_shard)
 
 __all__ = ["embed_dataset", "caption_settings_for"]
@@ -54,7 +54,7 @@ def _load_captions(path: Path, policy: SlicePolicy, render: RenderSettings):
         raise StaleCacheError(f"{path} was captioned with other slice settings ({', '.join(diff_keys(theirs, ours))} "
                               f"differ); embed with the same --per-plane/--min-foreground/window as caption")
     records = CaptionFile.read(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()  # the content, not the path, identifies the captions
+    digest = sha256_file(path)  # the content, not the path, identifies the captions
     return {k: r["text"] for k, r in records.items()}, {"sha256": digest, "model": meta.get("model")}
 
 
