@@ -157,9 +157,8 @@ def _cmd_slices(args: argparse.Namespace) -> int:
 
 
 def _cmd_caption(args: argparse.Namespace) -> int:
-    from .slices import dataset_slices
-    from .teacher.captioner import Captioner, caption_slices, load_prompts, load_vlm
-    from .teacher.embed import caption_settings_for
+    from .distributed import init_distributed
+    from .teacher.captioner import Captioner, caption_dataset, check_generation_args, load_prompts, load_vlm
 
     if args.from_labels is None and args.class_names is not None:
         raise Med3DInsightError("--class-names goes with --from-labels (a VLM names what it sees)")
@@ -174,13 +173,17 @@ def _cmd_caption(args: argparse.Namespace) -> int:
                                      class_names=args.class_names)
         print(f"{args.output}: {result['written']} captions written, {result['skipped']} already there")
         return 0
+    check_generation_args(args.batch_size, args.max_new_tokens)  # before a 7B model loads
     prompts = load_prompts(args.prompts) if args.prompts else None
-    vlm = load_vlm(args.vlm, device=_device(args.device), dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    captioner = Captioner(vlm, prompts=prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    settings = {"model": args.vlm, "prompts": captioner.prompts, "max_new_tokens": args.max_new_tokens,
-                "image_size": render.size, **caption_settings_for(policy, render)}
-    result = caption_slices(dataset_slices(source, policy, render), captioner, args.output, settings)
-    print(f"{args.output}: {result['written']} captions written, {result['skipped']} already there")
+    with init_distributed(args.device, option="--device") as ctx:  # under torchrun: this process's GPU
+        vlm = load_vlm(args.vlm, device=str(ctx.device), dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        captioner = Captioner(vlm, prompts=prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        r = caption_dataset(source, captioner, args.output, policy, render,
+                            settings={"model": args.vlm, "max_new_tokens": args.max_new_tokens})
+    if r["rank"] == 0:
+        rate = r["written"] / r["seconds"] if r["seconds"] > 0 else 0.0
+        print(f"{args.output}: {r['written']} captions written, {r['skipped']} already there ({r['captions']} in the "
+              f"file; {r['world']} process(es), {r['seconds']:.2f} s, {rate:.2f} captions/s)")
     return 0
 
 
@@ -292,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224, help="image size in pixels (default 224)")
     p.set_defaults(func=_cmd_slices)
 
-    p = sub.add_parser("caption", help="caption slices with a Hugging Face vision-language model, or from label "
-                                       "masks (resumable JSONL)")
+    p = sub.add_parser("caption", help="caption slices with a Hugging Face vision-language model (torchrun-"
+                                       "shardable), or from label masks (resumable JSONL)")
     _add_data_arguments(p)
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--vlm", help="hub id or local folder of an image-text-to-text model")
@@ -308,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--size", type=int, default=448, help="rendered image size for the VLM (default 448)")
-    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda")
+    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: bf16 on CUDA)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.set_defaults(func=_cmd_caption)

@@ -1,8 +1,17 @@
 """Captions of 2D CT/MRI slices written by any Hugging Face vision-language model (VLM), stored resumably.
 
 ``load_vlm`` loads an image-text-to-text model (hub id or local folder), ``Captioner`` prompts it with one image per
-chat message and decodes greedily, and ``caption_slices`` captions an iterable of slices into a
-:class:`~.captions.CaptionFile`, skipping what an earlier (interrupted) run already wrote.
+chat message and decodes greedily, ``caption_slices`` captions an iterable of slices into a
+:class:`~.captions.CaptionFile`, skipping what an earlier (interrupted) run already wrote, and ``caption_dataset``
+captions every selected slice of a dataset in one process or sharded over ``torchrun`` processes.
+
+Sharding (``caption_dataset``): the sorted cases are cut into units of ``ceil(batch_size / slices per case)``
+consecutive cases; unit ``u`` belongs to rank ``u % world_size``, and a batch never spans two units, so every
+caption is generated in the same batch whatever the number of processes. Each rank appends to its own shard file;
+rank 0 merges the shards into the caption file in canonical order once every rank is done
+(:func:`.captions.merge_shards`), so the file's bytes are the same for any number of processes. Slices already
+captioned (in the caption file or in any shard, by a run with any number of processes) are skipped before they are
+rendered.
 
 transformers, PIL, tqdm, yaml and huggingface_hub are imported inside the functions: the core package imports only
 torch and numpy.
@@ -10,11 +19,14 @@ torch and numpy.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import operator
 import os
 import pickle
 import re
 import string
+import time
 from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +36,14 @@ import numpy as np
 import torch
 
 from ..planes import PLANES, plane_id
-from .captions import CaptionError, CaptionFile, caption_key
+from .captions import (CaptionError, CaptionFile, caption_key, merge_shards, read_all, shard_files, shard_folder,
+                       shard_path)
 from .hub import hub_offline, pickle_files, unsafe_pickle_message
 from ..errors import Med3DInsightError
 
-__all__ = ["VLM", "VLMError", "CaptionError", "CaptionFile", "Captioner", "DEFAULT_PROMPTS", "caption_key",
-           "caption_slices", "load_prompts", "load_vlm", "prompt_for"]
+__all__ = ["VLM", "VLMError", "CaptionError", "CaptionFile", "Captioner", "DEFAULT_PROMPTS", "SliceRenderer",
+           "caption_dataset", "caption_key", "caption_slices", "check_generation_args", "load_prompts", "load_vlm",
+           "prompt_for"]
 
 
 class VLMError(Med3DInsightError):
@@ -381,6 +395,14 @@ def _to_pil(image):
     return Image.fromarray(arr).convert("RGB")
 
 
+def check_generation_args(batch_size, max_new_tokens) -> None:
+    """Refuse a batch size or caption length that is not a whole number of at least 1 (one line naming the option)."""
+    for name, value, flag in (("batch_size", batch_size, "--batch-size"),
+                              ("max_new_tokens", max_new_tokens, "--max-new-tokens")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise VLMError(f"{name} ({flag}) must be a whole number of at least 1, got {value!r}")
+
+
 class Captioner:
     """Greedy (by default, so deterministic) batched captioning of images with a :class:`VLM`.
 
@@ -394,8 +416,7 @@ class Captioner:
 
     def __init__(self, vlm: VLM, prompts: Optional[dict] = None, batch_size: int = 8, max_new_tokens: int = 96,
                  do_sample: bool = False):
-        if batch_size < 1 or max_new_tokens < 1:
-            raise VLMError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+        check_generation_args(batch_size, max_new_tokens)
         self.vlm, self.batch_size, self.max_new_tokens, self.do_sample = vlm, batch_size, max_new_tokens, do_sample
         self.prompts = dict(DEFAULT_PROMPTS if prompts is None else prompts)
         _check_templates(self.prompts, "prompts")
@@ -487,14 +508,8 @@ def caption_slices(slices: Iterable, captioner: Captioner, out_path: Union[str, 
 
         def flush():
             nonlocal written
-            texts = captioner.caption([_get(s, "image") for s in batch],
-                                      [prompt_for(captioner.prompts, _get(s, "modality"), _get(s, "plane"),
-                                                  position=_get(s, "position"), case=_get(s, "case"))
-                                       for s in batch])
-            written += store.write([{"case": str(_get(s, "case")), "plane": PLANES[plane_id(_get(s, "plane"))],
-                                     "index": int(_get(s, "index")), "position": float(_get(s, "position")),
-                                     "modality": str(_get(s, "modality")).lower(), "text": t}
-                                    for s, t in zip(batch, texts)])
+            texts = captioner.caption([_get(s, "image") for s in batch], _prompts(captioner, batch))
+            written += store.write([_record(s, t) for s, t in zip(batch, texts)])
             bar.update(len(batch))
             batch.clear()
 
@@ -512,3 +527,195 @@ def caption_slices(slices: Iterable, captioner: Captioner, out_path: Union[str, 
         if batch:
             flush()
     return {"written": written, "skipped": skipped, "path": str(store.path)}
+
+
+# ------------------------------------------------------------------------------------------------ whole datasets
+
+class SliceRenderer:
+    """Selects the slices of a volume exactly as :func:`~med3dinsight_plugin.slices.volume_slices` does, and renders
+    only those asked for: the step that lets :func:`caption_dataset` skip captioned slices before rendering them.
+
+    A subclass may override :meth:`render_one` (e.g. to count or cache renders).
+
+    Args:
+        policy: which slices.
+        settings: how they are rendered.
+    """
+
+    def __init__(self, policy, settings):
+        self.policy, self.settings = policy, settings
+
+    def select(self, volume) -> list:
+        """The selected slices of ``volume`` (:class:`~med3dinsight_plugin.slices.Slice`, without images)."""
+        from ..slices import volume_slices
+
+        return list(volume_slices(volume, self.policy, self.settings, render=False))
+
+    def render(self, volume, slices: Sequence) -> None:
+        """Set the ``image`` of each of ``slices`` (selected from ``volume``), as ``volume_slices`` renders it."""
+        if not slices:
+            return  # no window either: for an MRI it takes percentiles over the whole volume
+        from ..slices import intensity_window
+
+        data = volume.native(self.settings.channel)
+        window = intensity_window(data, volume.modality, self.settings)
+        for s in slices:
+            s.image = self.render_one(data, volume.spacing, window, s)
+
+    def render_one(self, data: np.ndarray, spacing, window, s) -> np.ndarray:
+        """The ``(size, size, 3)`` uint8 image of slice ``s`` of the native-unit array ``data``."""
+        from ..slices import extract_slice, render_slice
+
+        return render_slice(*extract_slice(data, spacing, plane_id(s.plane), s.index), window, self.settings.size)
+
+
+def _record(s, text: str) -> dict:
+    return {"case": str(_get(s, "case")), "plane": PLANES[plane_id(_get(s, "plane"))], "index": int(_get(s, "index")),
+            "position": float(_get(s, "position")), "modality": str(_get(s, "modality")).lower(), "text": text}
+
+
+def _prompts(captioner: Captioner, batch) -> list:
+    return [prompt_for(captioner.prompts, _get(s, "modality"), _get(s, "plane"), position=_get(s, "position"),
+                       case=_get(s, "case")) for s in batch]
+
+
+def _on_main(ctx, fn):
+    """``fn()`` run on rank 0, its result on every rank; a user error there is raised on every rank (rank 0: the
+    error itself; the others: a :class:`CaptionError` with its message), so that no rank waits for the others."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except (Med3DInsightError, OSError) as e:
+            if not ctx.distributed:
+                raise
+            error = e
+    if not ctx.distributed:
+        return result
+    ok, payload = ctx.broadcast_object((False, _first_line(error)) if error is not None else (True, result))
+    if error is not None:
+        raise error
+    if not ok:
+        raise CaptionError(payload)
+    return payload
+
+
+def caption_dataset(source, captioner: Captioner, out_path: Union[str, os.PathLike], policy=None, render=None,
+                    settings: Optional[dict] = None, progress: bool = True,
+                    renderer: Optional[SliceRenderer] = None) -> dict:
+    """Caption every selected slice of ``source`` into the JSONL file ``out_path``, in one process or sharded over
+    the processes of ``torchrun``, resuming where an earlier run (with any number of processes) stopped.
+
+    Each process captions the units of cases of its rank (see the module docstring) with ``captioner`` (its model
+    on this process's device) and appends them to its shard ``<out_path>.shards/rank-R-of-W.jsonl``; rank 0 then
+    merges every shard into ``out_path`` in canonical order (case, plane, position), so the file is byte for byte
+    the same for any number of processes. A slice already captioned in ``out_path`` or in any shard is skipped
+    before it is rendered.
+
+    Args:
+        source: a :class:`~med3dinsight_plugin.volumes.VolumeSource`.
+        captioner: the :class:`Captioner`; its batch size is the number of slices per ``generate`` call.
+        out_path: caption file; created if missing, resumed if not.
+        policy, render: slice selection and rendering
+            (:class:`~med3dinsight_plugin.slices.SlicePolicy`, :class:`~med3dinsight_plugin.slices.RenderSettings`).
+        settings: further JSON-serialisable settings to record in ``<out_path>.meta.json``, with the captioner's
+            own, the slice and rendering settings (what ``embed --captions`` checks) and the image size; a resume
+            with other settings is refused.
+        progress: show a tqdm bar (rank 0).
+        renderer: a :class:`SliceRenderer` for ``policy`` and ``render`` (default: a new one).
+
+    Returns:
+        ``{"written", "skipped"}`` summed over all processes, ``"written_here"`` (this process), ``"captions"`` (in
+        the merged file), ``"path"``, ``"seconds"`` (from the first slice to the merged file), ``"rank"``,
+        ``"world"``.
+
+    Raises:
+        CaptionError: an output path that is a folder, settings that differ from the file's, a malformed line.
+        VLMError: a render channel the dataset does not have.
+    """
+    from tqdm.auto import tqdm
+
+    from ..distributed import init_distributed
+    from ..slices import RenderSettings, SlicePolicy
+    from .embed import caption_settings_for
+
+    policy = policy or SlicePolicy()
+    render = render or RenderSettings()
+    renderer = renderer or SliceRenderer(policy, render)
+    if renderer.policy != policy or renderer.settings != render:
+        raise VLMError("the renderer's slice policy or render settings differ from the ones given; build it from "
+                       "the same SlicePolicy and RenderSettings")
+    out = Path(out_path)
+    if out.is_dir():
+        raise CaptionError(f"the caption output {out} is a folder; pass a file path such as {out / 'captions.jsonl'} "
+                           f"(-o/--output)")
+    channels = getattr(source, "num_channels", None)
+    if channels is not None and render.channel >= channels:
+        raise VLMError(f"{source.root} has {channels} channel(s) per case; render channel {render.channel} does not "
+                       f"exist (--channel takes 0 to {channels - 1})")
+    recorded = {**captioner.settings(), **caption_settings_for(policy, render), "image_size": render.size,
+                **(settings or {})}
+    with init_distributed(str(captioner.vlm.device), option="--device") as ctx:  # joins the caller's group if any
+        rank, world = ctx.rank, ctx.world_size
+
+        def prepare():  # rank 0 is the one writer of the settings sidecar and of the shard folder
+            CaptionFile(out).check_settings(recorded, also=shard_files(out))
+            shard_folder(out).mkdir(exist_ok=True)
+
+        _on_main(ctx, prepare)
+        done = set(read_all(out))
+        ctx.barrier()  # every rank knows what is done before any rank appends
+
+        cases = list(source.cases)
+        nominal = len(policy.planes) * policy.per_plane
+        per_unit = max(1, math.ceil(captioner.batch_size / nominal))
+        units = [cases[i:i + per_unit] for i in range(0, len(cases), per_unit)]
+        mine = units[rank::world]
+        shard = CaptionFile(shard_path(out, rank, world))
+        written = skipped = 0
+        start = time.perf_counter()
+        bar = tqdm(total=sum(map(len, mine)) * nominal, disable=not (progress and ctx.is_main), unit="slice",
+                   desc=f"captioning {out.name}" + (f" ({world} processes)" if world > 1 else ""), dynamic_ncols=True)
+
+        def flush(batch):
+            nonlocal written
+            if not batch:
+                return
+            texts = captioner.caption([s.image for s in batch], _prompts(captioner, batch))
+            shard.open()  # only a process that captions something leaves a shard file
+            written += shard.write([_record(s, t) for s, t in zip(batch, texts)])
+            bar.update(len(batch))
+
+        try:
+            for unit in mine:
+                pending = []
+                for case in unit:
+                    volume = source.read(case)
+                    chosen = renderer.select(volume)
+                    todo = []
+                    for s in chosen:  # captioned before (or repeated within the volume): skipped, never rendered
+                        if s.key not in done:
+                            done.add(s.key)
+                            todo.append(s)
+                    skipped += len(chosen) - len(todo)
+                    bar.total -= nominal - len(chosen)
+                    bar.update(len(chosen) - len(todo))
+                    renderer.render(volume, todo)
+                    del volume
+                    pending += todo
+                    while len(pending) >= captioner.batch_size:
+                        flush(pending[:captioner.batch_size])
+                        del pending[:captioner.batch_size]
+                flush(pending)  # a batch never spans two units: the same batches for any number of processes
+        finally:
+            shard.close()
+            bar.close()  # before any error message, so that the message is the last line
+        ctx.barrier()
+        merged = _on_main(ctx, lambda: merge_shards(out)["records"])
+        seconds = time.perf_counter() - start
+        counts = [(written, skipped)]
+        if world > 1:
+            counts = [None] * world
+            torch.distributed.all_gather_object(counts, (written, skipped))
+    return {"written": sum(c[0] for c in counts), "skipped": sum(c[1] for c in counts), "written_here": written,
+            "captions": merged, "path": str(out), "seconds": round(seconds, 3), "rank": rank, "world": world}

@@ -6,18 +6,24 @@ Each line is ``{"case": str, "plane": "axial"|"coronal"|"sagittal", "index": int
 mid-write) counts as not written and is cut off when the file is next opened for appending. The settings live in the
 sidecar ``<path>.meta.json`` (the settings dict itself, so readers can look up e.g. ``meta["model"]``) and a resume
 with other settings is refused, so one file never mixes two models' captions.
+
+Sharded runs (``torchrun``, :func:`~.captioner.caption_dataset`) append to one file per process in the folder
+``<path>.shards/`` (:func:`shard_path`), each a caption file of its own; :func:`merge_shards` folds them into
+``<path>`` in the canonical order of :func:`record_order` (rewritten under a temporary name and renamed), so the
+merged bytes do not depend on the number of processes. Until then, :func:`read_all` reads ``<path>`` and its shards
+together (what a resumed run skips).
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 from ..planes import PLANES
 from ..slices import slice_key
 from ..errors import Med3DInsightError
-from ..fileio import atomic_write_text, diff_keys
+from ..fileio import atomic_write, atomic_write_text, diff_keys
 
 PathLike = Union[str, os.PathLike]
 _REQUIRED = {"case": str, "plane": str, "index": int, "position": (int, float), "text": str}
@@ -136,21 +142,24 @@ class CaptionFile:
         return records
 
     # ---------------------------------------------------------------------------------------------------- settings
-    def check_settings(self, settings: dict) -> None:
+    def check_settings(self, settings: dict, also: Iterable[PathLike] = ()) -> None:
         """Record ``settings`` in the sidecar, or refuse if the existing captions were written with other ones.
 
         Args:
             settings: JSON-serialisable dict (model id, prompts, rendering / slice settings, ...).
+            also: other files whose captions count as this file's (the shards of a sharded run).
 
         Raises:
-            CaptionError: the file holds captions and its sidecar is missing, unreadable or differs.
+            CaptionError: the file (or one of ``also``) holds captions and the sidecar is missing, unreadable or
+                differs.
         """
         given = _canonical(settings, str(self.path))
-        has_records = self.path.exists() and _complete_length(self.path) > 0
+        has_records = any(p.is_file() and _complete_length(p) > 0 for p in (self.path, *map(Path, also)))
         if has_records:
             if not self.meta_path.exists():
-                raise CaptionError(f"{self.path} holds captions but no settings file {self.meta_path.name}, so a "
-                                   f"resume cannot be checked; restore that file or use a new output file")
+                raise CaptionError(f"{self.path} (or its shards) holds captions but no settings file "
+                                   f"{self.meta_path.name}, so a resume cannot be checked; restore that file or use a "
+                                   f"new output file")
             try:
                 stored = json.loads(self.meta_path.read_text(encoding="utf-8"))
                 if not isinstance(stored, dict):
@@ -213,3 +222,76 @@ class CaptionFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------------------------------------------ shards
+
+def shard_folder(path: PathLike) -> Path:
+    """The folder of the per-process shard files of the caption file ``path``: ``<path>.shards``."""
+    return Path(f"{path}.shards")
+
+
+def shard_path(path: PathLike, rank: int, world: int) -> Path:
+    """The shard file process ``rank`` of ``world`` appends to: ``<path>.shards/rank-RRRRR-of-WWWWW.jsonl``."""
+    return shard_folder(path) / f"rank-{rank:05d}-of-{world:05d}.jsonl"
+
+
+def shard_files(path: PathLike) -> List[Path]:
+    """The shard files left next to ``path`` (by runs with any number of processes), sorted by name."""
+    folder = shard_folder(path)
+    if folder.exists() and not folder.is_dir():
+        raise CaptionError(f"{folder} is a file, but sharded captioning keeps its per-process files in a folder of "
+                           f"that name; move that file away or choose another output file")
+    return sorted(folder.glob("rank-*-of-*.jsonl")) if folder.is_dir() else []
+
+
+def record_order(rec: dict) -> tuple:
+    """The canonical order of caption records: case, plane (axial, coronal, sagittal), position, index."""
+    return rec["case"], PLANES.index(rec["plane"]), float(rec["position"]), rec["index"]
+
+
+def read_all(path: PathLike) -> Dict[str, dict]:
+    """The records of the caption file ``path`` and of its shard files, keyed by :func:`caption_key`.
+
+    Each file is read like :meth:`CaptionFile.read` (strict: a malformed line or a key twice in one file names the
+    file and line; a torn last line is ignored). A key in several files (a crash between a merge and the removal of
+    the shards leaves the same record twice) counts once: the caption file's record, else the first shard's.
+    """
+    records: Dict[str, dict] = {}
+    for part in (Path(path), *shard_files(path)):
+        for key, rec in CaptionFile.read(part).items():
+            records.setdefault(key, rec)
+    return records
+
+
+def merge_shards(path: PathLike) -> Dict[str, int]:
+    """Fold the shard files of ``path`` into ``path``, in the order of :func:`record_order`, then remove them.
+
+    The merged file is written whole under a temporary name and renamed over ``path``, so a crash leaves the old file
+    and the shards (a rerun merges again), never a half-written file; the shards are removed only after the rename.
+    Without shard files, ``path`` is left as it is.
+
+    Returns:
+        ``{"records": records in path now, "shards": shard files merged}``.
+    """
+    path = Path(path)
+    parts = shard_files(path)
+    if not parts:
+        if shard_folder(path).is_dir():
+            _remove_folder(shard_folder(path))
+        return {"records": len(CaptionFile.read(path)), "shards": 0}
+    records = read_all(path)
+    data = "".join(json.dumps(rec, ensure_ascii=False) + "\n"
+                   for rec in sorted(records.values(), key=record_order)).encode("utf-8")
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    for part in parts:
+        part.unlink()
+    _remove_folder(shard_folder(path))
+    return {"records": len(records), "shards": len(parts)}
+
+
+def _remove_folder(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # something else was put there: leave it
+        pass
