@@ -26,7 +26,6 @@ __all__ = ["ExportError", "export_checkpoint", "rebuild_backbone", "EXPORT_FORMA
 
 EXPORT_FORMATS = ("nnunet", "monai", "nnssl")
 PathLike = Union[str, os.PathLike]
-_MONAI_NAMES = {"swin_unetr": "SwinUNETR", "unetr": "UNETR"}
 
 
 class ExportError(CheckpointError):
@@ -46,9 +45,12 @@ def rebuild_backbone(checkpoint: Union[PathLike, Checkpoint], in_channels: Optio
         in_channels: build for another number of input channels (then load the encoder with
             ``load_pretrained_encoder``, which adapts the input layer, and pass ``load_weights=False``).
         load_weights: load the file's network (strict) and reconstruction head.
+
+    Returns:
+        The :class:`~med3dinsight_plugin.backbones.Backbone`.
     """
     from .backbones import build_backbone_from_config
-    from .checkpoint import allocation_guard
+    from .backbones.family import building_from_metadata
 
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if ckpt.source_format != "med3dinsight":
@@ -57,14 +59,8 @@ def rebuild_backbone(checkpoint: Union[PathLike, Checkpoint], in_channels: Optio
     config = dict(ckpt.metadata["backbone"])
     if in_channels is not None:
         config["in_channels"] = in_channels
-    try:
-        with allocation_guard(ckpt):
-            backbone = build_backbone_from_config(config)
-    except CheckpointError:
-        raise
-    except Med3DInsightError as e:  # the builder's own words, about arguments that came from the file
-        raise CheckpointError(f"{ckpt.path}: the backbone in its metadata cannot be built ({first_line(e)}); the "
-                              f"file was edited or written by another version: re-save the checkpoint") from None
+    with building_from_metadata(ckpt):
+        backbone = build_backbone_from_config(config)
     if not load_weights:
         return backbone
     try:
@@ -104,17 +100,21 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
     ckpt = load_checkpoint(checkpoint)
     if out.exists() and os.path.samefile(out, ckpt.path):
         raise Med3DInsightError(f"-o {out} is the checkpoint being exported; write the export to another file")
+    from .backbones import backbone_family, list_families
+
     backbone = rebuild_backbone(ckpt)
     name = backbone.config["name"]
+    family = backbone_family(name)
+    native = "/".join(c for f in list_families() if f.plans_native for c in f.network_classes)
     state = backbone.network.state_dict()
     note = ""
     if to == "nnunet":
-        if name != "nnunet":
+        if not family.plans_native:
             raise ExportError(f"{ckpt.path} holds a {name} backbone; nnU-Net's -pretrained_weights only takes "
-                              f"PlainConvUNet/ResidualEncoderUNet weights built from the dataset's plans. Use "
-                              f"nnUNetv2_train -tr Med3DInsightTrainer_{_MONAI_NAMES.get(name, 'UNETR')}")
+                              f"{native} weights built from the dataset's plans. Use nnUNetv2_train -tr "
+                              f"{family.nnunet_trainer}")
         if plans is not None:
-            _check_nnunet_plans(state, backbone.in_channels, plans, configuration, ckpt.path)
+            _check_nnunet_plans(ckpt, state, backbone.in_channels, plans, configuration, family.nnunet_trainer)
             note = f"checked against {plans} ({configuration}): every non-segmentation tensor fits"
         elif "plans" not in backbone.config:
             note = ("pretrained on an architecture derived from a patch size, not from your dataset's plans: "
@@ -122,17 +122,18 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
                     "--plans), otherwise use nnUNetv2_train -tr Med3DInsightTrainer")
         payload: Dict[str, Any] = {"network_weights": state}
     elif to == "monai":
-        if name not in ("swin_unetr", "unetr"):
-            raise ExportError(f"{ckpt.path} holds a {name} backbone; --to monai exports SwinUNETR/UNETR weights. "
+        if family.plans_native:
+            wrapped = "/".join(c for f in list_families() if not f.plans_native for c in f.network_classes)
+            raise ExportError(f"{ckpt.path} holds a {name} backbone; --to monai exports {wrapped} weights. "
                               f"Use --to nnunet or --to nnssl for nnU-Net networks")
-        payload = {k: v for k, v in state.items() if not k.startswith("out.")}
+        payload = {k: v for k, v in state.items() if not k.startswith(family.head_prefixes)}
         note = "load with model.load_state_dict(torch.load(path, weights_only=True), strict=False)"
     else:
-        if name in _MONAI_NAMES:  # nnU-Net builds PlainConvUNet / ResidualEncoderUNet / Primus from nnssl files
-            arch = _MONAI_NAMES[name]
+        if not family.plans_native:  # nnU-Net builds PlainConvUNet / ResidualEncoderUNet / Primus from nnssl files
+            arch = family.network_classes[0]
             raise ExportError(f"{ckpt.path} holds a {name} backbone; nnU-Net's nnssl fine-tuning builds only "
-                              f"PlainConvUNet/ResidualEncoderUNet/Primus. Use --to monai (MONAI's {arch}) or "
-                              f"nnUNetv2_train -tr Med3DInsightTrainer_{arch}")
+                              f"{native}/Primus. Use --to monai (MONAI's {arch}) or nnUNetv2_train -tr "
+                              f"{family.nnunet_trainer}")
         from .checkpoint import adaptation_plan
         payload = {"network_weights": state, "nnssl_adaptation_plan": adaptation_plan(backbone, ckpt.metadata)}
     atomic_write(out, lambda tmp: torch.save(payload, tmp))
@@ -140,28 +141,30 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
     return {"format": to, "path": str(out), "tensors": tensors, "note": note}
 
 
-def _check_nnunet_plans(state, in_channels, plans, configuration, source):
+def _check_nnunet_plans(ckpt, state, in_channels, plans, configuration, trainer):
     """Refuse unless the network the plans build has every non-segmentation key of ``state`` with its shape,
     exactly what nnU-Net's load_pretrained_weights asserts."""
-    from .backbones import build_backbone
+    from .backbones import build_downstream_network, family_of_network
 
     try:
-        target = build_backbone("nnunet", in_channels=in_channels, plans=plans, configuration=configuration).network
+        target = build_downstream_network(ckpt, plans, configuration=configuration, in_channels=in_channels)
     except CheckpointError:
         raise
     except Med3DInsightError as e:
         message = first_line(e)
         raise Med3DInsightError(message if str(plans) in message else f"--plans {plans}: {message}") from None
+    family = family_of_network(target)
+    heads = family.head_prefixes if family is not None else ()
     problems = []
     for key, tensor in target.state_dict().items():
-        if ".seg_layers." in key:
+        if key.startswith(heads):
             continue
         if key not in state:
             problems.append(f"{key} missing")
         elif state[key].shape != tensor.shape:
             problems.append(f"{key} {list(state[key].shape)} vs plans {list(tensor.shape)}")
     if problems:
-        raise CheckpointError(f"{source} was not pretrained on the network that {plans} ({configuration}) builds: "
+        raise CheckpointError(f"{ckpt.path} was not pretrained on the network that {plans} ({configuration}) builds: "
                               f"{len(problems)} tensors differ ({'; '.join(problems[:3])}). nnU-Net's "
-                              f"-pretrained_weights cannot load it; use nnUNetv2_train -tr Med3DInsightTrainer, "
+                              f"-pretrained_weights cannot load it; use nnUNetv2_train -tr {trainer}, "
                               f"which loads the encoder it can match and reports the rest")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import network_spec
+from .backbones import family_of_checkpoint, list_families, network_spec
 from .checkpoint import Checkpoint, CheckpointError, check_finite, load_checkpoint
 from .fileio import storage_id, unwrap
 
@@ -142,7 +142,8 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
     if spec and declared is not None and not (spec.key_to_encoder + ".").startswith(declared):
         declared = None  # the file's encoder is not this network's (another architecture): expect the whole encoder
     in_scope = lambda k: k.startswith(encoder) and (declared is None or k.startswith(declared))
-    is_head = lambda k: k.startswith("out.") or ".seg_layers." in k  # segmentation heads are never pretrained
+    heads = spec.head_prefixes if spec else _all_head_prefixes()
+    is_head = lambda k: k.startswith(heads) or any(f".{h}" in k for h in heads)  # heads are never pretrained
 
     new_state: Dict[str, torch.Tensor] = {}
     expected_ids, loaded_ids, adapted_ids, written_ids = {}, set(), set(), set()
@@ -293,15 +294,22 @@ def _fit(key, value, tensor, spec, ckpt, adapt_channels, adapt_lpe, source_grid,
     return None, None
 
 
+def _all_head_prefixes() -> Tuple[str, ...]:
+    """Segmentation-head prefixes of every registered family: the heads of a model that is not a known network."""
+    return tuple(sorted({h for family in list_families() for h in family.head_prefixes}))
+
+
 def _source_grid(ckpt, n_tokens, given):
+    """The token grid of the checkpoint's position embedding: ``given``, else its family's grid for the patch size in
+    its metadata, else a cube."""
     if given is not None:
         grid = tuple(int(g) for g in given)
         return grid if math.prod(grid) == n_tokens else None
     patch = ckpt.metadata.get("patch_size")
-    if patch:
-        grid = tuple(int(p) // 16 for p in patch)  # UNETR's ViT patches are 16^3
-        if math.prod(grid) == n_tokens:
-            return grid
+    family = family_of_checkpoint(ckpt.metadata) if patch and ckpt.source_format == "med3dinsight" else None
+    grid = family.position_grid(patch) if family is not None else None
+    if grid and math.prod(grid) == n_tokens:
+        return grid
     return _cube_grid(n_tokens)
 
 

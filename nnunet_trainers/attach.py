@@ -11,51 +11,22 @@ unless an earlier attach wrote it from the same source plans (re-attaching).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
-from med3dinsight_plugin.checkpoint import CheckpointError, allocation_guard, load_checkpoint
+from med3dinsight_plugin.checkpoint import CheckpointError, load_checkpoint
 from med3dinsight_plugin.fileio import atomic_write, sha256_file
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
 from med3dinsight_plugin.hub import is_hub_spec, pinned_spec
 
-__all__ = ["ENV_CHECKPOINT", "MONAI_NETWORKS", "PLANS_KEY", "TRAINER_OF", "attach_checkpoint", "attached_plans",
-           "configured_checkpoint"]
+from .contract import PLANS_KEY, TRAINER_OF, checkpoint_family
+# study.py and older callers import these from here; their home is .contract
+from .contract import ENV_CHECKPOINT, MONAI_NETWORKS, configured_checkpoint  # noqa: F401
 
-PLANS_KEY = "med3dinsight"
-ENV_CHECKPOINT = "MED3DINSIGHT_CHECKPOINT"
-MONAI_NETWORKS = {"swin_unetr": "nnunet_trainers.networks.SwinUNETRForNNUNet",
-                  "unetr": "nnunet_trainers.networks.UNETRForNNUNet"}
-TRAINER_OF = {"nnunet": "Med3DInsightTrainer", "swin_unetr": "Med3DInsightTrainer_SwinUNETR",
-              "unetr": "Med3DInsightTrainer_UNETR"}  # the trainer for each checkpoint family
-_PATCH_MULTIPLE = {"swin_unetr": (32, 64), "unetr": (16, 32)}  # (divisor, minimum) per axis
-
-
-def configured_checkpoint(plans: Dict[str, Any]) -> Tuple[Optional[str], str]:
-    """The checkpoint a trainer should load: ``$MED3DINSIGHT_CHECKPOINT`` overrides the plans' entry.
-
-    Args:
-        plans: the nnU-Net plans the trainer runs with.
-
-    Returns:
-        ``(checkpoint, where it came from)``; the checkpoint as written (a path or ``hf-hub:ORG/REPO[@REVISION]``,
-        for :func:`~med3dinsight_plugin.checkpoint.resolve_checkpoint`), or ``None`` when neither names one.
-    """
-    if os.environ.get(ENV_CHECKPOINT):
-        return os.environ[ENV_CHECKPOINT], f"${ENV_CHECKPOINT}"
-    origin = f"plans '{plans.get('plans_name')}'"
-    entry = plans.get(PLANS_KEY)
-    if entry is None:
-        return None, origin
-    if not isinstance(entry, dict) or not isinstance(entry.get("checkpoint"), str) or not entry["checkpoint"]:
-        raise Med3DInsightError(f"{origin}: its '{PLANS_KEY}' entry must be an object with a 'checkpoint' path, as "
-                                f"med3dinsight nnunet-attach writes it; attach the checkpoint again")
-    return entry["checkpoint"], origin
-
+__all__ = ["attach_checkpoint", "attached_plans"]
 
 
 def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, name: Optional[str] = None,
@@ -125,16 +96,15 @@ def attached_plans(plans: Dict[str, Any], plans_file: Path, new_name: str, check
     plans_name = plans_file.stem
     ckpt = load_checkpoint(checkpoint)
     meta = ckpt.metadata
-    family = meta.get("backbone", {}).get("name", "nnunet") if ckpt.source_format == "med3dinsight" else "nnunet"
-    family = "nnunet" if family in ("plain_conv_unet", "resenc_unet") else family
+    family = checkpoint_family(ckpt.source_format, meta)
 
     new_plans = copy.deepcopy(plans)
     new_plans["plans_name"] = new_name
     config = new_plans["configurations"][configuration]
     changes = []
-    if family in MONAI_NETWORKS and not adapt_architecture:
-        raise Med3DInsightError(f"{ckpt.path} holds a {family} network but {plans_file.name} describes "
-                         f"{_arch_name(config)}; add --adapt-architecture to train the checkpoint's network")
+    if not family.plans_native and not adapt_architecture:
+        raise Med3DInsightError(f"{ckpt.path} holds a {family.name} network but {plans_file.name} describes "
+                                f"{_arch_name(config)}; add --adapt-architecture to train the checkpoint's network")
     if adapt_architecture:
         if ckpt.source_format != "med3dinsight":
             raise Med3DInsightError(f"{ckpt.path} has no med3dinsight metadata, so its architecture is unknown; "
@@ -154,14 +124,14 @@ def attached_plans(plans: Dict[str, Any], plans_file: Path, new_name: str, check
         "checkpoint": pinned_spec(checkpoint, ckpt.path) if is_hub_spec(checkpoint) else str(Path(ckpt.path).resolve()),
         "sha256": sha256_file(ckpt.path),
         "source_format": ckpt.source_format,
-        "family": family,
+        "family": family.name,
         "configuration": configuration,
         "attached_to": plans_name,
         "changes": changes,
         "checkpoint_metadata": {k: v for k, v in meta.items()
                                 if k not in ("aliases", "adaptation_plan", "backbone", "nnssl_adaptation_plan")},
     }
-    return new_plans, report, changes, family
+    return new_plans, report, changes, family.name
 
 
 def _read_json(path: Path, fix: str) -> Any:
@@ -200,31 +170,18 @@ def _arch_name(config: Dict[str, Any]) -> str:
 
 
 def _adapt(config, configuration, family, meta, plans):
-    """Put the checkpoint's architecture (and a patch size it accepts) into the configuration."""
-    from med3dinsight_plugin.backbones.nnunet import architecture_from_plans, stride_product
+    """Put the checkpoint's architecture (and a patch size it accepts) into the configuration, as its family's
+    descriptor says (:meth:`~med3dinsight_plugin.backbones.BackboneFamily.plans_architecture`)."""
+    from med3dinsight_plugin.backbones.nnunet import architecture_from_plans
 
     if "inherits_from" in config:  # resolve, so that the architecture we write is not overridden by a parent
         resolved = architecture_from_plans(plans, configuration)[1]
         resolved.pop("inherits_from", None)  # nnU-Net keeps the child's key; the copy is complete now
         config.clear()
         config.update(resolved)
-    backbone = meta["backbone"]
     old_patch = list(config["patch_size"])
-    changes = []
-    if family in MONAI_NETWORKS:
-        divisor, minimum = _PATCH_MULTIPLE[family]
-        patch = [max(minimum, divisor * round(p / divisor)) for p in old_patch]
-        kwargs = {k: v for k, v in backbone.get("network_kwargs", {}).items() if k != "out_channels"}
-        if family == "unetr":
-            kwargs["img_size"] = patch
-        architecture = {"network_class_name": MONAI_NETWORKS[family], "arch_kwargs": kwargs,
-                        "_kw_requires_import": []}
-    else:
-        architecture = (backbone["architecture"] if "architecture" in backbone else
-                        architecture_from_plans(backbone["plans"], backbone["configuration"])[1]["architecture"])
-        divisor = stride_product(architecture["arch_kwargs"]["strides"])
-        patch = old_patch if all(p % d == 0 for p, d in zip(old_patch, divisor)) else list(meta["patch_size"])
-    changes.append(f"architecture {_arch_name(config)} -> {architecture['network_class_name'].rsplit('.', 1)[-1]}")
+    architecture, patch = family.plans_architecture(meta["backbone"], old_patch)
+    changes = [f"architecture {_arch_name(config)} -> {architecture['network_class_name'].rsplit('.', 1)[-1]}"]
     config["architecture"] = architecture
     if patch != old_patch:
         changes.append(f"patch size {old_patch} -> {patch}")
@@ -235,21 +192,11 @@ def _adapt(config, configuration, family, meta, plans):
 def _test_load(plans, configuration, channels, ckpt, can_adapt, guarded):
     """Build the network the trainer will build and load the checkpoint into it (strict). ``guarded``: the
     architecture came from the checkpoint's metadata, so it is built under the checkpoint's allocation guard."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
+    from med3dinsight_plugin.backbones import build_downstream_network
     from med3dinsight_plugin.loading import IncompatibleCheckpointError, load_pretrained_encoder
 
-    cm = PlansManager(plans).get_configuration(configuration)
-    try:
-        with allocation_guard(ckpt) if guarded else contextlib.nullcontext():
-            network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                             cm.network_arch_init_kwargs_req_import, channels, 2, allow_init=False,
-                                             deep_supervision=False)
-    except CheckpointError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise Med3DInsightError(f"the plans' {configuration} network cannot be built for this checkpoint: {e}") from None
+    network = build_downstream_network(ckpt, plans, configuration=configuration, in_channels=channels, num_classes=2,
+                                       guard=guarded)
     try:
         return load_pretrained_encoder(network, ckpt)
     except IncompatibleCheckpointError as e:

@@ -26,25 +26,15 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from med3dinsight_plugin.checkpoint import resolve_checkpoint
-from med3dinsight_plugin.fileio import atomic_write, sha256_file
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
+from med3dinsight_plugin.fileio import atomic_write, sha256_file
 from med3dinsight_plugin.finetune import (apply_finetune_lr, default_warmup, finetune_optimizer, finetune_param_groups,
                                          freeze_dead_parameters)
 from med3dinsight_plugin.loading import load_pretrained_encoder
 
-from .attach import MONAI_NETWORKS, PLANS_KEY, TRAINER_OF, configured_checkpoint
+from med3dinsight_plugin.backbones import list_families
 
-__all__ = [
-    "Med3DInsightTrainer", "Med3DInsightTrainer_100epochs", "Med3DInsightTrainer_250epochs",
-    "Med3DInsightTrainer_frozenEncoder", "Med3DInsightTrainer_smoke",
-    "Med3DInsightTrainer_SwinUNETR", "Med3DInsightTrainer_SwinUNETR_100epochs",
-    "Med3DInsightTrainer_SwinUNETR_250epochs", "Med3DInsightTrainer_SwinUNETR_frozenEncoder",
-    "Med3DInsightTrainer_SwinUNETR_smoke",
-    "Med3DInsightTrainer_UNETR", "Med3DInsightTrainer_UNETR_100epochs", "Med3DInsightTrainer_UNETR_250epochs",
-    "Med3DInsightTrainer_UNETR_frozenEncoder", "Med3DInsightTrainer_UNETR_smoke",
-    "Med3DInsightTrainer_study", "Med3DInsightTrainer_SwinUNETR_study", "Med3DInsightTrainer_UNETR_study",
-    "nnUNetTrainer_med3dinsightStudy",
-]
+from .contract import PLANS_KEY, configured_checkpoint, family_of_architecture
 
 
 class FinetuneLRScheduler:
@@ -61,7 +51,7 @@ class FinetuneLRScheduler:
 class Med3DInsightTrainer(nnUNetTrainer):
     """Fine-tunes the plans' PlainConvUNet / ResidualEncoderUNet from a pretrained encoder (SGD, lr 1e-3)."""
 
-    architectures = ("PlainConvUNet", "ResidualEncoderUNet")  # what this trainer trains (network class names)
+    architectures = ()  # what this trainer trains (network class names): its family's, set below
     optimizer_name = "sgd"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -137,8 +127,8 @@ class Med3DInsightTrainer(nnUNetTrainer):
     def _check_architecture(self) -> None:
         name = self.configuration_manager.network_arch_class_name.rsplit(".", 1)[-1]
         if name not in self.architectures:
-            right = {v.rsplit(".", 1)[-1]: k for k, v in MONAI_NETWORKS.items()}.get(name)
-            fix = (f"use -tr {TRAINER_OF[right]}" if right else
+            right = family_of_architecture(name)
+            fix = (f"use -tr {right.nnunet_trainer}" if right and not right.plans_native else
                    "attach a checkpoint with `med3dinsight nnunet-attach ... --adapt-architecture`")
             self._stop(f"{type(self).__name__} trains {'/'.join(self.architectures)} but configuration "
                        f"'{self.configuration_name}' of the plans builds {name}; {fix}")
@@ -164,16 +154,6 @@ class _MonaiTrainerMixin:
 
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # MONAI networks have a single output
-
-
-class Med3DInsightTrainer_SwinUNETR(_MonaiTrainerMixin, Med3DInsightTrainer):
-    """Fine-tunes a MONAI SwinUNETR described in the plans (``nnunet-attach --adapt-architecture``)."""
-    architectures = ("SwinUNETRForNNUNet",)
-
-
-class Med3DInsightTrainer_UNETR(_MonaiTrainerMixin, Med3DInsightTrainer):
-    """Fine-tunes a MONAI UNETR described in the plans (``nnunet-attach --adapt-architecture``)."""
-    architectures = ("UNETRForNNUNet",)
 
 
 # Schedule variants, one hook each. Names say what changes, as nnU-Net's nnUNetTrainer_250epochs does.
@@ -204,54 +184,6 @@ class _Smoke:
     def configure_run(self):
         super().configure_run()
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 2, 1
-
-
-class Med3DInsightTrainer_100epochs(_Epochs100, Med3DInsightTrainer):
-    pass
-
-
-class Med3DInsightTrainer_250epochs(_Epochs250, Med3DInsightTrainer):
-    pass
-
-
-class Med3DInsightTrainer_frozenEncoder(_FrozenEncoder, Med3DInsightTrainer):
-    pass
-
-
-class Med3DInsightTrainer_smoke(_Smoke, Med3DInsightTrainer):
-    pass
-
-
-class Med3DInsightTrainer_SwinUNETR_100epochs(_Epochs100, Med3DInsightTrainer_SwinUNETR):
-    pass
-
-
-class Med3DInsightTrainer_SwinUNETR_250epochs(_Epochs250, Med3DInsightTrainer_SwinUNETR):
-    pass
-
-
-class Med3DInsightTrainer_SwinUNETR_frozenEncoder(_FrozenEncoder, Med3DInsightTrainer_SwinUNETR):
-    pass
-
-
-class Med3DInsightTrainer_SwinUNETR_smoke(_Smoke, Med3DInsightTrainer_SwinUNETR):
-    pass
-
-
-class Med3DInsightTrainer_UNETR_100epochs(_Epochs100, Med3DInsightTrainer_UNETR):
-    pass
-
-
-class Med3DInsightTrainer_UNETR_250epochs(_Epochs250, Med3DInsightTrainer_UNETR):
-    pass
-
-
-class Med3DInsightTrainer_UNETR_frozenEncoder(_FrozenEncoder, Med3DInsightTrainer_UNETR):
-    pass
-
-
-class Med3DInsightTrainer_UNETR_smoke(_Smoke, Med3DInsightTrainer_UNETR):
-    pass
 
 
 # ``med3dinsight study`` (nnunet_trainers/study.py): the plans' "med3dinsight_study" entry fixes the training subset,
@@ -315,18 +247,6 @@ class _Study:
         super().load_pretrained_checkpoint()
 
 
-class Med3DInsightTrainer_study(_Study, Med3DInsightTrainer):
-    pass
-
-
-class Med3DInsightTrainer_SwinUNETR_study(_Study, Med3DInsightTrainer_SwinUNETR):
-    pass
-
-
-class Med3DInsightTrainer_UNETR_study(_Study, Med3DInsightTrainer_UNETR):
-    pass
-
-
 class nnUNetTrainer_med3dinsightStudy(nnUNetTrainer):
     """nnU-Net's default recipe, only with the study's subset, held-out cases, schedule and seed (the reference)."""
 
@@ -337,3 +257,55 @@ class nnUNetTrainer_med3dinsightStudy(nnUNetTrainer):
 
     def do_split(self):
         return _study_split(self)
+
+
+# Every backbone family's trainer and its variants, from the family descriptors (nnU-Net finds trainers by class
+# name in this module, through the ext/ shim). Med3DInsightTrainer trains the plans-native family (nnU-Net's CNNs);
+# a family whose network nnU-Net builds through nnunet_trainers.networks (MONAI transformers) gets
+# ``<its trainer>(_MonaiTrainerMixin, Med3DInsightTrainer)``. Variants: <trainer>_100epochs, _250epochs,
+# _frozenEncoder, _smoke, _study.
+
+_VARIANTS = (("100epochs", _Epochs100), ("250epochs", _Epochs250), ("frozenEncoder", _FrozenEncoder),
+             ("smoke", _Smoke), ("study", _Study))
+
+
+def define_family_trainers(family) -> list:
+    """Define ``family.nnunet_trainer`` and its variants in this module, unless they exist.
+
+    Args:
+        family: a :class:`~med3dinsight_plugin.backbones.BackboneFamily`.
+
+    Returns:
+        The names of the trainers of the family.
+    """
+    base = globals().get(family.nnunet_trainer)
+    if base is None:
+        if family.plans_native:
+            raise Med3DInsightError(f"backbone family {family.name!r}: nnunet_trainer {family.nnunet_trainer!r} must be "
+                                    f"Med3DInsightTrainer (plans-native families train with it)")
+        base = type(family.nnunet_trainer, (_MonaiTrainerMixin, Med3DInsightTrainer), {
+            "__module__": __name__, "architectures": family.nnunet_network_names,
+            "__doc__": f"Fine-tunes a {family.network_classes[0]} described in the plans (``nnunet-attach "
+                       f"--adapt-architecture``)."})
+        globals()[base.__name__] = base
+    elif base is Med3DInsightTrainer:
+        base.architectures = tuple(dict.fromkeys(base.architectures + family.nnunet_network_names))
+    names = [base.__name__]
+    for suffix, variant in _VARIANTS:
+        name = f"{base.__name__}_{suffix}"
+        if name not in globals():
+            globals()[name] = type(name, (variant, base), {"__module__": __name__, "__doc__": variant.__doc__})
+        names.append(name)
+    return names
+
+
+__all__ = [name for family in list_families() for name in define_family_trainers(family)] + \
+    ["nnUNetTrainer_med3dinsightStudy"]
+
+
+def __getattr__(name: str):
+    """The trainers of a family registered after this module was imported, defined on first access."""
+    for family in list_families():
+        if name.startswith(family.nnunet_trainer) and name in define_family_trainers(family):
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,59 @@
-"""Test helpers: tiny real configurations of every backbone."""
+"""Test helpers: tiny real configurations of every registered backbone, the toy pretraining data, tools."""
+import time
+
+import torch
+import torch.nn.functional as F
+
+from med3dinsight_plugin.backbones import list_families
+
+# Tiny but real configurations of every backbone, for tests that run forward and backward passes: each family's
+# descriptor brings its own (BackboneFamily.tiny), so every test parametrised over these checks a new family too.
+TINY_BACKBONES = {name: dict(kwargs) for family in list_families() for name, kwargs in family.tiny.items()}
+
+EMBED = 16  # teacher embedding width of the toy pretraining data
 
 
-# Tiny but real configurations of every backbone, for tests that run forward and backward passes.
-TINY_BACKBONES = {
-    "swin_unetr": dict(patch_size=(64, 64, 64), feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)),
-    "unetr": dict(patch_size=(32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4),
-    "plain_conv_unet": dict(patch_size=(32, 32, 32), base_features=4, max_features=32),
-    "resenc_unet": dict(patch_size=(32, 32, 32), base_features=4, max_features=32),
-}
+class ToyDataset:
+    """Deterministic toy pretraining data: item i is a function of (seed, i) only.
+
+    The volume is a smooth random field; each of its K slices (random plane and position) gets teacher embeddings
+    that a 3D model can learn: a fixed random linear map of the slice's 2x2-region mean intensities and of its plane
+    and position, L2-normalised (a second fixed map gives the "text" embeddings). Every third item marks its last
+    slice as padding (``mask``), as the real dataset does for crops holding fewer than K cached slices.
+    """
+
+    def __init__(self, seed=0, length=None, size=32, k=4, delay=0.0):
+        self.seed, self.length, self.size, self.k, self.delay = seed, length, size, k, delay
+        g = torch.Generator().manual_seed(1234)  # the "teacher": the same for every split
+        self.image_map, self.text_map = torch.randn(2, EMBED, 4 + 3 + 2, generator=g).unbind(0)
+
+    def __len__(self):
+        if self.length is None:
+            raise TypeError("the training set is unbounded")
+        return self.length
+
+    def __getitem__(self, i):
+        if self.delay:
+            time.sleep(self.delay)  # lets a test kill the run between two checkpoints
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        coarse = torch.randn(1, 1, 4, 4, 4, generator=g)
+        volume = F.interpolate(coarse, size=(self.size,) * 3, mode="trilinear", align_corners=False)[0]
+        volume = volume + 0.05 * torch.randn(volume.shape, generator=g)
+        plane = torch.randint(0, 3, (self.k,), generator=g)
+        position = torch.rand(self.k, generator=g)
+        feats = []
+        for p, t in zip(plane.tolist(), position.tolist()):
+            index = min(int(t * self.size), self.size - 1)
+            sl = volume[0].select(p, index)  # (size, size)
+            regions = F.adaptive_avg_pool2d(sl[None], 2).flatten()
+            feats.append(torch.cat([2 * regions, 3 * F.one_hot(torch.tensor(p), 3).float(),
+                                    3 * torch.tensor([t, 1 - t])]))
+        feats = torch.stack(feats)
+        mask = torch.ones(self.k, dtype=torch.bool)
+        mask[-1] = int(i) % 3 != 2  # every third item pads its last slice, as a crop with too few cached slices
+        return {"volume": volume.float(), "plane": plane, "position": position.float(), "mask": mask,
+                "image_emb": F.normalize(feats @ self.image_map.T, dim=-1),
+                "text_emb": F.normalize(feats @ self.text_map.T, dim=-1)}
 
 
 def tiny_psat_kwargs(in_dim: int, out_dim: int = 16) -> dict:
@@ -17,8 +63,6 @@ def tiny_psat_kwargs(in_dim: int, out_dim: int = 16) -> dict:
 
 def tiny_backbone(name: str, seed: int = 0, **overrides):
     """A tiny real backbone of ``name`` (see TINY_BACKBONES), built with a fixed seed."""
-    import torch
-
     from med3dinsight_plugin import build_backbone
 
     torch.manual_seed(seed)
@@ -29,8 +73,6 @@ def tiny_backbone(name: str, seed: int = 0, **overrides):
 def swin_ssl_state_dict(swin_vit_state: dict) -> dict:
     """MONAI's official SwinUNETR SSL file layout (model_swinvit.pt) made from a SwinUNETR's swinViT weights:
     ``module.``-prefixed keys without ``swinViT``, timm's ``mlp.fc1/fc2`` names, and an extra final norm."""
-    import torch
-
     sd = {"module." + k.replace("mlp.linear1.", "mlp.fc1.").replace("mlp.linear2.", "mlp.fc2."): v.clone()
           for k, v in swin_vit_state.items()}
     width = max(v.shape[0] for k, v in swin_vit_state.items() if k.endswith("reduction.weight"))
@@ -57,8 +99,6 @@ def tiny_pretrain_batch(patch_size, embed_dim: int, batch: int = 2, slices: int 
     """A deterministic pretraining batch (the keyword arguments of Med3DInsightModel): random volumes of
     ``patch_size``, K slices per volume at random planes/positions, unit teacher embeddings, the last slice of the
     last volume masked out as padding."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     b, k = batch, slices
     emb = torch.nn.functional.normalize(torch.randn(2, b, k, embed_dim, generator=g), dim=-1)

@@ -1,4 +1,4 @@
-"""Run the pretraining engine on the toy dataset of test_pretrain_engine.py (alone or under torchrun).
+"""Run the pretraining engine on the toy dataset of helpers.py (alone or under torchrun).
 
 Used by the subprocess tests: ``python pretrain_toy.py --set KEY=VALUE ...``; prints the summary as the last line.
 """
@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from test_pretrain_engine import EMBED, ToyDataset  # noqa: E402
+from helpers import EMBED, ToyDataset  # noqa: E402
 from med3dinsight_plugin.pretrain import build_model, load_config, pretrain  # noqa: E402
 
 

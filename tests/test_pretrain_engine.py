@@ -12,57 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY_BACKBONES, tiny_psat_kwargs
+from helpers import EMBED, TINY_BACKBONES, ToyDataset, tiny_psat_kwargs
 from med3dinsight_plugin import load_checkpoint
 from med3dinsight_plugin.pretrain import (ConfigError, build_model, load_config, lr_factor, pretrain,
                                           retrieval_metrics, save_config)
 
 TESTS = Path(__file__).parent
 SCRIPT = TESTS / "pretrain_toy.py"
-EMBED = 16
-
-
-class ToyDataset:
-    """Deterministic toy pretraining data: item i is a function of (seed, i) only.
-
-    The volume is a smooth random field; each of its K slices (random plane and position) gets teacher embeddings
-    that a 3D model can learn: a fixed random linear map of the slice's 2x2-region mean intensities and of its plane
-    and position, L2-normalised (a second fixed map gives the "text" embeddings). Every third item marks its last
-    slice as padding (``mask``), as the real dataset does for crops holding fewer than K cached slices.
-    """
-
-    def __init__(self, seed=0, length=None, size=32, k=4, delay=0.0):
-        self.seed, self.length, self.size, self.k, self.delay = seed, length, size, k, delay
-        g = torch.Generator().manual_seed(1234)  # the "teacher": the same for every split
-        self.image_map, self.text_map = torch.randn(2, EMBED, 4 + 3 + 2, generator=g).unbind(0)
-
-    def __len__(self):
-        if self.length is None:
-            raise TypeError("the training set is unbounded")
-        return self.length
-
-    def __getitem__(self, i):
-        if self.delay:
-            time.sleep(self.delay)  # lets a test kill the run between two checkpoints
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
-        coarse = torch.randn(1, 1, 4, 4, 4, generator=g)
-        volume = F.interpolate(coarse, size=(self.size,) * 3, mode="trilinear", align_corners=False)[0]
-        volume = volume + 0.05 * torch.randn(volume.shape, generator=g)
-        plane = torch.randint(0, 3, (self.k,), generator=g)
-        position = torch.rand(self.k, generator=g)
-        feats = []
-        for p, t in zip(plane.tolist(), position.tolist()):
-            index = min(int(t * self.size), self.size - 1)
-            sl = volume[0].select(p, index)  # (size, size)
-            regions = F.adaptive_avg_pool2d(sl[None], 2).flatten()
-            feats.append(torch.cat([2 * regions, 3 * F.one_hot(torch.tensor(p), 3).float(),
-                                    3 * torch.tensor([t, 1 - t])]))
-        feats = torch.stack(feats)
-        mask = torch.ones(self.k, dtype=torch.bool)
-        mask[-1] = int(i) % 3 != 2  # every third item pads its last slice, as a crop with too few cached slices
-        return {"volume": volume.float(), "plane": plane, "position": position.float(), "mask": mask,
-                "image_emb": F.normalize(feats @ self.image_map.T, dim=-1),
-                "text_emb": F.normalize(feats @ self.text_map.T, dim=-1)}
 
 
 def toy_overrides(output, backbone="plain_conv_unet", **train):

@@ -1,5 +1,8 @@
 """Backbone registry: ``build_backbone(name, ...)`` returns a :class:`Backbone` around the real downstream network.
 
+Each family of networks is described once, by a :class:`BackboneFamily` in its own module, and registered with
+:func:`register_backbone` (:mod:`.family`); everything else reads the descriptors.
+
 =====================  ==========================================================================================
 name                   network
 =====================  ==========================================================================================
@@ -15,32 +18,23 @@ MONAI and nnU-Net are imported only when a backbone of theirs is built.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Iterator, List, Mapping, Optional, Sequence
 
 from torch import nn
 
-from .base import Backbone, BackboneOutput, NetworkSpec
 from ..errors import Med3DInsightError
+from .base import Backbone, BackboneOutput, NetworkSpec
+from .family import (BackboneFamily, backbone_family, build_downstream_network, builder_names, family_of_checkpoint,
+                     family_of_network, list_families, network_of_backbone, register_backbone)
 
-__all__ = ["Backbone", "BackboneOutput", "NetworkSpec", "build_backbone", "build_backbone_from_config",
-           "list_backbones", "network_spec", "register_backbone"]
-
-_REGISTRY: Dict[str, Callable[..., Backbone]] = {}
-
-
-def register_backbone(name: str) -> Callable[[Callable[..., Backbone]], Callable[..., Backbone]]:
-    """Decorator registering ``builder(in_channels, patch_size, **network_kwargs) -> Backbone`` under ``name``."""
-    def wrap(builder: Callable[..., Backbone]) -> Callable[..., Backbone]:
-        if name in _REGISTRY:
-            raise Med3DInsightError(f"backbone {name!r} is already registered")
-        _REGISTRY[name] = builder
-        return builder
-    return wrap
+__all__ = ["Backbone", "BackboneFamily", "BackboneOutput", "NetworkSpec", "backbone_family", "build_backbone",
+           "build_backbone_from_config", "build_downstream_network", "family_of_checkpoint", "family_of_network",
+           "list_backbones", "list_families", "network_of_backbone", "network_spec", "register_backbone"]
 
 
 def list_backbones() -> List[str]:
     """Names accepted by :func:`build_backbone`."""
-    return sorted(_REGISTRY)
+    return sorted(name for name, _ in builder_names())
 
 
 def build_backbone(name: str, in_channels: int = 1, patch_size: Optional[Sequence[int]] = None,
@@ -58,35 +52,64 @@ def build_backbone(name: str, in_channels: int = 1, patch_size: Optional[Sequenc
     Returns:
         A :class:`Backbone` whose ``.network`` is the plain downstream network.
     """
-    if name not in _REGISTRY:
-        raise Med3DInsightError(f"unknown backbone {name!r}: expected one of {list_backbones()}")
+    builder = backbone_family(name).builders[name]
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise Med3DInsightError(f"in_channels must be a positive integer, got {in_channels!r}")
-    return _REGISTRY[name](in_channels=in_channels, patch_size=patch_size, **network_kwargs)
+    return builder(in_channels=in_channels, patch_size=patch_size, **network_kwargs)
 
 
 def build_backbone_from_config(config: dict) -> Backbone:
-    """Rebuild a backbone from its ``.config`` (as stored in checkpoint metadata), with fresh weights."""
+    """Rebuild a backbone from its ``.config`` (as stored in checkpoint metadata), with fresh weights.
+
+    Args:
+        config: ``Backbone.config``: ``name``, the builder's arguments and ``network_kwargs``.
+
+    Returns:
+        The backbone.
+    """
     config = dict(config)
     network_kwargs = config.pop("network_kwargs", {})
     return build_backbone(**config, **network_kwargs)
 
 
 def network_spec(network: nn.Module) -> Optional[NetworkSpec]:
-    """Encoder prefixes and input/position-embedding weights of a plain SwinUNETR, UNETR, PlainConvUNet or
-    ResidualEncoderUNet (or a subclass); ``None`` for any other module (e.g. a bare encoder)."""
-    names = {c.__name__ for c in type(network).__mro__}
-    for backbone_cls in _backbone_classes(Backbone):
-        if names & set(backbone_cls.network_classes):
-            return backbone_cls.network_spec(network)
-    return None
+    """Encoder prefixes, input/position-embedding weights and head of a plain network of a registered family
+    (SwinUNETR, UNETR, PlainConvUNet, ResidualEncoderUNet, or a subclass).
+
+    Args:
+        network: the plain downstream network.
+
+    Returns:
+        Its :class:`NetworkSpec`, or ``None`` for any other module (e.g. a bare encoder).
+    """
+    family = family_of_network(network)
+    return family.network_spec(network) if family is not None else None
 
 
-def _backbone_classes(cls):
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _backbone_classes(sub)
+class _Builders(Mapping):
+    """Read-only view ``build_backbone name -> builder`` over the registered families, for readers of builder
+    signatures (``checkpoint._check_backbone``, ``pretrain.config``); ``backbone_family(name).builders[name]`` is
+    the same builder."""
+
+    def __getitem__(self, name: str) -> Callable[..., Backbone]:
+        for builder_name, family in builder_names():
+            if builder_name == name:
+                return family.builders[name]
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list_backbones())
+
+    def __len__(self) -> int:
+        return len(list_backbones())
 
 
-# Registration happens on import; these modules import MONAI / nnU-Net lazily inside their builders.
-from . import nnunet, swin_unetr, unetr  # noqa: E402,F401
+_REGISTRY = _Builders()
+
+# The built-in families: each module describes its family (FAMILY); registering it is one line here. MONAI and
+# nnU-Net are imported only inside their builders.
+from . import nnunet, swin_unetr, unetr  # noqa: E402
+
+register_backbone(nnunet.FAMILY)
+register_backbone(swin_unetr.FAMILY)
+register_backbone(unetr.FAMILY)

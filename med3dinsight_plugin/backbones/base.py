@@ -16,6 +16,7 @@ class NetworkSpec(NamedTuple):
     keys_to_in_proj: Tuple[str, ...]  # modules reading the input channels
     key_to_lpe: Optional[str]  # learnable position embedding, if any
     dead_parameters: Tuple[str, ...] = ()  # parameters no forward pass uses (DDP would wait for their gradients)
+    head_prefixes: Tuple[str, ...] = ()  # the segmentation head: never pretrained, never exported for fine-tuning
 
 
 class BackboneOutput(NamedTuple):
@@ -44,7 +45,7 @@ class Backbone(nn.Module):
         config: the ``build_backbone`` arguments that rebuild this backbone (checkpoint metadata).
     """
 
-    network_classes: Tuple[str, ...] = ()  # class names of the networks this backbone wraps
+    network_classes: Tuple[str, ...] = ()  # class names of the networks this backbone wraps (its family's)
     encoder_prefixes: Tuple[str, ...] = ()
     bottleneck_prefixes: Tuple[str, ...] = ()  # the part of the encoder that encoder_features() runs
     key_to_encoder: str = ""
@@ -66,7 +67,8 @@ class Backbone(nn.Module):
     @classmethod
     def network_spec(cls, network: nn.Module) -> NetworkSpec:
         """The :class:`NetworkSpec` of a plain network of one of ``network_classes``."""
-        return NetworkSpec(cls.encoder_prefixes, cls.key_to_encoder, cls.keys_to_in_proj, cls.key_to_lpe)
+        return NetworkSpec(cls.encoder_prefixes, cls.key_to_encoder, cls.keys_to_in_proj, cls.key_to_lpe,
+                           head_prefixes=cls.head_prefixes)
 
     def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(bottleneck, decoder_features)``: the bottleneck as (B, C, d, h, w) or as tokens (B, N, C), and

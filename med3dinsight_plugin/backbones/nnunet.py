@@ -14,10 +14,14 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
-from . import register_backbone
-from .base import Backbone, NetworkSpec, positive_triple
 from ..errors import Med3DInsightError
+from .base import Backbone, NetworkSpec, positive_triple
+from .family import BackboneFamily
 
+__all__ = ["FAMILY", "NNUNetBackbone", "architecture_for_patch", "architecture_from_plans", "build_nnunet",
+           "network_from_plans", "stride_product"]
+
+_MODULE = "dynamic_network_architectures.architectures.unet"
 _SUPPORTED = ("PlainConvUNet", "ResidualEncoderUNet")
 # Constants of nnU-Net 2.8's ExperimentPlanner / ResEncUNetPlanner (instance attributes there, so not importable).
 _BASE_FEATURES, _MAX_FEATURES_3D, _MIN_FEATURE_MAP_EDGE = 32, 320, 4
@@ -34,7 +38,8 @@ class NNUNetBackbone(Backbone):
     @classmethod
     def network_spec(cls, network):
         # dynamic_network_architectures keeps the weight locations beside the network
-        return NetworkSpec(cls.encoder_prefixes, network.key_to_encoder, tuple(network.keys_to_in_proj), None)
+        return NetworkSpec(cls.encoder_prefixes, network.key_to_encoder, tuple(network.keys_to_in_proj), None,
+                           head_prefixes=cls.head_prefixes)
 
     def spatial_divisor(self):
         return stride_product(self.architecture["arch_kwargs"]["strides"])
@@ -118,11 +123,11 @@ def architecture_for_patch(patch_size: Sequence[int], spacing: Sequence[float] =
         "strides": [list(s) for s in strides],
     }
     if family == "plain":
-        cls = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+        cls = f"{_MODULE}.PlainConvUNet"
         kwargs["n_conv_per_stage"] = [_PLAIN_CONVS_ENCODER] * n
         kwargs["n_conv_per_stage_decoder"] = [_PLAIN_CONVS_DECODER] * (n - 1)
     elif family == "resenc":
-        cls = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+        cls = f"{_MODULE}.ResidualEncoderUNet"
         kwargs["n_blocks_per_stage"] = list(_RESENC_BLOCKS_ENCODER[:n])
         kwargs["n_conv_per_stage_decoder"] = [_RESENC_CONVS_DECODER] * (n - 1)
     else:
@@ -134,7 +139,6 @@ def architecture_for_patch(patch_size: Sequence[int], spacing: Sequence[float] =
             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
 
 
-@register_backbone("nnunet")
 def build_nnunet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None, *,
                  plans: Union[str, os.PathLike, Dict[str, Any], None] = None, configuration: str = "3d_fullres",
                  architecture: Optional[Dict[str, Any]] = None, num_classes: int = 2) -> Backbone:
@@ -197,6 +201,69 @@ def _planned(family: str, description: str):
     return build
 
 
-build_plain_conv_unet = register_backbone("plain_conv_unet")(_planned("plain", "nnU-Net's default PlainConvUNet"))
-build_resenc_unet = register_backbone("resenc_unet")(
-    _planned("resenc", "nnU-Net's ResidualEncoderUNet (ResEnc planner topology)"))
+build_plain_conv_unet = _planned("plain", "nnU-Net's default PlainConvUNet")
+build_resenc_unet = _planned("resenc", "nnU-Net's ResidualEncoderUNet (ResEnc planner topology)")
+
+
+def _architecture_of(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The plans ``architecture`` a backbone config (checkpoint metadata) was built with."""
+    if "architecture" in config:
+        return config["architecture"]
+    return architecture_from_plans(config["plans"], config.get("configuration", "3d_fullres"))[1]["architecture"]
+
+
+def _build_from_architecture(architecture: Dict[str, Any], in_channels: int, num_classes: int, allow_init: bool,
+                             what: str):
+    """``get_network_from_plans`` on a plans ``architecture``, as nnU-Net's trainer calls it (deep supervision on)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    try:
+        return get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                      architecture.get("_kw_requires_import", ()), in_channels, num_classes,
+                                      allow_init=allow_init, deep_supervision=True)
+    except (TypeError, ValueError, KeyError, AssertionError, ImportError) as e:
+        raise Med3DInsightError(f"{what} cannot be built: {e}") from None
+
+
+def network_from_plans(plans: Union[str, os.PathLike, Dict[str, Any]], configuration: str, in_channels: int,
+                       num_classes: int):
+    """The network nnU-Net's trainer builds for ``plans`` + ``configuration`` (whatever class the plans name).
+
+    Args:
+        plans: a plans.json path or dict.
+        configuration: the configuration (nnU-Net's ``inherits_from`` resolved).
+        in_channels: the dataset's input channels.
+        num_classes: the segmentation classes.
+
+    Returns:
+        The network, with nnU-Net's own initialisation skipped (it is built to be loaded into).
+    """
+    _, resolved = architecture_from_plans(plans, configuration)
+    return _build_from_architecture(resolved["architecture"], in_channels, num_classes, allow_init=False,
+                                    what=f"the plans' {configuration} network")
+
+
+def _network_of_config(config: Dict[str, Any], in_channels: int, num_classes: int):
+    """The PlainConvUNet / ResidualEncoderUNet of a checkpoint's backbone config, as nnU-Net builds it."""
+    return _build_from_architecture(_architecture_of(config), in_channels, num_classes, allow_init=True,
+                                    what="the checkpoint's nnU-Net architecture")
+
+
+def _adapt_to_plans(config: Dict[str, Any], patch_size: Sequence[int]):
+    """The checkpoint's own architecture; the plans' patch size when the network's strides divide it, else the
+    pretraining patch size."""
+    architecture = _architecture_of(config)
+    divisor = stride_product(architecture["arch_kwargs"]["strides"])
+    patch = list(patch_size)
+    if any(p % d for p, d in zip(patch, divisor)):
+        patch = list(config["patch_size"])
+    return architecture, patch
+
+
+FAMILY = BackboneFamily(
+    name="nnunet", backbone_class=NNUNetBackbone,
+    builders={"nnunet": build_nnunet, "plain_conv_unet": build_plain_conv_unet, "resenc_unet": build_resenc_unet},
+    build_network=_network_of_config, nnunet_trainer="Med3DInsightTrainer",
+    nnunet_networks=tuple(f"{_MODULE}.{c}" for c in _SUPPORTED), adapt_architecture=_adapt_to_plans,
+    tiny={"plain_conv_unet": dict(patch_size=(32, 32, 32), base_features=4, max_features=32),
+          "resenc_unet": dict(patch_size=(32, 32, 32), base_features=4, max_features=32)})

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from . import register_backbone
-from .base import Backbone, positive_triple
 from ..errors import Med3DInsightError
+from .base import Backbone, positive_triple
+from .family import BackboneFamily, network_of_backbone
 
 DEFAULT_PATCH_SIZE = (96, 96, 96)
 
@@ -42,7 +42,6 @@ class SwinUNETRBackbone(Backbone):
         return dec4, net.decoder1(dec0, enc0)
 
 
-@register_backbone("swin_unetr")
 def build_swin_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None, **network_kwargs):
     """MONAI ``SwinUNETR(in_channels, out_channels=2, feature_size=48, **network_kwargs)``; tokens are
     ``16 * feature_size`` wide (768 by default), one per 32^3 block of the patch."""
@@ -66,3 +65,11 @@ def build_swin_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] =
         raise Med3DInsightError(f"swin_unetr needs patch sizes of at least {minimum} (a smaller patch leaves one bottleneck "
                          f"voxel, which InstanceNorm rejects), got {patch}")
     return backbone
+
+
+FAMILY = BackboneFamily(
+    name="swin_unetr", backbone_class=SwinUNETRBackbone, builders={"swin_unetr": build_swin_unetr},
+    build_network=network_of_backbone, nnunet_trainer="Med3DInsightTrainer_SwinUNETR",
+    nnunet_networks=("nnunet_trainers.networks.SwinUNETRForNNUNet",), wrapped_network="monai.networks.nets.SwinUNETR",
+    patch_multiple=(32, 64),  # 5 stages of 2x: divisible by 32, and 2 bottleneck voxels for InstanceNorm
+    tiny={"swin_unetr": dict(patch_size=(64, 64, 64), feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))})

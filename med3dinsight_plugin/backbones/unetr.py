@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from . import register_backbone
-from .base import Backbone, positive_triple
 from ..errors import Med3DInsightError
+from .base import Backbone, positive_triple
+from .family import BackboneFamily, network_of_backbone
 
 DEFAULT_PATCH_SIZE = (96, 96, 96)
+VIT_PATCH = 16  # MONAI's UNETR cuts the volume into 16^3 ViT patches: one token (and position embedding) each
 
 
 class UNETRBackbone(Backbone):
@@ -24,7 +25,7 @@ class UNETRBackbone(Backbone):
         # The ViT's learnable position embedding fixes the input size.
         if tuple(shape) != self.patch_size:
             raise Med3DInsightError(f"unetr was built for patches of {self.patch_size} (its position embedding has one entry "
-                             f"per 16^3 patch) but got spatial size {tuple(shape)}; crop to {self.patch_size}")
+                             f"per {VIT_PATCH}^3 patch) but got spatial size {tuple(shape)}; crop to {self.patch_size}")
 
     @classmethod
     def network_spec(cls, network):
@@ -49,7 +50,6 @@ class UNETRBackbone(Backbone):
         return tokens, net.decoder2(dec1, enc1)
 
 
-@register_backbone("unetr")
 def build_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None, **network_kwargs):
     """MONAI ``UNETR(in_channels, out_channels=2, img_size=patch_size, **network_kwargs)`` with MONAI's ViT-B/16
     defaults (hidden 768, 12 layers, 12 heads, feature_size 16); one token per 16^3 block of the patch."""
@@ -58,8 +58,9 @@ def build_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None
     patch = positive_triple("patch_size", patch_size or DEFAULT_PATCH_SIZE)
     if "img_size" in network_kwargs:
         raise Med3DInsightError("pass the UNETR input size as patch_size to build_backbone, not as img_size")
-    if any(p % 16 for p in patch):
-        raise Med3DInsightError(f"unetr needs a patch size divisible by 16 (ViT patches of 16^3), got {patch}")
+    if any(p % VIT_PATCH for p in patch):
+        raise Med3DInsightError(f"unetr needs a patch size divisible by {VIT_PATCH} (ViT patches of {VIT_PATCH}^3), "
+                                f"got {patch}")
     kwargs = {"out_channels": 2, "feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12,
               **network_kwargs}
     try:
@@ -70,3 +71,11 @@ def build_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] = None
                          decoder_dim=kwargs["feature_size"],
                          config=dict(name="unetr", in_channels=in_channels, patch_size=list(patch),
                                      network_kwargs=kwargs))
+
+
+FAMILY = BackboneFamily(
+    name="unetr", backbone_class=UNETRBackbone, builders={"unetr": build_unetr}, build_network=network_of_backbone,
+    nnunet_trainer="Med3DInsightTrainer_UNETR", nnunet_networks=("nnunet_trainers.networks.UNETRForNNUNet",),
+    wrapped_network="monai.networks.nets.UNETR", patch_multiple=(VIT_PATCH, 2 * VIT_PATCH), size_argument="img_size",
+    lpe_token_size=VIT_PATCH,
+    tiny={"unetr": dict(patch_size=(32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4)})

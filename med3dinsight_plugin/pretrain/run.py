@@ -138,26 +138,21 @@ def check_downstream_load(model, metadata: Dict[str, Any]):
     """Save the backbone, rebuild the downstream network from the checkpoint alone and load its encoder strictly
     with the loader nnU-Net and MONAI use; raises if fine-tuning would not be able to load it.
 
+    Args:
+        model: the :class:`~med3dinsight_plugin.model.Med3DInsightModel` about to be pretrained (wrapped or not).
+        metadata: the metadata the run's checkpoints will carry.
+
     Returns:
         The :class:`~med3dinsight_plugin.loading.LoadReport`.
     """
-    from ..backbones import build_backbone_from_config
+    from ..backbones import build_downstream_network
     from ..checkpoint import load_checkpoint, save_pretrained
     from ..fileio import unwrap
     from ..loading import load_pretrained_encoder
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = load_checkpoint(save_pretrained(unwrap(model).backbone, Path(tmp) / "probe.safetensors", **metadata))
-    plan = ckpt.metadata["adaptation_plan"]["architecture_plans"]
-    if ckpt.metadata["backbone"]["name"] in ("nnunet", "plain_conv_unet", "resenc_unet"):
-        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-        network = get_network_from_plans(ckpt.metadata["network_class"], plan["arch_kwargs"],
-                                         plan["arch_kwargs_requiring_import"], ckpt.metadata["in_channels"], 3,
-                                         deep_supervision=True)  # as nnU-Net builds it, with another class count
-    else:
-        network = build_backbone_from_config(ckpt.metadata["backbone"]).network
-    return load_pretrained_encoder(network, ckpt)
+    return load_pretrained_encoder(build_downstream_network(ckpt), ckpt)
 
 
 def _check_output(out: Path, cache: TeacherCache) -> None:

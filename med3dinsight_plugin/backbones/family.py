@@ -1,0 +1,317 @@
+"""One descriptor per backbone family, and the one registry of them.
+
+A *family* is a kind of downstream network (nnU-Net's PlainConvUNet / ResidualEncoderUNet, MONAI's SwinUNETR, MONAI's
+UNETR). Everything the package needs to know about it sits in one :class:`BackboneFamily` -- as timm keeps a model's
+``pretrained_cfg`` beside it for its one ``load_pretrained`` -- written in the family's own module
+(``backbones/<family>.py``) and registered once (:func:`register_backbone`). The loader, the exports, the pretraining
+step-0 check, ``nnunet-attach`` and the nnU-Net trainers all read these descriptors; none of them names a family.
+
+:func:`build_downstream_network` is the one place that builds the network a checkpoint is fine-tuned in, from the
+checkpoint's metadata or from nnU-Net plans. MONAI and nnU-Net are imported only inside builders.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
+
+from torch import nn
+
+from ..errors import Med3DInsightError
+from .base import Backbone, NetworkSpec
+
+__all__ = ["BackboneFamily", "backbone_family", "build_downstream_network", "builder_names", "building_from_metadata",
+           "family_of_checkpoint", "family_of_network", "list_families", "network_of_backbone", "register_backbone"]
+
+# (backbone config, input channels, classes) -> the plain downstream network
+NetworkBuilder = Callable[[Dict[str, Any], int, int], nn.Module]
+# (backbone config, the plans' patch size) -> (plans 'architecture' dict, patch size to train with)
+ArchitectureAdapter = Callable[[Dict[str, Any], Sequence[int]], Tuple[Dict[str, Any], List[int]]]
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """Everything the package knows about one family of downstream networks.
+
+    Attributes:
+        name: the family's name, as ``nnunet-attach`` records it in plans (``"nnunet"``, ``"swin_unetr"``).
+        backbone_class: the :class:`Backbone` subclass wrapping the family's networks; its class attributes say where
+            the encoder, input layers, position embedding and segmentation head sit (``network_spec``).
+        builders: ``build_backbone`` names -> builders ``(in_channels, patch_size, **kwargs) -> Backbone``; one
+            of them is ``name``.
+        build_network: ``(backbone config, in_channels, num_classes) -> network``: the plain downstream network a
+            checkpoint's metadata (``backbone``) describes, as fine-tuning builds it (another class count).
+        nnunet_trainer: the nnU-Net trainer (``nnUNetv2_train -tr``) that fine-tunes the family.
+        nnunet_networks: dotted class paths nnU-Net plans name (``architecture.network_class_name``) for the family.
+        wrapped_network: for a family nnU-Net has no network class of: the dotted path of the plain network class
+            that ``nnunet_trainers.networks`` gives nnU-Net's constructor (``nnunet_networks[0]`` names that
+            adapter). ``None``: nnU-Net's own planners describe the family (it is *plans-native*).
+        patch_multiple: ``(divisor, minimum)`` per axis of the patch sizes the family's network accepts; used to
+            adapt a plans' patch size (``nnunet-attach --adapt-architecture``). ``None``: the adapter decides.
+        size_argument: the network constructor's argument that fixes the input size (UNETR's ``img_size``), set to
+            the patch size in adapted plans; ``None`` when the network takes any divisible size.
+        lpe_token_size: voxels per axis of one token of a learnable position embedding (UNETR: 16), from which the
+            embedding grid of a checkpoint follows (``patch_size // lpe_token_size``); ``None``: no position
+            embedding.
+        adapt_architecture: ``(backbone config, plans patch) -> (architecture, patch)`` for a plans-native family
+            (its architecture comes from the checkpoint); ``None`` uses :meth:`plans_architecture`'s generic rule
+            for wrapped networks.
+        tiny: ``build_backbone`` name -> small but real arguments (``patch_size`` included) that need no file, as
+            timm's ``test_input_size``: the tests build every family from these, so a new family is checked by all
+            of them.
+    """
+
+    name: str
+    backbone_class: Type[Backbone]
+    builders: Mapping[str, Callable[..., Backbone]]
+    build_network: NetworkBuilder
+    nnunet_trainer: str
+    nnunet_networks: Tuple[str, ...]
+    wrapped_network: Optional[str] = None
+    patch_multiple: Optional[Tuple[int, int]] = None
+    size_argument: Optional[str] = None
+    lpe_token_size: Optional[int] = None
+    adapt_architecture: Optional[ArchitectureAdapter] = field(default=None, compare=False)
+    tiny: Mapping[str, Dict[str, Any]] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.name not in self.builders:
+            raise Med3DInsightError(f"backbone family {self.name!r}: builders must include one named {self.name!r}")
+        if not self.nnunet_networks:
+            raise Med3DInsightError(f"backbone family {self.name!r}: nnunet_networks must name at least one class")
+        if self.wrapped_network is None and self.adapt_architecture is None:
+            raise Med3DInsightError(f"backbone family {self.name!r}: a plans-native family (wrapped_network=None) "
+                                    f"needs adapt_architecture")
+        if not set(self.tiny) <= set(self.builders):
+            raise Med3DInsightError(f"backbone family {self.name!r}: tiny names builders it does not have: "
+                                    f"{sorted(set(self.tiny) - set(self.builders))}")
+        if self.wrapped_network is not None and self.patch_multiple is None:
+            raise Med3DInsightError(f"backbone family {self.name!r}: a wrapped network needs patch_multiple")
+
+    @property
+    def plans_native(self) -> bool:
+        """Whether nnU-Net's own plans describe this family's networks (``-pretrained_weights``, nnssl exports and
+        attaching without ``--adapt-architecture`` work)."""
+        return self.wrapped_network is None
+
+    @property
+    def network_classes(self) -> Tuple[str, ...]:
+        """Class names of the plain networks of this family (a subclass of one of them is recognised too)."""
+        return self.backbone_class.network_classes
+
+    @property
+    def head_prefixes(self) -> Tuple[str, ...]:
+        """``state_dict`` prefixes of the segmentation head: never pretrained, never exported for fine-tuning."""
+        return self.backbone_class.head_prefixes
+
+    @property
+    def nnunet_network_names(self) -> Tuple[str, ...]:
+        """The class names (without module) of :attr:`nnunet_networks`, as nnU-Net's configuration reports them."""
+        return tuple(n.rsplit(".", 1)[-1] for n in self.nnunet_networks)
+
+    def network_spec(self, network: nn.Module) -> NetworkSpec:
+        """Where the pretrained parts sit in ``network``, a plain network of this family.
+
+        Args:
+            network: an instance of one of :attr:`network_classes` (or a subclass).
+
+        Returns:
+            Its :class:`NetworkSpec`.
+        """
+        return self.backbone_class.network_spec(network)
+
+    def position_grid(self, patch_size: Sequence[int]) -> Optional[Tuple[int, ...]]:
+        """The token grid of the learnable position embedding of a network built for ``patch_size``.
+
+        Args:
+            patch_size: the (D, H, W) the network was built for.
+
+        Returns:
+            The grid, or ``None`` when the family has no position embedding.
+        """
+        if self.lpe_token_size is None:
+            return None
+        return tuple(int(p) // self.lpe_token_size for p in patch_size)
+
+    def plans_architecture(self, config: Dict[str, Any], patch_size: Sequence[int]) -> Tuple[Dict[str, Any],
+                                                                                              List[int]]:
+        """The nnU-Net plans ``architecture`` that builds this checkpoint's network, and the patch size to train it
+        with (``nnunet-attach --adapt-architecture``).
+
+        Args:
+            config: the checkpoint's ``backbone`` metadata (the ``build_backbone`` arguments).
+            patch_size: the plans' current patch size.
+
+        Returns:
+            ``(architecture, patch size)``.
+        """
+        if self.adapt_architecture is not None:
+            return self.adapt_architecture(config, patch_size)
+        divisor, minimum = self.patch_multiple
+        patch = [max(minimum, divisor * round(p / divisor)) for p in patch_size]
+        kwargs = {k: v for k, v in config.get("network_kwargs", {}).items() if k != "out_channels"}
+        if self.size_argument:
+            kwargs[self.size_argument] = patch
+        return {"network_class_name": self.nnunet_networks[0], "arch_kwargs": kwargs, "_kw_requires_import": []}, patch
+
+
+def network_of_backbone(config: Dict[str, Any], in_channels: int, num_classes: int) -> nn.Module:
+    """A :attr:`BackboneFamily.build_network` for builders that pass ``network_kwargs`` to the network's
+    constructor (the MONAI families): the backbone rebuilt from ``config`` with ``out_channels=num_classes``, its
+    plain network.
+
+    Args:
+        config: the checkpoint's ``backbone`` metadata.
+        in_channels: input channels.
+        num_classes: output channels of the segmentation head.
+
+    Returns:
+        The network, fresh weights.
+    """
+    from . import build_backbone_from_config
+
+    kwargs = {**config.get("network_kwargs", {}), "out_channels": num_classes}
+    return build_backbone_from_config({**config, "in_channels": in_channels, "network_kwargs": kwargs}).network
+
+
+# ------------------------------------------------------------------------------------------------------ registry
+
+_FAMILIES: Dict[str, BackboneFamily] = {}  # family name -> descriptor: the one registry
+
+
+def register_backbone(family: BackboneFamily) -> BackboneFamily:
+    """Register a backbone family: its builders become ``build_backbone`` names, and the loader, exports, the
+    pretraining check, ``nnunet-attach`` and the nnU-Net trainers know its networks.
+
+    Args:
+        family: the family's descriptor.
+
+    Returns:
+        ``family``.
+    """
+    if not isinstance(family, BackboneFamily):
+        raise Med3DInsightError(f"register_backbone takes a BackboneFamily, got {type(family).__name__}; describe "
+                                f"the family with BackboneFamily(...)")
+    taken = {n for f in _FAMILIES.values() for n in (f.name, *f.builders)}
+    clash = sorted(taken & {family.name, *family.builders})
+    if clash:
+        raise Med3DInsightError(f"backbone {clash[0]!r} is already registered; give the family {family.name!r} "
+                                f"another name")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def list_families() -> List[BackboneFamily]:
+    """The registered families, by name."""
+    return [_FAMILIES[n] for n in sorted(_FAMILIES)]
+
+
+def builder_names() -> Iterator[Tuple[str, BackboneFamily]]:
+    """``(build_backbone name, its family)`` of every registered builder."""
+    for family in _FAMILIES.values():
+        for name in family.builders:
+            yield name, family
+
+
+def backbone_family(name: str) -> BackboneFamily:
+    """The family of a ``build_backbone`` name (``"plain_conv_unet"`` -> the ``"nnunet"`` family).
+
+    Args:
+        name: a ``build_backbone`` name or a family name.
+
+    Returns:
+        Its :class:`BackboneFamily`.
+    """
+    for builder, family in builder_names():
+        if builder == name:
+            return family
+    raise Med3DInsightError(f"unknown backbone {name!r}: expected one of {sorted(n for n, _ in builder_names())}")
+
+
+def family_of_network(network: nn.Module) -> Optional[BackboneFamily]:
+    """The family whose network ``network`` is (by class name, subclasses included), or ``None`` (a bare encoder,
+    another model)."""
+    names = {c.__name__ for c in type(network).__mro__}
+    return next((f for f in _FAMILIES.values() if names & set(f.network_classes)), None)
+
+
+def family_of_checkpoint(metadata: Mapping[str, Any]) -> Optional[BackboneFamily]:
+    """The family a med3dinsight checkpoint's metadata names (``backbone.name``), or ``None`` without it.
+
+    Args:
+        metadata: ``Checkpoint.metadata``.
+    """
+    backbone = metadata.get("backbone")
+    name = backbone.get("name") if isinstance(backbone, Mapping) else None
+    return backbone_family(name) if isinstance(name, str) else None
+
+
+# ------------------------------------------------------------------------------------------ downstream network
+
+@contextlib.contextmanager
+def building_from_metadata(ckpt) -> Iterator[None]:
+    """Context for building a network from a checkpoint's metadata: under the checkpoint's
+    :func:`~med3dinsight_plugin.checkpoint.allocation_guard` (a network far larger than the file's weights is
+    refused before it is allocated), and a builder's refusal of arguments that came from the file becomes a
+    :class:`~med3dinsight_plugin.checkpoint.CheckpointError` naming the file.
+
+    Args:
+        ckpt: the loaded :class:`~med3dinsight_plugin.checkpoint.Checkpoint`.
+    """
+    from ..checkpoint import CheckpointError, allocation_guard
+    from ..errors import first_line
+
+    try:
+        with allocation_guard(ckpt):
+            yield
+    except CheckpointError:
+        raise
+    except Med3DInsightError as e:  # the builder's own words, about arguments that came from the file
+        raise CheckpointError(f"{ckpt.path}: the backbone in its metadata cannot be built ({first_line(e)}); the "
+                              f"file was edited or written by another version: re-save the checkpoint") from None
+
+
+def build_downstream_network(checkpoint, plans: Union[str, os.PathLike, Dict[str, Any], None] = None, *,
+                             configuration: str = "3d_fullres", in_channels: Optional[int] = None,
+                             num_classes: int = 3, guard: bool = False) -> nn.Module:
+    """The plain network a checkpoint is fine-tuned in, freshly built: what every test-load loads into.
+
+    Args:
+        checkpoint: a path, ``hf-hub:ORG/REPO[@REVISION]`` or loaded :class:`~med3dinsight_plugin.checkpoint.Checkpoint`.
+        plans: nnU-Net plans (a plans.json path or dict): build the network the plans' ``configuration`` describes,
+            exactly as nnU-Net's trainer does (whatever class they name). ``None``: the network the checkpoint's own
+            metadata describes (its family's ``build_network``, under :func:`building_from_metadata`); that needs a
+            med3dinsight checkpoint.
+        configuration: the plans' configuration.
+        in_channels: input channels; default the checkpoint's.
+        num_classes: segmentation classes of the new head (never loaded, so any count; pretraining used 2).
+        guard: with ``plans``, build under the checkpoint's allocation guard too: for plans whose architecture was
+            copied from the checkpoint (``nnunet-attach --adapt-architecture``).
+
+    Returns:
+        The network (nnU-Net's or MONAI's class, or its nnU-Net adapter), with its own fresh weights.
+
+    Raises:
+        CheckpointError: the checkpoint has no med3dinsight metadata (``plans=None``), or describes a network that
+            cannot or may not be built.
+        Med3DInsightError: the plans or the configuration are unusable (the message names the configuration).
+    """
+    from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    if in_channels is None:
+        in_channels = int(ckpt.metadata.get("in_channels", 1))
+    if plans is not None:
+        from ..checkpoint import allocation_guard
+        from .nnunet import network_from_plans
+
+        with allocation_guard(ckpt) if guard else contextlib.nullcontext():
+            return network_from_plans(plans, configuration, in_channels, num_classes)
+    family = family_of_checkpoint(ckpt.metadata) if ckpt.source_format == "med3dinsight" else None
+    if family is None:
+        raise CheckpointError(f"{ckpt.path} is a {ckpt.source_format} file without med3dinsight metadata, so its "
+                              f"architecture is unknown; pass the nnU-Net plans to build instead, or use a checkpoint "
+                              f"written by save_pretrained")
+    with building_from_metadata(ckpt):
+        return family.build_network(dict(ckpt.metadata["backbone"]), in_channels, num_classes)
