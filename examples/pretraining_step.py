@@ -9,7 +9,8 @@ import argparse
 
 import torch
 
-from med3dinsight_plugin import Med3DInsightLoss, Med3DInsightModel, PlaneSliceAwareTransformer, build_backbone
+from med3dinsight_plugin.model import build_model
+from med3dinsight_plugin.pretrain import PretrainConfig
 
 
 def main():
@@ -19,14 +20,17 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--alignment", choices=["ot", "clip"], default="ot")
     args = parser.parse_args()
-    torch.manual_seed(0)
 
-    # 1. The real downstream network, wrapped to give bottleneck tokens and a reconstruction.
-    backbone = build_backbone(args.backbone, in_channels=1, patch_size=(args.patch,) * 3)
-    # 2. PSAT reads those tokens and predicts a slice's teacher embedding (512-wide, as BiomedCLIP's).
-    psat = PlaneSliceAwareTransformer.from_preset("small", in_dim=backbone.token_dim)
-    # 3. Image + text alignment (partial OT or CLIP InfoNCE) + reconstruction.
-    model = Med3DInsightModel(backbone, psat, Med3DInsightLoss(args.alignment, embed_dim=psat.out_dim))
+    # The model section of a pretraining configuration (the same keys as a run's YAML), built as pretraining builds
+    # it, with the weights drawn from train.seed:
+    config = PretrainConfig.from_dict({"model": {"backbone": args.backbone, "patch_size": [args.patch] * 3,
+                                                 "psat": "small", "alignment": args.alignment},
+                                       "train": {"seed": 0}})
+    model = build_model(config, embed_dim=512)  # 512: the teacher's embedding width (BiomedCLIP's)
+    # 1. model.backbone: the real downstream network, wrapped to give bottleneck tokens and a reconstruction.
+    # 2. model.psat: PSAT reads those tokens and predicts a slice's teacher embedding.
+    # 3. model.loss: image + text alignment (partial OT or CLIP InfoNCE) + reconstruction.
+    backbone, psat = model.backbone, model.psat
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
 
     batch, slices = 2, 8  # 8 slices per volume are aligned from one backbone pass

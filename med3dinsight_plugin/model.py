@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .alignment import Med3DInsightLoss
-from .backbones import Backbone
+from .backbones import Backbone, build_backbone
 from .errors import Med3DInsightError
 from .psat import PlaneSliceAwareTransformer
 
-__all__ = ["Med3DInsightModel", "MaskedReconstruction", "RECONSTRUCTIONS", "block_mask", "masked_block_count"]
+if TYPE_CHECKING:
+    from .pretrain.config import PretrainConfig
+
+__all__ = ["Med3DInsightModel", "MaskedReconstruction", "RECONSTRUCTIONS", "block_mask", "build_model",
+           "masked_block_count"]
 
 RECONSTRUCTIONS = ("plain", "masked")
 
@@ -198,3 +202,42 @@ class Med3DInsightModel(nn.Module):
             t = t.reshape(-1, t.shape[-1])
             return t if keep is None else t[keep]
         return self.loss(flat(z3d), flat(image_emb), flat(text_emb), reconstruction, volume, voxel_mask)
+
+
+def build_model(config: "PretrainConfig", embed_dim: int = 512) -> Med3DInsightModel:
+    """The :class:`Med3DInsightModel` that ``config.model`` describes, initialised from ``config.train.seed``.
+
+    The one place where backbone, PSAT and loss are put together: pretraining, ``med3dinsight models`` and the
+    examples all build their model here.
+
+    Args:
+        config: a :class:`~med3dinsight_plugin.pretrain.config.PretrainConfig`; its ``model`` section says what to
+            build, ``train.seed`` seeds ``torch`` before the weights are drawn.
+        embed_dim: the teacher's embedding width (PSAT's ``out_dim`` and the loss width; BiomedCLIP: 512).
+
+    Returns:
+        A fresh model (identical on every rank), with ``model.reconstruction`` / ``mask_ratio`` / ``mask_block``.
+
+    Raises:
+        ConfigError: a bad backbone argument, or ``model.mask_block`` leaving fewer than 2 mask blocks in the patch.
+    """
+    from .pretrain.config import ConfigError, check_backbone_kwargs
+
+    m = config.model
+    check_backbone_kwargs(m)
+    torch.manual_seed(config.train.seed)
+    backbone = build_backbone(m.backbone, in_channels=m.in_channels, patch_size=m.patch_size or None,
+                              **m.backbone_kwargs)
+    psat_kwargs = {"out_dim": embed_dim, **{k: v for k, v in m.psat_kwargs.items() if k != "in_dim"}}
+    psat = PlaneSliceAwareTransformer.from_preset(m.psat, in_dim=backbone.token_dim, **psat_kwargs)
+    w = m.loss_weights
+    loss = Med3DInsightLoss(m.alignment, embed_dim=embed_dim, image_weight=w.image, text_weight=w.text,
+                            reconstruction_weight=w.reconstruction)
+    if m.reconstruction == "masked":
+        grid = [-(-size // m.mask_block) for size in backbone.patch_size]
+        if grid[0] * grid[1] * grid[2] < 2:
+            raise ConfigError(f"model.mask_block={m.mask_block} leaves a single mask block in the "
+                              f"{'x'.join(map(str, backbone.patch_size))} patch: masked reconstruction would hide "
+                              f"the whole input; lower model.mask_block")
+    return Med3DInsightModel(backbone, psat, loss, reconstruction=m.reconstruction, mask_ratio=m.mask_ratio,
+                             mask_block=m.mask_block)

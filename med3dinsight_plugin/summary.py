@@ -6,9 +6,8 @@ from typing import Any, Dict, Sequence
 
 import torch
 
-from .backbones import build_backbone
-from .model import Med3DInsightModel
-from .psat import PlaneSliceAwareTransformer
+from .errors import Med3DInsightError
+from .model import build_model
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -18,17 +17,36 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 def summarize(name: str, patch_size: Sequence[int] = (64, 64, 64), batch: int = 2, slices: int = 4,
               device: str = "cpu", seed: int = 0, psat: str = "paper", **network_kwargs) -> Dict[str, Any]:
-    """Build ``name`` with a PSAT preset and the default loss; run one forward pass on random volumes and teacher
-    embeddings.
+    """Build ``name`` with a PSAT preset and the default loss (:func:`~med3dinsight_plugin.model.build_model`, as
+    pretraining does); run one forward pass on random volumes and teacher embeddings.
+
+    Args:
+        name: a registered backbone (``list_backbones()``).
+        patch_size: the input patch (D, H, W).
+        batch: volumes per forward pass.
+        slices: slices aligned per volume (K).
+        device: where to run.
+        seed: the seed of the weights (``train.seed``).
+        psat: the PSAT preset (``paper`` or ``small``).
+        **network_kwargs: the backbone's arguments (``model.backbone_kwargs``).
 
     Returns:
         A dict with parameter counts (network, PSAT, total), the token, prediction and reconstruction shapes, the
         loss terms and the forward time in seconds.
+
+    Raises:
+        Med3DInsightError: an unknown backbone; ConfigError: an unknown PSAT preset or backbone argument.
     """
-    torch.manual_seed(seed)
-    backbone = build_backbone(name, in_channels=1, patch_size=patch_size, **network_kwargs)
-    transformer = PlaneSliceAwareTransformer.from_preset(psat, in_dim=backbone.token_dim)
-    model = Med3DInsightModel(backbone, transformer).to(device).eval()
+    from .backbones import list_backbones
+    from .pretrain.config import PretrainConfig
+
+    if name not in list_backbones():  # said as the backbone registry says it, not as a configuration key
+        raise Med3DInsightError(f"unknown backbone {name!r}: expected one of {list_backbones()}")
+    config = PretrainConfig.from_dict({"model": {"backbone": name, "patch_size": list(patch_size), "psat": psat,
+                                                 "backbone_kwargs": dict(network_kwargs)},
+                                       "train": {"seed": seed}}, source="summarize()")
+    model = build_model(config).to(device).eval()
+    backbone, transformer = model.backbone, model.psat
     volume = torch.randn(batch, 1, *backbone.patch_size, device=device)
     plane = torch.randint(0, 3, (batch, slices), device=device)
     position = torch.rand(batch, slices, device=device)

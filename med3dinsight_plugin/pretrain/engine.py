@@ -19,8 +19,9 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,9 +33,9 @@ from ..checkpoint import RESERVED_METADATA, CheckpointError, save_pretrained
 from ..fileio import atomic_write, freeze
 from ..distributed import DistributedContext, init_distributed
 from ..errors import Med3DInsightError, first_line
+from ..model import build_model
 from ..ot import NonFiniteCostError
-from .config import (RESUMABLE_CHANGES, ConfigError, PretrainConfig, TrainConfig, check_backbone_kwargs,
-                     diff_configs, save_config)
+from .config import RESUMABLE_CHANGES, ConfigError, PretrainConfig, TrainConfig, diff_configs, save_config
 from .diagnostics import MetricsLog, evaluate, plot_metrics
 
 __all__ = ["NonFiniteError", "build_model", "lr_factor", "pretrain", "STATE_FORMAT"]
@@ -47,44 +48,6 @@ _STATE_KEYS = ("step", "model", "optimizer", "scheduler", "scaler", "rng", "conf
 
 class NonFiniteError(Med3DInsightError):
     """Training diverged: a loss or a weight became NaN/Inf (nothing non-finite is ever saved)."""
-
-
-def build_model(config: PretrainConfig, embed_dim: int):
-    """The :class:`Med3DInsightModel` that ``config.model`` describes, initialised from ``config.train.seed``.
-
-    Args:
-        config: the run's configuration.
-        embed_dim: the teacher's embedding width (PSAT's ``out_dim`` and the loss width).
-
-    Returns:
-        A fresh model (identical on every rank), with ``model.reconstruction`` / ``mask_ratio`` / ``mask_block``.
-
-    Raises:
-        ConfigError: a bad backbone argument, or ``model.mask_block`` leaving fewer than 2 mask blocks in the patch.
-    """
-    from ..alignment import Med3DInsightLoss
-    from ..backbones import build_backbone
-    from ..model import Med3DInsightModel
-    from ..psat import PlaneSliceAwareTransformer
-
-    m = config.model
-    check_backbone_kwargs(m)
-    torch.manual_seed(config.train.seed)
-    backbone = build_backbone(m.backbone, in_channels=m.in_channels, patch_size=m.patch_size or None,
-                              **m.backbone_kwargs)
-    psat_kwargs = {"out_dim": embed_dim, **{k: v for k, v in m.psat_kwargs.items() if k != "in_dim"}}
-    psat = PlaneSliceAwareTransformer.from_preset(m.psat, in_dim=backbone.token_dim, **psat_kwargs)
-    w = m.loss_weights
-    loss = Med3DInsightLoss(m.alignment, embed_dim=embed_dim, image_weight=w.image, text_weight=w.text,
-                            reconstruction_weight=w.reconstruction)
-    if m.reconstruction == "masked":
-        grid = [-(-size // m.mask_block) for size in backbone.patch_size]
-        if grid[0] * grid[1] * grid[2] < 2:
-            raise ConfigError(f"model.mask_block={m.mask_block} leaves a single mask block in the "
-                              f"{'x'.join(map(str, backbone.patch_size))} patch: masked reconstruction would hide "
-                              f"the whole input; lower model.mask_block")
-    return Med3DInsightModel(backbone, psat, loss, reconstruction=m.reconstruction, mask_ratio=m.mask_ratio,
-                             mask_block=m.mask_block)
 
 
 def lr_factor(step: int, train: TrainConfig) -> float:
@@ -209,139 +172,298 @@ def pretrain(config: PretrainConfig, model: nn.Module, train_set, eval_set=None,
             ctx.close()
 
 
-def _run(config, model, train_set, eval_set, metadata, resume, progress, on_start, ctx: DistributedContext):
-    rank, world, device = ctx.rank, ctx.world_size, ctx.device
-    tc, out = config.train, Path(config.output)
-    states = _States(out / "checkpoints", rank)
-    state_path = states.last
-    state = states.resume(config, device) if resume else None
+@dataclass
+class _Tally:
+    """What the loop accumulates between two log steps (kept on the device: no host sync per step), and the last
+    values it reported."""
+    sums: Dict[str, torch.Tensor] = field(default_factory=dict)  # each loss term and the grad norm, summed
+    count: int = 0  # steps summed
+    tick: float = field(default_factory=time.perf_counter)  # when the summing began
+    window: List[torch.Tensor] = field(default_factory=list)  # each step's loss since the last finiteness check
+    last_losses: Dict[str, float] = field(default_factory=dict)  # the last logged means over the ranks
+    last_eval: Dict[str, float] = field(default_factory=dict)  # the last held-out metrics (rank 0)
+
+
+@dataclass
+class _RunContext:
+    """Everything one call of :func:`pretrain` shares between its seams, filled in the order :func:`_run` calls them:
+    :func:`_open_run` (the resumed state), :func:`_prepare_model`, :func:`_prepare_optimization` (optimizer,
+    schedule, loss scaler, random streams), :func:`_prepare_step_module` (compile, DDP), :func:`_loader`; then per
+    batch :func:`_train_step` and :func:`_after_step` (tally, finiteness checks, logs, evaluation, checkpoints);
+    finally :func:`_finish` and :func:`_summary`.
+
+    A new mechanism hooks into one seam: gradient accumulation into :func:`_train_step`, an EMA of the weights into
+    :func:`_after_optimizer_step`, another gather across ranks into :class:`_Step`.
+    """
+    config: PretrainConfig
+    model: nn.Module
+    ctx: DistributedContext
+    states: "_States"
+    state: Optional[Dict[str, Any]]  # the training state resumed from (None: a fresh start); dropped once applied
+    start: int  # the step this call begins at
+    step: int  # optimizer steps done so far (advanced by _train_step)
+    eval_set: Any = None
+    amp_dtype: Optional[torch.dtype] = None
+    params: List[nn.Parameter] = field(default_factory=list)  # the trainable parameters
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    step_module: Optional[nn.Module] = None  # _Step around the model, DDP-wrapped with several processes
+    log: Optional[MetricsLog] = None  # rank 0 only
+    tally: _Tally = field(default_factory=_Tally)
+
+    @property
+    def tc(self) -> TrainConfig:
+        return self.config.train
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.output)
+
+    @property
+    def rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def world(self) -> int:
+        return self.ctx.world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def global_batch(self) -> int:
+        return self.world * self.tc.batch_size
+
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        return self.scheduler.get_last_lr()[0]
+
+
+def _run(config: PretrainConfig, model: nn.Module, train_set, eval_set, metadata: Dict[str, Any], resume: bool,
+         progress: bool, on_start: Optional[Callable[[nn.Module], Any]], ctx: DistributedContext) -> Dict[str, Any]:
+    """The body of :func:`pretrain` once its arguments are checked and the process group is joined."""
+    run = _open_run(config, model, ctx, eval_set, resume)
+    _prepare_model(run, on_start)
+    _prepare_optimization(run)
+    _prepare_step_module(run)
+    loader = _loader(run, train_set)
+    run.log = MetricsLog(run.out, run.tc.steps, run.start, progress) if run.rank == 0 else None
+    run.tally = _Tally()
+    final = None
+    try:
+        if run.log and eval_set is not None and run.start == 0:  # the untrained baseline of the retrieval curves
+            run.log.write({"step": 0, **_evaluate(run)})
+        for batch in loader:
+            losses, grad_norm, lr = _train_step(run, batch)
+            _after_step(run, losses, grad_norm, lr)
+        final = _finish(run, metadata)
+    finally:
+        if run.log:
+            run.log.close()
+    return _summary(run, final)
+
+
+def _open_run(config: PretrainConfig, model: nn.Module, ctx: DistributedContext, eval_set, resume: bool
+              ) -> _RunContext:
+    """The run's context, with the state to resume from (``resume`` and a usable one on disk) or none.
+
+    Raises:
+        CheckpointError: there are states but none can be resumed from.
+        ConfigError: the state was written with another configuration.
+    """
+    states = _States(Path(config.output) / "checkpoints", ctx.rank)
+    state = states.resume(config, ctx.device) if resume else None
     if state is None:
         states.forget_previous()  # a fresh start: an older run's previous.pt must never be fallen back to
     start = int(state["step"]) if state else 0
+    return _RunContext(config=config, model=model, ctx=ctx, states=states, state=state, start=start, step=start,
+                       eval_set=eval_set)
 
+
+def _prepare_model(run: _RunContext, on_start: Optional[Callable[[nn.Module], Any]]) -> None:
+    """Freeze what pretraining gives no gradient, move the model to the device, load the resumed weights, write
+    ``config.yaml`` and run the caller's ``on_start`` check (rank 0; every rank stops if it fails)."""
+    model = run.model
     # Parameters pretraining gives no gradient (segmentation head, dead weights) are frozen, so DDP can run without
     # find_unused_parameters (which costs a graph traversal per step).
     freeze(model.backbone.network, model.backbone.unused_in_pretraining())
-    model.to(device)
-    if state:
-        model.load_state_dict(state["model"])
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-    _call_on_start(on_start, model, rank, world, device)
-    if rank == 0:
-        state_path.parent.mkdir(exist_ok=True)
+    model.to(run.device)
+    if run.state:
+        model.load_state_dict(run.state["model"])
+    if run.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        save_config(run.config, run.out / "config.yaml")
+    _call_on_start(on_start, model, run.rank, run.world, run.device)
+    if run.rank == 0:
+        run.states.last.parent.mkdir(exist_ok=True)
 
-    amp_dtype = _amp_dtype(tc.amp, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, tc)
+
+def _prepare_optimization(run: _RunContext) -> None:
+    """Precision, optimizer, learning-rate schedule and loss scaler, restored from the resumed state with the
+    random streams (or the streams seeded for a fresh start); the resumed state is then released."""
+    tc, state = run.tc, run.state
+    run.amp_dtype = _amp_dtype(tc.amp, run.device)
+    run.params = [p for p in run.model.parameters() if p.requires_grad]
+    run.optimizer = _optimizer(run.params, tc)
     # A plain function (not a picklable object) so the scheduler's state holds no callable, and a resumed run with a
     # changed train.steps follows the new schedule.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
-    lr_now = lambda: scheduler.get_last_lr()[0]  # noqa: E731
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: lr_factor(s, tc))
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
     if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if len(state["rng"]) == world:
-            _set_rng(state["rng"][rank], device)
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
+        if len(state["rng"]) == run.world:
+            _set_rng(state["rng"][run.rank], run.device)
         else:
-            warnings.warn(f"{state_path} was written by {len(state['rng'])} processes, this run has {world}: the "
-                          f"global batch and the random streams change", stacklevel=3)
-            _seed_all(tc.seed + rank + start)
+            warnings.warn(f"{run.states.last} was written by {len(state['rng'])} processes, this run has "
+                          f"{run.world}: the global batch and the random streams change", stacklevel=4)
+            _seed_all(tc.seed + run.rank + run.start)
     else:
-        _seed_all(tc.seed + rank)  # + rank: dropout differs between ranks, as it would between samples
+        _seed_all(tc.seed + run.rank)  # + rank: dropout differs between ranks, as it would between samples
+    run.state = None  # applied: nothing reads it again
 
-    if tc.compile:
-        if device.type == "cpu":
-            warnings.warn("train.compile is ignored on CPU", stacklevel=3)
+
+def _prepare_step_module(run: _RunContext) -> None:
+    """``torch.compile`` (``train.compile``, not on CPU) and the :class:`_Step` module the loop calls, DDP-wrapped
+    when there are several processes."""
+    model = run.model
+    if run.tc.compile:
+        if run.device.type == "cpu":
+            warnings.warn("train.compile is ignored on CPU", stacklevel=4)
         else:  # in place: state_dict keys stay the model's own
             model.backbone.compile()
             model.psat.compile()
-    step_module: nn.Module = _Step(model, world)
-    if world > 1:
+    run.step_module = _Step(model, run.world)
+    if run.world > 1:
         # Ablations with a zero loss weight leave whole parts without gradient: only then pay for the search.
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device] if device.type == "cuda" else None,
+        run.step_module = nn.parallel.DistributedDataParallel(
+            run.step_module, device_ids=[run.device] if run.device.type == "cuda" else None,
             find_unused_parameters=not all(model.loss.weights.values()))
-    loader = DataLoader(train_set, batch_size=tc.batch_size,
-                        sampler=_StepSampler(start, tc.steps, tc.batch_size, rank, world),
-                        num_workers=config.data.num_workers, persistent_workers=config.data.num_workers > 0,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(tc.seed))
 
-    log = MetricsLog(out, tc.steps, start, progress) if rank == 0 else None
-    global_batch = world * tc.batch_size
-    sums: Dict[str, torch.Tensor] = {}
-    last_losses: Dict[str, float] = {}
-    last_eval: Dict[str, float] = {}
-    step, count, tick, final = start, 0, time.perf_counter(), None
-    window = []  # each step's loss since the last finiteness check (kept on the device: no sync per step)
+
+def _loader(run: _RunContext, train_set) -> DataLoader:
+    """This rank's batches from ``run.start`` to ``train.steps`` (see :class:`_StepSampler`)."""
+    tc, workers = run.tc, run.config.data.num_workers
+    return DataLoader(train_set, batch_size=tc.batch_size,
+                      sampler=_StepSampler(run.start, tc.steps, tc.batch_size, run.rank, run.world),
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=run.device.type == "cuda",
+                      generator=torch.Generator().manual_seed(tc.seed))
+
+
+def _train_step(run: _RunContext, batch: Dict[str, torch.Tensor]
+                ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, float]:
+    """One optimizer step on ``batch``: forward, backward, gradient clipping, the (scaled) step, the schedule.
+
+    Returns:
+        The step's losses (on the device), the gradient norm before clipping and the learning rate it used;
+        ``run.step`` is advanced.
+
+    Raises:
+        NonFiniteError: the OT solver refused a non-finite cost matrix (a diverged model).
+    """
+    tc, optimizer, scaler = run.tc, run.optimizer, run.scaler
+    batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+    run.model.train()
+    optimizer.zero_grad(set_to_none=True)
+    losses = _forward(run, batch)
+    scaler.scale(losses["loss"]).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, tc.grad_clip) if tc.grad_clip > 0 \
+        else _grad_norm(run.params)
+    scaler.step(optimizer)
+    scaler.update()
+    _after_optimizer_step(run)
+    lr = run.lr()
+    with warnings.catch_warnings():  # fp16: a step the scaler skipped is still a step of the schedule
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        run.scheduler.step()
+    run.step += 1
+    return losses, grad_norm, lr
+
+
+def _forward(run: _RunContext, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The losses of ``batch`` (gathered over the ranks, under autocast when AMP is on)."""
     try:
-        if log and eval_set is not None and start == 0:  # the untrained baseline of the retrieval curves
-            last_eval = evaluate(model, eval_set, tc.batch_size, device, amp_dtype=amp_dtype)
-            log.write({"step": 0, **{f"eval/{k}": v for k, v in last_eval.items()}})
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            try:
-                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                    losses = step_module(**batch)
-            except NonFiniteCostError:
-                # A diverged model (the same on every rank: the OT inputs are gathered) can make the OT solver refuse
-                # its cost matrix (non-finite weights, or finite ones whose predictions or learned metric overflow)
-                # before there is a loss to check: say what happened, not where it surfaced.
-                if not all(bool(torch.isfinite(p.detach()).all()) for p in params):
-                    raise _diverged("weights", step, lr_now(), states.saved_step) from None
-                raise _diverged("loss", step + 1, lr_now(), states.saved_step) from None
-            scaler.scale(losses["loss"]).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 \
-                else _grad_norm(params)
-            scaler.step(optimizer)
-            scaler.update()
-            lr = scheduler.get_last_lr()[0]
-            with warnings.catch_warnings():  # fp16: a step the scaler skipped is still a step of the schedule
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-                scheduler.step()
-            step, count = step + 1, count + 1
-            for k, v in {**losses, "grad_norm": grad_norm}.items():  # summed on device: no sync per step
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            window.append(losses["loss"].detach())
+        with torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext():
+            return run.step_module(**batch)
+    except NonFiniteCostError:
+        # A diverged model (the same on every rank: the OT inputs are gathered) can make the OT solver refuse its
+        # cost matrix (non-finite weights, or finite ones whose predictions or learned metric overflow) before there
+        # is a loss to check: say what happened, not where it surfaced.
+        if not all(bool(torch.isfinite(p.detach()).all()) for p in run.params):
+            raise _diverged("weights", run.step, run.lr(), run.states.saved_step) from None
+        raise _diverged("loss", run.step + 1, run.lr(), run.states.saved_step) from None
 
-            record: Dict[str, Any] = {}
-            save = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.steps
-            if save or step % tc.log_every == 0:
-                # fp16 gradients may overflow (the scaler then skips the step); a non-finite loss is a real failure
-                _check_finite(window, params, step, lr, states.saved_step, world, device)
-                window = []
-            if step % tc.log_every == 0 or step == tc.steps:
-                last_losses = _reduce_mean(sums, count, world)
-                now = time.perf_counter()
-                record = {"step": step, "lr": lr, **last_losses, "samples_per_s": global_batch * count / (now - tick)}
-                sums, count, tick = {}, 0, now
-            if log and eval_set is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
-                last_eval = evaluate(model, eval_set, tc.batch_size, device, amp_dtype=amp_dtype)
-                record.update({"step": step, **{f"eval/{k}": v for k, v in last_eval.items()}})
-            if log:
-                log.advance(step, record)
-            if save:
-                states.save(model, optimizer, scheduler, scaler, step, config, world, device)
-        if rank == 0:
-            pretraining = {"steps": step, "global_batch": global_batch, "world_size": world,
-                           "config": config.to_dict()}
-            final = save_pretrained(model, out / "med3dinsight.safetensors", **metadata, pretraining=pretraining)
-            if log.path.is_file():
-                plot_metrics(log.path, out / "metrics.png")
-        if world > 1:
-            dist.barrier()
-    finally:
-        if log:
-            log.close()
-    return {"checkpoint": str(final) if final else None, "state": str(state_path), "output": str(out),
-            "steps": step, "start_step": start, "global_batch": global_batch, "losses": last_losses,
-            "eval": last_eval}
+
+def _after_optimizer_step(run: _RunContext) -> None:
+    """What follows every optimizer step (also one the fp16 scaler skipped)."""
+
+
+def _after_step(run: _RunContext, losses: Dict[str, torch.Tensor], grad_norm: torch.Tensor, lr: float) -> None:
+    """Tally the step; at a log or save step check that the losses and weights are finite; log, evaluate and save
+    the training state when their step has come.
+
+    Raises:
+        NonFiniteError: a loss of the steps since the last check, or a weight, is non-finite (on any rank).
+    """
+    tc, tally, step = run.tc, run.tally, run.step
+    tally.count += 1
+    for k, v in {**losses, "grad_norm": grad_norm}.items():  # summed on device: no sync per step
+        tally.sums[k] = tally.sums.get(k, 0) + v.detach().float()
+    tally.window.append(losses["loss"].detach())
+
+    record: Dict[str, Any] = {}
+    save = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.steps
+    if save or step % tc.log_every == 0:
+        # fp16 gradients may overflow (the scaler then skips the step); a non-finite loss is a real failure
+        _check_finite(tally.window, run.params, step, lr, run.states.saved_step, run.world, run.device)
+        tally.window = []
+    if step % tc.log_every == 0 or step == tc.steps:
+        tally.last_losses = _reduce_mean(tally.sums, tally.count, run.world)
+        now = time.perf_counter()
+        record = {"step": step, "lr": lr, **tally.last_losses,
+                  "samples_per_s": run.global_batch * tally.count / (now - tally.tick)}
+        tally.sums, tally.count, tally.tick = {}, 0, now
+    if run.log and run.eval_set is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
+        record.update({"step": step, **_evaluate(run)})
+    if run.log:
+        run.log.advance(step, record)
+    if save:
+        run.states.save(run.model, run.optimizer, run.scheduler, run.scaler, step, run.config, run.world, run.device)
+
+
+def _evaluate(run: _RunContext) -> Dict[str, float]:
+    """Held-out retrieval metrics (rank 0), kept as ``tally.last_eval``; returned with ``eval/`` keys."""
+    run.tally.last_eval = evaluate(run.model, run.eval_set, run.tc.batch_size, run.device, amp_dtype=run.amp_dtype)
+    return {f"eval/{k}": v for k, v in run.tally.last_eval.items()}
+
+
+def _finish(run: _RunContext, metadata: Dict[str, Any]) -> Optional[Path]:
+    """Write the pretrained model (``med3dinsight.safetensors``) and ``metrics.png`` on rank 0; all ranks wait.
+
+    Returns:
+        The checkpoint's path on rank 0, ``None`` on the others.
+    """
+    final = None
+    if run.rank == 0:
+        pretraining = {"steps": run.step, "global_batch": run.global_batch, "world_size": run.world,
+                       "config": run.config.to_dict()}
+        final = save_pretrained(run.model, run.out / "med3dinsight.safetensors", **metadata, pretraining=pretraining)
+        if run.log.path.is_file():
+            plot_metrics(run.log.path, run.out / "metrics.png")
+    if run.world > 1:
+        dist.barrier()
+    return final
+
+
+def _summary(run: _RunContext, final: Optional[Path]) -> Dict[str, Any]:
+    """What :func:`pretrain` returns (see there)."""
+    return {"checkpoint": str(final) if final else None, "state": str(run.states.last), "output": str(run.out),
+            "steps": run.step, "start_step": run.start, "global_batch": run.global_batch,
+            "losses": run.tally.last_losses, "eval": run.tally.last_eval}
 
 
 class _Unusable(Exception):
@@ -376,7 +498,7 @@ class _States:
                 continue
             if problems and self.rank == 0:
                 warnings.warn(f"{'; '.join(problems)}: resuming from {path} (step {int(state['step'])}) instead",
-                              stacklevel=4)
+                              stacklevel=5)
             self.rotate = path == self.last
             self.saved_step = int(state["step"])
             return state
