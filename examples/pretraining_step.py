@@ -3,7 +3,7 @@
 Run: python examples/pretraining_step.py [--backbone plain_conv_unet] [--steps 3] [--alignment ot|clip]
 
 Real pretraining reads volumes and cached teacher embeddings from disk; here random tensors stand in for both so
-that every piece of the model is visible in a dozen lines.
+that the model is built as pretraining builds it (``build_model``) and one training step fits in a dozen lines.
 """
 import argparse
 
@@ -31,7 +31,8 @@ def main():
     # 2. model.psat: PSAT reads those tokens and predicts a slice's teacher embedding.
     # 3. model.loss: image + text alignment (partial OT or CLIP InfoNCE) + reconstruction.
     backbone, psat = model.backbone, model.psat
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
+    # Weight decay on every trainable tensor but CLIP's temperature (model.param_groups()), as pretraining does.
+    optimizer = torch.optim.AdamW(model.param_groups(), lr=1e-4, weight_decay=1e-5)
 
     batch, slices = 2, 8  # 8 slices per volume are aligned from one backbone pass
     for step in range(args.steps):
@@ -44,6 +45,7 @@ def main():
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
+        model.after_optimizer_step()  # CLIP's logit scale back to at most 100, as CLIP does after each step
         print(f"step {step}: " + ", ".join(f"{k} {v.item():.4f}" for k, v in losses.items()))
 
     # The pretrained weights live in the plain network: backbone.network.state_dict() has its usual keys.

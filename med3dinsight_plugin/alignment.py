@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Set
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,19 @@ def _check_pairs(z3d: torch.Tensor, z2d: torch.Tensor) -> None:
 
 
 class ClipAlignment(nn.Module):
-    """CLIP alignment with a learnable temperature, initialised at 1/0.07 and clamped to at most 100 as CLIP does."""
+    """CLIP alignment with a learnable temperature, initialised at 1/0.07 and kept at a logit scale of at most 100 as
+    CLIP does.
+
+    As in CLIP and open_clip, the bound is applied to the parameter after each optimizer step (:meth:`clamp_`; the
+    pretraining loop calls it through :meth:`Med3DInsightModel.after_optimizer_step
+    <med3dinsight_plugin.model.Med3DInsightModel.after_optimizer_step>`), not inside the forward pass: a clamp there
+    would give the temperature a zero gradient beyond the bound, where it could stay for good. The temperature is
+    not weight-decayed (:meth:`no_weight_decay`).
+
+    Args:
+        init_temperature: the initial temperature (logit scale ``1 / init_temperature``).
+        max_logit_scale: the largest logit scale :meth:`clamp_` allows.
+    """
 
     def __init__(self, init_temperature: float = 0.07, max_logit_scale: float = 100.0):
         super().__init__()
@@ -87,7 +99,21 @@ class ClipAlignment(nn.Module):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        return self.log_logit_scale.clamp(0.0, self.max_log).exp()
+        """The multiplier of the cosine similarities, ``exp(log_logit_scale)`` (differentiable, never clamped here)."""
+        return self.log_logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp the log logit scale into ``[0, log(max_logit_scale)]`` in place (after an optimizer step)."""
+        self.log_logit_scale.clamp_(0.0, self.max_log)
+
+    def no_weight_decay(self) -> Set[str]:
+        """Names of the parameters an optimizer must not decay (timm's convention): the temperature.
+
+        Returns:
+            ``{"log_logit_scale"}``.
+        """
+        return {"log_logit_scale"}
 
     def forward(self, z3d: torch.Tensor, z2d: torch.Tensor) -> torch.Tensor:
         """Loss for (P, E) targets, or (T,) losses for T target sets stacked as (T, P, E)."""

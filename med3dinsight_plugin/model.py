@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Dict, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .alignment import Med3DInsightLoss
+from .alignment import ClipAlignment, Med3DInsightLoss
 from .backbones import Backbone, build_backbone
 from .errors import Med3DInsightError
 from .psat import PlaneSliceAwareTransformer
@@ -121,6 +121,36 @@ class Med3DInsightModel(nn.Module):
         if loss.embed_dim != psat.out_dim:
             raise ValueError(f"the loss expects {loss.embed_dim}-wide embeddings but PSAT outputs {psat.out_dim}")
         self.backbone, self.psat, self.loss = backbone, psat, loss
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """The trainable parameters (``requires_grad``) as optimizer parameter groups, in ``parameters()`` order.
+
+        Parameters a submodule names in its ``no_weight_decay()`` (timm's convention; CLIP's temperature, see
+        :class:`~med3dinsight_plugin.alignment.ClipAlignment`) get a group of their own without weight decay; every
+        other parameter takes the optimizer's ``weight_decay``.
+
+        Returns:
+            ``[{"params": decayed}]``, followed by ``{"params": exempt, "weight_decay": 0.0}`` when there are
+            exempt parameters.
+        """
+        exempt = set()
+        for prefix, module in self.named_modules():
+            names = getattr(module, "no_weight_decay", None)
+            if callable(names):
+                exempt.update(f"{prefix}.{name}" if prefix else name for name in names())
+        decayed, kept = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (kept if name in exempt else decayed).append(p)
+        return [{"params": decayed}] + ([{"params": kept, "weight_decay": 0.0}] if kept else [])
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Bring parameters back into their bounds; call it after every ``optimizer.step()`` (the pretraining loop
+        does): CLIP's logit scale is clamped to at most 100 here, as CLIP does, not in the forward pass."""
+        for module in self.modules():
+            if isinstance(module, ClipAlignment):
+                module.clamp_()
 
     @property
     def masks_input(self) -> bool:

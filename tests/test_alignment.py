@@ -31,9 +31,28 @@ def test_clip_temperature_initialised_and_clamped_like_clip():
     assert align.logit_scale.item() == pytest.approx(1 / 0.07)
     with torch.no_grad():
         align.log_logit_scale.fill_(10.0)
+    align.clamp_()  # after the optimizer step, as CLIP does
     assert align.logit_scale.item() == pytest.approx(100.0)
     z3d, z2d = _pairs()
     torch.testing.assert_close(align(z3d, z2d), clip_loss(z3d, z2d, 100.0))
+    with torch.no_grad():
+        align.log_logit_scale.fill_(-1.0)
+    align.clamp_()
+    assert align.log_logit_scale.item() == 0.0  # CLIP's lower bound: a logit scale of at least 1
+
+
+def test_clip_temperature_keeps_its_gradient_past_the_bound_and_is_not_decayed():
+    """A clamp inside forward would zero the gradient beyond the bound (the temperature could stay there)."""
+    align = ClipAlignment()
+    with torch.no_grad():
+        align.log_logit_scale.fill_(align.max_log + 0.5)
+    z3d, z2d = _pairs(noise=3.0)
+    loss = align(z3d, z2d)
+    torch.testing.assert_close(loss, clip_loss(z3d, z2d, math.exp(align.max_log + 0.5)))  # not clamped in forward
+    loss.backward()
+    grad = align.log_logit_scale.grad
+    assert grad is not None and torch.isfinite(grad) and grad.item() != 0.0
+    assert align.no_weight_decay() == {"log_logit_scale"}
 
 
 def test_ot_alignment_equals_pot_reference():

@@ -61,6 +61,32 @@ def test_clip_alignment_variant_and_skipped_text_term():
     assert model.loss.align.log_logit_scale.grad is not None
 
 
+def test_param_groups_exempt_only_the_clip_temperature_from_weight_decay():
+    clip = _model("plain_conv_unet", alignment="clip")
+    next(clip.psat.parameters()).requires_grad_(False)  # frozen parameters are left out
+    groups = clip.param_groups()
+    assert len(groups) == 2 and set(groups[1]) == {"params", "weight_decay"} and groups[1]["weight_decay"] == 0.0
+    assert groups[1]["params"] == [clip.loss.align.log_logit_scale]
+    assert "weight_decay" not in groups[0]  # the optimizer's own
+    assert groups[0]["params"] == [p for p in clip.parameters() if p.requires_grad and p is not
+                                   clip.loss.align.log_logit_scale]
+    ot = _model("plain_conv_unet", alignment="ot")  # one group, as before the temperature had its own
+    assert len(ot.param_groups()) == 1 and ot.param_groups()[0]["params"] == list(ot.parameters())
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.5)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.5, 0.0]
+
+
+def test_after_optimizer_step_clamps_the_clip_logit_scale_and_leaves_the_rest():
+    model = _model("plain_conv_unet", alignment="clip")
+    with torch.no_grad():
+        model.loss.align.log_logit_scale.fill_(7.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.after_optimizer_step()
+    assert model.loss.align.logit_scale.item() == pytest.approx(100.0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k != "loss.align.log_logit_scale")
+    _model("plain_conv_unet", alignment="ot").after_optimizer_step()  # nothing to clamp
+
+
 def test_mismatches_raise_value_error():
     backbone = build_backbone("plain_conv_unet", **TINY_BACKBONES["plain_conv_unet"])
     with pytest.raises(ValueError, match=f"build PSAT with in_dim={backbone.token_dim}"):

@@ -1,6 +1,7 @@
 """Pretraining engine on CPU with real tiny models: DDP equals one process, kill -9 + resume is bit-identical, the
 model learns a toy task, configs are validated, unused parameters are frozen, and the run folder is complete."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -325,3 +326,68 @@ def test_repeated_captions_are_one_answer_and_raise_the_chance_level():
     m = retrieval_metrics(z, text.clone(), text)
     assert m["text_top1"] == 0.75  # the three slices sharing a caption retrieve it; the fourth does not
     assert m["text_chance_top1"] == pytest.approx((3 * 3 / 4 + 1 / 4) / 4)
+
+
+# ------------------------------------------------------------------------------- optimizer and CLIP's temperature
+
+@pytest.mark.parametrize("name", ["adamw", "adam_l2"])
+def test_adamw_decays_decoupled_and_adam_l2_adds_the_decay_to_the_gradient(name):
+    """With a zero gradient, AdamW only shrinks the weight by lr * wd; Adam with coupled L2 (the authors') normalises
+    the decay term like a gradient, so its first step moves the weight by about lr."""
+    from med3dinsight_plugin.pretrain.config import TrainConfig
+    from med3dinsight_plugin.pretrain.engine import _optimizer
+
+    weight = torch.nn.Parameter(torch.tensor([2.0, -3.0]))
+    frozen_scale = torch.nn.Parameter(torch.tensor([2.0]))
+    tc = TrainConfig(optimizer=name, lr=0.1, weight_decay=0.01)
+    optimizer = _optimizer([{"params": [weight]}, {"params": [frozen_scale], "weight_decay": 0.0}], tc)
+    assert type(optimizer) is {"adamw": torch.optim.AdamW, "adam_l2": torch.optim.Adam}[name]
+    weight.grad, frozen_scale.grad = torch.zeros(2), torch.zeros(1)
+    optimizer.step()
+    if name == "adamw":
+        torch.testing.assert_close(weight.detach(), torch.tensor([2.0, -3.0]) * (1 - 0.1 * 0.01))
+    else:
+        torch.testing.assert_close(weight.detach(), torch.tensor([1.9, -2.9]), atol=1e-5, rtol=0)
+    assert frozen_scale.item() == 2.0  # the group without weight decay does not move without a gradient
+
+
+def test_clip_temperature_is_clamped_after_every_step_and_never_decayed(tmp_path):
+    """A temperature beyond CLIP's bound comes back within it (a clamp in forward would leave it there, without
+    gradient); its optimizer group has no weight decay. Also runs the authors' optimizer, adam_l2."""
+    config = load_config(None, toy_overrides(tmp_path, steps=2, checkpoint_every=1, optimizer="adam_l2",
+                                             weight_decay=0.1))
+    model = build_model(config, EMBED)
+    scale = model.loss.align.log_logit_scale
+    with torch.no_grad():
+        scale.fill_(model.loss.align.max_log + 1.0)
+    pretrain(config, model, ToyDataset(size=config.model.patch_size[0]), None, progress=False)
+    assert 0.0 <= scale.item() <= math.log(100.0) + 1e-6
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and len(groups[1]["params"]) == 1
+    assert state["config"]["train"]["optimizer"] == "adam_l2"
+
+
+def test_a_state_saved_with_one_parameter_group_resumes_with_the_temperature_in_its_own(tmp_path):
+    """Runs saved before CLIP's temperature had a group without weight decay resume: every parameter keeps its
+    moments and the schedule drives both groups."""
+    config = load_config(None, toy_overrides(tmp_path, steps=2, checkpoint_every=2, warmup_steps=4))
+    old = build_model(config, EMBED)
+    old.param_groups = lambda: [{"params": [p for p in old.parameters() if p.requires_grad]}]  # the old layout
+    size = config.model.patch_size[0]
+    pretrain(config, old, ToyDataset(size=size), None, progress=False)
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert len(saved["optimizer"]["param_groups"]) == 1
+    config = load_config(None, toy_overrides(tmp_path, steps=4, checkpoint_every=2, warmup_steps=4))
+    model = build_model(config, EMBED)
+    summary = pretrain(config, model, ToyDataset(size=size), None, progress=False)
+    assert summary["start_step"] == 2 and summary["steps"] == 4
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [config.train.weight_decay, 0.0]
+    # the warm-up went on for both groups (saved at 3/4 of the peak lr, next step at the peak)
+    assert groups[0]["lr"] == groups[1]["lr"] == pytest.approx(config.train.lr * lr_factor(4, config.train))
+    assert lr_factor(4, config.train) == 1.0
+    assert len(state["scheduler"]["base_lrs"]) == 2
+    steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert steps == {4}  # every parameter's moments were carried over from the 2 saved steps

@@ -89,9 +89,10 @@ class TrainConfig:
     steps: int = _f(10000, kind="int", min=0)
     batch_size: int = _f(2, kind="int", min=1)  # per process
     lr: float = _f(1.0e-5, kind="float", min=0.0)
-    # adamw: AdamW(betas, weight_decay), as the authors train; sgd: SGD with Nesterov momentum 0.99 and
-    # weight_decay as L2, as nnU-Net trains (an update linear in the gradients; betas unused)
-    optimizer: str = _f("adamw", kind="str", choices=("adamw", "sgd"))
+    # adamw: AdamW(betas, weight_decay), decoupled weight decay; adam_l2: Adam(betas, weight_decay), the decay added
+    # to the gradient (coupled L2), as the authors train; sgd: SGD with Nesterov momentum 0.99 and weight_decay as
+    # L2, as nnU-Net trains (an update linear in the gradients; betas unused). CLIP's temperature is never decayed.
+    optimizer: str = _f("adamw", kind="str", choices=("adamw", "adam_l2", "sgd"))
     weight_decay: float = _f(1.0e-5, kind="float", min=0.0)
     betas: List[float] = _f([0.9, 0.999], kind="floats", length=2, min=0.0, max=0.999999)
     warmup_steps: int = _f(500, kind="int", min=0)

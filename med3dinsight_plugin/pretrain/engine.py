@@ -306,14 +306,16 @@ def _prepare_optimization(run: _RunContext) -> None:
     tc, state = run.tc, run.state
     run.amp_dtype = _amp_dtype(tc.amp, run.device)
     run.params = [p for p in run.model.parameters() if p.requires_grad]
-    run.optimizer = _optimizer(run.params, tc)
+    run.optimizer = _optimizer(run.model.param_groups(), tc)
     # A plain function (not a picklable object) so the scheduler's state holds no callable, and a resumed run with a
     # changed train.steps follows the new schedule.
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: lr_factor(s, tc))
     run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
     if state:
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
+        optimizer_state, scheduler_state = _regrouped(state["optimizer"], state["scheduler"], run.optimizer,
+                                                      run.params)
+        run.optimizer.load_state_dict(optimizer_state)
+        run.scheduler.load_state_dict(scheduler_state)
         run.scaler.load_state_dict(state["scaler"])
         if len(state["rng"]) == run.world:
             _set_rng(state["rng"][run.rank], run.device)
@@ -399,7 +401,9 @@ def _forward(run: _RunContext, batch: Dict[str, torch.Tensor]) -> Dict[str, torc
 
 
 def _after_optimizer_step(run: _RunContext) -> None:
-    """What follows every optimizer step (also one the fp16 scaler skipped)."""
+    """What follows every optimizer step (also one the fp16 scaler skipped): parameters back into their bounds
+    (CLIP's logit scale clamped to at most 100, as CLIP does after its optimizer step)."""
+    run.model.after_optimizer_step()
 
 
 def _after_step(run: _RunContext, losses: Dict[str, torch.Tensor], grad_norm: torch.Tensor, lr: float) -> None:
@@ -577,11 +581,61 @@ def _with_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
         return saved  # a key since removed: the comparison names it
 
 
-def _optimizer(params, tc: TrainConfig) -> torch.optim.Optimizer:
-    if tc.optimizer == "sgd":  # nnU-Net's: SGD, Nesterov momentum 0.99, L2 weight decay
-        return torch.optim.SGD(params, lr=tc.lr, momentum=0.99, nesterov=True, weight_decay=tc.weight_decay)
-    # Weight decay on every trainable tensor, as the authors' AdamW does.
-    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
+def _optimizer(groups: List[Dict[str, Any]], tc: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``train.optimizer`` names, over ``groups`` (``Med3DInsightModel.param_groups()``: weight decay on
+    every trainable tensor but CLIP's temperature).
+
+    Args:
+        groups: optimizer parameter groups; a group without ``weight_decay`` takes ``train.weight_decay``.
+        tc: the ``train`` section: ``optimizer``, ``lr``, ``weight_decay``, ``betas``.
+
+    Returns:
+        ``adamw``: AdamW (decoupled weight decay; the package's default). ``adam_l2``: Adam with the weight decay
+        added to the gradient (coupled L2), as the authors train (``torch.optim.Adam(lr=1e-5, weight_decay=1e-5)``).
+        ``sgd``: nnU-Net's SGD, Nesterov momentum 0.99, L2 weight decay.
+    """
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=tc.lr, momentum=0.99, nesterov=True, weight_decay=tc.weight_decay)
+    if tc.optimizer == "adam_l2":
+        return torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
+    return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
+
+
+def _regrouped(optimizer_state: Dict[str, Any], scheduler_state: Dict[str, Any], optimizer: torch.optim.Optimizer,
+               params: List[nn.Parameter]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Saved optimizer and scheduler states in the layout of ``optimizer``'s parameter groups.
+
+    States written before CLIP's temperature had a group of its own (one group, ``params`` in model order) are
+    split like ``optimizer``'s groups, each parameter keeping its moments, and the new groups keep their own
+    ``weight_decay``; states already in the current layout are returned as they are.
+
+    Args:
+        optimizer_state, scheduler_state: the saved ``state_dict()`` of the optimizer and the LambdaLR schedule.
+        optimizer: the run's optimizer, built from ``Med3DInsightModel.param_groups()``.
+        params: the trainable parameters in model order (the saved single group's order).
+
+    Returns:
+        ``(optimizer_state, scheduler_state)`` ready for ``load_state_dict``.
+    """
+    saved_groups, groups = optimizer_state["param_groups"], optimizer.param_groups
+    if len(saved_groups) != 1 or len(groups) == 1 or len(saved_groups[0]["params"]) != len(params):
+        return optimizer_state, scheduler_state  # the current layout (or a foreign one: load_state_dict says so)
+    position = {id(p): i for i, p in enumerate(params)}
+    order = [position[id(p)] for group in groups for p in group["params"]]  # new index -> old index
+    saved_ids = saved_groups[0]["params"]
+    state = {new: optimizer_state["state"][saved_ids[old]] for new, old in enumerate(order)
+             if saved_ids[old] in optimizer_state["state"]}
+    new_groups, first = [], 0
+    for group in groups:
+        count = len(group["params"])
+        new_groups.append({**saved_groups[0], "weight_decay": group["weight_decay"],
+                           "params": list(range(first, first + count))})
+        first += count
+    scheduler_state = dict(scheduler_state)
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):  # one entry per group, all alike
+        if len(scheduler_state.get(key) or ()) == 1:
+            scheduler_state[key] = list(scheduler_state[key]) * len(groups)
+    return {"state": state, "param_groups": new_groups}, scheduler_state
 
 
 def _check_finite(window, params, step: int, lr: float, saved_step: Optional[int], world: int,
