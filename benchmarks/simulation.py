@@ -1,6 +1,7 @@
 """Does Med3DInsight pretraining help? A small, fixed-protocol simulation on real anatomy, on CPU.
 
 Run: python benchmarks/simulation.py -o sim_out            (the full protocol: about 45 min alone on 2 cores)
+     python benchmarks/simulation.py -o views_out --protocol views   ([signal]: crop vs volume view, VIEWS_PROTOCOL)
      python benchmarks/simulation.py -o sim_out --quick    (a few minutes: checks the pipeline, not the result)
 
 What it does, in order (every step goes through the package's own API, the one the CLI uses):
@@ -87,6 +88,12 @@ PROTOCOL: Dict[str, Any] = {
     "teacher": {"image": "tiny random open_clip (ViT, 64 px, average-pooled, 384-d)",
                 "text": "all-MiniLM-L6-v2 (mean pooled)"},
 }
+# [signal] which view pretrains better: the subjects at twice the patch along every axis (native size larger than
+# the patch, as real scans are), so the two views differ: "crop" pretrains on random patch-sized crops at the native
+# grid while the teacher saw whole slices, "volume" on the body box resampled to the patch (the authors' setup).
+# Fine-tuning trains on random patch-sized crops of the native labelled subjects and predicts the test subjects with
+# MONAI's sliding window (overlap 0.5), as nnU-Net and MONAI users do. Fixed before any run of it; only 1 and 4
+# labelled subjects, to fit the CPU budget (5 inits x 2 x 3 seeds). Defined below as VIEWS_PROTOCOL.
 QUICK = {"subjects": {"pretrain": 6, "labelled": 2, "test": 2}, "per_plane": 4,
          "pretrain": {"steps": 4, "eval_cases": 2}, "finetune": {"steps": 4}, "labelled": [1, 2], "seeds": [0]}
 
@@ -96,6 +103,22 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+_RECONSTRUCTION_ONLY = {"image": 0.0, "text": 0.0, "reconstruction": 1.0}
+VIEWS_PROTOCOL = {**_merge(PROTOCOL, {"grid_xyz": [128, 96, 32], "patch_xyz": [64, 48, 16],
+                                      "labelled": [1, 4], "sliding_window_overlap": 0.5}),
+                  "variants": {
+                      "reconstruction_crop": {"view": "crop", "psat": "small", "alignment": "ot",
+                                              "loss_weights": _RECONSTRUCTION_ONLY},
+                      "reconstruction_volume": {"view": "volume", "psat": "small", "alignment": "ot",
+                                                "loss_weights": _RECONSTRUCTION_ONLY},
+                      "m3di_ot_crop": {"view": "crop", "psat": "small", "alignment": "ot"},
+                      "m3di_ot_volume": {"view": "volume", "psat": "small", "alignment": "ot"}},
+                  "comparisons": [["m3di_ot_volume", "m3di_ot_crop"],
+                                  ["reconstruction_volume", "reconstruction_crop"],
+                                  ["m3di_ot_crop", "reconstruction_crop"], ["m3di_ot_volume", "reconstruction_volume"]]}
+PROTOCOLS = {"main": PROTOCOL, "views": VIEWS_PROTOCOL}
 
 
 # ---------------------------------------------------------------------------------------------------- subjects
@@ -233,16 +256,17 @@ def pretrain_variants(out: Path, folders: Dict[str, Path], cache: Path, protocol
     from med3dinsight_plugin.pretrain.config import PretrainConfig
 
     p = protocol["pretrain"]
-    grid = protocol["grid_xyz"][::-1]
+    patch = _patch(protocol)
     results = {}
-    for name, model in protocol["variants"].items():
+    for name, variant in protocol["variants"].items():
+        model = {k: v for k, v in variant.items() if k != "view"}
         run = out / "pretrain" / name
         config = PretrainConfig.from_dict({
             "data": {"source": str(folders["pretrain"] / "images"), "cache": str(cache), "modality": "ct",
                      "slices_per_sample": p["slices_per_sample"], "num_workers": 0, "eval_cases": p["eval_cases"],
-                     "seed": p["seed"]},
+                     "seed": p["seed"], "view": variant.get("view", "crop")},
             "model": {"backbone": "plain_conv_unet", "backbone_kwargs": protocol["backbone_kwargs"],
-                      "patch_size": list(grid), **model},
+                      "patch_size": list(patch), **model},
             "train": {"steps": p["steps"], "batch_size": p["batch_size"], "lr": p["lr"],
                       "warmup_steps": p["warmup_steps"], "seed": p["seed"], "amp": "off", "device": "cpu",
                       "checkpoint_every": 0, "eval_every": 0, "log_every": max(1, p["steps"] // 10)},
@@ -277,13 +301,28 @@ def load_split(folder: Path, normalization: Dict[str, Any], class_map: Dict[int,
     return source.cases, torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(targets))
 
 
+def _patch(protocol: Dict[str, Any]) -> List[int]:
+    """The network's patch, canonical (D, H, W): the subject grid unless the protocol sets a smaller one."""
+    return list(protocol.get("patch_xyz", protocol["grid_xyz"]))[::-1]
+
+
 def downstream_network(protocol: Dict[str, Any], num_classes: int):
     """The pretrained architecture with a ``num_classes`` head (nnU-Net PlainConvUNet, no deep supervision)."""
     from med3dinsight_plugin.backbones import build_backbone
 
-    grid = protocol["grid_xyz"][::-1]
-    return build_backbone("plain_conv_unet", patch_size=grid, num_classes=num_classes,
+    return build_backbone("plain_conv_unet", patch_size=_patch(protocol), num_classes=num_classes,
                           **protocol["backbone_kwargs"]).network
+
+
+def _random_crops(x: torch.Tensor, y: torch.Tensor, patch: Sequence[int], g: torch.Generator):
+    """One random ``patch``-sized crop per sample (the same box for image and labels)."""
+    xs, ys = [], []
+    for i in range(len(x)):
+        start = [int(torch.randint(0, n - p + 1, (1,), generator=g)) for n, p in zip(x.shape[2:], patch)]
+        box = tuple(slice(s, s + p) for s, p in zip(start, patch))
+        xs.append(x[(i, slice(None)) + box])
+        ys.append(y[(i,) + box])
+    return torch.stack(xs), torch.stack(ys)
 
 
 def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> List[float]:
@@ -316,17 +355,26 @@ def finetune(init: str, checkpoint, train_x, train_y, test_x, test_y, protocol: 
     warmup = max(1, round(f["warmup_fraction"] * f["steps"]))
     start = time.perf_counter()
     net.train()
+    patch = _patch(protocol)
+    whole = list(train_x.shape[2:]) == patch
     for step in range(f["steps"]):
         apply_finetune_lr(optimizer, step, f["steps"], warmup)
         idx = torch.randint(0, len(train_x), (f["batch_size"],), generator=g)
-        loss = loss_fn(net(train_x[idx]), train_y[idx][:, None])
+        x, y = (train_x[idx], train_y[idx]) if whole else _random_crops(train_x[idx], train_y[idx], patch, g)
+        loss = loss_fn(net(x), y[:, None])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)  # nnU-Net's clip
         optimizer.step()
     net.eval()
     with torch.no_grad():
-        pred = torch.cat([net(test_x[i:i + 2]).argmax(1) for i in range(0, len(test_x), 2)])
+        if whole:
+            pred = torch.cat([net(test_x[i:i + 2]).argmax(1) for i in range(0, len(test_x), 2)])
+        else:
+            from monai.inferers import sliding_window_inference
+            pred = torch.cat([sliding_window_inference(test_x[i:i + 1], patch, 4, net,
+                                                       overlap=protocol["sliding_window_overlap"]).argmax(1)
+                              for i in range(len(test_x))])
     dice = dice_per_class(pred, test_y, num_classes)
     return {"dice": dice, "mean_dice": float(np.nanmean(dice)), "loaded_tensors": loaded,
             "wall_time_s": round(time.perf_counter() - start, 1)}
@@ -363,13 +411,20 @@ def comparisons_markdown(rows: List[Dict[str, Any]], pairs: Sequence[Sequence[st
     return "\n".join(lines) + "\n"
 
 
-def run(out: Path, quick: bool = False, log=print) -> Dict[str, Path]:
-    """The whole simulation into ``out``; returns the output files. Reruns resume (finished runs are kept)."""
+def run(out: Path, quick: bool = False, log=print, protocol_name: str = "main") -> Dict[str, Path]:
+    """The whole simulation into ``out``; returns the output files. Reruns resume (finished runs are kept).
+
+    Args:
+        protocol_name: ``"main"`` (:data:`PROTOCOL`) or ``"views"`` (:data:`VIEWS_PROTOCOL`).
+    """
     from med3dinsight_plugin.pretrain.data import compute_normalization
     from med3dinsight_plugin.volumes import open_source
     from nnunet_trainers.study import _write_csv, plot_label_efficiency, summary_markdown
 
-    protocol = _merge(PROTOCOL, QUICK) if quick else PROTOCOL
+    base = PROTOCOLS[protocol_name]
+    protocol = _merge(base, QUICK) if quick else base
+    if quick and "patch_xyz" in protocol:  # keep the quick run's crops smaller than its subjects
+        protocol["labelled"] = [1]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "protocol.json").write_text(json.dumps(protocol, indent=1))
@@ -436,10 +491,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--output", required=True, help="output folder (a rerun resumes)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the result")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="main",
+                        help="main (default): which pretraining helps, subjects = patch; views: crop vs volume view, "
+                             "subjects twice the patch")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
-    run(Path(args.output), quick=args.quick, log=lambda line: print(line, flush=True))
+    run(Path(args.output), quick=args.quick, log=lambda line: print(line, flush=True), protocol_name=args.protocol)
     return 0
 
 
