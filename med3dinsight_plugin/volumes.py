@@ -8,6 +8,12 @@ crops it, so a slice's (plane, position) means the same thing to both.
 nibabel reads NIfTI and SimpleITK (an nnU-Net dependency) the other formats (:func:`read_image` says why);
 nnU-Net's own helpers find a raw dataset's cases. nnU-Net's
 preprocessed ``.pkl`` properties are read with an allow-listed unpickler (numpy arrays and builtins only).
+
+The teacher sees scanner units. For an nnU-Net preprocessed dataset whose raw dataset is found (``raw=``, else
+``$nnUNet_raw/<dataset_name>``), :meth:`Volume.native` is the raw image put through nnU-Net's own preprocessing
+(its reader, transpose, crop to non-zero and resampling) without the normalisation, so it lies voxel for voxel on
+the preprocessed grid in Hounsfield units: air, fat and bone keep their contrast, which nnU-Net's clip to the
+foreground percentiles removes. Without the raw dataset it falls back to undoing the z-score (clipped values).
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -47,6 +53,8 @@ class Volume:
         modality: ``"ct"`` or ``"mri"``.
         normalized: ``True`` for nnU-Net preprocessed arrays (already normalised by nnU-Net).
         ct_stats: ``(mean, std)`` that nnU-Net's CT normalisation divided by, to recover Hounsfield units.
+        scanner: for nnU-Net preprocessed data with their raw images, a function returning the ``(C, D, H, W)``
+            array in scanner units on the same canonical grid as ``array`` (computed on first use, then kept).
     """
 
     case: str
@@ -56,6 +64,7 @@ class Volume:
     normalized: bool = False
     ct_stats: Optional[Tuple[float, float]] = None
     files: List[str] = field(default_factory=list)
+    scanner: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -82,7 +91,12 @@ class Volume:
         return f"v1:{h.hexdigest()[:32]}"
 
     def native(self, channel: int = 0) -> np.ndarray:
-        """One channel in scanner units where known (Hounsfield units for CT, also after nnU-Net normalisation)."""
+        """One channel in scanner units where known (Hounsfield units for CT, also after nnU-Net normalisation: from
+        the raw image on the preprocessed grid when it is available, else by undoing the z-score)."""
+        if self.scanner is not None:
+            if not isinstance(self.scanner, np.ndarray):
+                self.scanner = self.scanner()
+            return self.scanner[channel]
         data = self.array[channel]
         if self.normalized and self.ct_stats is not None:
             return data * np.float32(self.ct_stats[1]) + np.float32(self.ct_stats[0])
@@ -295,6 +309,8 @@ class VolumeSource:
         for key in ("plans_name", "configuration"):
             if key in self._extra:
                 out[key] = self._extra[key]
+        if self.kind == "nnunet_preprocessed":  # what the teacher's renders are made from
+            out["scanner_units"] = "raw" if "raw_files" in self._extra else "undone z-score"
         return out
 
     def read(self, case: str) -> Volume:
@@ -329,9 +345,40 @@ class VolumeSource:
         # preprocessed axis p is raw array axis transpose[p], i.e. image index axis 2 - transpose[p] (nnU-Net's
         # readers all give arrays in SimpleITK's (z, y, x) order: the nibabel ones transpose (x, y, z))
         permutation, flips = canonical_axes(direction, [2 - t for t in transpose])
+        grid = tuple(data.shape)
         data, spacing = _to_canonical(data, self._extra["spacing"], permutation, flips)
+        scanner = None
+        if case in self._extra.get("raw_files", {}):
+            scanner = lambda: _to_canonical(self._raw_on_grid(case, grid), spacing, permutation, flips)[0]
         return Volume(case, data, spacing, self.modality, normalized=True, ct_stats=self._extra.get("ct_stats"),
-                      files=[str(folder / case)])
+                      files=[str(folder / case)], scanner=scanner)
+
+    def _raw_on_grid(self, case: str, grid: Sequence[int]) -> np.ndarray:
+        """The raw image of ``case`` through nnU-Net's preprocessing without its normalisation: scanner units on the
+        preprocessed grid (nnU-Net's layout)."""
+        from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        class _Unnormalized(DefaultPreprocessor):
+            def _normalize(self, data, seg, configuration_manager, foreground_intensity_properties_per_channel):
+                return data
+
+        files = self._extra["raw_files"][case]
+        plans = PlansManager(self._extra["plans"])
+        try:
+            data, _, _ = _Unnormalized(verbose=False).run_case(
+                files, None, plans, plans.get_configuration(self._extra["configuration"]), self._extra["dataset_json"])
+        except (OSError, RuntimeError, ValueError) as e:
+            raise VolumeError(f"cannot read the raw image(s) {', '.join(files)} of case {case} ({first_line(e)}); "
+                              f"fix them or pass the raw dataset that was preprocessed (raw=)") from None
+        data = np.asarray(data, dtype=np.float32)
+        if tuple(data.shape) != tuple(grid):
+            raise VolumeError(f"the raw image(s) {', '.join(files)} of case {case} give shape {data.shape} on "
+                              f"nnU-Net's grid, not the preprocessed {tuple(grid)}: they are not the images that "
+                              f"were preprocessed; set nnUNet_raw (or raw=) to the dataset that was, or rerun "
+                              f"nnUNetv2_preprocess")
+        _check_values(data, files[0])
+        return data
 
 
 _TIFF_READER = "Tiff3DIO"
@@ -431,7 +478,7 @@ def safe_load_pickle(path: Path) -> Any:
 # ------------------------------------------------------------------------------------------------------ discovery
 
 def open_source(path, modality: str = "auto", configuration: str = "3d_fullres",
-                plans: str = "nnUNetPlans") -> VolumeSource:
+                plans: str = "nnUNetPlans", raw: Optional[os.PathLike] = None) -> VolumeSource:
     """Find the cases of a dataset.
 
     Args:
@@ -443,6 +490,8 @@ def open_source(path, modality: str = "auto", configuration: str = "3d_fullres",
             NIfTI folder from the intensities of its first three cases (air near -1000 HU is CT; cases that disagree
             are refused). The result is ``source.modality`` (never ``"auto"``), recorded by ``describe()``.
         configuration, plans: which preprocessed data to read (nnU-Net preprocessed only).
+        raw: the nnU-Net raw dataset a preprocessed one was made from (default ``$nnUNet_raw/<dataset_name>`` when
+            it exists): the teacher then sees its scanner units on the preprocessed grid (:meth:`Volume.native`).
 
     Returns:
         A :class:`VolumeSource`.
@@ -460,7 +509,7 @@ def open_source(path, modality: str = "auto", configuration: str = "3d_fullres",
         return VolumeSource("nifti", root, cases, mod, 1, modality_reason=why)
     has_dataset_json = (root / "dataset.json").is_file()
     if has_dataset_json and (root / f"{plans}.json").is_file():
-        return _preprocessed_source(root, modality, configuration, plans)
+        return _preprocessed_source(root, modality, configuration, plans, raw)
     if has_dataset_json and (root / "imagesTr").is_dir():
         return _raw_source(root, modality)
     files = sorted(p for p in root.iterdir() if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith("."))
@@ -548,7 +597,25 @@ def _raw_source(root: Path, modality: str) -> VolumeSource:
     return VolumeSource("nnunet_raw", root, files, mod, len(channels), modality_reason=why)
 
 
-def _preprocessed_source(root: Path, modality: str, configuration: str, plans_name: str) -> VolumeSource:
+def _find_raw(raw: Optional[os.PathLike], plans: Dict[str, Any]) -> Optional[Path]:
+    """The raw dataset of a preprocessed one: ``raw`` when given (it must be one), else
+    ``$nnUNet_raw/<plans' dataset_name>`` when that is an nnU-Net raw dataset, else None."""
+    if raw is not None:
+        root = Path(raw).expanduser()
+        if not ((root / "dataset.json").is_file() and (root / "imagesTr").is_dir()):
+            raise VolumeError(f"raw={root} is not an nnU-Net raw dataset (dataset.json + imagesTr); pass the raw "
+                              f"dataset that was preprocessed")
+        return root
+    base, name = os.environ.get("nnUNet_raw"), plans.get("dataset_name")
+    if base and isinstance(name, str) and name:
+        root = Path(base) / name
+        if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
+            return root
+    return None
+
+
+def _preprocessed_source(root: Path, modality: str, configuration: str, plans_name: str,
+                         raw: Optional[os.PathLike] = None) -> VolumeSource:
     plans_path = root / f"{plans_name}.json"
     plans = _load_json(plans_path)
     ds_path = root / "dataset.json"
@@ -582,6 +649,15 @@ def _preprocessed_source(root: Path, modality: str, configuration: str, plans_na
     extra: Dict[str, Any] = {"data_folder": str(folder), "transpose_forward": transpose, "spacing": spacing,
                              "plans_name": plans_name, "configuration": configuration,
                              "reader": _image_reader(plans, ds)}
+    raw_root = _find_raw(raw, plans)
+    if raw_root is not None:
+        raw_files = _raw_source(raw_root, "ct")._files
+        missing = [c for c in cases if c not in raw_files]
+        if missing:
+            raise VolumeError(f"the raw dataset {raw_root} lacks {len(missing)} preprocessed case(s) (e.g. "
+                              f"{missing[0]}); pass the raw dataset that was preprocessed (raw=), or unset nnUNet_raw "
+                              f"to render from the preprocessed data")
+        extra.update(raw_root=str(raw_root), raw_files=raw_files, plans=plans, dataset_json=ds)
     if ct_stats is not None:
         extra["ct_stats"] = ct_stats
     mod, why = _given_or(modality, lambda: ("ct", f"CTNormalization in {plans_path}") if ct_stats is not None
