@@ -10,65 +10,122 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Iterator, Mapping, Sequence
 
 from .errors import Med3DInsightError
 
 __all__ = ["run_demo"]
 
 DATASET_ID = 977
+DATASET = f"Dataset{DATASET_ID}_Demo"
 SWIN = {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4]}
 
 
-def _step(title: str):
+def _step(title: str) -> float:
     print(f"\n== {title}", flush=True)
     return time.perf_counter()
 
 
-def _done(start: float, what: str = ""):
+def _done(start: float, what: str = "") -> None:
     print(f"   {what}({time.perf_counter() - start:.1f} s)", flush=True)
 
 
-def _run(cmd, env, log: Path):
-    """A command-line tool in a subprocess, its output kept in ``log``; raise with the log's tail if it fails."""
+def _run(cmd: Sequence, env: Mapping[str, str], log: Path) -> None:
+    """A command-line tool in a subprocess with the environment ``env``, its output kept in ``log``.
+
+    Args:
+        cmd: the program and its arguments (converted with ``str``).
+        env: the subprocess's whole environment (the caller's ``os.environ`` is not touched).
+        log: where stdout and stderr go.
+
+    Raises:
+        RuntimeError: the tool failed; the message holds the log's tail.
+    """
     with open(log, "w") as f:
-        proc = subprocess.run([str(c) for c in cmd], env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run([str(c) for c in cmd], env=dict(env), stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         tail = log.read_text().strip().splitlines()[-5:]
         raise RuntimeError(f"{Path(str(cmd[0])).name} failed (exit {proc.returncode}); see {log}: {' | '.join(tail)}")
 
 
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` inside the block only, restored exactly afterwards (also on an error).
+
+    For the in-process nnU-Net call that reads its folders from the environment when it runs (nnU-Net 2.8's
+    ``nnunetv2.paths``); subprocesses get their environments explicitly instead.
+    """
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[str, str]:
-    """Run the demo into the folder ``out``; returns where every output went."""
-    from .cli import main as cli
+    """Run the demo into the folder ``out`` through the package's Python API (nnU-Net's own tools in subprocesses).
+
+    Args:
+        out: a new or empty folder for everything the demo writes.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        steps: pretraining steps of the nnU-Net backbone (the SwinUNETR gets half of them).
+        cases: cases of the synthetic dataset.
+
+    Returns:
+        What was produced -> where it went.
+
+    Raises:
+        Med3DInsightError: ``out`` is not empty, or a step refused its input.
+        RuntimeError: one of nnU-Net's tools failed (the message names its log).
+    """
+    from nnunet_trainers.attach import attach_checkpoint
+    from nnunet_trainers.shim import with_shim
+
+    from .distributed import resolve_device
+    from .export import export_checkpoint
     from .pretrain.config import PretrainConfig
     from .pretrain.run import run_pretraining
+    from .slices import RenderSettings, SlicePolicy
     from .synthetic import write_nnunet_raw_dataset
+    from .teacher.cache import read_manifest, verify_cache
+    from .teacher.captioner import Captioner, caption_dataset, load_vlm
+    from .teacher.clip import ClipTeacher
+    from .teacher.embed import embed_dataset
     from .teacher.tiny import save_tiny_llava, save_tiny_open_clip
+    from .volumes import open_source
 
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()):
         raise Med3DInsightError(f"{out} is not empty; give the demo a new folder")
+    device = str(resolve_device(device))
     out.mkdir(parents=True, exist_ok=True)
     bindir = Path(sys.executable).parent
-    nn = {"nnUNet_raw": out / "nnUNet_raw", "nnUNet_preprocessed": out / "nnUNet_preprocessed",
-          "nnUNet_results": out / "nnUNet_results"}
-    env = {**os.environ, **{k: str(v) for k, v in nn.items()}, "nnUNet_def_n_proc": "1", "HF_HUB_OFFLINE": "1"}
-    os.environ.update({k: str(v) for k, v in nn.items()})
+    folders = {"nnUNet_raw": out / "nnUNet_raw", "nnUNet_preprocessed": out / "nnUNet_preprocessed",
+               "nnUNet_results": out / "nnUNet_results"}
+    nnunet = {k: str(v) for k, v in folders.items()}
+    # nnU-Net's tools run in subprocesses with these environments; this process's os.environ stays the caller's.
+    env = {**os.environ, **nnunet, "nnUNet_def_n_proc": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("nnUNet_n_proc_DA", None)  # nnU-Net's planning crashes with it; training gets it below
     outputs: Dict[str, str] = {}
 
     t = _step(f"1/7 synthetic CT dataset ({cases} cases, 48^3) + nnUNetv2_plan_and_preprocess")
-    write_nnunet_raw_dataset(nn["nnUNet_raw"], DATASET_ID, cases=cases, shape=(48, 48, 48), name="Demo", ct=True)
+    write_nnunet_raw_dataset(folders["nnUNet_raw"], DATASET_ID, cases=cases, shape=(48, 48, 48), name="Demo",
+                             ct=True)
     _run([bindir / "nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
          env, out / "nnunet_plan.log")
-    pre = nn["nnUNet_preprocessed"] / f"Dataset{DATASET_ID}_Demo"
+    pre = folders["nnUNet_preprocessed"] / DATASET
     outputs["nnU-Net preprocessed data"] = str(pre)
     _done(t)
 
@@ -77,20 +134,27 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
     outputs["teachers"] = str(out / "teachers")
     _done(t)
 
-    slices = ["--per-plane", "4"]
-    t = _step("3/7 med3dinsight caption (resumable JSONL)")
+    policy = SlicePolicy(per_plane=4)  # the slices captioned and embedded: 4 per plane and volume
+    source = open_source(pre)
+    t = _step("3/7 caption (caption_dataset: resumable JSONL)")
     captions = out / "captions.jsonl"
-    _cli(cli, ["caption", pre, "--vlm", vlm, "-o", captions, "--max-new-tokens", "12", "--size", "64",
-               "--device", device, *slices])
-    print(f"   e.g. {json.loads(captions.read_text().splitlines()[0])}")
+    captioner = Captioner(load_vlm(str(vlm), device=device), max_new_tokens=12)
+    r = caption_dataset(source, captioner, captions, policy, RenderSettings(size=64),
+                        settings={"model": str(vlm), "max_new_tokens": 12})
+    print(f"   {r['written']} captions written to {captions}, e.g. {json.loads(captions.read_text().splitlines()[0])}")
     outputs["captions"] = str(captions)
     _done(t)
 
-    t = _step("4/7 med3dinsight embed (teacher cache) + cache verify")
+    t = _step("4/7 embed (embed_dataset: the teacher cache) + verify_cache")
     cache = out / "teacher_cache"
-    _cli(cli, ["embed", pre, "--clip-model", clip, "--captions", captions, "-o", cache, "--device", device,
-               *slices])
-    _cli(cli, ["cache", "verify", cache])
+    teacher = ClipTeacher(str(clip), device=device, precision="bf16" if device.startswith("cuda") else "fp32")
+    embed_dataset(source, cache, teacher, policy, RenderSettings(size=224), captions=str(captions))
+    problems = verify_cache(cache)
+    if problems:
+        raise Med3DInsightError(f"the teacher cache {cache} has {len(problems)} problem(s): {problems[0]}")
+    manifest = read_manifest(cache)
+    print(f"   {cache}: ok, {len(manifest['shards'])} shard(s), {len(manifest['cases'])} cases, "
+          f"{sum(s['rows'] for s in manifest['shards'])} slices")
     outputs["teacher cache"] = str(cache)
     _done(t)
 
@@ -98,7 +162,7 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
                        "slices_per_sample": 6},
               "train": {"steps": steps, "batch_size": 2, "lr": 3e-4, "warmup_steps": 2, "checkpoint_every": 6,
                         "eval_every": 6, "log_every": 3, "device": device}}
-    t = _step(f"5/7 med3dinsight pretrain: nnU-Net PlainConvUNet from the dataset's plans ({steps} steps)")
+    t = _step(f"5/7 pretrain (run_pretraining): nnU-Net PlainConvUNet from the dataset's plans ({steps} steps)")
     run_nn = out / "pretrain_nnunet"
     cfg = PretrainConfig.from_dict({**common, "model": {"backbone": "nnunet", "psat": "small"},
                                     "output": str(run_nn)})
@@ -107,7 +171,7 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
     outputs["pretrained nnU-Net checkpoint"] = result["checkpoint"]
     _done(t)
 
-    t = _step(f"5b/7 med3dinsight pretrain: MONAI SwinUNETR (feature_size 12), patch 64^3 ({steps // 2} steps)")
+    t = _step(f"5b/7 pretrain: MONAI SwinUNETR (feature_size 12), patch 64^3 ({steps // 2} steps)")
     run_swin = out / "pretrain_swin_unetr"
     cfg = PretrainConfig.from_dict({**common, "train": {**common["train"], "steps": steps // 2},
                                     "model": {"backbone": "swin_unetr", "backbone_kwargs": SWIN, "psat": "small",
@@ -116,18 +180,21 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
     outputs["pretrained SwinUNETR checkpoint"] = swin["checkpoint"]
     _done(t)
 
-    t = _step("6/7 fine-tune with nnU-Net: nnunet-attach + nnUNetv2_train -tr Med3DInsightTrainer_smoke")
-    _cli(cli, ["export", result["checkpoint"], "--to", "nnunet", "-o", out / "pretrained_for_nnunet.pth",
-               "--plans", pre / "nnUNetPlans.json"])
+    t = _step("6/7 fine-tune with nnU-Net: export_checkpoint, attach_checkpoint + nnUNetv2_train "
+              "-tr Med3DInsightTrainer_smoke")
+    exported = export_checkpoint(result["checkpoint"], "nnunet", out / "pretrained_for_nnunet.pth",
+                                 plans=pre / "nnUNetPlans.json")
+    print(f"   wrote {exported['path']} ({exported['format']}, {exported['tensors']} tensors)")
     outputs["export for nnUNetv2_train -pretrained_weights"] = str(out / "pretrained_for_nnunet.pth")
-    _cli(cli, ["nnunet-attach", "-d", DATASET_ID, "-c", result["checkpoint"]])
-    from importlib.util import find_spec
-    train_env = {**env, "nnUNet_n_proc_DA": "0",
-                 "nnUNet_extTrainer": find_spec("nnunet_trainers.ext").submodule_search_locations[0]}
+    with _environment({"nnUNet_preprocessed": nnunet["nnUNet_preprocessed"]}):  # where attach finds the plans
+        attached = attach_checkpoint(DATASET, "nnUNetPlans", result["checkpoint"])
+    print("   " + str(attached["report"]).replace("\n", "\n   "))
+    print(f"   wrote {attached['plans_file']}")
+    train_env = with_shim({**env, "nnUNet_n_proc_DA": "0"})  # nnU-Net finds the trainers through the shim
     _run([bindir / "nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", "Med3DInsightTrainer_smoke", "-p",
-          "nnUNetPlans__med3dinsight", "-device", device.split(":")[0]], train_env, out / "nnunet_train.log")
-    fold = nn["nnUNet_results"] / f"Dataset{DATASET_ID}_Demo" / \
-        "Med3DInsightTrainer_smoke__nnUNetPlans__med3dinsight__3d_fullres" / "fold_0"
+          attached["plans_name"], "-device", device.split(":")[0]], train_env, out / "nnunet_train.log")
+    fold = folders["nnUNet_results"] / DATASET / \
+        f"Med3DInsightTrainer_smoke__{attached['plans_name']}__3d_fullres" / "fold_0"
     report = json.loads((fold / "pretrained_load_report.json").read_text())
     print(f"   nnU-Net's trainer loaded {report['loaded']}/{report['expected']} encoder tensors "
           f"({report['loaded_params'] / 1e6:.2f}M parameters, {report['coverage']:.1f} %) from {report['source']}; "
@@ -143,12 +210,6 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
     for what, where in outputs.items():
         print(f"  {what:<46} {where}")
     return outputs
-
-
-def _cli(cli, args):
-    code = cli([str(a) for a in args])
-    if code:
-        raise RuntimeError(f"med3dinsight {args[0]} failed (exit {code})")
 
 
 def _monai_finetune(checkpoint: str, device: str) -> None:
