@@ -243,7 +243,15 @@ class _RunContext:
 
 def _run(config: PretrainConfig, model: nn.Module, train_set, eval_set, metadata: Dict[str, Any], resume: bool,
          progress: bool, on_start: Optional[Callable[[nn.Module], Any]], ctx: DistributedContext) -> Dict[str, Any]:
-    """The body of :func:`pretrain` once its arguments are checked and the process group is joined."""
+    """The body of :func:`pretrain` once its arguments are checked and the process group is joined.
+
+    Args:
+        config, model, train_set, eval_set, metadata, resume, progress, on_start: as in :func:`pretrain`.
+        ctx: this process's place in the process group and its device.
+
+    Returns:
+        What :func:`pretrain` returns (:func:`_summary`).
+    """
     run = _open_run(config, model, ctx, eval_set, resume)
     _prepare_model(run, on_start)
     _prepare_optimization(run)
@@ -269,6 +277,13 @@ def _open_run(config: PretrainConfig, model: nn.Module, ctx: DistributedContext,
               ) -> _RunContext:
     """The run's context, with the state to resume from (``resume`` and a usable one on disk) or none.
 
+    Args:
+        config, model, eval_set, resume: as in :func:`pretrain`.
+        ctx: this process's place in the process group and its device.
+
+    Returns:
+        The :class:`_RunContext`; ``start`` and ``step`` are the resumed step (0 on a fresh start).
+
     Raises:
         CheckpointError: there are states but none can be resumed from.
         ConfigError: the state was written with another configuration.
@@ -284,7 +299,12 @@ def _open_run(config: PretrainConfig, model: nn.Module, ctx: DistributedContext,
 
 def _prepare_model(run: _RunContext, on_start: Optional[Callable[[nn.Module], Any]]) -> None:
     """Freeze what pretraining gives no gradient, move the model to the device, load the resumed weights, write
-    ``config.yaml`` and run the caller's ``on_start`` check (rank 0; every rank stops if it fails)."""
+    ``config.yaml`` and run the caller's ``on_start`` check (rank 0; every rank stops if it fails).
+
+    Args:
+        run: the run's context.
+        on_start: the caller's check, called with the model (see :func:`pretrain`), or ``None``.
+    """
     model = run.model
     # Parameters pretraining gives no gradient (segmentation head, dead weights) are frozen, so DDP can run without
     # find_unused_parameters (which costs a graph traversal per step).
@@ -409,6 +429,10 @@ def _after_optimizer_step(run: _RunContext) -> None:
 def _after_step(run: _RunContext, losses: Dict[str, torch.Tensor], grad_norm: torch.Tensor, lr: float) -> None:
     """Tally the step; at a log or save step check that the losses and weights are finite; log, evaluate and save
     the training state when their step has come.
+
+    Args:
+        run: the run's context, ``run.step`` already counting this step.
+        losses, grad_norm, lr: what :func:`_train_step` returned.
 
     Raises:
         NonFiniteError: a loss of the steps since the last check, or a weight, is non-finite (on any rank).
