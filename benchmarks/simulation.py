@@ -264,7 +264,8 @@ def pretrain_variants(out: Path, folders: Dict[str, Path], cache: Path, protocol
         config = PretrainConfig.from_dict({
             "data": {"source": str(folders["pretrain"] / "images"), "cache": str(cache), "modality": "ct",
                      "slices_per_sample": p["slices_per_sample"], "num_workers": 0, "eval_cases": p["eval_cases"],
-                     "seed": p["seed"], "view": variant.get("view", "crop")},
+                     "seed": p["seed"], "view": variant.get("view", "crop"),
+                     "spacing": "native"},  # as when the protocols were fixed (each subject keeps its spacing)
             "model": {"backbone": "plain_conv_unet", "backbone_kwargs": protocol["backbone_kwargs"],
                       "patch_size": list(patch), **model},
             "train": {"steps": p["steps"], "batch_size": p["batch_size"], "lr": p["lr"],

@@ -187,6 +187,30 @@ def _read_nifti(path: str):
     return array, tuple(float(v) for v in spacing), affine / np.where(spacing > 0, spacing, 1.0), (0, 1, 2)
 
 
+def _read_geometry(path: str):
+    """``(spacing, direction, array_axes_to_index)`` of a 3D image file from its header, as :func:`read_image`
+    gives them."""
+    try:
+        if str(path).endswith(NIFTI_ENDINGS):
+            import nibabel as nib
+
+            affine = np.asarray(nib.load(str(path)).affine, dtype=np.float64)[:3, :3] * np.array([[-1.0], [-1.0],
+                                                                                                   [1.0]])
+            spacing = np.linalg.norm(affine, axis=0)
+            return tuple(float(v) for v in spacing), affine / np.where(spacing > 0, spacing, 1.0), (0, 1, 2)
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        if reader.GetDimension() != 3:
+            raise ValueError(f"{reader.GetDimension()}D")
+        return tuple(reader.GetSpacing())[::-1], np.array(reader.GetDirection()).reshape(3, 3), (2, 1, 0)
+    except Exception as e:  # nibabel / SimpleITK raise many types for damaged headers
+        raise VolumeError(f"cannot read the header of {path} ({type(e).__name__}: {first_line(e)}); re-export or "
+                          f"remove the file") from None
+
+
 def _human(n: float) -> str:
     for unit in ("bytes", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -312,6 +336,17 @@ class VolumeSource:
         if self.kind == "nnunet_preprocessed":  # what the teacher's renders are made from
             out["scanner_units"] = "raw" if "raw_files" in self._extra else "undone z-score"
         return out
+
+    def spacing(self, case: str) -> Tuple[float, float, float]:
+        """The voxel size (mm) of ``case`` along the canonical axes, from its file header (no voxel is read)."""
+        if case not in self._files:
+            raise VolumeError(f"case {case!r} is not in {self.root}")
+        if self.kind == "nnunet_preprocessed":
+            return self.read(case).spacing
+        path = self._files[case][0]
+        spacing, direction, axes = _read_geometry(path)
+        permutation, _ = canonical_axes(direction, axes)
+        return tuple(float(spacing[p]) for p in permutation)
 
     def read(self, case: str) -> Volume:
         """Read ``case`` into canonical orientation; unreadable, non-3D, NaN or constant volumes raise

@@ -147,3 +147,35 @@ def test_volume_view_maps_slices_into_the_resampled_body_box(tmp_path):
     with pytest.raises(ValueError, match="less than half the patch"):  # the crop view refuses "b"; volume does not
         PretrainDataset(tmp_path, ["b"], SHAPES, cache, (48, 48, 48))
     PretrainDataset(tmp_path / "vol", ["b"], SHAPES, cache, (48, 48, 48), boxes=boxes)
+
+
+def test_crop_view_maps_slices_onto_a_volume_resampled_to_the_target_spacing(tmp_path):
+    """``data.view: crop`` at a target spacing: each volume is resampled once (nnU-Net's resampling) and the crops
+    are taken from it; every slice handed to PSAT is the cached volume slice to within half a resampled voxel, and
+    the anchor slice's crop always holds it."""
+    from med3dinsight_plugin.pretrain.data import _resample, resampled_shape
+
+    cache = _world(tmp_path, per_plane=12)
+    spacing, target = (1.0, 1.0, 1.0), (1.6, 0.8, 1.25)  # coarser, finer and coarser along the three axes
+    (tmp_path / "res").mkdir()
+    grids = {}
+    for case, shape in SHAPES.items():
+        grids[case] = resampled_shape(shape, spacing, target)
+        np.save(tmp_path / "res" / f"{case}.npy", _resample(_coded_volume(shape), spacing, grids[case]))
+    assert grids["a"] == [25, 45, 24]
+    ds = PretrainDataset(tmp_path / "res", list(SHAPES), SHAPES, cache, PATCH, slices=8, seed=3, augment=False)
+    seen = 0
+    for i in range(40):
+        s = ds[i]
+        vol = s["volume"].numpy()
+        for k in np.flatnonzero(s["mask"].numpy()):
+            p, pos = int(s["plane"][k]), float(s["position"][k])
+            assert 0.0 < pos < 1.0
+            emb = s["image_emb"][k].numpy()
+            index = round(emb[3] / emb[:3].max() * 100)
+            j = slice_index(pos, PATCH[p])
+            coord = float(np.take(vol[p], j, axis=p).max())  # padding is the minimum: the max is the real coordinate
+            half_voxel = 0.5 * target[p] / spacing[p]
+            assert abs(coord - index) <= half_voxel + 0.05, (i, p, index, coord)
+            seen += 1
+    assert seen > 100

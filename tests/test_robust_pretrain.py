@@ -553,3 +553,28 @@ def test_volume_view_pretrains_on_the_resampled_body_box(ct, tmp_path, capsys):
     code, err = _pretrain(capsys, ct / "vols", ct / "cache", out, "data.view=volume", "train.steps=3")
     assert code == 0, err
     assert {p.name: p.stat().st_mtime_ns for p in (out / "prepared").glob("*.npy")} == before
+
+
+def test_crop_view_resamples_nifti_volumes_to_the_median_spacing(clip, tmp_path, capsys):
+    """``data.view=crop`` on NIfTI volumes of different voxel sizes: each is resampled once to the dataset's median
+    spacing (``data.spacing: median``, the default; read from the headers), the target is recorded in the prepared
+    index and the checkpoint, and ``data.spacing=native`` keeps every volume as it is."""
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    zooms = [(1.0, 1.0, 1.0), (1.0, 1.0, 2.0), (1.0, 1.0, 3.0)]  # RAS x, y, z: canonical (superior, posterior, left)
+    for i, zoom in enumerate(zooms):
+        _nifti(vols / f"case{i}.nii.gz", _ct(i), np.diag([*zoom, 1.0]))
+    _embed(vols, tmp_path / "cache", clip, "ct")
+    out = tmp_path / "run"
+    code, err = _pretrain(capsys, vols, tmp_path / "cache", out)
+    assert code == 0, err
+    index = json.loads((out / "prepared" / "prepared.json").read_text())
+    assert index["settings"]["spacing"] == [2.0, 1.0, 1.0]  # the median along superior, posterior, left
+    assert [np.load(out / "prepared" / f"case{i}.npy").shape[1:] for i in range(3)] == \
+        [(16, 32, 32), (32, 32, 32), (48, 32, 32)]
+    assert load_checkpoint(out / "med3dinsight.safetensors").metadata["data"]["target_spacing"] == [2.0, 1.0, 1.0]
+    native = tmp_path / "native"
+    code, err = _pretrain(capsys, vols, tmp_path / "cache", native, "data.spacing=native")
+    assert code == 0, err
+    assert "spacing" not in json.loads((native / "prepared" / "prepared.json").read_text())["settings"]
+    assert {np.load(native / "prepared" / f"case{i}.npy").shape[1:] for i in range(3)} == {(32, 32, 32)}

@@ -49,6 +49,11 @@ class DataConfig:
     # crop: random patch_size crops at the volume's spacing; volume: the body box resampled to patch_size (the
     # authors' setup; the encoder sees the whole field of view the teacher saw)
     view: str = _f("crop", kind="str", choices=("crop", "volume"))
+    # crop view, NIfTI / nnU-Net raw sources: resample every volume once to this voxel size (mm, canonical axes:
+    # superior, posterior, left); "median": the dataset's median (nnU-Net's fingerprint target); "native": none;
+    # target_spacing, when set, is used instead
+    spacing: str = _f("median", kind="str", choices=("median", "native"))
+    target_spacing: Optional[List[float]] = _f(None, kind="floats", length=3, above=0.0, optional=True)
     slices_per_sample: int = _f(8, kind="int", min=1)
     num_workers: int = _f(2, kind="int", min=0)
     augment: bool = _f(True, kind="bool")

@@ -2,8 +2,10 @@
 
 Two views (``data.view``):
 
-- ``crop``: a random crop of ``patch_size`` voxels at the volume's own spacing; the teacher's slices are whole slices
-  of the volume, so a crop shows the encoder only part of what the teacher saw in-plane.
+- ``crop``: a random crop of ``patch_size`` voxels; the volume is first resampled once to a target spacing (the
+  dataset's median voxel size by default, as nnU-Net's fingerprint chooses it; nnU-Net preprocessed data are already
+  at the plans' spacing) with nnU-Net's resampling. The teacher's slices are whole slices of the volume, so a crop
+  shows the encoder only part of what the teacher saw in-plane.
 - ``volume`` (the authors' setup): the body's bounding box, resampled once to ``patch_size`` with nnU-Net's own
   resampling (third order, z separately when anisotropic); every sample is the whole box, so the encoder sees what
   the teacher saw. Slice positions are relative, so they carry over to the resampled box exactly.
@@ -16,9 +18,11 @@ depend on the number of loader workers or processes and a resumed run sees the s
 
 Slice bookkeeping: the crop is placed so that it contains a randomly chosen cached slice; the K slices are drawn
 from the cached slices inside the crop, spread over planes and positions (stratified, so no two are neighbours
-when there is choice), and their positions are mapped into crop coordinates with
-:func:`~med3dinsight_plugin.planes.crop_position`. Only intensity augmentations are applied: a flip or rotation
-would change what the teacher saw in the slice.
+when there is choice), and their positions are mapped into crop coordinates: a cached slice ``i`` of an axis of
+``n`` voxels has its centre at ``(i + 0.5) / n`` of the axis, which stays where it is when the volume is resampled
+(to a target spacing, or the body box to the patch); its position in a crop is that centre's relative position
+inside the crop (:func:`~med3dinsight_plugin.planes.crop_position` without resampling). Only intensity
+augmentations are applied: a flip or rotation would change what the teacher saw in the slice.
 """
 from __future__ import annotations
 
@@ -33,12 +37,11 @@ import torch
 from torch.utils.data import Dataset
 
 from ..fileio import atomic_write
-from ..planes import crop_position
 from ..teacher.cache import StaleCacheError, TeacherCache
 from ..errors import Med3DInsightError
 
-__all__ = ["VIEWS", "PretrainDataset", "body_box", "compute_normalization", "prepare_volumes", "prepared_boxes",
-           "resample_box", "split_cases"]
+__all__ = ["VIEWS", "PretrainDataset", "body_box", "compute_normalization", "median_spacing", "prepare_volumes",
+           "prepared_boxes", "resample_box", "split_cases"]
 
 PREPARED = "prepared.json"
 _SAMPLES_PER_CASE = 10000  # body voxels per case for the CT statistics (nnU-Net's fingerprint samples likewise)
@@ -119,28 +122,46 @@ def body_box(volume) -> List[List[int]]:
     return box
 
 
-def resample_box(data: np.ndarray, box: Sequence[Sequence[int]], spacing: Sequence[float],
-                 shape: Sequence[int]) -> np.ndarray:
-    """The ``box`` of ``data`` (C, D, H, W) resampled to ``shape`` with nnU-Net's data resampling (order 3, order 0
-    along z when the spacing is anisotropic, as its default plans do)."""
+def median_spacing(source, cases: Sequence[str]) -> List[float]:
+    """The median voxel size (mm) per canonical axis over ``cases``, from their headers: nnU-Net's fingerprint target
+    for 3d_fullres (without its rule for very anisotropic data)."""
+    return [float(v) for v in np.median(np.array([source.spacing(c) for c in cases], np.float64), axis=0)]
+
+
+def _resample(data: np.ndarray, spacing: Sequence[float], shape: Sequence[int]) -> np.ndarray:
+    """``data`` (C, D, H, W) with voxel size ``spacing`` resampled to ``shape`` over the same extent, with nnU-Net's
+    data resampling (order 3, order 0 along z when the spacing is anisotropic, as its default plans do)."""
     from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 
-    crop = np.ascontiguousarray(data[(slice(None),) + tuple(slice(a, b) for a, b in box)], dtype=np.float32)
-    extent = [(b - a) * float(s) for (a, b), s in zip(box, spacing)]
+    extent = [n * float(s) for n, s in zip(data.shape[1:], spacing)]
     new_spacing = [e / n for e, n in zip(extent, shape)]
-    out = resample_data_or_seg_to_shape(crop, tuple(int(n) for n in shape), list(map(float, spacing)), new_spacing,
-                                        is_seg=False, order=3, order_z=0, force_separate_z=None)
+    out = resample_data_or_seg_to_shape(np.ascontiguousarray(data, dtype=np.float32), tuple(int(n) for n in shape),
+                                        list(map(float, spacing)), new_spacing, is_seg=False, order=3, order_z=0,
+                                        force_separate_z=None)
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def resample_box(data: np.ndarray, box: Sequence[Sequence[int]], spacing: Sequence[float],
+                 shape: Sequence[int]) -> np.ndarray:
+    """The ``box`` of ``data`` (C, D, H, W) resampled to ``shape`` with nnU-Net's data resampling."""
+    return _resample(data[(slice(None),) + tuple(slice(a, b) for a, b in box)], spacing, shape)
+
+
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> List[int]:
+    """The shape of a ``shape`` volume of voxel size ``spacing`` at voxel size ``target`` (nnU-Net's rounding)."""
+    return [max(1, int(round(n * float(s) / float(t)))) for n, s, t in zip(shape, spacing, target)]
 
 
 def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[str, Any],
                     cache: Optional[TeacherCache] = None, view: str = "crop",
-                    patch_size: Optional[Sequence[int]] = None) -> Dict[str, List[int]]:
+                    patch_size: Optional[Sequence[int]] = None,
+                    spacing: Optional[Sequence[float]] = None) -> Dict[str, List[int]]:
     """Write each case's normalised canonical array to ``folder/CASE.npy`` (atomically) unless a matching one is
     there from an earlier run; returns the canonical shape of every case (as read, before any resampling).
 
     With ``view="volume"`` the stored array is the body box resampled to ``patch_size`` and the boxes are kept in
-    the index (:func:`prepared_boxes`).
+    the index (:func:`prepared_boxes`). With ``view="crop"`` and a target ``spacing`` (canonical axes, mm), each
+    volume is resampled to it (:func:`resampled_shape`); ``None`` keeps every volume at its own spacing.
 
     With ``cache``, each volume's content fingerprint must be the one the teacher cache recorded for the case
     (:meth:`~med3dinsight_plugin.teacher.cache.TeacherCache.check_fingerprint`): a cache made from other images
@@ -157,6 +178,9 @@ def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[st
     settings = {"source": source.describe(), "normalization": normalization}
     if view == "volume":  # crop-view settings stay as they were, so earlier runs' prepared data remain valid
         settings.update(view=view, patch_size=[int(p) for p in patch_size])
+    elif spacing is not None:
+        spacing = [float(x) for x in spacing]
+        settings["spacing"] = spacing
     old = json.loads(index_path.read_text()) if index_path.is_file() else {}
     same = old.get("settings") == settings
     done = old.get("cases", {}) if same else {}
@@ -184,6 +208,8 @@ def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[st
         if view == "volume":
             boxes[case] = body_box(volume)
             data = resample_box(data, boxes[case], volume.spacing, patch_size)
+        elif spacing is not None and not np.allclose(volume.spacing, spacing, rtol=1e-4, atol=0):
+            data = _resample(data, volume.spacing, resampled_shape(volume.shape, volume.spacing, spacing))
         atomic_write(path, lambda tmp, d=data: np.save(open(tmp, "wb"), d, allow_pickle=False))
         shapes[case] = list(volume.shape)
         done[case] = shapes[case]
@@ -253,7 +279,8 @@ class PretrainDataset(Dataset):
         cases: the cases to draw from (each visited once per pass over ``len(cases)`` samples).
         shapes: canonical shape of each case (checked against the cache).
         cache: the :class:`~med3dinsight_plugin.teacher.cache.TeacherCache` of the same volumes.
-        patch_size: crop size (D, H, W); smaller volumes are padded with their minimum.
+        patch_size: crop size (D, H, W); smaller volumes are padded with their minimum. Prepared arrays resampled to
+            a target spacing (another shape than ``shapes``) have the cached slices mapped onto their grid.
         slices: K, slices per crop; a crop with fewer cached slices marks the rest in ``mask``.
         seed: the data seed.
         augment: apply nnU-Net's intensity augmentations.
@@ -271,15 +298,19 @@ class PretrainDataset(Dataset):
         self.boxes = None if boxes is None else {c: [tuple(map(int, b)) for b in boxes[c]] for c in self.cases}
         if not self.cases:
             raise Med3DInsightError("no cases to pretrain on")
+        self.scale: Dict[str, np.ndarray] = {}  # prepared voxels per voxel as read, per canonical axis
         for case in self.cases:
             entries = cache.entries(case)  # a case the cache lacks is refused here, at start
             if tuple(entries.shape) != tuple(shapes[case]):
                 raise StaleCacheError(f"the teacher cache {cache.folder} was made from a volume of shape "
                                       f"{tuple(entries.shape)} for case {case}, but it now has shape "
                                       f"{tuple(shapes[case])}; rerun med3dinsight embed on the current data")
-            small = [a for a in range(3) if 2 * shapes[case][a] < self.patch[a]]
+            grid = np.load(self.folder / f"{case}.npy", mmap_mode="r").shape[1:]
+            self.scale[case] = np.ones(3) if self.boxes is not None else \
+                np.array(grid, np.float64) / np.array(shapes[case], np.float64)
+            small = [a for a in range(3) if 2 * grid[a] < self.patch[a]]
             if small and self.boxes is None:
-                raise Med3DInsightError(f"case {case} has shape {tuple(shapes[case])}, less than half the patch "
+                raise Med3DInsightError(f"case {case} has shape {tuple(grid)}, less than half the patch "
                                  f"{self.patch} along axis {small[0]}; most of each crop would be padding: lower "
                                  f"model.patch_size or leave the case out")
             if len(entries.plane) == 0:
@@ -304,9 +335,12 @@ class PretrainDataset(Dataset):
         case = self._case(int(i))
         e = self.cache.entries(case)
         volume = np.load(self.folder / f"{case}.npy", mmap_mode="r")
+        # a slice's centre on the sampled grid, from the grid's low edge, in its voxels
+        scale = self.scale[case]
+        centre = (e.index.astype(np.float64) + 0.5) * scale[e.plane]
         if self.boxes is not None:  # volume view: the whole (resampled) body box
             start, size = [b[0] for b in self.boxes[case]], [b[1] - b[0] for b in self.boxes[case]]
-            rows = self._pick(e, start, size, rng)
+            rows = self._pick(e, centre, start, size, rng)
             crop = np.array(volume, dtype=np.float32)
         else:
             shape, size = volume.shape[1:], self.patch
@@ -315,10 +349,10 @@ class PretrainDataset(Dataset):
             for axis in range(3):
                 lo, hi = min(0, shape[axis] - self.patch[axis]), max(0, shape[axis] - self.patch[axis])
                 if axis == e.plane[anchor]:  # keep the anchor slice inside the crop
-                    idx = int(e.index[anchor])
+                    idx = min(shape[axis] - 1, int(np.floor(centre[anchor])))
                     lo, hi = max(lo, idx - self.patch[axis] + 1), min(hi, idx)
                 start.append(int(rng.integers(lo, hi + 1)))
-            rows = self._pick(e, start, size, rng)
+            rows = self._pick(e, centre, start, size, rng)
             crop = self._crop(volume, start)
         if not rows:  # volume view: no cached slice inside the body box (a box that misses the selected slices)
             raise StaleCacheError(f"none of the cached slices of case {case} lies inside its body box "
@@ -330,8 +364,7 @@ class PretrainDataset(Dataset):
         mask[:len(rows)] = True
         rows = rows + [rows[0]] * (self.k - len(rows))
         plane = e.plane[rows].astype(np.int64)
-        position = np.array([crop_position(int(e.index[r]), start[p], size[p]) for r, p in zip(rows, plane)],
-                            np.float32)
+        position = np.array([(centre[r] - start[p]) / size[p] for r, p in zip(rows, plane)], np.float32)
         out = {"volume": torch.from_numpy(np.ascontiguousarray(crop)), "plane": torch.from_numpy(plane),
                "position": torch.from_numpy(position), "mask": torch.from_numpy(mask),
                "image_emb": torch.from_numpy(np.asarray(e.image[rows], np.float32))}
@@ -339,12 +372,12 @@ class PretrainDataset(Dataset):
             out["text_emb"] = torch.from_numpy(np.asarray(e.text[rows], np.float32))
         return out
 
-    def _pick(self, e, start: Sequence[int], size: Sequence[int], rng) -> List[int]:
-        """Up to K cached rows inside the box ``start + size``: planes round-robin in random order, positions
-        stratified."""
+    def _pick(self, e, centre: np.ndarray, start: Sequence[int], size: Sequence[int], rng) -> List[int]:
+        """Up to K cached rows whose slice centre lies inside the box ``start + size``: planes round-robin in random
+        order, positions stratified."""
         inside = {}
         for p in range(3):
-            rows = np.flatnonzero((e.plane == p) & (e.index >= start[p]) & (e.index < start[p] + size[p]))
+            rows = np.flatnonzero((e.plane == p) & (centre >= start[p]) & (centre < start[p] + size[p]))
             if len(rows):
                 inside[p] = rows[np.argsort(e.index[rows], kind="stable")]
         quota = {p: 0 for p in inside}

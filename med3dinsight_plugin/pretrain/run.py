@@ -14,14 +14,15 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from ..fileio import atomic_write
 from ..distributed import init_distributed
 from ..errors import Med3DInsightError, first_line
 from ..teacher.cache import TeacherCache
 from .config import ConfigError, PretrainConfig, check_backbone_kwargs
-from .data import PretrainDataset, compute_normalization, prepare_volumes, prepared_boxes, split_cases
+from .data import (PretrainDataset, compute_normalization, median_spacing, prepare_volumes, prepared_boxes,
+                   split_cases)
 
 __all__ = ["RunLock", "RunLockedError", "run_pretraining", "check_downstream_load"]
 
@@ -201,6 +202,17 @@ def run_pretraining(config: PretrainConfig, resume: bool = True, progress: bool 
             lock.release()
 
 
+def target_spacing(data, source) -> Optional[List[float]]:
+    """The voxel size the crop view resamples to (``data.target_spacing``, else the dataset's median for
+    ``data.spacing: median``), or None: the volume view, ``native``, or nnU-Net preprocessed data (already at the
+    plans' spacing)."""
+    if data.view != "crop" or source.kind == "nnunet_preprocessed":
+        return None
+    if data.target_spacing is not None:
+        return [float(x) for x in data.target_spacing]
+    return median_spacing(source, source.cases) if data.spacing == "median" else None
+
+
 def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Dict[str, Any]:
     from .engine import build_model, pretrain
     from ..volumes import open_source
@@ -221,19 +233,20 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Dict[st
         model = build_model(config, cache.embed_dim)  # first: the volume view resamples to its patch size
         patch = model.backbone.patch_size
         prepared = Path(config.output) / "prepared"
-        payload, failure = [None, None, None], None
+        payload, failure = [None, None, None, None], None
         if ctx.is_main:
             try:
                 _check_output(Path(config.output), cache)
                 normalization = compute_normalization(source, train_cases, d.seed)
+                spacing = target_spacing(d, source)
                 shapes = prepare_volumes(source, source.cases, prepared, normalization, cache, view=d.view,
-                                         patch_size=patch)
-                payload = [normalization, shapes, None]
+                                         patch_size=patch, spacing=spacing)
+                payload = [normalization, shapes, spacing, None]
             except Exception as e:  # noqa: BLE001 -- re-raised below, after telling the other ranks
                 failure = e
-                payload = [None, None, first_line(e)]
+                payload = [None, None, None, first_line(e)]
         # plain JSON-like objects from rank 0, or why it failed (so no rank waits for data that never comes)
-        normalization, shapes, error = ctx.broadcast_object(payload)
+        normalization, shapes, spacing, error = ctx.broadcast_object(payload)
         if failure is not None:
             raise failure
         if error is not None:
@@ -247,6 +260,6 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Dict[st
         metadata = {"intensity_normalization": normalization, "orientation": ORIENTATION,
                     "teacher": cache.settings["teacher"], "teacher_slices": cache.settings["slices"],
                     "teacher_render": cache.settings["render"], "captions": cache.settings.get("captions"),
-                    "data": source.describe()}
+                    "data": {**source.describe(), **({"target_spacing": spacing} if spacing else {})}}
         return pretrain(config, model, train_set, eval_set, metadata=metadata, resume=resume, progress=progress,
                         on_start=lambda m: check_downstream_load(m, metadata), context=ctx)
