@@ -145,17 +145,8 @@ def adaptation_plan(backbone, metadata: Optional[Dict[str, Any]] = None) -> Dict
         metadata: the checkpoint's other metadata (``data``, ``intensity_normalization`` of a pretraining run), from
             which the pretraining plan takes the dataset, spacing and normalisation; see :func:`nnssl_pretrain_plan`.
     """
-    cfg = backbone.config
-    if cfg["name"] == "nnunet":
-        arch = backbone.architecture
-        architecture = {"arch_class_name": arch["network_class_name"].rsplit(".", 1)[-1],
-                        "arch_kwargs": arch["arch_kwargs"],
-                        "arch_kwargs_requiring_import": list(arch.get("_kw_requires_import", []))}
-    else:
-        architecture = {"arch_class_name": type(unwrap(backbone.network)).__name__,
-                        "arch_kwargs": cfg.get("network_kwargs", {}), "arch_kwargs_requiring_import": []}
     return {
-        "architecture_plans": architecture,
+        "architecture_plans": backbone.nnssl_architecture(),
         "pretrain_plan": nnssl_pretrain_plan(backbone, metadata),
         "pretrain_num_input_channels": backbone.in_channels,
         "recommended_downstream_patchsize": list(backbone.patch_size),
@@ -445,8 +436,6 @@ _triple = lambda v: isinstance(v, list) and len(v) == 3 and all(_pos_int(x) for 
 _str_list = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
 _opt_str = lambda v: v is None or isinstance(v, str)  # noqa: E731
 _is_dict = lambda v: isinstance(v, dict)  # noqa: E731
-_NNUNET_CLASSES = ("dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                   "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet")
 
 
 def validate_metadata(meta: Any, path: Any, stored_keys) -> Dict[str, Any]:
@@ -499,15 +488,16 @@ def validate_metadata(meta: Any, path: Any, stored_keys) -> Dict[str, Any]:
 def _check_backbone(cfg: Dict[str, Any]) -> None:
     import inspect
 
-    from .backbones import _REGISTRY
+    from .backbones import backbone_family, list_backbones
 
-    w = "backbone."
-    _need(cfg, "name", w, lambda v: isinstance(v, str) and v in _REGISTRY, f"one of {sorted(_REGISTRY)}")
+    w, names = "backbone.", list_backbones()
+    _need(cfg, "name", w, lambda v: isinstance(v, str) and v in names, f"one of {names}")
+    family = backbone_family(cfg["name"])
     _need(cfg, "in_channels", w, _pos_int, "a positive integer")
     _need(cfg, "patch_size", w, _triple, "three positive integers", required=False)
     _need(cfg, "network_kwargs", w, _is_dict, "an object", required=False)
     _need(cfg, "num_classes", w, _pos_int, "a positive integer", required=False)
-    params = inspect.signature(_REGISTRY[cfg["name"]]).parameters
+    params = inspect.signature(family.builders[cfg["name"]]).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         for key in cfg:
             if key not in params and key not in ("name", "network_kwargs"):
@@ -517,12 +507,13 @@ def _check_backbone(cfg: Dict[str, Any]) -> None:
     _need(cfg, "spacing", w, lambda v: isinstance(v, list) and len(v) == 3 and all(
         isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v), "three positive numbers",
         required=False)
-    if cfg["name"] != "nnunet":
-        return
+    if cfg["name"] not in family.plans_builders:  # nnU-Net plans (or their architecture) in the file: nnU-Net
+        return  # resolves their class names with pydoc.locate, so they are checked here
+    classes = family.nnunet_networks
     if ("plans" in cfg) == ("architecture" in cfg):
         raise _Bad(f"{w}plans", "given, or else backbone.architecture (exactly one of them)", cfg.get("plans", _MISSING))
     if "architecture" in cfg:
-        _check_architecture(cfg["architecture"], f"{w}architecture")
+        _check_architecture(cfg["architecture"], f"{w}architecture", classes)
         return
     _need(cfg, "plans", w, lambda v: isinstance(v, dict) and isinstance(v.get("configurations"), dict),
           "an nnU-Net plans object with 'configurations'")
@@ -536,7 +527,7 @@ def _check_backbone(cfg: Dict[str, Any]) -> None:
         if not isinstance(config, dict):
             raise _Bad(where, "an object", config)
         if "architecture" in config:
-            _check_architecture(config["architecture"], f"{where}.architecture")
+            _check_architecture(config["architecture"], f"{where}.architecture", classes)
             return
         name = config.get("inherits_from")
         if name is None:
@@ -544,12 +535,13 @@ def _check_backbone(cfg: Dict[str, Any]) -> None:
     raise _Bad(f"{w}plans.configurations", "free of inherits_from cycles", cfg["configuration"])
 
 
-def _check_architecture(arch: Any, where: str) -> None:
-    """nnU-Net resolves class names of an architecture with pydoc.locate, which imports modules: only the two
-    networks this package builds, and torch.nn classes for the ops, are accepted from a file."""
+def _check_architecture(arch: Any, where: str, classes: Tuple[str, ...]) -> None:
+    """nnU-Net resolves class names of an architecture with pydoc.locate, which imports modules: only the networks
+    the family builds (``classes``: its ``nnunet_networks``), and torch.nn classes for the ops, are accepted from a
+    file."""
     if not isinstance(arch, dict):
         raise _Bad(where, "an object", arch)
-    _need(arch, "network_class_name", f"{where}.", lambda v: v in _NNUNET_CLASSES, f"one of {list(_NNUNET_CLASSES)}")
+    _need(arch, "network_class_name", f"{where}.", lambda v: v in classes, f"one of {list(classes)}")
     _need(arch, "arch_kwargs", f"{where}.", _is_dict, "an object")
     _need(arch, "_kw_requires_import", f"{where}.", _str_list, "a list of strings", required=False)
     kwargs, w = arch["arch_kwargs"], f"{where}.arch_kwargs."

@@ -193,11 +193,6 @@ def _hub_failure(e: BaseException) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------- push
 
-_TRAINER_OF = {"nnunet": "Med3DInsightTrainer", "swin_unetr": "Med3DInsightTrainer_SwinUNETR",
-               "unetr": "Med3DInsightTrainer_UNETR"}  # as nnunet_trainers.attach.TRAINER_OF (core: no nnU-Net import)
-_MONAI_CLASSES = {"swin_unetr": "SwinUNETR", "unetr": "UNETR"}
-
-
 def push_checkpoint(checkpoint: Union[str, os.PathLike], repo_id: str, *, revision: Optional[str] = None,
                     private: bool = False, dry_run: Optional[Union[str, os.PathLike]] = None,
                     token: Optional[str] = None) -> Dict[str, Any]:
@@ -379,10 +374,12 @@ def model_card(meta: Dict[str, Any], spec: Union[HubSpec, str]) -> str:
         orientation, encoder), the pretraining (teacher, captions model, data, schedule), and how to load it in
         nnU-Net and MONAI.
     """
+    from .backbones import backbone_family
+
     hub = spec if isinstance(spec, HubSpec) else parse_hub_spec(spec)
     ref = str(hub)
     name = meta["backbone"]["name"]
-    family = name if name in _MONAI_CLASSES else "nnunet"
+    family = backbone_family(name)  # its trainer, and the class its plain network is built from outside nnU-Net
     pretraining = meta.get("pretraining") if isinstance(meta.get("pretraining"), dict) else {}
     alignment = meta.get("alignment") if isinstance(meta.get("alignment"), dict) else {}
     rows = [("backbone", _backbone_name(meta)), ("input channels", meta["in_channels"]),
@@ -399,8 +396,8 @@ def model_card(meta: Dict[str, Any], spec: Union[HubSpec, str]) -> str:
         rows.append(("alignment", f"{alignment.get('type', '?')}, {alignment.get('embed_dim', '?')}-d"))
     rows.append(("med3dinsight version", meta.get("package_version", "?")))
     table = "\n".join(f"| {label} | {_cell(value)} |" for label, value in rows)
-    trainer = _TRAINER_OF[family]
-    if family in _MONAI_CLASSES:  # nnU-Net's plans never build these: the plans must take the checkpoint's network
+    trainer = family.nnunet_trainer
+    if not family.plans_native:  # nnU-Net's plans never build these: the plans must take the checkpoint's network
         attach = (f"med3dinsight nnunet-attach -d DATASET -p nnUNetPlans -c {ref} --adapt-architecture\n"
                   f"nnUNetv2_train DATASET 3d_fullres FOLD -p nnUNetPlans__med3dinsight -tr {trainer}\n"
                   f"# or, with plans that already build this network (as nnunet-attach --adapt-architecture writes):\n"
@@ -411,15 +408,17 @@ def model_card(meta: Dict[str, Any], spec: Union[HubSpec, str]) -> str:
                   f"nnUNetv2_train DATASET 3d_fullres FOLD -p nnUNetPlans__med3dinsight -tr {trainer}\n"
                   f"# or, without new plans:\n"
                   f"MED3DINSIGHT_CHECKPOINT={ref} nnUNetv2_train DATASET 3d_fullres FOLD -tr {trainer}")
-    monai_net = _MONAI_CLASSES.get(family)
+    # a wrapped family's plain network is its library's class (monai.networks.nets.SwinUNETR); a plans-native one is
+    # whatever nnU-Net's plans build
+    module, wrapped = family.wrapped_network.rsplit(".", 1) if family.wrapped_network else (None, None)
     kwargs = {k: v for k, v in (meta["backbone"].get("network_kwargs") or {}).items()
               if k in ("feature_size", "depths", "num_heads", "hidden_size", "mlp_dim", "img_size")}
-    example = (f"network = {monai_net}(in_channels={meta['in_channels']}, out_channels=NUM_CLASSES"
+    example = (f"network = {wrapped}(in_channels={meta['in_channels']}, out_channels=NUM_CLASSES"
                + "".join(f", {k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in kwargs.items()) + ")"
-               if monai_net else "network = ...  # your PlainConvUNet / ResidualEncoderUNet, or any supported network")
-    imports = (f"from monai.networks.nets import {monai_net}\n" if monai_net else "")
-    tags = list(dict.fromkeys(["medical-imaging", "3d", "self-supervised-learning", "med3dinsight", name,
-                               "nnunet" if family == "nnunet" else "monai"]))
+               if wrapped else f"network = ...  # your {' / '.join(family.network_classes)}, or any supported network")
+    imports = (f"from {module} import {wrapped}\n" if wrapped else "")
+    library = module.split(".")[0] if module else "nnunet"  # the library whose network the weights are
+    tags = list(dict.fromkeys(["medical-imaging", "3d", "self-supervised-learning", "med3dinsight", name, library]))
     return f"""---
 library_name: med3dinsight
 tags:

@@ -23,7 +23,7 @@ from med3dinsight_plugin.errors import Med3DInsightError, first_line
 from med3dinsight_plugin.hub import is_hub_spec, pinned_spec
 
 from .contract import PLANS_KEY, TRAINER_OF, checkpoint_family
-# study.py and older callers import these from here; their home is .contract
+# re-exported for older callers (tests, scripts); their home is .contract
 from .contract import ENV_CHECKPOINT, MONAI_NETWORKS, configured_checkpoint  # noqa: F401
 
 __all__ = ["attach_checkpoint", "attached_plans"]

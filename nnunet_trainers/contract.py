@@ -13,16 +13,21 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 from med3dinsight_plugin.backbones import BackboneFamily, backbone_family, list_families
 from med3dinsight_plugin.errors import Med3DInsightError
 
-__all__ = ["ENV_CHECKPOINT", "MONAI_NETWORKS", "PLANS_KEY", "TRAINER_OF", "checkpoint_family", "configured_checkpoint",
-           "family_of_architecture"]
+__all__ = ["ENV_CHECKPOINT", "FamilyTable", "MONAI_NETWORKS", "NNUNET_FAMILY", "PLANS_KEY", "TRAINER_OF",
+           "checkpoint_family", "configured_checkpoint", "family_of_architecture"]
 
 PLANS_KEY = "med3dinsight"  # the plans entry nnunet-attach writes and the trainers read
 ENV_CHECKPOINT = "MED3DINSIGHT_CHECKPOINT"  # overrides the plans' checkpoint
 NNUNET_FAMILY = "nnunet"  # nnU-Net's own networks: what a checkpoint without med3dinsight metadata is fine-tuned as
 
 
-class _FamilyTable(Mapping):
-    """A read-only ``family name -> value`` table computed from the registered families when read."""
+class FamilyTable(Mapping):
+    """A read-only ``family name -> value`` table computed from the registered families when read.
+
+    Args:
+        value: ``BackboneFamily -> value``.
+        keep: which families have a row (default all).
+    """
 
     def __init__(self, value, keep=lambda family: True):
         self._value, self._keep = value, keep
@@ -44,9 +49,9 @@ class _FamilyTable(Mapping):
 
 
 # family -> the trainer that fine-tunes it (nnUNetv2_train -tr)
-TRAINER_OF: Mapping[str, str] = _FamilyTable(lambda f: f.nnunet_trainer)
+TRAINER_OF: Mapping[str, str] = FamilyTable(lambda f: f.nnunet_trainer)
 # families nnU-Net's plans do not describe -> the adapter class the adapted plans name (nnunet_trainers.networks)
-MONAI_NETWORKS: Mapping[str, str] = _FamilyTable(lambda f: f.nnunet_networks[0], keep=lambda f: not f.plans_native)
+MONAI_NETWORKS: Mapping[str, str] = FamilyTable(lambda f: f.nnunet_networks[0], keep=lambda f: not f.plans_native)
 
 
 def configured_checkpoint(plans: Dict[str, Any]) -> Tuple[Optional[str], str]:

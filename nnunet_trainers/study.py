@@ -29,20 +29,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from med3dinsight_plugin.backbones import BackboneFamily
 from med3dinsight_plugin.fileio import atomic_write
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
 
-from .attach import ENV_CHECKPOINT, MONAI_NETWORKS, PLANS_KEY, _read_json, attached_plans
+from .attach import _read_json, attached_plans
+from .contract import ENV_CHECKPOINT, NNUNET_FAMILY, PLANS_KEY, FamilyTable, checkpoint_family
 
 __all__ = ["StudyError", "StudyResult", "StudyRun", "bootstrap_interval", "paired_differences", "run_study"]
 
 STUDY_KEY = "med3dinsight_study"  # = nnunet_trainers.trainers.STUDY_KEY (not imported: that pulls in nnU-Net)
-STUDY_TRAINER = {"nnunet": "Med3DInsightTrainer_study", "swin_unetr": "Med3DInsightTrainer_SwinUNETR_study",
-                 "unetr": "Med3DInsightTrainer_UNETR_study"}
+# family -> its trainer's _study variant (nnunet_trainers.trainers defines one for every registered family)
+STUDY_TRAINER: Mapping[str, str] = FamilyTable(lambda family: f"{family.nnunet_trainer}_study")
 REFERENCE_TRAINER = "nnUNetTrainer_med3dinsightStudy"
 REFERENCE = "nnunet"  # the init name of the reference row
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -174,10 +176,10 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
     for name, checkpoint in inits:
         if checkpoint is None:
             continue
-        family = _family(checkpoint)
+        adapt = not _family(checkpoint).plans_native  # nnU-Net's plans cannot build it: they take its network
         try:
-            new, _, _, family = attached_plans(base, plans_file, plans, checkpoint, configuration,
-                                               family in MONAI_NETWORKS, dataset_json, str(dataset))
+            new, _, _, family = attached_plans(base, plans_file, plans, checkpoint, configuration, adapt,
+                                               dataset_json, str(dataset))
         except Med3DInsightError as e:
             raise StudyError(f"--init {name}={checkpoint} does not fit {plans_file.name} ({configuration}): "
                              f"{first_line(e)}") from None
@@ -189,7 +191,7 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
                              f"per study")
         architecture = architecture or (name, arch, f"{_arch(config)} {config['patch_size']}")
         variants[name] = (new, family)
-    scratch_plans, family = (next(iter(variants.values())) if variants else (base, "nnunet"))
+    scratch_plans, family = (next(iter(variants.values())) if variants else (base, NNUNET_FAMILY))
     scratch_plans = {k: v for k, v in scratch_plans.items() if k != PLANS_KEY}
     for name, checkpoint in inits:
         if checkpoint is None:
@@ -335,13 +337,12 @@ def _labelled_counts(labelled: Sequence[Any], available: int) -> List[Tuple[int,
     return unique
 
 
-def _family(checkpoint) -> str:
+def _family(checkpoint) -> BackboneFamily:
+    """The family a checkpoint is fine-tuned as, from its header (no weights read)."""
     from med3dinsight_plugin.checkpoint import read_checkpoint_info
 
     info = read_checkpoint_info(checkpoint)
-    name = info.metadata.get("backbone", {}).get("name", "nnunet") if info.source_format == "med3dinsight" \
-        else "nnunet"
-    return name if name in MONAI_NETWORKS else "nnunet"
+    return checkpoint_family(info.source_format, info.metadata)
 
 
 def _arch(config: Dict[str, Any]) -> str:

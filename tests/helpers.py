@@ -1,5 +1,6 @@
 """Test helpers: tiny real configurations of every registered backbone, the toy pretraining data, tools."""
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,63 @@ def tiny_pretrain_batch(patch_size, embed_dim: int, batch: int = 2, slices: int 
     out = {"volume": torch.randn(b, 1, *patch_size, generator=g), "plane": torch.randint(0, 3, (b, k), generator=g),
            "position": torch.rand(b, k, generator=g), "image_emb": emb[0], "text_emb": emb[1], "mask": mask}
     return {name: t.to(device) for name, t in out.items()}
+
+
+# ------------------------------------------------------------------------------------------ toy pretraining runs
+
+PRETRAIN_TOY_SCRIPT = Path(__file__).parent / "pretrain_toy.py"
+
+
+def toy_overrides(output, backbone="plain_conv_unet", **train):
+    """``--set`` strings of a tiny run (tiny backbone, tiny PSAT, no workers), with ``train`` overrides."""
+    import json
+
+    kwargs = {k: v for k, v in TINY_BACKBONES[backbone].items() if k != "patch_size"}
+    psat = {k: v for k, v in tiny_psat_kwargs(1).items() if k not in ("in_dim", "out_dim")}
+    settings = {"output": str(output), "model.backbone": backbone, "model.backbone_kwargs": kwargs,
+                "model.patch_size": list(TINY_BACKBONES[backbone]["patch_size"]), "model.psat": "small",
+                "model.psat_kwargs": psat, "model.alignment": "clip", "data.num_workers": 0,
+                "train.steps": 6, "train.batch_size": 2, "train.lr": 1e-3, "train.warmup_steps": 2,
+                "train.log_every": 1, "train.checkpoint_every": 2, "train.eval_every": 3}
+    settings.update({k if "." in k else f"train.{k}": v for k, v in train.items()})
+    return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+
+
+def run_in_process(overrides, eval_cases=4, **kwargs):
+    """Pretrain on the toy data in this process with the ``--set`` strings ``overrides``: ``(config, model, summary)``."""
+    from med3dinsight_plugin.pretrain import build_model, load_config, pretrain
+
+    config = load_config(None, overrides)
+    model = build_model(config, EMBED)
+    size = config.model.patch_size[0]
+    eval_set = ToyDataset(seed=99, length=eval_cases, size=size) if eval_cases else None
+    summary = pretrain(config, model, ToyDataset(size=size), eval_set, progress=False, **kwargs)
+    return config, model, summary
+
+
+def script(overrides, threads=1, delay=0.0):
+    """Arguments of tests/pretrain_toy.py for a run with ``overrides``."""
+    args = [str(PRETRAIN_TOY_SCRIPT), "--threads", str(threads), "--delay", str(delay)]
+    return args + [a for o in overrides for a in ("--set", o)]
+
+
+def final_weights(output):
+    """The checkpoint a run with ``output`` wrote at its end."""
+    from med3dinsight_plugin import load_checkpoint
+
+    return load_checkpoint(Path(output) / "med3dinsight.safetensors")
+
+
+def assert_same_weights(a, b, exact=True, atol=1e-5):
+    """Two checkpoints hold the same tensors (weights and extras), bit for bit or within ``atol``."""
+    pairs = [(a.state_dict, b.state_dict)] + [(a.extras[k], b.extras[k]) for k in a.extras]
+    for x, y in pairs:
+        assert x.keys() == y.keys()
+        for key in x:
+            if exact:
+                assert torch.equal(x[key], y[key]), key
+            else:
+                torch.testing.assert_close(x[key], y[key], atol=atol, rtol=0, msg=key)
 
 
 def run_tool(cmd, env, check=True, timeout=900):

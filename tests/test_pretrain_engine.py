@@ -7,62 +7,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import EMBED, TINY_BACKBONES, ToyDataset, tiny_psat_kwargs
+from helpers import (EMBED, TINY_BACKBONES, ToyDataset, assert_same_weights, final_weights, run_in_process, script,
+                     toy_overrides)
 from med3dinsight_plugin import load_checkpoint
 from med3dinsight_plugin.pretrain import (ConfigError, build_model, load_config, lr_factor, pretrain,
                                           retrieval_metrics, save_config)
-
-TESTS = Path(__file__).parent
-SCRIPT = TESTS / "pretrain_toy.py"
-
-
-def toy_overrides(output, backbone="plain_conv_unet", **train):
-    """``--set`` strings of a tiny run (tiny backbone, tiny PSAT, no workers), with ``train`` overrides."""
-    kwargs = {k: v for k, v in TINY_BACKBONES[backbone].items() if k != "patch_size"}
-    psat = {k: v for k, v in tiny_psat_kwargs(1).items() if k not in ("in_dim", "out_dim")}
-    settings = {"output": str(output), "model.backbone": backbone, "model.backbone_kwargs": kwargs,
-                "model.patch_size": list(TINY_BACKBONES[backbone]["patch_size"]), "model.psat": "small",
-                "model.psat_kwargs": psat, "model.alignment": "clip", "data.num_workers": 0,
-                "train.steps": 6, "train.batch_size": 2, "train.lr": 1e-3, "train.warmup_steps": 2,
-                "train.log_every": 1, "train.checkpoint_every": 2, "train.eval_every": 3}
-    settings.update({k if "." in k else f"train.{k}": v for k, v in train.items()})
-    return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
-
-
-def run_in_process(overrides, eval_cases=4, **kwargs):
-    config = load_config(None, overrides)
-    model = build_model(config, EMBED)
-    size = config.model.patch_size[0]
-    eval_set = ToyDataset(seed=99, length=eval_cases, size=size) if eval_cases else None
-    summary = pretrain(config, model, ToyDataset(size=size), eval_set, progress=False, **kwargs)
-    return config, model, summary
-
-
-def script(overrides, threads=1, delay=0.0):
-    """Arguments of tests/pretrain_toy.py for a run with ``overrides``."""
-    args = [str(SCRIPT), "--threads", str(threads), "--delay", str(delay)]
-    return args + [a for o in overrides for a in ("--set", o)]
-
-
-def final_weights(output):
-    return load_checkpoint(Path(output) / "med3dinsight.safetensors")
-
-
-def assert_same_weights(a, b, exact=True, atol=1e-5):
-    pairs = [(a.state_dict, b.state_dict)] + [(a.extras[k], b.extras[k]) for k in a.extras]
-    for x, y in pairs:
-        assert x.keys() == y.keys()
-        for key in x:
-            if exact:
-                assert torch.equal(x[key], y[key]), key
-            else:
-                torch.testing.assert_close(x[key], y[key], atol=atol, rtol=0, msg=key)
 
 
 @pytest.fixture(scope="module")

@@ -87,9 +87,9 @@ def network_spec(network: nn.Module) -> Optional[NetworkSpec]:
 
 
 class _Builders(Mapping):
-    """Read-only view ``build_backbone name -> builder`` over the registered families, for readers of builder
-    signatures (``checkpoint._check_backbone``, ``pretrain.config``); ``backbone_family(name).builders[name]`` is
-    the same builder."""
+    """Read-only view ``build_backbone name -> builder`` over the registered families, kept only for
+    ``pretrain.config.backbone_arguments`` until it reads ``backbone_family(name).builders[name]`` (the same
+    builder); then delete it."""
 
     def __getitem__(self, name: str) -> Callable[..., Backbone]:
         for builder_name, family in builder_names():

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..errors import Med3DInsightError
+from ..fileio import unwrap
 
 
 class NetworkSpec(NamedTuple):
@@ -69,6 +70,13 @@ class Backbone(nn.Module):
         """The :class:`NetworkSpec` of a plain network of one of ``network_classes``."""
         return NetworkSpec(cls.encoder_prefixes, cls.key_to_encoder, cls.keys_to_in_proj, cls.key_to_lpe,
                            head_prefixes=cls.head_prefixes)
+
+    def nnssl_architecture(self) -> Dict[str, Any]:
+        """The ``architecture_plans`` of nnssl's adaptation plan (``arch_class_name``, ``arch_kwargs``,
+        ``arch_kwargs_requiring_import``): here the plain network's class and the constructor arguments of
+        ``config``; a family whose network nnU-Net plans describe returns the plans' architecture instead."""
+        return {"arch_class_name": type(unwrap(self.network)).__name__,
+                "arch_kwargs": self.config.get("network_kwargs", {}), "arch_kwargs_requiring_import": []}
 
     def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(bottleneck, decoder_features)``: the bottleneck as (B, C, d, h, w) or as tokens (B, N, C), and

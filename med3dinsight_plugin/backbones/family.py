@@ -57,6 +57,9 @@ class BackboneFamily:
         adapt_architecture: ``(backbone config, plans patch) -> (architecture, patch)`` for a plans-native family
             (its architecture comes from the checkpoint); ``None`` uses :meth:`plans_architecture`'s generic rule
             for wrapped networks.
+        plans_builders: the ``build_backbone`` names that build from nnU-Net plans (``plans=`` + ``configuration=``, or
+            a plans ``architecture=``): they need a plans file, and the plans in a checkpoint's metadata are checked
+            on read (nnU-Net resolves their class names by import) against :attr:`nnunet_networks`.
         tiny: ``build_backbone`` name -> small but real arguments (``patch_size`` included) that need no file, as
             timm's ``test_input_size``: the tests build every family from these, so a new family is checked by all
             of them.
@@ -73,6 +76,7 @@ class BackboneFamily:
     size_argument: Optional[str] = None
     lpe_token_size: Optional[int] = None
     adapt_architecture: Optional[ArchitectureAdapter] = field(default=None, compare=False)
+    plans_builders: Tuple[str, ...] = ()
     tiny: Mapping[str, Dict[str, Any]] = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -83,6 +87,9 @@ class BackboneFamily:
         if self.wrapped_network is None and self.adapt_architecture is None:
             raise Med3DInsightError(f"backbone family {self.name!r}: a plans-native family (wrapped_network=None) "
                                     f"needs adapt_architecture")
+        if not set(self.plans_builders) <= set(self.builders):
+            raise Med3DInsightError(f"backbone family {self.name!r}: plans_builders names builders it does not have: "
+                                    f"{sorted(set(self.plans_builders) - set(self.builders))}")
         if not set(self.tiny) <= set(self.builders):
             raise Med3DInsightError(f"backbone family {self.name!r}: tiny names builders it does not have: "
                                     f"{sorted(set(self.tiny) - set(self.builders))}")

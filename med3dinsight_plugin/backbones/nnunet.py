@@ -41,6 +41,11 @@ class NNUNetBackbone(Backbone):
         return NetworkSpec(cls.encoder_prefixes, network.key_to_encoder, tuple(network.keys_to_in_proj), None,
                            head_prefixes=cls.head_prefixes)
 
+    def nnssl_architecture(self):
+        arch = self.architecture  # the plans' architecture it was built from
+        return {"arch_class_name": arch["network_class_name"].rsplit(".", 1)[-1], "arch_kwargs": arch["arch_kwargs"],
+                "arch_kwargs_requiring_import": list(arch.get("_kw_requires_import", []))}
+
     def spatial_divisor(self):
         return stride_product(self.architecture["arch_kwargs"]["strides"])
 
@@ -265,5 +270,6 @@ FAMILY = BackboneFamily(
     builders={"nnunet": build_nnunet, "plain_conv_unet": build_plain_conv_unet, "resenc_unet": build_resenc_unet},
     build_network=_network_of_config, nnunet_trainer="Med3DInsightTrainer",
     nnunet_networks=tuple(f"{_MODULE}.{c}" for c in _SUPPORTED), adapt_architecture=_adapt_to_plans,
+    plans_builders=("nnunet",),
     tiny={"plain_conv_unet": dict(patch_size=(32, 32, 32), base_features=4, max_features=32),
           "resenc_unet": dict(patch_size=(32, 32, 32), base_features=4, max_features=32)})
