@@ -18,10 +18,11 @@ from .errors import Med3DInsightError, first_line, short_repr
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .backbones import list_backbones
+    from .backbones import backbone_family, list_backbones
     from .summary import summarize
 
-    names = args.backbones or [n for n in list_backbones() if n != "nnunet"]  # "nnunet" needs a plans file
+    # builders that need a plans file cannot run on random data alone
+    names = args.backbones or [n for n in list_backbones() if n not in backbone_family(n).plans_builders]
     print(f"Med3DInsight models on random data: batch {args.batch}, {args.slices} slices per volume, "
           f"patch {tuple(args.patch_size)}, PSAT preset {args.psat!r}, device {args.device}")
     for name in names:

@@ -24,7 +24,7 @@ from med3dinsight_plugin import build_backbone, save_pretrained
 from med3dinsight_plugin.checkpoint import load_checkpoint
 from med3dinsight_plugin.pretrain.engine import build_model
 from test_nnunet import DATASET, _carries, nnunet, run  # noqa: F401 -- nnunet is a fixture
-from test_pretrain_engine import script, toy_overrides
+from helpers import script, toy_overrides
 
 BIN = Path(sys.executable).parent
 REQUESTED = os.environ.get("MED3DINSIGHT_TEST_DEVICE", "").strip()

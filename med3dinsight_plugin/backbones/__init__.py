@@ -18,7 +18,7 @@ MONAI and nnU-Net are imported only when a backbone of theirs is built.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Mapping, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from torch import nn
 
@@ -85,26 +85,6 @@ def network_spec(network: nn.Module) -> Optional[NetworkSpec]:
     family = family_of_network(network)
     return family.network_spec(network) if family is not None else None
 
-
-class _Builders(Mapping):
-    """Read-only view ``build_backbone name -> builder`` over the registered families, kept only for
-    ``pretrain.config.backbone_arguments`` until it reads ``backbone_family(name).builders[name]`` (the same
-    builder); then delete it."""
-
-    def __getitem__(self, name: str) -> Callable[..., Backbone]:
-        for builder_name, family in builder_names():
-            if builder_name == name:
-                return family.builders[name]
-        raise KeyError(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list_backbones())
-
-    def __len__(self) -> int:
-        return len(list_backbones())
-
-
-_REGISTRY = _Builders()
 
 # The built-in families: each module describes its family (FAMILY); registering it is one line here. MONAI and
 # nnU-Net are imported only inside their builders.

@@ -219,7 +219,6 @@ def _show_key(key: str, limit: int = 80) -> str:
 
 
 # Backbones whose builder forwards **kwargs to a network class: where its constructor's arguments come from.
-_NETWORK_CLASSES = {"swin_unetr": ("monai.networks.nets", "SwinUNETR"), "unetr": ("monai.networks.nets", "UNETR")}
 # Builder arguments set elsewhere in the configuration (or by the builder itself), never in backbone_kwargs.
 _SET_ELSEWHERE = {"in_channels": "model.in_channels", "patch_size": "model.patch_size",
                   "img_size": "model.patch_size"}
@@ -235,16 +234,17 @@ def backbone_arguments(name: str) -> Optional[Dict[str, Any]]:
     """
     import importlib
 
-    from ..backbones import _REGISTRY, list_backbones
+    from ..backbones import backbone_family, list_backbones
 
-    if name not in _REGISTRY:
+    if name not in list_backbones():
         raise ConfigError(f"unknown model.backbone {short_repr(name)}; expected one of {', '.join(list_backbones())}")
+    family = backbone_family(name)
     accepted: Dict[str, Any] = {}
-    signatures = [inspect.signature(_REGISTRY[name])]
+    signatures = [inspect.signature(family.builders[name])]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signatures[0].parameters.values()):
-        if name not in _NETWORK_CLASSES:
+        if family.wrapped_network is None:
             return None
-        module, cls = _NETWORK_CLASSES[name]
+        module, cls = family.wrapped_network.rsplit(".", 1)
         signatures.append(inspect.signature(getattr(importlib.import_module(module), cls)))
     for sig in signatures:
         for arg, p in sig.parameters.items():

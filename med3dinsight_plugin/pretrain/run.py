@@ -125,12 +125,15 @@ def _read_holder(fd: int):
 
 
 def _backbone_kwargs(config: PretrainConfig, source) -> None:
-    """``backbone: nnunet`` on an nnU-Net preprocessed dataset: build from that dataset's plans by default."""
+    """A backbone built from nnU-Net plans (``backbone: nnunet``) on an nnU-Net preprocessed dataset: build from that
+    dataset's plans by default."""
+    from ..backbones import backbone_family
+
     m = config.model
-    if m.backbone == "nnunet" and "plans" not in m.backbone_kwargs:
+    if m.backbone in backbone_family(m.backbone).plans_builders and "plans" not in m.backbone_kwargs:
         if source.kind != "nnunet_preprocessed":
-            raise ConfigError("model.backbone 'nnunet' needs nnU-Net plans: pretrain on an nnU-Net preprocessed "
-                              "dataset, or set model.backbone_kwargs.plans=PATH (and .configuration)")
+            raise ConfigError(f"model.backbone {m.backbone!r} needs nnU-Net plans: pretrain on an nnU-Net "
+                              f"preprocessed dataset, or set model.backbone_kwargs.plans=PATH (and .configuration)")
         m.backbone_kwargs = {**m.backbone_kwargs, "plans": str(source.root / f"{config.data.plans}.json"),
                              "configuration": config.data.configuration}
 
