@@ -28,8 +28,9 @@ class SyntheticSet(torch.utils.data.Dataset):
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(int(i))
         emb = torch.nn.functional.normalize(torch.randn(2, self.k, self.width, generator=g), dim=-1)
-        return {"volume": torch.randn(1, *self.patch, generator=g), "plane": torch.randint(0, 3, (self.k,), generator=g),
-                "position": torch.rand(self.k, generator=g), "image_emb": emb[0], "text_emb": emb[1]}
+        return {"volume": torch.randn(1, *self.patch, generator=g),
+                "plane": torch.randint(0, 3, (self.k,), generator=g), "position": torch.rand(self.k, generator=g),
+                "image_emb": emb[0], "text_emb": emb[1]}
 
 
 def worker(args):
@@ -73,7 +74,8 @@ def main():
     for n in (1, args.nproc):
         out = tmp / f"n{n}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-               str(29600 + n), __file__, "--worker", "--out", str(out), "--threads", str(max(1, args.threads_total // n)),
+               str(29600 + n), __file__, "--worker", "--out", str(out),
+               "--threads", str(max(1, args.threads_total // n)),
                "--steps", str(args.steps), "--backbone", args.backbone, "--patch", str(args.patch),
                "--global-batch", str(args.global_batch)]
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads_total // n))},

@@ -111,9 +111,9 @@ def run_ot_vs_pot(sizes, repeats, device):
     import numpy as np
     import ot as pot
     import torch
-    from timing import alternate
 
     from med3dinsight_plugin.ot import entropic_partial_wasserstein as ours
+    from timing import alternate
 
     rows = []
     rng = np.random.default_rng(0)

@@ -49,6 +49,7 @@ def measure(shape=48, steps=10, device="cpu", compile=None, loads=5):
     os.environ["MED3DINSIGHT_CHECKPOINT"] = str(ckpt)
 
     import json
+
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_trainers.trainers import Med3DInsightTrainer

@@ -21,9 +21,8 @@ import ot
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import alternate  # noqa: E402
-
 from med3dinsight_plugin.ot import entropic_partial_wasserstein  # noqa: E402
+from timing import alternate  # noqa: E402
 
 
 def main():

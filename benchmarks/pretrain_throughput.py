@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+
 from timing import alternate, autocast, peak_memory_gib, reset_peak_memory
 
 
@@ -55,7 +56,8 @@ def measure(backbone="swin_unetr", patch=64, batch=2, slices=8, teacher="ViT-B-1
     vol = torch.randn(b, 1, *(patch,) * 3, device=dev)
     norm = lambda t: torch.nn.functional.normalize(t, dim=-1)
     cached = {"plane": torch.randint(0, 3, (b, k), device=dev), "position": torch.rand(b, k, device=dev),
-              "image_emb": norm(torch.randn(b, k, width, device=dev)), "text_emb": norm(torch.randn(b, k, width, device=dev))}
+              "image_emb": norm(torch.randn(b, k, width, device=dev)),
+              "text_emb": norm(torch.randn(b, k, width, device=dev))}
     images = torch.randn(b, 3, *size, device=dev)
     tokens = tokenizer(["axial CT slice showing the liver and the right kidney with no focal lesion"] * b).to(dev)
 

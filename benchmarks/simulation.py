@@ -39,7 +39,6 @@ about 20x a ``small`` step on this CPU, beyond the budget (run ``med3dinsight st
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os

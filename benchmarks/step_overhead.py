@@ -14,10 +14,10 @@ as the pretraining engine does on CUDA.
 import argparse
 
 import torch
-from timing import alternate, autocast, peak_memory_gib, reset_peak_memory
 
 from med3dinsight_plugin import Med3DInsightModel, PlaneSliceAwareTransformer, build_backbone, reconstruction_loss
 from med3dinsight_plugin.psat import PSAT_PRESETS
+from timing import alternate, autocast, peak_memory_gib, reset_peak_memory
 
 
 def measure(name, preset, patch=64, batch=2, slices=8, repeats=5, device="cpu", amp="off", backbone_kwargs=None):

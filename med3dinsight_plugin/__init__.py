@@ -14,7 +14,7 @@ _EXPORTS = {
     "backbones": ("Backbone", "BackboneOutput", "build_backbone", "list_backbones", "register_backbone"),
     "checkpoint": ("Checkpoint", "CheckpointError", "load_checkpoint", "save_pretrained"),
     "loading": ("IncompatibleCheckpointError", "LoadReport", "load_pretrained_encoder"),
-    "model": ("Med3DInsightModel",),
+    "model": ("Med3DInsightModel", "build_model"),
     "psat": ("PlaneSliceAwareTransformer",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -35,9 +35,9 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .alignment import ClipAlignment, Med3DInsightLoss, PartialOTAlignment, clip_loss, reconstruction_loss
-    from .backbones import Backbone, BackboneOutput, build_backbone, list_backbones, register_backbone
-    from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_pretrained
-    from .loading import IncompatibleCheckpointError, LoadReport, load_pretrained_encoder
-    from .model import Med3DInsightModel
-    from .psat import PlaneSliceAwareTransformer
+    from .alignment import ClipAlignment, Med3DInsightLoss, PartialOTAlignment, clip_loss, reconstruction_loss  # noqa: F401
+    from .backbones import Backbone, BackboneOutput, build_backbone, list_backbones, register_backbone  # noqa: F401
+    from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_pretrained  # noqa: F401
+    from .loading import IncompatibleCheckpointError, LoadReport, load_pretrained_encoder  # noqa: F401
+    from .model import Med3DInsightModel  # noqa: F401
+    from .psat import PlaneSliceAwareTransformer  # noqa: F401

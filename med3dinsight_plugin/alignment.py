@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ot import log_entropic_partial_wasserstein
 from .errors import Med3DInsightError
+from .ot import log_entropic_partial_wasserstein
 
 __all__ = ["clip_loss", "reconstruction_loss", "ClipAlignment", "PartialOTAlignment", "Med3DInsightLoss"]
 

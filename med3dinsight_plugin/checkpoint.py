@@ -511,7 +511,8 @@ def _check_backbone(cfg: Dict[str, Any]) -> None:
         return  # resolves their class names with pydoc.locate, so they are checked here
     classes = family.nnunet_networks
     if ("plans" in cfg) == ("architecture" in cfg):
-        raise _Bad(f"{w}plans", "given, or else backbone.architecture (exactly one of them)", cfg.get("plans", _MISSING))
+        raise _Bad(f"{w}plans", "given, or else backbone.architecture (exactly one of them)",
+                   cfg.get("plans", _MISSING))
     if "architecture" in cfg:
         _check_architecture(cfg["architecture"], f"{w}architecture", classes)
         return

@@ -24,7 +24,8 @@ class Med3DInsightClassifier(nn.Module):
         dropout: before the linear head.
 
     Only the path to the bottleneck runs; the other parameters (decoder, skip-connection blocks, parameters the
-    network never uses) are frozen (``requires_grad=False``) so DDP needs no ``find_unused_parameters``. ``load_pretrained_encoder(classifier, checkpoint)`` loads into its network.
+    network never uses) are frozen (``requires_grad=False``) so DDP needs no ``find_unused_parameters``.
+    ``load_pretrained_encoder(classifier, checkpoint)`` loads into its network.
     """
 
     def __init__(self, backbone: Union[Backbone, str], num_classes: int, pooling: str = "avg", dropout: float = 0.0,

@@ -49,7 +49,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoint import read_checkpoint_info
-
     from .hub import is_hub_spec
 
     info = read_checkpoint_info(args.checkpoint)  # header and shapes only: no tensor data is read
@@ -87,12 +86,11 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_nnunet_env(args: argparse.Namespace) -> int:
-    import importlib.util
     import shlex
 
-    shim = importlib.util.find_spec("nnunet_trainers.ext").submodule_search_locations[0]
-    existing = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p and p != shim]
-    print(f"export nnUNet_extTrainer={shlex.quote(os.pathsep.join([shim, *existing]))}")
+    from nnunet_trainers.shim import ENV_EXT_TRAINER, ext_trainer_path
+
+    print(f"export {ENV_EXT_TRAINER}={shlex.quote(ext_trainer_path(os.environ.get(ENV_EXT_TRAINER)))}")
     return 0
 
 

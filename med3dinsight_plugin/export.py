@@ -19,8 +19,8 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .fileio import atomic_write
 from .errors import Med3DInsightError, first_line
+from .fileio import atomic_write
 
 __all__ = ["ExportError", "export_checkpoint", "rebuild_backbone", "EXPORT_FORMATS"]
 

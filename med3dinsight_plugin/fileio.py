@@ -7,7 +7,7 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping
+from typing import Any, Callable, Iterable, List, Mapping
 
 import torch
 from torch import nn

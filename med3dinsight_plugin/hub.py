@@ -140,8 +140,13 @@ def download_checkpoint(spec: Union[str, os.PathLike]) -> Path:
 
     hub = parse_hub_spec(spec)
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     offline = hub_offline()
     where = f"{HUB_FILENAME} of {hub.repo_id}" + (f" at revision {hub.revision!r}" if hub.revision else "")

@@ -8,8 +8,8 @@ nnU-Net's trainers and the MONAI handlers both call this. It is exact or it refu
    most target keys -- e.g. ``swinViT.`` for MONAI's official SSL weights, or nothing for this package's files.
 3. The expected tensors are the target's encoder (known networks) or all of it (a bare encoder), narrowed to what
    the checkpoint declares as its encoder when that includes the target's main encoder (MONAI's SSL file holds
-   ``swinViT`` only, so SwinUNETR's convolutional ``encoder1..10`` blocks are not expected from it). Tensors are counted by storage, so nnU-Net's aliased ``decoder.encoder.*``
-   keys and ``all_modules`` duplicates count once.
+   ``swinViT`` only, so SwinUNETR's convolutional ``encoder1..10`` blocks are not expected from it). Tensors are
+   counted by storage, so nnU-Net's aliased ``decoder.encoder.*`` keys and ``all_modules`` duplicates count once.
 4. Shapes must match exactly. Two named adapters, both reported: input channels 1 -> N (repeat and divide by N, as
    nnssl does) and a learnable position embedding resized trilinearly (UNETR at another patch size). No broadcasting.
 5. With ``strict_encoder=True`` anything short of 100 % coverage raises :class:`IncompatibleCheckpointError` carrying
@@ -156,8 +156,8 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
             continue
         if key not in mapped:
             continue
-        value, how = _fit(key, mapped[key][1], tensor, spec, ckpt, adapt_channels, adapt_position_embedding, source_grid,
-                          target)
+        value, how = _fit(key, mapped[key][1], tensor, spec, ckpt, adapt_channels, adapt_position_embedding,
+                          source_grid, target)
         if value is None:
             report.mismatched[key] = (tuple(mapped[key][1].shape), tuple(tensor.shape))
             continue

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .planes import check_plane_position, position_bins
 from .errors import Med3DInsightError
+from .planes import check_plane_position, position_bins
 
 __all__ = ["PSAT_PRESETS", "PlaneSliceAwareTransformer"]
 

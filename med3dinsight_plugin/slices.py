@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .planes import PLANES, plane_id, slice_position
 from .errors import Med3DInsightError
+from .planes import PLANES, plane_id, slice_position
 
 __all__ = ["RenderSettings", "Slice", "SlicePolicy", "body_mask", "dataset_slices", "extract_slice",
            "intensity_window", "render_slice", "select_slices", "slice_key", "volume_slices", "write_slice_pngs"]

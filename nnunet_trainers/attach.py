@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from med3dinsight_plugin.checkpoint import CheckpointError, load_checkpoint
-from med3dinsight_plugin.fileio import atomic_write, sha256_file
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
+from med3dinsight_plugin.fileio import atomic_write, sha256_file
 from med3dinsight_plugin.hub import is_hub_spec, pinned_spec
 
-from .contract import PLANS_KEY, TRAINER_OF, checkpoint_family
 # re-exported for older callers (tests, scripts); their home is .contract
-from .contract import ENV_CHECKPOINT, MONAI_NETWORKS, configured_checkpoint  # noqa: F401
+from .contract import ENV_CHECKPOINT, MONAI_NETWORKS, PLANS_KEY, TRAINER_OF, checkpoint_family, configured_checkpoint  # noqa: F401
 
 __all__ = ["attach_checkpoint", "attached_plans"]
 

@@ -34,8 +34,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from med3dinsight_plugin.backbones import BackboneFamily
-from med3dinsight_plugin.fileio import atomic_write
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
+from med3dinsight_plugin.fileio import atomic_write
 
 from .attach import _read_json, attached_plans
 from .contract import ENV_CHECKPOINT, NNUNET_FAMILY, PLANS_KEY, FamilyTable, checkpoint_family
@@ -360,15 +360,12 @@ def _link_preprocessed(source: Path, target: Path, own: set) -> None:
 
 
 def _environment(pre: Path, results: Path, device: str) -> Dict[str, str]:
-    import importlib.util
+    from .shim import with_shim
 
-    shim = importlib.util.find_spec("nnunet_trainers.ext").submodule_search_locations[0]
-    env = dict(os.environ)
+    env = with_shim(os.environ)
     env.pop(ENV_CHECKPOINT, None)  # the plans say which weights; scratch must stay scratch
     env["nnUNet_preprocessed"] = str(pre.resolve())
     env["nnUNet_results"] = str(results.resolve())
-    env["nnUNet_extTrainer"] = os.pathsep.join([shim, *[p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep)
-                                                        if p and p != shim]])
     if device == "cpu":
         env.setdefault("nnUNet_n_proc_DA", "0")
         env.setdefault("nnUNet_def_n_proc", "1")

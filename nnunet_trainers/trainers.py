@@ -25,14 +25,18 @@ from pathlib import Path
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from med3dinsight_plugin.backbones import list_families
 from med3dinsight_plugin.checkpoint import resolve_checkpoint
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
 from med3dinsight_plugin.fileio import atomic_write, sha256_file
-from med3dinsight_plugin.finetune import (apply_finetune_lr, default_warmup, finetune_optimizer, finetune_param_groups,
-                                         freeze_dead_parameters)
+from med3dinsight_plugin.finetune import (
+    apply_finetune_lr,
+    default_warmup,
+    finetune_optimizer,
+    finetune_param_groups,
+    freeze_dead_parameters,
+)
 from med3dinsight_plugin.loading import load_pretrained_encoder
-
-from med3dinsight_plugin.backbones import list_families
 
 from .contract import PLANS_KEY, configured_checkpoint, family_of_architecture
 
@@ -281,7 +285,8 @@ def define_family_trainers(family) -> list:
     base = globals().get(family.nnunet_trainer)
     if base is None:
         if family.plans_native:
-            raise Med3DInsightError(f"backbone family {family.name!r}: nnunet_trainer {family.nnunet_trainer!r} must be "
+            raise Med3DInsightError(f"backbone family {family.name!r}: nnunet_trainer {family.nnunet_trainer!r} "
+                                    "must be "
                                     f"Med3DInsightTrainer (plans-native families train with it)")
         base = type(family.nnunet_trainer, (_MonaiTrainerMixin, Med3DInsightTrainer), {
             "__module__": __name__, "architectures": family.nnunet_network_names,

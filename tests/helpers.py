@@ -131,7 +131,8 @@ def toy_overrides(output, backbone="plain_conv_unet", **train):
 
 
 def run_in_process(overrides, eval_cases=4, **kwargs):
-    """Pretrain on the toy data in this process with the ``--set`` strings ``overrides``: ``(config, model, summary)``."""
+    """Pretrain on the toy data in this process with the ``--set`` strings ``overrides``; returns
+    ``(config, model, summary)``."""
     from med3dinsight_plugin.pretrain import build_model, load_config, pretrain
 
     config = load_config(None, overrides)

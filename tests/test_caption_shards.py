@@ -15,9 +15,17 @@ import pytest
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.slices import RenderSettings, SlicePolicy, dataset_slices
 from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
-from med3dinsight_plugin.teacher.captioner import (CaptionError, CaptionFile, Captioner, SliceRenderer, VLMError,
-                                                   caption_dataset, caption_key, caption_slices,
-                                                   load_vlm)
+from med3dinsight_plugin.teacher.captioner import (
+    Captioner,
+    CaptionError,
+    CaptionFile,
+    SliceRenderer,
+    VLMError,
+    caption_dataset,
+    caption_key,
+    caption_slices,
+    load_vlm,
+)
 from med3dinsight_plugin.teacher.captions import merge_shards, shard_files, shard_folder, shard_path
 from med3dinsight_plugin.teacher.embed import caption_settings_for
 from med3dinsight_plugin.teacher.tiny import save_tiny_llava

@@ -11,9 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from med3dinsight_plugin.teacher.captioner import (DEFAULT_PROMPTS, CaptionError, CaptionFile, Captioner, VLMError,
-                                                   caption_key, caption_slices, load_prompts, load_vlm, prompt_for)
+from med3dinsight_plugin.teacher.captioner import (
+    DEFAULT_PROMPTS,
+    Captioner,
+    CaptionError,
+    CaptionFile,
+    VLMError,
+    caption_key,
+    caption_slices,
+    load_prompts,
+    load_vlm,
+    prompt_for,
+)
 from med3dinsight_plugin.teacher.tiny import save_tiny_llava, save_tiny_qwen2vl
+
 
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory):
@@ -165,8 +176,9 @@ def test_settings_mismatch_is_refused(tmp_path, llava):
     out = tmp_path / "captions.jsonl"
     captioner = Captioner(llava, batch_size=4, max_new_tokens=2)
     caption_slices(_slices(2), captioner, out, {"render": {"window": "abdomen"}}, progress=False)
-    with pytest.raises(CaptionError, match=r"captions\.jsonl was written with other settings \(render\.window .*abdomen.* vs "
-                                           r".*lung.*; use a new output file or pass the same settings"):
+    with pytest.raises(CaptionError, match=r"captions\.jsonl was written with other settings "
+                                           r"\(render\.window .*abdomen.* vs .*lung.*; use a new output file or pass "
+                                           r"the same settings"):
         caption_slices(_slices(3), captioner, out, {"render": {"window": "lung"}}, progress=False)
     with pytest.raises(CaptionError, match="differing keys: generation"):
         caption_slices(_slices(3), Captioner(llava, max_new_tokens=3), out, {"render": {"window": "abdomen"}},

@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_BACKBONES, swin_ssl_state_dict, tiny_backbone, tiny_psat_kwargs
-from med3dinsight_plugin import (CheckpointError, Med3DInsightModel, PlaneSliceAwareTransformer, __version__,
-                                 load_checkpoint, save_pretrained)
+from helpers import swin_ssl_state_dict, tiny_backbone, tiny_psat_kwargs
+from med3dinsight_plugin import (
+    CheckpointError,
+    Med3DInsightModel,
+    PlaneSliceAwareTransformer,
+    __version__,
+    load_checkpoint,
+    save_pretrained,
+)
 from med3dinsight_plugin.checkpoint import FORMAT
 
 

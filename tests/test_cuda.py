@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_backbone, tiny_pretrain_batch, tiny_pretrain_config
+from helpers import script, tiny_backbone, tiny_pretrain_batch, tiny_pretrain_config, toy_overrides
 from med3dinsight_plugin import build_backbone, save_pretrained
 from med3dinsight_plugin.checkpoint import load_checkpoint
 from med3dinsight_plugin.pretrain.engine import build_model
 from test_nnunet import DATASET, _carries, nnunet, run  # noqa: F401 -- nnunet is a fixture
-from helpers import script, toy_overrides
 
 BIN = Path(sys.executable).parent
 REQUESTED = os.environ.get("MED3DINSIGHT_TEST_DEVICE", "").strip()
@@ -74,7 +73,7 @@ def _tail(proc_or_text, n=3000):
 # ------------------------------------------------------------------------------------------------ nnU-Net on CUDA
 
 @cuda_only("test_nnunet.py runs the same flow with -device cpu")
-def test_nnunet_train_and_predict_on_cuda_for_each_family(device, nnunet, tmp_path):
+def test_nnunet_train_and_predict_on_cuda_for_each_family(device, nnunet, tmp_path):  # noqa: F811 -- the fixture
     """nnUNetv2_train -device cuda -tr Med3DInsightTrainer*_smoke for PlainConvUNet, SwinUNETR and UNETR (trained at
     the same time: one GPU holds all three), then nnUNetv2_predict -device cuda. nnU-Net compiles the network on
     CUDA by default, so the trainers load into a torch.compile'd network here (never on the CPU)."""

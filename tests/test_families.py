@@ -9,9 +9,18 @@ from torch import nn
 
 from helpers import TINY_BACKBONES
 from med3dinsight_plugin import build_backbone, list_backbones, load_pretrained_encoder, save_pretrained
-from med3dinsight_plugin.backbones import (Backbone, BackboneFamily, backbone_family, build_downstream_network,
-                                           family, family_of_network, list_families, network_of_backbone,
-                                           network_spec, register_backbone)
+from med3dinsight_plugin.backbones import (
+    Backbone,
+    BackboneFamily,
+    backbone_family,
+    build_downstream_network,
+    family,
+    family_of_network,
+    list_families,
+    network_of_backbone,
+    network_spec,
+    register_backbone,
+)
 from med3dinsight_plugin.checkpoint import load_checkpoint
 from med3dinsight_plugin.export import ExportError, export_checkpoint
 

@@ -17,8 +17,14 @@ from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.slices import SlicePolicy
 from med3dinsight_plugin.teacher.cache import TeacherCache
 from med3dinsight_plugin.teacher.captions import CaptionError, CaptionFile
-from med3dinsight_plugin.teacher.label_captions import (LabelCaptionError, caption_from_labels, describe_slice,
-                                                        humanize_name, load_class_names, slice_structures)
+from med3dinsight_plugin.teacher.label_captions import (
+    LabelCaptionError,
+    caption_from_labels,
+    describe_slice,
+    humanize_name,
+    load_class_names,
+    slice_structures,
+)
 from med3dinsight_plugin.teacher.tiny import save_tiny_open_clip
 from med3dinsight_plugin.volumes import open_source
 

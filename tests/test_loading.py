@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY_BACKBONES, swin_ssl_state_dict, tiny_backbone
+from helpers import swin_ssl_state_dict, tiny_backbone
 from med3dinsight_plugin import IncompatibleCheckpointError, load_pretrained_encoder, save_pretrained
 
 
@@ -32,7 +32,8 @@ def test_full_encoder_coverage_and_decoder_untouched(saved, tiny_backbone_name):
     assert not (report.missing or report.unexpected or report.mismatched or report.adapted)
     after, pretrained = target.state_dict(), source.network.state_dict()
     assert _same(after, pretrained, source.encoder_prefixes)
-    decoder = [k for k in after if not k.startswith(source.encoder_prefixes) and not torch.equal(after[k], pretrained[k])]
+    decoder = [k for k in after
+               if not k.startswith(source.encoder_prefixes) and not torch.equal(after[k], pretrained[k])]
     assert decoder and all(torch.equal(after[k], before[k]) for k in decoder)  # decoder kept its own weights
     report_all = load_pretrained_encoder(target, path, scope="all")
     head = ("out.", "decoder.seg_layers.")

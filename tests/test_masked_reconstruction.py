@@ -8,8 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import (EMBED, assert_same_weights, final_weights, run_in_process, tiny_backbone, tiny_pretrain_batch,
-                     tiny_psat_kwargs, toy_overrides)
+from helpers import (
+    EMBED,
+    assert_same_weights,
+    final_weights,
+    run_in_process,
+    tiny_backbone,
+    tiny_pretrain_batch,
+    tiny_psat_kwargs,
+    toy_overrides,
+)
 from med3dinsight_plugin import Med3DInsightLoss, Med3DInsightModel, PlaneSliceAwareTransformer
 from med3dinsight_plugin.errors import Med3DInsightError
 from med3dinsight_plugin.model import MaskedReconstruction, block_mask, masked_block_count

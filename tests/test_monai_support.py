@@ -8,8 +8,12 @@ from monai.losses import DiceCELoss
 
 from helpers import tiny_backbone
 from med3dinsight_plugin import IncompatibleCheckpointError, save_pretrained
-from med3dinsight_plugin.monai_support import (FinetuneSchedule, Med3DInsightClassifier,
-                                               Med3DInsightSupervisedTrainer, PretrainedEncoderLoader)
+from med3dinsight_plugin.monai_support import (
+    FinetuneSchedule,
+    Med3DInsightClassifier,
+    Med3DInsightSupervisedTrainer,
+    PretrainedEncoderLoader,
+)
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import torch
 
 from helpers import run_tool as run
 from helpers import tiny_backbone
-from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
 from med3dinsight_plugin import build_backbone, save_pretrained
+from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
 
 BIN = Path(sys.executable).parent
 DATASET = "991"

@@ -6,8 +6,7 @@ import torch
 
 import med3dinsight_plugin.ot as torch_ot
 from med3dinsight_plugin.errors import Med3DInsightError
-from med3dinsight_plugin.ot import (NonFiniteCostError, entropic_partial_wasserstein,
-                                   log_entropic_partial_wasserstein)
+from med3dinsight_plugin.ot import NonFiniteCostError, entropic_partial_wasserstein, log_entropic_partial_wasserstein
 
 
 def _problem(rng, n, k):

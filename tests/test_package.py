@@ -31,5 +31,17 @@ def test_public_api():
     for name in ("PlaneSliceAwareTransformer", "build_backbone", "Med3DInsightModel", "Med3DInsightLoss",
                  "clip_loss"):
         assert hasattr(m, name)
-    from med3dinsight_plugin.ot import entropic_partial_wasserstein  # noqa: F401
     from med3dinsight_plugin.alignment import clip_loss  # noqa: F401
+    from med3dinsight_plugin.ot import entropic_partial_wasserstein  # noqa: F401
+
+
+def test_ci_runs_exactly_the_readme_test_command_and_the_tree_is_lint_clean():
+    """``.ci/run`` runs the README's quick-start test command verbatim, and that command's lint step passes."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = next(line for line in readme.splitlines()
+                   if line.startswith("python3 -m venv .venv") and "pytest" in line)
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert "ruff check ." in command
+    ruff = Path(sys.executable).parent / "ruff"  # installed by the test extra
+    r = subprocess.run([str(ruff), "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]

@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from med3dinsight_plugin.planes import (PLANES, crop_position, normal_axis, plane_id, slice_index,
-                                        slice_position)
+from med3dinsight_plugin.planes import PLANES, crop_position, normal_axis, plane_id, slice_index, slice_position
 
 
 def test_plane_ids_and_names():

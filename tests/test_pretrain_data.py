@@ -6,8 +6,7 @@ import torch
 
 from med3dinsight_plugin.planes import slice_index
 from med3dinsight_plugin.pretrain.data import PretrainDataset, split_cases
-from med3dinsight_plugin.teacher.cache import (StaleCacheError, TeacherCache, settings_hash, write_manifest,
-                                               write_shard)
+from med3dinsight_plugin.teacher.cache import StaleCacheError, TeacherCache, settings_hash, write_manifest, write_shard
 
 SHAPES = {"a": (40, 36, 30), "b": (20, 50, 24)}  # "b" is smaller than the patch along two axes
 PATCH = (24, 24, 24)

@@ -12,11 +12,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import (EMBED, TINY_BACKBONES, ToyDataset, assert_same_weights, final_weights, run_in_process, script,
-                     toy_overrides)
+from helpers import (
+    EMBED,
+    TINY_BACKBONES,
+    ToyDataset,
+    assert_same_weights,
+    final_weights,
+    run_in_process,
+    script,
+    toy_overrides,
+)
 from med3dinsight_plugin import load_checkpoint
-from med3dinsight_plugin.pretrain import (ConfigError, build_model, load_config, lr_factor, pretrain,
-                                          retrieval_metrics, save_config)
+from med3dinsight_plugin.pretrain import (
+    ConfigError,
+    build_model,
+    load_config,
+    lr_factor,
+    pretrain,
+    retrieval_metrics,
+    save_config,
+)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import tiny_backbone
-from med3dinsight_plugin import (CheckpointError, build_backbone, load_checkpoint, load_pretrained_encoder,
-                                 save_pretrained)
+from med3dinsight_plugin import (
+    CheckpointError,
+    build_backbone,
+    load_checkpoint,
+    load_pretrained_encoder,
+    save_pretrained,
+)
 from med3dinsight_plugin.checkpoint import read_checkpoint_info
-from med3dinsight_plugin.fileio import storage_id
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.errors import Med3DInsightError
-
+from med3dinsight_plugin.fileio import storage_id
 
 # ---------------------------------------------------------------------------------------------------------- helpers
 

@@ -184,8 +184,9 @@ def test_resumed_run_with_loader_workers_equals_uninterrupted_and_single_process
 def test_a_sample_ignores_and_keeps_the_global_random_states(tmp_path):
     """Sample i is the same whatever state Python's, numpy's and torch's global generators are in, and drawing it
     leaves them as they were (in the main process they are the training loop's own, checkpointed streams)."""
-    from med3dinsight_plugin.pretrain.data import PretrainDataset
     from test_pretrain_data import PATCH, SHAPES, _world
+
+    from med3dinsight_plugin.pretrain.data import PretrainDataset
 
     cache = _world(tmp_path)
     ds = PretrainDataset(tmp_path, list(SHAPES), SHAPES, cache, PATCH, slices=4, seed=1, augment=True)

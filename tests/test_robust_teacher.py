@@ -20,8 +20,14 @@ import torch
 from helpers import ct_like, ct_world
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.slices import RenderSettings, SlicePolicy, dataset_slices
-from med3dinsight_plugin.teacher.cache import (CacheError, StaleCacheError, TeacherCache, verify_cache,
-                                               write_manifest, write_shard)
+from med3dinsight_plugin.teacher.cache import (
+    CacheError,
+    StaleCacheError,
+    TeacherCache,
+    verify_cache,
+    write_manifest,
+    write_shard,
+)
 from med3dinsight_plugin.teacher.captioner import Captioner, VLMError, load_prompts, load_vlm, prompt_for
 from med3dinsight_plugin.teacher.clip import ClipTeacher, TeacherError
 from med3dinsight_plugin.teacher.tiny import save_tiny_llava

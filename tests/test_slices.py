@@ -135,8 +135,8 @@ def test_bad_volumes_give_one_line_errors_naming_the_file(tmp_path, case):
         _write(path, np.zeros(SHAPE, np.float32), "LPS")
     else:
         path.write_text("hello")
-    proc = subprocess.run([str(Path(sys.executable).parent / "med3dinsight"), "slices", str(folder), "-o", str(tmp_path / "png")],
-                          capture_output=True, text=True)
+    proc = subprocess.run([str(Path(sys.executable).parent / "med3dinsight"), "slices", str(folder),
+                           "-o", str(tmp_path / "png")], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad.nii.gz" in lines[0] and "Traceback" not in proc.stderr

@@ -90,7 +90,8 @@ def test_cache_holds_the_teacher_embeddings_of_every_selected_slice(world, tmp_p
     assert cache.cases == world["source"].cases and cache.has_text and cache.embed_dim == 32
     for s in dataset_slices(world["source"], POLICY, render, cases=["case003"]):
         e = cache.entries(s.case)
-        row = int(np.flatnonzero((e.plane == ("axial", "coronal", "sagittal").index(s.plane)) & (e.index == s.index))[0])
+        plane = ("axial", "coronal", "sagittal").index(s.plane)
+        row = int(np.flatnonzero((e.plane == plane) & (e.index == s.index))[0])
         assert e.position[row] == pytest.approx(s.position) and e.shape == (24, 28, 32)
         assert np.allclose(e.image[row], teacher.encode_images([s.image])[0].numpy(), atol=2e-3)  # float16
         text = captions[caption_key(s.case, s.plane, s.position)]["text"]

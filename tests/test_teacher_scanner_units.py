@@ -82,8 +82,8 @@ def _expected(case, shape):
         a, b = sorted((lo_lps[lps_axis], hi_lps[lps_axis]))
         n = shape[canonical]
         axes.append(a + (np.arange(n) + 0.5) / n * (b - a))
-    s, p, l = np.meshgrid(*axes, indexing="ij")
-    return _hu(np.stack([l, p, s], axis=-1))
+    sup, post, left = np.meshgrid(*axes, indexing="ij")
+    return _hu(np.stack([left, post, sup], axis=-1))
 
 
 def test_preprocessed_ct_renders_from_raw_hounsfield_units(dataset, monkeypatch):
@@ -115,7 +115,7 @@ def test_raw_dataset_given_explicitly(dataset, monkeypatch):
     monkeypatch.delenv("nnUNet_raw", raising=False)
     source = open_source(pre, raw=raw)
     np.testing.assert_allclose(source.read("thick").native(0)[2:-2, 2:-2, 2:-2],
-                               _expected("thick", source.read("thick").shape)[2:-2, 2:-2, 2:-2], atol=3.0)  # one voxel off would be 30-100 HU
+                               _expected("thick", source.read("thick").shape)[2:-2, 2:-2, 2:-2], atol=3.0)
 
 
 def test_other_raw_images_are_refused(dataset, tmp_path, monkeypatch):

@@ -24,8 +24,17 @@ from torch import nn
 
 from ..errors import Med3DInsightError
 from .base import Backbone, BackboneOutput, NetworkSpec
-from .family import (BackboneFamily, backbone_family, build_downstream_network, builder_names, family_of_checkpoint,
-                     family_of_network, list_families, network_of_backbone, register_backbone)
+from .family import (
+    BackboneFamily,
+    backbone_family,
+    build_downstream_network,
+    builder_names,
+    family_of_checkpoint,
+    family_of_network,
+    list_families,
+    network_of_backbone,
+    register_backbone,
+)
 
 __all__ = ["Backbone", "BackboneFamily", "BackboneOutput", "NetworkSpec", "backbone_family", "build_backbone",
            "build_backbone_from_config", "build_downstream_network", "family_of_checkpoint", "family_of_network",

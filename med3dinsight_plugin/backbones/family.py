@@ -285,7 +285,8 @@ def build_downstream_network(checkpoint, plans: Union[str, os.PathLike, Dict[str
     """The plain network a checkpoint is fine-tuned in, freshly built: what every test-load loads into.
 
     Args:
-        checkpoint: a path, ``hf-hub:ORG/REPO[@REVISION]`` or loaded :class:`~med3dinsight_plugin.checkpoint.Checkpoint`.
+        checkpoint: a path, ``hf-hub:ORG/REPO[@REVISION]`` or a loaded
+            :class:`~med3dinsight_plugin.checkpoint.Checkpoint`.
         plans: nnU-Net plans (a plans.json path or dict): build the network the plans' ``configuration`` describes,
             exactly as nnU-Net's trainer does (whatever class they name). ``None``: the network the checkpoint's own
             metadata describes (its family's ``build_network``, under :func:`building_from_metadata`); that needs a

@@ -92,13 +92,15 @@ def architecture_from_plans(plans: Union[str, os.PathLike, Dict[str, Any]],
 
     plans = _load_plans(plans)
     if not isinstance(plans, dict) or "configurations" not in plans:
-        raise Med3DInsightError("the plans have no 'configurations' key: pass an nnU-Net v2 plans file (nnUNetPlans.json)")
+        raise Med3DInsightError("the plans have no 'configurations' key: pass an nnU-Net v2 plans file "
+                                "(nnUNetPlans.json)")
     if configuration not in plans["configurations"]:
         raise Med3DInsightError(f"configuration {configuration!r} is not in the plans; available: "
                          f"{sorted(plans['configurations'])}")
     resolved = copy.deepcopy(PlansManager(plans).get_configuration(configuration).configuration)
     if "architecture" not in resolved:
-        raise Med3DInsightError(f"configuration {configuration!r} of the plans has no 'architecture'; nnU-Net v2.4+ plans "
+        raise Med3DInsightError(f"configuration {configuration!r} of the plans has no 'architecture'; nnU-Net v2.4+ "
+                                "plans "
                          f"describe the network there: re-plan with nnUNetv2_plan_experiment")
     return plans, resolved
 
@@ -117,7 +119,8 @@ def architecture_for_patch(patch_size: Sequence[int], spacing: Sequence[float] =
     _, strides, kernels, planned_patch, _ = get_pool_and_conv_props(list(spacing), list(patch_size),
                                                                     _MIN_FEATURE_MAP_EDGE, 999999)
     if tuple(int(p) for p in planned_patch) != tuple(patch_size):
-        raise Med3DInsightError(f"patch size {tuple(patch_size)} does not fit nnU-Net's pooling for spacing {tuple(spacing)}; "
+        raise Med3DInsightError(f"patch size {tuple(patch_size)} does not fit nnU-Net's pooling for spacing "
+                                f"{tuple(spacing)}; "
                          f"nnU-Net would use {tuple(int(p) for p in planned_patch)}")
     n = len(strides)
     kwargs: Dict[str, Any] = {
@@ -165,13 +168,15 @@ def build_nnunet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = Non
     else:
         config["architecture"] = architecture
     if not isinstance(architecture, dict) or not {"network_class_name", "arch_kwargs"} <= set(architecture):
-        raise Med3DInsightError("architecture must be a plans 'architecture' dict with network_class_name and arch_kwargs")
+        raise Med3DInsightError("architecture must be a plans 'architecture' dict with network_class_name and "
+                                "arch_kwargs")
     class_name = architecture["network_class_name"].rsplit(".", 1)[-1]
     if class_name not in _SUPPORTED:
         raise Med3DInsightError(f"nnU-Net architecture {architecture['network_class_name']} is not supported; "
                          f"supported: {', '.join(_SUPPORTED)}")
     if "Conv3d" not in str(architecture["arch_kwargs"].get("conv_op", "")):
-        raise Med3DInsightError(f"the nnU-Net configuration is not 3D (conv_op {architecture['arch_kwargs'].get('conv_op')}); "
+        raise Med3DInsightError("the nnU-Net configuration is not 3D (conv_op "
+                                f"{architecture['arch_kwargs'].get('conv_op')}); "
                          f"use a 3d_* configuration")
     if patch_size is None:
         raise Med3DInsightError("patch_size is required when building the nnunet backbone from an architecture dict")
@@ -181,7 +186,8 @@ def build_nnunet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = Non
                                          architecture.get("_kw_requires_import", ()), in_channels, num_classes,
                                          allow_init=True, deep_supervision=False)
     except (TypeError, ValueError, KeyError, AssertionError, ImportError) as e:
-        raise Med3DInsightError(f"nnU-Net could not build {class_name} from the architecture's arch_kwargs: {e}") from None
+        raise Med3DInsightError(f"nnU-Net could not build {class_name} from the architecture's arch_kwargs: "
+                                f"{e}") from None
     features = architecture["arch_kwargs"]["features_per_stage"]
     config.update(patch_size=list(patch), num_classes=num_classes)
     backbone = NNUNetBackbone(network, in_channels, patch, token_dim=features[-1], decoder_dim=features[0],

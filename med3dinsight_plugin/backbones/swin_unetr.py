@@ -49,7 +49,8 @@ def build_swin_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] =
 
     patch = positive_triple("patch_size", patch_size or DEFAULT_PATCH_SIZE)
     if "img_size" in network_kwargs:
-        raise Med3DInsightError("SwinUNETR takes no img_size since MONAI 1.5; pass patch_size to build_backbone instead")
+        raise Med3DInsightError("SwinUNETR takes no img_size since MONAI 1.5; pass patch_size to build_backbone "
+                                "instead")
     kwargs = {"out_channels": 2, "feature_size": 48, **network_kwargs}
     try:
         network = SwinUNETR(in_channels=in_channels, **kwargs)
@@ -62,7 +63,8 @@ def build_swin_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] =
     backbone.check_spatial_shape(patch)
     minimum = tuple(2 * d for d in backbone.spatial_divisor())
     if any(p < m for p, m in zip(patch, minimum)):
-        raise Med3DInsightError(f"swin_unetr needs patch sizes of at least {minimum} (a smaller patch leaves one bottleneck "
+        raise Med3DInsightError(f"swin_unetr needs patch sizes of at least {minimum} (a smaller patch leaves one "
+                                "bottleneck "
                          f"voxel, which InstanceNorm rejects), got {patch}")
     return backbone
 

@@ -24,7 +24,8 @@ class UNETRBackbone(Backbone):
     def check_spatial_shape(self, shape):
         # The ViT's learnable position embedding fixes the input size.
         if tuple(shape) != self.patch_size:
-            raise Med3DInsightError(f"unetr was built for patches of {self.patch_size} (its position embedding has one entry "
+            raise Med3DInsightError(f"unetr was built for patches of {self.patch_size} (its position embedding has "
+                                    "one entry "
                              f"per {VIT_PATCH}^3 patch) but got spatial size {tuple(shape)}; crop to {self.patch_size}")
 
     @classmethod

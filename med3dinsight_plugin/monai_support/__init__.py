@@ -3,8 +3,8 @@
 Importing this package imports MONAI's engines and pytorch-ignite; the core package never does.
 """
 from ..classifier import Med3DInsightClassifier
-from .handlers import FinetuneSchedule, PretrainedEncoderLoader
 from ..finetune import finetune_param_groups
+from .handlers import FinetuneSchedule, PretrainedEncoderLoader
 from .trainer import Med3DInsightSupervisedTrainer
 
 __all__ = ["FinetuneSchedule", "Med3DInsightClassifier", "Med3DInsightSupervisedTrainer", "PretrainedEncoderLoader",

@@ -8,9 +8,9 @@ from typing import List, Optional, Tuple, Union
 import torch
 from ignite.engine import Engine, Events
 
-from ..loading import LoadReport, load_pretrained_encoder
-from ..finetune import apply_finetune_lr, finetune_lr_factor
 from ..errors import Med3DInsightError
+from ..finetune import apply_finetune_lr, finetune_lr_factor
+from ..loading import LoadReport, load_pretrained_encoder
 
 __all__ = ["FinetuneSchedule", "PretrainedEncoderLoader"]
 

@@ -17,7 +17,7 @@ With your own datasets (map-style, ``dataset[i]`` deterministic for any sample n
 from .config import ConfigError, PretrainConfig, load_config, save_config
 from .diagnostics import evaluate, plot_metrics, retrieval_metrics
 from .engine import build_model, lr_factor, pretrain
-from .run import run_pretraining, check_downstream_load
+from .run import check_downstream_load, run_pretraining
 
 __all__ = ["ConfigError", "PretrainConfig", "build_model", "evaluate", "load_config", "lr_factor", "plot_metrics",
            "pretrain", "retrieval_metrics", "run_pretraining", "save_config", "check_downstream_load"]

@@ -15,8 +15,8 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 
-from ..psat import PSAT_PRESETS
 from ..errors import Med3DInsightError, short_repr
+from ..psat import PSAT_PRESETS
 
 __all__ = ["ConfigError", "DataConfig", "LossWeights", "ModelConfig", "PretrainConfig", "TrainConfig",
            "check_backbone_kwargs", "diff_configs", "load_config", "save_config", "RESUMABLE_CHANGES"]

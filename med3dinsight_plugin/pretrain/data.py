@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import Med3DInsightError
 from ..fileio import atomic_write
 from ..teacher.cache import StaleCacheError, TeacherCache
-from ..errors import Med3DInsightError
 
 __all__ = ["VIEWS", "PretrainDataset", "body_box", "compute_normalization", "median_spacing", "prepare_volumes",
            "prepared_boxes", "resample_box", "split_cases"]
@@ -90,8 +90,7 @@ def _files(volume, case: str) -> str:
 def _normalize(array: np.ndarray, normalization: Dict[str, Any]) -> np.ndarray:
     """Normalise every channel with nnU-Net's scheme, computed in float64 (a float32 mean or std of an MRI with
     huge values overflows), stored as float32."""
-    from nnunetv2.preprocessing.normalization.default_normalization_schemes import (CTNormalization,
-                                                                                    ZScoreNormalization)
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization, ZScoreNormalization
     scheme = normalization["scheme"]
     if scheme == "nnunet_preprocessed":
         return array
@@ -256,8 +255,11 @@ def split_cases(cases: Sequence[str], eval_cases: int, seed: int):
 
 def _augmenter():
     from batchgenerators.transforms.abstract_transforms import Compose
-    from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
-                                                             ContrastAugmentationTransform, GammaTransform)
+    from batchgenerators.transforms.color_transforms import (
+        BrightnessMultiplicativeTransform,
+        ContrastAugmentationTransform,
+        GammaTransform,
+    )
     from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
 
     # nnU-Net's intensity augmentations and probabilities; no spatial ones (see the module docstring)

@@ -30,9 +30,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from ..checkpoint import RESERVED_METADATA, CheckpointError, save_pretrained
-from ..fileio import atomic_write, freeze
 from ..distributed import DistributedContext, init_distributed
 from ..errors import Med3DInsightError, first_line
+from ..fileio import atomic_write, freeze
 from ..model import build_model
 from ..ot import NonFiniteCostError
 from .config import RESUMABLE_CHANGES, ConfigError, PretrainConfig, TrainConfig, diff_configs, save_config

@@ -16,13 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..fileio import atomic_write
 from ..distributed import init_distributed
 from ..errors import Med3DInsightError, first_line
+from ..fileio import atomic_write
 from ..teacher.cache import TeacherCache
 from .config import ConfigError, PretrainConfig, check_backbone_kwargs
-from .data import (PretrainDataset, compute_normalization, median_spacing, prepare_volumes, prepared_boxes,
-                   split_cases)
+from .data import PretrainDataset, compute_normalization, median_spacing, prepare_volumes, prepared_boxes, split_cases
 
 __all__ = ["RunLock", "RunLockedError", "run_pretraining", "check_downstream_load"]
 
@@ -176,8 +175,9 @@ def _check_output(out: Path, cache: TeacherCache) -> None:
         if started != json.loads(json.dumps(teacher)):
             from ..fileio import diff_keys
             from ..teacher.cache import StaleCacheError
-            raise StaleCacheError(f"{out} was started with another teacher cache ({', '.join(diff_keys(started, teacher)[:3])}"
-                                  f" differ); resume with the cache it started with, or use a new output folder")
+            differ = ", ".join(diff_keys(started, teacher)[:3])
+            raise StaleCacheError(f"{out} was started with another teacher cache ({differ} differ); resume with the "
+                                  f"cache it started with, or use a new output folder")
     else:
         atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(teacher, indent=1)))
 
@@ -217,8 +217,8 @@ def target_spacing(data, source) -> Optional[List[float]]:
 
 
 def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Dict[str, Any]:
-    from .engine import build_model, pretrain
     from ..volumes import open_source
+    from .engine import build_model, pretrain
 
     d = config.data
     source = open_source(d.source, modality=d.modality, configuration=d.configuration, plans=d.plans)

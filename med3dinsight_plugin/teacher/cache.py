@@ -28,8 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..fileio import atomic_write, diff_keys, sha256_file
 from ..errors import Med3DInsightError, first_line, short_repr
+from ..fileio import atomic_write, diff_keys, sha256_file
 
 __all__ = ["CacheError", "CaseEntries", "StaleCacheError", "TeacherCache", "settings_hash", "shard_name",
            "verify_cache", "write_manifest", "write_shard"]

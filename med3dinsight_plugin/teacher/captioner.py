@@ -27,19 +27,27 @@ import pickle
 import re
 import string
 import time
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from ..planes import PLANES, plane_id
-from .captions import (CaptionError, CaptionFile, caption_key, merge_shards, read_all, shard_files, shard_folder,
-                       shard_path)
-from .hub import hub_offline, pickle_files, unsafe_pickle_message
 from ..errors import Med3DInsightError
+from ..planes import PLANES, plane_id
+from .captions import (
+    CaptionError,
+    CaptionFile,
+    caption_key,
+    merge_shards,
+    read_all,
+    shard_files,
+    shard_folder,
+    shard_path,
+)
+from .hub import hub_offline, pickle_files, unsafe_pickle_message
 
 __all__ = ["VLM", "VLMError", "CaptionError", "CaptionFile", "Captioner", "DEFAULT_PROMPTS", "SliceRenderer",
            "caption_dataset", "caption_key", "caption_slices", "check_generation_args", "load_prompts", "load_vlm",
@@ -184,8 +192,8 @@ def load_vlm(model: str, *, device: Union[str, torch.device] = "cpu", dtype=None
         raise VLMError(f"the processor of {model} has no chat template, so prompts cannot be formatted for it; use "
                        f"the model's instruct/chat variant or add a chat_template.jinja to its folder")
     try:  # a broken template would otherwise fail at the first batch, after the weights loaded
-        processor.apply_chat_template([[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]],
-                                      add_generation_prompt=True, tokenize=False)
+        probe = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]]
+        processor.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # jinja2 raises its own types
         raise VLMError(f"the chat template of {model} does not render ({type(e).__name__}: {_first_line(e)}); fix "
                        f"its chat_template.jinja or use the model's original files") from e

@@ -20,10 +20,10 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
-from ..planes import PLANES
-from ..slices import slice_key
 from ..errors import Med3DInsightError
 from ..fileio import atomic_write, atomic_write_text, diff_keys
+from ..planes import PLANES
+from ..slices import slice_key
 
 PathLike = Union[str, os.PathLike]
 _REQUIRED = {"case": str, "plane": str, "index": int, "position": (int, float), "text": str}

@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .hub import SAFE_FORMATS, hub_offline, pickle_files, unsafe_pickle_message
 from ..errors import Med3DInsightError
+from .hub import SAFE_FORMATS, hub_offline, pickle_files, unsafe_pickle_message
 
 __all__ = ["DEFAULT_TEACHER", "ClipTeacher", "TeacherError"]
 

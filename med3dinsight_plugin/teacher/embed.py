@@ -14,12 +14,21 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..distributed import init_distributed
-from ..planes import plane_id
-from ..slices import RenderSettings, SlicePolicy, volume_slices
 from ..errors import first_line
 from ..fileio import diff_keys, sha256_file
-from .cache import (MANIFEST, CacheError, StaleCacheError, _read_header, read_manifest, settings_hash,
-                    shard_name, write_manifest, write_shard)
+from ..planes import plane_id
+from ..slices import RenderSettings, SlicePolicy, volume_slices
+from .cache import (
+    MANIFEST,
+    CacheError,
+    StaleCacheError,
+    _read_header,
+    read_manifest,
+    settings_hash,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
 
 __all__ = ["embed_dataset", "caption_settings_for"]
 

@@ -43,8 +43,14 @@ def _tokenizer(special: dict):
 def save_tiny_llava(folder, seed: int = 0) -> Path:
     """A ~55k-parameter random LLaVA (CLIP vision tower + Llama) with its processor, in ``folder``."""
     import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -66,8 +72,13 @@ def save_tiny_llava(folder, seed: int = 0) -> Path:
 def save_tiny_qwen2vl(folder, seed: int = 0) -> Path:
     """A ~115k-parameter random Qwen2-VL with its processor, in ``folder``."""
     import torch
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
-                              Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     folder = Path(folder)
     torch.manual_seed(seed)
