@@ -142,7 +142,14 @@ def _slice_settings(args: argparse.Namespace, size: Optional[int] = None):
 def _source(args: argparse.Namespace):
     from .volumes import open_source
 
-    return open_source(args.data, modality=args.modality, configuration=args.configuration, plans=args.plans)
+    source = open_source(args.data, modality=args.modality, configuration=args.configuration, plans=args.plans)
+    if args.crops:
+        from .crops import CropSource
+
+        if args.crop_mm is None:
+            raise Med3DInsightError("--crops needs --crop-mm S P L (the crops' size in mm: superior, posterior, left)")
+        source = CropSource(source, args.crops, args.crop_mm, args.crop_seed)
+    return source
 
 
 def _cmd_slices(args: argparse.Namespace) -> int:
@@ -163,6 +170,9 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         raise Med3DInsightError("--class-names goes with --from-labels (a VLM names what it sees)")
     if args.from_labels is not None and args.prompts is not None:
         raise Med3DInsightError("--prompts goes with --vlm; --from-labels writes its captions without prompts")
+    if args.from_labels is not None and args.crops:
+        raise Med3DInsightError("--from-labels reads one label file per whole volume; caption crops (--crops) with "
+                                "--vlm")
     policy, render = _slice_settings(args)
     source = _source(args)
     if args.from_labels is not None:
@@ -252,6 +262,12 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"])
     p.add_argument("--configuration", default="3d_fullres", help="nnU-Net preprocessed data: configuration")
     p.add_argument("--plans", default="nnUNetPlans", help="nnU-Net preprocessed data: plans name")
+    p.add_argument("--crops", type=int, default=0, metavar="N",
+                   help="N fixed crops per volume, each a case CASE@m whose slices show only the crop (default 0: "
+                        "whole volumes); pretrain with the same data.crops, data.crop_mm, data.crop_seed")
+    p.add_argument("--crop-mm", type=float, nargs=3, metavar=("S", "P", "L"),
+                   help="with --crops: the crops' size in mm (superior, posterior, left), e.g. the patch x spacing")
+    p.add_argument("--crop-seed", type=int, default=0, help="with --crops: the seed that places the crops")
     p.add_argument("--per-plane", type=int, default=16, help="slices per plane and volume (default 16)")
     p.add_argument("--planes", nargs="+", default=["axial", "coronal", "sagittal"])
     p.add_argument("--min-foreground", type=float, default=0.05,

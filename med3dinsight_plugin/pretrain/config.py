@@ -54,6 +54,11 @@ class DataConfig:
     # target_spacing, when set, is used instead
     spacing: str = _f("median", kind="str", choices=("median", "native"))
     target_spacing: Optional[List[float]] = _f(None, kind="floats", length=3, above=0.0, optional=True)
+    # fixed crops, each a case of its own (med3dinsight_plugin.crops): 0 = whole volumes; the teacher cache must have
+    # been made with the same crops (embed --crops N --crop-mm S P L --crop-seed K); use with view: volume
+    crops: int = _f(0, kind="int", min=0)
+    crop_mm: Optional[List[float]] = _f(None, kind="floats", length=3, above=0.0, optional=True)
+    crop_seed: int = _f(0, kind="int")
     slices_per_sample: int = _f(8, kind="int", min=1)
     num_workers: int = _f(2, kind="int", min=0)
     augment: bool = _f(True, kind="bool")

@@ -222,12 +222,18 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Dict[st
 
     d = config.data
     source = open_source(d.source, modality=d.modality, configuration=d.configuration, plans=d.plans)
+    if d.crops:
+        from ..crops import CropSource
+
+        if d.crop_mm is None:
+            raise ConfigError("data.crops needs data.crop_mm (the crops' size in mm, as given to embed --crop-mm)")
+        source = CropSource(source, d.crops, d.crop_mm, d.crop_seed)
     if source.num_channels != config.model.in_channels:
         raise ConfigError(f"{d.source} has {source.num_channels} channel(s) but model.in_channels is "
                           f"{config.model.in_channels}; set model.in_channels={source.num_channels}")
     # one modality decision per dataset: a cache rendered as MRI does not teach a CT pretraining
-    cache = TeacherCache(d.cache, expect={"source": {k: source.describe()[k]
-                                                     for k in ("kind", "num_channels", "modality")}})
+    cache = TeacherCache(d.cache, expect={"source": {k: source.describe().get(k)
+                                                     for k in ("kind", "num_channels", "modality", "crops")}})
     train_cases, eval_cases = split_cases(source.cases, d.eval_cases, d.seed)
     _backbone_kwargs(config, source)
     # One process group for the whole run, its CUDA device selected before the first collective (the broadcast
