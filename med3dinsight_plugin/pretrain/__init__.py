@@ -5,7 +5,8 @@ From a configuration (what ``med3dinsight pretrain`` does)::
     from med3dinsight_plugin.pretrain import load_config, run_pretraining
 
     config = load_config("run.yaml", ["data.source=/data/Dataset042", "data.cache=cache", "output=runs/a"])
-    run_pretraining(config)
+    result = run_pretraining(config)  # a PretrainResult
+    print(result.checkpoint, result.eval)
 
 With your own datasets (map-style, ``dataset[i]`` deterministic for any sample number ``i``)::
 
@@ -16,8 +17,8 @@ With your own datasets (map-style, ``dataset[i]`` deterministic for any sample n
 """
 from .config import ConfigError, PretrainConfig, load_config, save_config
 from .diagnostics import evaluate, plot_metrics, retrieval_metrics
-from .engine import build_model, lr_factor, pretrain
+from .engine import PretrainResult, build_model, lr_factor, pretrain
 from .run import check_downstream_load, run_pretraining
 
-__all__ = ["ConfigError", "PretrainConfig", "build_model", "evaluate", "load_config", "lr_factor", "plot_metrics",
-           "pretrain", "retrieval_metrics", "run_pretraining", "save_config", "check_downstream_load"]
+__all__ = ["ConfigError", "PretrainConfig", "PretrainResult", "build_model", "evaluate", "load_config", "lr_factor",
+           "plot_metrics", "pretrain", "retrieval_metrics", "run_pretraining", "save_config", "check_downstream_load"]

@@ -35,10 +35,11 @@ from ..errors import Med3DInsightError, first_line
 from ..fileio import atomic_write, freeze
 from ..model import build_model
 from ..ot import NonFiniteCostError
+from ..results import Result
 from .config import RESUMABLE_CHANGES, ConfigError, PretrainConfig, TrainConfig, diff_configs, save_config
 from .diagnostics import MetricsLog, evaluate, plot_metrics
 
-__all__ = ["NonFiniteError", "build_model", "lr_factor", "pretrain", "STATE_FORMAT"]
+__all__ = ["NonFiniteError", "PretrainResult", "build_model", "lr_factor", "pretrain", "STATE_FORMAT"]
 
 STATE_FORMAT = "med3dinsight-pretrain-state"
 # Metadata keys the checkpoint format and this loop write themselves: checked before training, not after it.
@@ -48,6 +49,30 @@ _STATE_KEYS = ("step", "model", "optimizer", "scheduler", "scaler", "rng", "conf
 
 class NonFiniteError(Med3DInsightError):
     """Training diverged: a loss or a weight became NaN/Inf (nothing non-finite is ever saved)."""
+
+
+@dataclass(frozen=True)
+class PretrainResult(Result):
+    """What :func:`pretrain` (and :func:`~med3dinsight_plugin.pretrain.run_pretraining`) returns, on every rank.
+
+    Attributes:
+        checkpoint: the final ``OUTPUT/med3dinsight.safetensors`` (``save_pretrained``); ``None`` on ranks other than 0.
+        state: the full training state, ``OUTPUT/checkpoints/last.pt``.
+        output: the run folder ``OUTPUT``.
+        steps: the last optimizer step (``train.steps`` once the run is complete).
+        start_step: the step this call began at (0 on a fresh start, else the resumed step).
+        global_batch: samples per optimizer step over all ranks.
+        losses: the last logged loss terms (and grad norm), means over the ranks; empty if nothing was logged.
+        eval: the last held-out retrieval metrics (rank 0; empty without an evaluation set or evaluation step).
+    """
+    checkpoint: Optional[str]
+    state: str
+    output: str
+    steps: int
+    start_step: int
+    global_batch: int
+    losses: Dict[str, float] = field(default_factory=dict)
+    eval: Dict[str, float] = field(default_factory=dict)
 
 
 def lr_factor(step: int, train: TrainConfig) -> float:
@@ -115,7 +140,7 @@ def _gather_plain(t: Optional[torch.Tensor], world: int) -> Optional[torch.Tenso
 def pretrain(config: PretrainConfig, model: nn.Module, train_set, eval_set=None, *, metadata: Optional[dict] = None,
              resume: bool = True, progress: bool = True,
              on_start: Optional[Callable[[nn.Module], Any]] = None,
-             context: Optional[DistributedContext] = None) -> Dict[str, Any]:
+             context: Optional[DistributedContext] = None) -> PretrainResult:
     """Pretrain ``model`` on ``train_set`` as ``config`` says; runs alike alone and under ``torchrun``.
 
     Args:
@@ -143,9 +168,10 @@ def pretrain(config: PretrainConfig, model: nn.Module, train_set, eval_set=None,
     non-finite state.
 
     Returns:
-        ``checkpoint`` (the final ``med3dinsight.safetensors``; ``None`` on ranks other than 0), ``state``
-        (last.pt), ``output``, ``steps`` (the last step), ``start_step`` (where this call began), ``global_batch``,
-        ``losses`` (the last logged means over the ranks) and ``eval`` (the last held-out metrics, rank 0).
+        A :class:`PretrainResult`: ``checkpoint`` (the final ``med3dinsight.safetensors``; ``None`` on ranks other
+        than 0), ``state`` (last.pt), ``output``, ``steps`` (the last step), ``start_step`` (where this call began),
+        ``global_batch``, ``losses`` (the last logged means over the ranks) and ``eval`` (the last held-out metrics,
+        rank 0).
 
     Raises:
         ConfigError: a bad configuration, or a resumption with a configuration other than the checkpoint's.
@@ -242,7 +268,7 @@ class _RunContext:
 
 
 def _run(config: PretrainConfig, model: nn.Module, train_set, eval_set, metadata: Dict[str, Any], resume: bool,
-         progress: bool, on_start: Optional[Callable[[nn.Module], Any]], ctx: DistributedContext) -> Dict[str, Any]:
+         progress: bool, on_start: Optional[Callable[[nn.Module], Any]], ctx: DistributedContext) -> PretrainResult:
     """The body of :func:`pretrain` once its arguments are checked and the process group is joined.
 
     Args:
@@ -250,7 +276,7 @@ def _run(config: PretrainConfig, model: nn.Module, train_set, eval_set, metadata
         ctx: this process's place in the process group and its device.
 
     Returns:
-        What :func:`pretrain` returns (:func:`_summary`).
+        The :class:`PretrainResult` (:func:`_summary`).
     """
     run = _open_run(config, model, ctx, eval_set, resume)
     _prepare_model(run, on_start)
@@ -487,11 +513,11 @@ def _finish(run: _RunContext, metadata: Dict[str, Any]) -> Optional[Path]:
     return final
 
 
-def _summary(run: _RunContext, final: Optional[Path]) -> Dict[str, Any]:
+def _summary(run: _RunContext, final: Optional[Path]) -> PretrainResult:
     """What :func:`pretrain` returns (see there)."""
-    return {"checkpoint": str(final) if final else None, "state": str(run.states.last), "output": str(run.out),
-            "steps": run.step, "start_step": run.start, "global_batch": run.global_batch,
-            "losses": run.tally.last_losses, "eval": run.tally.last_eval}
+    return PretrainResult(checkpoint=str(final) if final else None, state=str(run.states.last), output=str(run.out),
+                          steps=run.step, start_step=run.start, global_batch=run.global_batch,
+                          losses=dict(run.tally.last_losses), eval=dict(run.tally.last_eval))
 
 
 class _Unusable(Exception):

@@ -22,8 +22,9 @@ from ..fileio import atomic_write
 from ..teacher.cache import TeacherCache
 from .config import ConfigError, PretrainConfig, check_backbone_kwargs
 from .data import PretrainDataset, compute_normalization, median_spacing, prepare_volumes, prepared_boxes, split_cases
+from .engine import PretrainResult
 
-__all__ = ["RunLock", "RunLockedError", "run_pretraining", "check_downstream_load"]
+__all__ = ["PretrainResult", "RunLock", "RunLockedError", "run_pretraining", "check_downstream_load"]
 
 ORIENTATION = "canonical LPS: axis 0 toward superior, 1 toward posterior, 2 toward the patient's left"
 EVAL_CROPS_PER_CASE = 4
@@ -182,8 +183,13 @@ def _check_output(out: Path, cache: TeacherCache) -> None:
         atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(teacher, indent=1)))
 
 
-def run_pretraining(config: PretrainConfig, resume: bool = True, progress: bool = True) -> Dict[str, Any]:
+def run_pretraining(config: PretrainConfig, resume: bool = True, progress: bool = True) -> PretrainResult:
     """Pretrain as ``config`` says (alone or under torchrun) and return the engine's summary.
+
+    Returns:
+        The :class:`~.engine.PretrainResult` of :func:`.engine.pretrain`: ``checkpoint`` (the final
+        ``med3dinsight.safetensors``, rank 0), ``state``, ``output``, ``steps``, ``start_step``, ``global_batch``,
+        ``losses``, ``eval``.
 
     Raises:
         ConfigError, VolumeError, CacheError: bad configuration or data, before any training step.
@@ -216,7 +222,7 @@ def target_spacing(data, source) -> Optional[List[float]]:
     return median_spacing(source, source.cases) if data.spacing == "median" else None
 
 
-def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Dict[str, Any]:
+def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> PretrainResult:
     from ..volumes import open_source
     from .engine import build_model, pretrain
 
