@@ -41,9 +41,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     result = export_checkpoint(args.checkpoint, args.to, args.output, plans=args.plans,
                                configuration=args.configuration)
-    print(f"wrote {result['path']} ({result['format']}, {result['tensors']} tensors)")
-    if result["note"]:
-        print(f"note: {result['note']}")
+    print(f"wrote {result.path} ({result.format}, {result.tensors} tensors)")
+    if result.note:
+        print(f"note: {result.note}")
     return 0
 
 
@@ -100,11 +100,11 @@ def _cmd_nnunet_attach(args: argparse.Namespace) -> int:
     result = attach_checkpoint(args.dataset, args.plans, args.checkpoint, name=args.name,
                                configuration=args.configuration, adapt_architecture=args.adapt_architecture,
                                overwrite=args.overwrite)
-    print(result["report"])
-    for change in result["changes"]:
+    print(result.report)
+    for change in result.changes:
         print(f"changed in the plans: {change}")
-    print(f"{'replaced' if result.get('replaced') else 'wrote'} {result['plans_file']}")
-    print(f"now train with:  {result['command']}")
+    print(f"{'replaced' if result.replaced else 'wrote'} {result.plans_file}")
+    print(f"now train with:  {result.command}")
     return 0
 
 
@@ -180,7 +180,7 @@ def _cmd_caption(args: argparse.Namespace) -> int:
 
         result = caption_from_labels(source, args.from_labels, args.output, policy, render,
                                      class_names=args.class_names)
-        print(f"{args.output}: {result['written']} captions written, {result['skipped']} already there")
+        print(f"{args.output}: {result.written} captions written, {result.skipped} already there")
         return 0
     check_generation_args(args.batch_size, args.max_new_tokens)  # before a 7B model loads
     prompts = load_prompts(args.prompts) if args.prompts else None
@@ -189,10 +189,10 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         captioner = Captioner(vlm, prompts=prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         r = caption_dataset(source, captioner, args.output, policy, render,
                             settings={"model": args.vlm, "max_new_tokens": args.max_new_tokens})
-    if r["rank"] == 0:
-        rate = r["written"] / r["seconds"] if r["seconds"] > 0 else 0.0
-        print(f"{args.output}: {r['written']} captions written, {r['skipped']} already there ({r['captions']} in the "
-              f"file; {r['world']} process(es), {r['seconds']:.2f} s, {rate:.2f} captions/s)")
+    if r.rank == 0:
+        rate = r.written / r.seconds if r.seconds > 0 else 0.0
+        print(f"{args.output}: {r.written} captions written, {r.skipped} already there ({r.captions} in the "
+              f"file; {r.world} process(es), {r.seconds:.2f} s, {rate:.2f} captions/s)")
     return 0
 
 
@@ -208,9 +208,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         teacher = ClipTeacher(args.clip_model, args.clip_pretrained, device=str(ctx.device), precision=precision)
         r = embed_dataset(source, args.output, teacher, policy, render, captions=args.captions,
                           batch_size=args.batch_size, cases_per_shard=args.cases_per_shard)
-    if r["rank"] == 0:
-        print(f"{r['folder']}: {r['cases']} cases, {r['shards_written']} shard(s) written here, {r['shards_kept']} "
-              f"kept from an earlier run, {r['seconds']} s")
+    if r.rank == 0:
+        print(f"{r.folder}: {r.cases} cases, {r.shards_written} shard(s) written here, {r.shards_kept} "
+              f"kept from an earlier run, {r.seconds} s")
     return 0
 
 
@@ -240,11 +240,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + list(args.set or [])
     config = load_config(args.config, overrides)
     result = run_pretraining(config, resume=not args.no_resume)
-    if result.get("checkpoint"):
-        print(f"pretrained checkpoint: {result['checkpoint']}")
-        print(f"run folder: {result['output']} (config.yaml, metrics.jsonl, metrics.png, tensorboard/, checkpoints/)")
-        if result.get("eval"):
-            e = result["eval"]
+    if result.checkpoint:
+        print(f"pretrained checkpoint: {result.checkpoint}")
+        print(f"run folder: {result.output} (config.yaml, metrics.jsonl, metrics.png, tensorboard/, checkpoints/)")
+        if result.eval:
+            e = result.eval
             print("held-out retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in e.items() if k.endswith(("top1",
                                                                                                    "top5", "gap"))))
     return 0

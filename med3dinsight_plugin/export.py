@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -21,8 +22,9 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .errors import Med3DInsightError, first_line
 from .fileio import atomic_write
+from .results import Result
 
-__all__ = ["ExportError", "export_checkpoint", "rebuild_backbone", "EXPORT_FORMATS"]
+__all__ = ["ExportError", "ExportResult", "export_checkpoint", "rebuild_backbone", "EXPORT_FORMATS"]
 
 EXPORT_FORMATS = ("nnunet", "monai", "nnssl")
 PathLike = Union[str, os.PathLike]
@@ -30,6 +32,22 @@ PathLike = Union[str, os.PathLike]
 
 class ExportError(CheckpointError):
     """A checkpoint whose network the chosen ``--to`` target cannot take; the message names the export to use."""
+
+
+@dataclass(frozen=True)
+class ExportResult(Result):
+    """What :func:`export_checkpoint` wrote.
+
+    Attributes:
+        format: the target format, one of :data:`EXPORT_FORMATS`.
+        path: the file written.
+        tensors: the number of network tensors in it.
+        note: what to know before loading it (how it was checked, or how to load it); ``""`` if nothing.
+    """
+    format: str
+    path: str
+    tensors: int
+    note: str = ""
 
 
 def rebuild_backbone(checkpoint: Union[PathLike, Checkpoint], in_channels: Optional[int] = None,
@@ -81,7 +99,7 @@ def _mismatch(e: RuntimeError) -> str:
 
 
 def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Optional[PathLike] = None,
-                      configuration: str = "3d_fullres") -> Dict[str, Any]:
+                      configuration: str = "3d_fullres") -> ExportResult:
     """Write ``checkpoint`` in the format ``to`` (one of :data:`EXPORT_FORMATS`) to ``out``, atomically.
 
     Args:
@@ -92,7 +110,7 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
             those plans build takes every non-segmentation tensor of the checkpoint with the same shape.
 
     Returns:
-        A summary: ``{"format", "path", "tensors", "note"}``.
+        An :class:`ExportResult`: ``format``, ``path``, ``tensors`` (network tensors written) and ``note``.
     """
     if to not in EXPORT_FORMATS:
         raise Med3DInsightError(f"--to must be one of {', '.join(EXPORT_FORMATS)}, got {to!r}")
@@ -138,7 +156,7 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
         payload = {"network_weights": state, "nnssl_adaptation_plan": adaptation_plan(backbone, ckpt.metadata)}
     atomic_write(out, lambda tmp: torch.save(payload, tmp))
     tensors = len(payload.get("network_weights", payload))
-    return {"format": to, "path": str(out), "tensors": tensors, "note": note}
+    return ExportResult(format=to, path=str(out), tensors=tensors, note=note)
 
 
 def _check_nnunet_plans(ckpt, state, in_channels, plans, configuration, trainer):

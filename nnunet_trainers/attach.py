@@ -14,23 +14,49 @@ from __future__ import annotations
 import copy
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from med3dinsight_plugin.checkpoint import CheckpointError, load_checkpoint
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
 from med3dinsight_plugin.fileio import atomic_write, sha256_file
 from med3dinsight_plugin.hub import is_hub_spec, pinned_spec
+from med3dinsight_plugin.loading import LoadReport
+from med3dinsight_plugin.results import Result
 
 # re-exported for older callers (tests, scripts); their home is .contract
 from .contract import ENV_CHECKPOINT, MONAI_NETWORKS, PLANS_KEY, TRAINER_OF, checkpoint_family, configured_checkpoint  # noqa: F401
 
-__all__ = ["attach_checkpoint", "attached_plans"]
+__all__ = ["AttachResult", "attach_checkpoint", "attached_plans"]
+
+
+@dataclass(frozen=True)
+class AttachResult(Result):
+    """What :func:`attach_checkpoint` wrote and how to train with it.
+
+    Attributes:
+        plans_file: the plans file written, ``nnUNet_preprocessed/DATASET/NAME.json``.
+        plans_name: its plans name (``NAME``; pass it to ``nnUNetv2_train -p``).
+        trainer: the nnU-Net trainer that loads the checkpoint (``-tr``).
+        command: the ``nnUNetv2_train`` command line, with ``FOLD`` to fill in.
+        report: the :class:`~med3dinsight_plugin.loading.LoadReport` of the test load into the network the new
+            plans build (``str(report)`` is a readable summary).
+        changes: what ``adapt_architecture`` changed in the configuration, one line each (empty without it).
+        replaced: whether an existing ``NAME.json`` was replaced.
+    """
+    plans_file: str
+    plans_name: str
+    trainer: str
+    command: str
+    report: LoadReport
+    changes: List[str] = field(default_factory=list)
+    replaced: bool = False
 
 
 def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, name: Optional[str] = None,
                       configuration: str = "3d_fullres", adapt_architecture: bool = False,
-                      overwrite: bool = False) -> Dict[str, Any]:
+                      overwrite: bool = False) -> AttachResult:
     """Write ``NAME.json`` beside ``PLANS_NAME.json`` carrying ``checkpoint`` (see the module docstring).
 
     Args:
@@ -46,8 +72,9 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
             plans are never touched. The source plans are never overwritten.
 
     Returns:
-        ``{"plans_file", "plans_name", "trainer", "command", "report", "changes", "replaced"}``; ``replaced`` says
-        whether an existing ``NAME.json`` was replaced.
+        An :class:`AttachResult`: ``plans_file``, ``plans_name``, ``trainer``, ``command`` (the ``nnUNetv2_train``
+        line), ``report`` (the test load's :class:`~med3dinsight_plugin.loading.LoadReport`), ``changes`` and
+        ``replaced`` (whether an existing ``NAME.json`` was replaced).
     """
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -82,8 +109,8 @@ def attach_checkpoint(dataset: str, plans_name: str, checkpoint: os.PathLike, na
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(new_plans, indent=2)))
     trainer = TRAINER_OF[family]
     command = f"nnUNetv2_train {dataset} {configuration} FOLD -p {new_name} -tr {trainer}"
-    return {"plans_file": str(out), "plans_name": new_name, "trainer": trainer, "command": command,
-            "report": report, "changes": changes, "replaced": replaced}
+    return AttachResult(plans_file=str(out), plans_name=new_name, trainer=trainer, command=command, report=report,
+                        changes=list(changes), replaced=replaced)
 
 
 def attached_plans(plans: Dict[str, Any], plans_file: Path, new_name: str, checkpoint: os.PathLike,

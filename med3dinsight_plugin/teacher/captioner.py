@@ -37,6 +37,7 @@ import torch
 
 from ..errors import Med3DInsightError
 from ..planes import PLANES, plane_id
+from ..results import Result
 from .captions import (
     CaptionError,
     CaptionFile,
@@ -49,9 +50,9 @@ from .captions import (
 )
 from .hub import hub_offline, pickle_files, unsafe_pickle_message
 
-__all__ = ["VLM", "VLMError", "CaptionError", "CaptionFile", "Captioner", "DEFAULT_PROMPTS", "SliceRenderer",
-           "caption_dataset", "caption_key", "caption_slices", "check_generation_args", "load_prompts", "load_vlm",
-           "prompt_for"]
+__all__ = ["VLM", "VLMError", "CaptionError", "CaptionFile", "CaptionResult", "Captioner", "DEFAULT_PROMPTS",
+           "SliceRenderer", "caption_dataset", "caption_key", "caption_slices", "check_generation_args", "load_prompts",
+           "load_vlm", "prompt_for"]
 
 
 class VLMError(Med3DInsightError):
@@ -608,9 +609,32 @@ def _on_main(ctx, fn):
     return payload
 
 
+@dataclass(frozen=True)
+class CaptionResult(Result):
+    """What :func:`caption_dataset` did, on every rank.
+
+    Attributes:
+        written: captions written now, summed over all processes.
+        skipped: selected slices already captioned (in the file or a shard), summed over all processes.
+        written_here: captions this process wrote now.
+        captions: the captions in the merged file.
+        path: the caption file.
+        seconds: from the first slice to the merged file, rounded to 1 ms.
+        rank, world: this process's rank and the number of processes.
+    """
+    written: int
+    skipped: int
+    written_here: int
+    captions: int
+    path: str
+    seconds: float
+    rank: int
+    world: int
+
+
 def caption_dataset(source, captioner: Captioner, out_path: Union[str, os.PathLike], policy=None, render=None,
                     settings: Optional[dict] = None, progress: bool = True,
-                    renderer: Optional[SliceRenderer] = None) -> dict:
+                    renderer: Optional[SliceRenderer] = None) -> CaptionResult:
     """Caption every selected slice of ``source`` into the JSONL file ``out_path``, in one process or sharded over
     the processes of ``torchrun``, resuming where an earlier run (with any number of processes) stopped.
 
@@ -633,9 +657,9 @@ def caption_dataset(source, captioner: Captioner, out_path: Union[str, os.PathLi
         renderer: a :class:`SliceRenderer` for ``policy`` and ``render`` (default: a new one).
 
     Returns:
-        ``{"written", "skipped"}`` summed over all processes, ``"written_here"`` (this process), ``"captions"`` (in
-        the merged file), ``"path"``, ``"seconds"`` (from the first slice to the merged file), ``"rank"``,
-        ``"world"``.
+        A :class:`CaptionResult`: ``written`` and ``skipped`` summed over all processes, ``written_here`` (this
+        process), ``captions`` (in the merged file), ``path``, ``seconds`` (from the first slice to the merged file),
+        ``rank``, ``world``.
 
     Raises:
         CaptionError: an output path that is a folder, settings that differ from the file's, a malformed line.
@@ -725,5 +749,5 @@ def caption_dataset(source, captioner: Captioner, out_path: Union[str, os.PathLi
         if world > 1:
             counts = [None] * world
             torch.distributed.all_gather_object(counts, (written, skipped))
-    return {"written": sum(c[0] for c in counts), "skipped": sum(c[1] for c in counts), "written_here": written,
-            "captions": merged, "path": str(out), "seconds": round(seconds, 3), "rank": rank, "world": world}
+    return CaptionResult(written=sum(c[0] for c in counts), skipped=sum(c[1] for c in counts), written_here=written,
+                         captions=merged, path=str(out), seconds=round(seconds, 3), rank=rank, world=world)

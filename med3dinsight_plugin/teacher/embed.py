@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -17,6 +18,7 @@ from ..distributed import init_distributed
 from ..errors import first_line
 from ..fileio import diff_keys, sha256_file
 from ..planes import plane_id
+from ..results import Result
 from ..slices import RenderSettings, SlicePolicy, volume_slices
 from .cache import (
     MANIFEST,
@@ -30,7 +32,30 @@ from .cache import (
     write_shard,
 )
 
-__all__ = ["embed_dataset", "caption_settings_for"]
+__all__ = ["EmbedResult", "embed_dataset", "caption_settings_for"]
+
+
+@dataclass(frozen=True)
+class EmbedResult(Result):
+    """What one process of :func:`embed_dataset` did; the manifest that rank 0 writes lists every case and shard.
+
+    Attributes:
+        folder: the cache folder.
+        cases: the cases of the whole dataset.
+        slices_embedded_here: slices this rank embedded now (in the shards it wrote; kept shards count none).
+        shards_written: shards this rank wrote now.
+        shards_kept: shards of this rank kept from an earlier run (same settings).
+        seconds: from this rank's first shard to the written manifest, rounded to 0.01 s.
+        rank, world: this process's rank and the number of processes.
+    """
+    folder: str
+    cases: int
+    slices_embedded_here: int
+    shards_written: int
+    shards_kept: int
+    seconds: float
+    rank: int
+    world: int
 
 
 def caption_settings_for(policy: SlicePolicy, render: RenderSettings) -> Dict[str, Any]:
@@ -69,7 +94,7 @@ def _load_captions(path: Path, policy: SlicePolicy, render: RenderSettings):
 
 def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
                   render: Optional[RenderSettings] = None, captions: Optional[str] = None, batch_size: int = 64,
-                  cases_per_shard: int = 32, progress: bool = True) -> Dict[str, Any]:
+                  cases_per_shard: int = 32, progress: bool = True) -> EmbedResult:
     """Embed the slices of every case of ``source`` into the cache folder ``out``.
 
     Args:
@@ -83,9 +108,9 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
         cases_per_shard: consecutive cases per shard file.
 
     Returns:
-        This process's part: ``{"folder", "cases" (of the whole dataset), "slices_embedded_here" (by this rank, in
-        the shards it wrote now), "shards_written", "shards_kept", "seconds", "rank", "world"}``; the manifest
-        that rank 0 writes lists every case and shard.
+        This process's part, an :class:`EmbedResult`: ``folder``, ``cases`` (of the whole dataset),
+        ``slices_embedded_here`` (by this rank, in the shards it wrote now), ``shards_written``, ``shards_kept``,
+        ``seconds``, ``rank``, ``world``; the manifest that rank 0 writes lists every case and shard.
     """
     for name, value, flag in (("batch_size", batch_size, "--batch-size"),
                               ("cases_per_shard", cases_per_shard, "--cases-per-shard")):
@@ -139,8 +164,8 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
                                  f"same command to finish them")
             write_manifest(out, settings, shard_cases)
         ctx.barrier()
-        return {"folder": str(out), "cases": len(cases), "slices_embedded_here": n_slices, "shards_written": written,
-                "shards_kept": kept, "seconds": round(time.perf_counter() - start, 2), "rank": rank, "world": world}
+        return EmbedResult(folder=str(out), cases=len(cases), slices_embedded_here=n_slices, shards_written=written,
+                           shards_kept=kept, seconds=round(time.perf_counter() - start, 2), rank=rank, world=world)
 
 
 def _keep_shard(path: Path, digest: str) -> bool:

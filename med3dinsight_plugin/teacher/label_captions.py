@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -26,12 +27,13 @@ import numpy as np
 
 from ..errors import first_line, short_repr
 from ..planes import PLANES, plane_id
+from ..results import Result
 from ..slices import RenderSettings, SlicePolicy, body_mask, extract_slice, volume_slices
 from ..volumes import NIFTI_ENDINGS, VolumeError, _read_nifti, _read_sitk, _to_canonical, canonical_axes
 from .captions import CaptionError, CaptionFile
 from .embed import caption_settings_for
 
-__all__ = ["GENERATOR", "LABEL_ENDINGS", "LabelCaptionError", "MIDLINE_MM", "caption_from_labels",
+__all__ = ["GENERATOR", "LABEL_ENDINGS", "LabelCaptionError", "LabelCaptionResult", "MIDLINE_MM", "caption_from_labels",
            "describe_slice", "humanize_name", "load_class_names", "read_labels", "slice_structures"]
 
 GENERATOR = "med3dinsight-label-captions/1"  # recorded with the captions: change it when the wording changes
@@ -375,9 +377,23 @@ def _records(volume, labels: np.ndarray, slices, class_names, max_structures: in
     return out
 
 
+@dataclass(frozen=True)
+class LabelCaptionResult(Result):
+    """What :func:`caption_from_labels` did.
+
+    Attributes:
+        written: captions written now.
+        skipped: selected slices already captioned in the file (an earlier run).
+        path: the caption file.
+    """
+    written: int
+    skipped: int
+    path: str
+
+
 def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optional[SlicePolicy] = None,
                         render: Optional[RenderSettings] = None, class_names=None, max_structures: int = 6,
-                        progress: bool = True) -> dict:
+                        progress: bool = True) -> LabelCaptionResult:
     """Caption the selected slices of every case of ``source`` from its label masks into a caption JSONL.
 
     The slices and keys are those ``caption`` and ``embed`` select with the same ``policy`` / ``render``, and the
@@ -401,7 +417,8 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
         progress: show a tqdm bar over the cases.
 
     Returns:
-        ``{"written": n, "skipped": m, "path": str}``.
+        A :class:`LabelCaptionResult`: ``written`` (captions written now), ``skipped`` (already in the file) and
+        ``path``.
 
     Raises:
         LabelCaptionError: missing label folder or file, label file off its image's grid or with values that are
@@ -458,4 +475,4 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
         if bar is not None:
             bar.close()
         store.close()
-    return {"written": written, "skipped": skipped, "path": str(store.path)}
+    return LabelCaptionResult(written=written, skipped=skipped, path=str(store.path))
