@@ -67,7 +67,7 @@ def main():
     result = embed_dataset(source, tmp / "cache", teacher, policy, batch_size=args.batch, progress=False)
     sync(args.device)
     t_pipe = time.perf_counter() - start
-    n = result["slices_embedded_here"]
+    n = result.slices_embedded_here
 
     print(f"{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), {size}px, batch "
           f"{args.batch}, device {args.device}, precision {precision}")

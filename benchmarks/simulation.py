@@ -243,7 +243,7 @@ def build_teacher_cache(out: Path, folders: Dict[str, Path], protocol: Dict[str,
     cache = out / "cache"
     r = embed_dataset(source, cache, SimulationTeacher(clip_folder), policy, render, captions=str(captions),
                       progress=False)
-    log(f"teacher cache: {cache} ({r['slices_embedded_here']} slices embedded now, {r['shards_kept']} shards kept)")
+    log(f"teacher cache: {cache} ({r.slices_embedded_here} slices embedded now, {r.shards_kept} shards kept)")
     return cache
 
 
@@ -275,8 +275,8 @@ def pretrain_variants(out: Path, folders: Dict[str, Path], cache: Path, protocol
         summary = run_pretraining(config, progress=False)
         evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
                  if "eval/chance_top1" in line]
-        results[name] = (Path(summary["checkpoint"]), evals[-1] if evals else {})
-        log(f"pretrained {name}: {summary['checkpoint']} ({time.perf_counter() - start:.0f} s)")
+        results[name] = (Path(summary.checkpoint), evals[-1] if evals else {})
+        log(f"pretrained {name}: {summary.checkpoint} ({time.perf_counter() - start:.0f} s)")
     return results
 
 

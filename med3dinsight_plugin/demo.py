@@ -141,7 +141,7 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
     captioner = Captioner(load_vlm(str(vlm), device=device), max_new_tokens=12)
     r = caption_dataset(source, captioner, captions, policy, RenderSettings(size=64),
                         settings={"model": str(vlm), "max_new_tokens": 12})
-    print(f"   {r['written']} captions written to {captions}, e.g. {json.loads(captions.read_text().splitlines()[0])}")
+    print(f"   {r.written} captions written to {captions}, e.g. {json.loads(captions.read_text().splitlines()[0])}")
     outputs["captions"] = str(captions)
     _done(t)
 
@@ -167,8 +167,8 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
     cfg = PretrainConfig.from_dict({**common, "model": {"backbone": "nnunet", "psat": "small"},
                                     "output": str(run_nn)})
     result = run_pretraining(cfg)
-    print(f"   last losses {result['losses']}; held-out retrieval {result.get('eval')}")
-    outputs["pretrained nnU-Net checkpoint"] = result["checkpoint"]
+    print(f"   last losses {result.losses}; held-out retrieval {result.eval}")
+    outputs["pretrained nnU-Net checkpoint"] = result.checkpoint
     _done(t)
 
     t = _step(f"5b/7 pretrain: MONAI SwinUNETR (feature_size 12), patch 64^3 ({steps // 2} steps)")
@@ -177,24 +177,24 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
                                     "model": {"backbone": "swin_unetr", "backbone_kwargs": SWIN, "psat": "small",
                                               "patch_size": [64, 64, 64]}, "output": str(run_swin)})
     swin = run_pretraining(cfg)
-    outputs["pretrained SwinUNETR checkpoint"] = swin["checkpoint"]
+    outputs["pretrained SwinUNETR checkpoint"] = swin.checkpoint
     _done(t)
 
     t = _step("6/7 fine-tune with nnU-Net: export_checkpoint, attach_checkpoint + nnUNetv2_train "
               "-tr Med3DInsightTrainer_smoke")
-    exported = export_checkpoint(result["checkpoint"], "nnunet", out / "pretrained_for_nnunet.pth",
+    exported = export_checkpoint(result.checkpoint, "nnunet", out / "pretrained_for_nnunet.pth",
                                  plans=pre / "nnUNetPlans.json")
-    print(f"   wrote {exported['path']} ({exported['format']}, {exported['tensors']} tensors)")
+    print(f"   wrote {exported.path} ({exported.format}, {exported.tensors} tensors)")
     outputs["export for nnUNetv2_train -pretrained_weights"] = str(out / "pretrained_for_nnunet.pth")
     with _environment({"nnUNet_preprocessed": nnunet["nnUNet_preprocessed"]}):  # where attach finds the plans
-        attached = attach_checkpoint(DATASET, "nnUNetPlans", result["checkpoint"])
-    print("   " + str(attached["report"]).replace("\n", "\n   "))
-    print(f"   wrote {attached['plans_file']}")
+        attached = attach_checkpoint(DATASET, "nnUNetPlans", result.checkpoint)
+    print("   " + str(attached.report).replace("\n", "\n   "))
+    print(f"   wrote {attached.plans_file}")
     train_env = with_shim({**env, "nnUNet_n_proc_DA": "0"})  # nnU-Net finds the trainers through the shim
     _run([bindir / "nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", "Med3DInsightTrainer_smoke", "-p",
-          attached["plans_name"], "-device", device.split(":")[0]], train_env, out / "nnunet_train.log")
+          attached.plans_name, "-device", device.split(":")[0]], train_env, out / "nnunet_train.log")
     fold = folders["nnUNet_results"] / DATASET / \
-        f"Med3DInsightTrainer_smoke__{attached['plans_name']}__3d_fullres" / "fold_0"
+        f"Med3DInsightTrainer_smoke__{attached.plans_name}__3d_fullres" / "fold_0"
     report = json.loads((fold / "pretrained_load_report.json").read_text())
     print(f"   nnU-Net's trainer loaded {report['loaded']}/{report['expected']} encoder tensors "
           f"({report['loaded_params'] / 1e6:.2f}M parameters, {report['coverage']:.1f} %) from {report['source']}; "
@@ -203,7 +203,7 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
     _done(t)
 
     t = _step("7/7 fine-tune a MONAI SwinUNETR (Med3DInsightSupervisedTrainer, 2 epochs)")
-    _monai_finetune(swin["checkpoint"], device)
+    _monai_finetune(swin.checkpoint, device)
     _done(t)
 
     print("\nOutputs:")

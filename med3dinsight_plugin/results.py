@@ -3,8 +3,8 @@
 
 Each result is a frozen dataclass defined next to its function, with its fields documented there; read them as
 attributes (``result.checkpoint``). :meth:`Result.to_dict` gives plain JSON-ready values for printing or saving.
-Up to version 0.1.0 these functions returned dicts; ``result["key"]``, ``result.get("key")`` and ``"key" in result``
-still work for one release and warn with a :class:`DeprecationWarning`.
+These functions used to return dicts: ``result["key"]``, ``result.get("key")`` and ``"key" in result`` still work
+for one more release and warn with a :class:`DeprecationWarning`.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def main() -> None:
     summary = pretrain(config, model, ToyDataset(delay=args.delay), ToyDataset(seed=99, length=4), progress=False)
     if args.grads and int(os.environ.get("RANK", "0")) == 0:
         torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, args.grads)
-    print(json.dumps(summary))
+    print(json.dumps(summary.to_dict()))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def reference(world):
     """The caption file and sidecar of one process."""
     out = world["root"] / "ref" / "captions.jsonl"
     result = _caption(world, out)
-    assert result["written"] == result["captions"] == 30 and result["skipped"] == 0 and result["world"] == 1
+    assert result.written == result.captions == 30 and result.skipped == 0 and result.world == 1
     assert not shard_folder(out).exists()  # merged and removed
     return out.read_bytes(), Path(f"{out}.meta.json").read_bytes()
 
@@ -152,11 +152,11 @@ def test_resume_skips_captioned_slices_before_rendering_them(world, reference, t
     result = _caption(world, out, renderer=renderer)
     expected = [caption_key(r["case"], r["plane"], r["position"]) for r in map(json.loads, lines[9:12] + lines[18:])]
     assert renderer.rendered == expected  # only the slices not captioned yet, each once
-    assert len(renderer.rendered) == result["written"] == 30 - 9 - 6 and result["skipped"] == 15
+    assert len(renderer.rendered) == result.written == 30 - 9 - 6 and result.skipped == 15
     assert out.read_bytes() == reference[0] and not shard_folder(out).exists()
     again = _CountingRenderer(POLICY, RENDER)
     result = _caption(world, out, renderer=again)
-    assert again.rendered == [] and result["written"] == 0 and result["skipped"] == 30
+    assert again.rendered == [] and result.written == 0 and result.skipped == 30
     assert out.read_bytes() == reference[0]
 
 

@@ -22,7 +22,7 @@ def test_nnunet_export_is_accepted_by_nnunets_own_loader(nnunet_plans, tmp_path)
     backbone = build_backbone("nnunet", plans=nnunet_plans["plain"])
     ckpt = save_pretrained(backbone, tmp_path / "p.safetensors")
     out = export_checkpoint(ckpt, "nnunet", tmp_path / "pretrained.pth", plans=nnunet_plans["plain"])
-    assert "every non-segmentation tensor fits" in out["note"]
+    assert "every non-segmentation tensor fits" in out.note
     cm = PlansManager(str(nnunet_plans["plain"])).get_configuration("3d_fullres")
     torch.manual_seed(1)
     network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
@@ -43,7 +43,7 @@ def test_nnunet_export_refuses_other_plans_and_other_networks(nnunet_plans, tmp_
         export_checkpoint(swin, "nnunet", tmp_path / "x.pth")
     assert not (tmp_path / "x.pth").exists()
     derived = save_pretrained(tiny_backbone("plain_conv_unet"), tmp_path / "d.safetensors")
-    assert "not from your dataset's plans" in export_checkpoint(derived, "nnunet", tmp_path / "d.pth")["note"]
+    assert "not from your dataset's plans" in export_checkpoint(derived, "nnunet", tmp_path / "d.pth").note
 
 
 @pytest.mark.parametrize("name", ["swin_unetr", "unetr"])

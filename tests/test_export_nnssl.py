@@ -160,7 +160,7 @@ def like_nnssl_reads(plan: dict):
 def _export(backbone, tmp_path, **metadata):
     ckpt = save_pretrained(backbone, tmp_path / "c.safetensors", **metadata)
     out = export_checkpoint(ckpt, "nnssl", tmp_path / "nnssl.pth")
-    assert out["format"] == "nnssl" and out["tensors"] == len(backbone.network.state_dict())
+    assert out.format == "nnssl" and out.tensors == len(backbone.network.state_dict())
     payload = torch.load(tmp_path / "nnssl.pth", weights_only=True)
     assert set(payload) == {"network_weights", "nnssl_adaptation_plan"}
     return payload

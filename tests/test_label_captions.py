@@ -60,7 +60,7 @@ def real(tmp_path_factory):
         folder = _dataset(root / name, image, labels)
         result = caption_from_labels(open_source(folder / "img"), folder / "lab", folder / "captions.jsonl", POLICY,
                                      class_names=NAMES, progress=False)
-        assert result["written"] == 24 and result["skipped"] == 0
+        assert result.written == 24 and result.skipped == 0
         out[name] = list(CaptionFile.read(folder / "captions.jsonl").values())
     assert not np.array_equal(np.asarray(nib.load(str(CT)).dataobj),
                               np.asarray(_reoriented(CT).dataobj))  # really stored otherwise
@@ -230,13 +230,13 @@ def test_resume_skips_written_captions_and_other_settings_are_refused(tmp_path):
     folder = _dataset(tmp_path, CT, SEG)
     source, out = open_source(folder / "img"), tmp_path / "captions.jsonl"
     policy = SlicePolicy(per_plane=4)
-    assert caption_from_labels(source, folder / "lab", out, policy, class_names=NAMES, progress=False)["written"] == 12
+    assert caption_from_labels(source, folder / "lab", out, policy, class_names=NAMES, progress=False).written == 12
     full = out.read_bytes()
     out.write_bytes(b"".join(full.splitlines(keepends=True)[:-3]) + b'{"case": "ct", "pla')  # + a torn line
     again = caption_from_labels(source, folder / "lab", out, policy, class_names=NAMES, progress=False)
-    assert (again["written"], again["skipped"]) == (3, 9) and out.read_bytes() == full
+    assert (again.written, again.skipped) == (3, 9) and out.read_bytes() == full
     assert caption_from_labels(source, folder / "lab", out, policy, class_names=NAMES,
-                               progress=False)["written"] == 0
+                               progress=False).written == 0
     for other in ({"class_names": {"5": "hepar"}}, {"class_names": NAMES, "max_structures": 3}):
         with pytest.raises(CaptionError, match="other settings"):
             caption_from_labels(source, folder / "lab", out, policy, progress=False, **other)

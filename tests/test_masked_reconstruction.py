@@ -241,7 +241,7 @@ def test_a_masked_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     _, _, whole = run_in_process(toy_overrides(tmp_path / "whole", steps=4, **run), eval_cases=0)
     _, _, first = run_in_process(toy_overrides(tmp_path / "split", steps=2, **run), eval_cases=0)
     _, _, second = run_in_process(toy_overrides(tmp_path / "split", steps=4, **run), eval_cases=0)
-    assert (whole["steps"], first["steps"], second["start_step"], second["steps"]) == (4, 2, 2, 4)
+    assert (whole.steps, first.steps, second.start_step, second.steps) == (4, 2, 2, 4)
     assert_same_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "split"), exact=True)
     records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["reconstruction"] > 0 for r in records if "reconstruction" in r)
@@ -250,4 +250,4 @@ def test_a_masked_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     # the same run with plain reconstruction ends elsewhere: the masks were really drawn
     _, _, plain = run_in_process(toy_overrides(tmp_path / "plain", steps=2, **{**run, "model.reconstruction":
                                                                                  "plain"}), eval_cases=0)
-    assert plain["losses"]["reconstruction"] != first["losses"]["reconstruction"]
+    assert plain.losses["reconstruction"] != first.losses["reconstruction"]

@@ -164,7 +164,7 @@ def test_adapt_architecture_of_an_inheriting_configuration(nnunet, tmp_path, mon
     ckpt = save_pretrained(tiny_backbone("swin_unetr"), tmp_path / "swin.safetensors")
     result = attach_checkpoint(DATASET, "plansInherit", ckpt, name="plansInheritSwin", configuration="3d_child",
                                adapt_architecture=True)
-    child = json.loads(Path(result["plans_file"]).read_text())["configurations"]["3d_child"]
+    child = json.loads(Path(result.plans_file).read_text())["configurations"]["3d_child"]
     assert child["architecture"]["network_class_name"].endswith("SwinUNETRForNNUNet")
     assert child["batch_size"] == 1 and child["patch_size"] == [64, 64, 64] and "inherits_from" not in child
-    assert result["report"].coverage == 100.0
+    assert result.report.coverage == 100.0

@@ -65,7 +65,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     config, model, summary = run_in_process(toy_overrides(single_out, batch_size=2, **run), eval_cases=0)
-    assert summary["global_batch"] == 2 and summary["steps"] == 3
+    assert summary.global_batch == 2 and summary.steps == 3
     assert final_weights(ddp_out).metadata["pretraining"]["world_size"] == 2
 
     ddp_grads = torch.load(tmp_path / "grads.pt", weights_only=True)
@@ -161,7 +161,7 @@ def test_the_loss_falls_and_retrieval_rises_above_chance(toy_run):
         assert last[f"eval/{teacher}_top1"] >= 3 * chance1 and last[f"eval/{teacher}_top5"] >= 3 * chance5, last
         assert last[f"eval/{teacher}_top1"] > first[f"eval/{teacher}_top1"]
     assert (last["eval/image_top1"] + last["eval/text_top1"]) / 2 >= 5 * chance1, last
-    assert toy_run["summary"]["eval"]["image_top1"] == evals[-1]["eval/image_top1"]
+    assert toy_run["summary"].eval["image_top1"] == evals[-1]["eval/image_top1"]
 
 
 def test_retrieval_metrics_on_known_embeddings():
@@ -236,7 +236,7 @@ def test_resume_with_a_changed_config_is_refused_but_more_steps_are_allowed(toy_
                                           r"new output folder"):
         run_in_process(changed + ["train.lr=0.01", "train.schedule=cosine"])
     _, _, summary = run_in_process(changed + ["train.steps=82"], eval_cases=0)
-    assert summary["start_step"] == 80 and summary["steps"] == 82
+    assert summary.start_step == 80 and summary.steps == 82
 
 
 def test_on_start_failure_aborts_before_training(tmp_path):
@@ -283,7 +283,7 @@ def test_run_folder_holds_logs_plots_and_a_loadable_checkpoint(toy_run):
         assert torch.equal(ckpt.state_dict[key], value), key
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 80 and {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(state)
-    assert toy_run["summary"]["checkpoint"] == str(out / "med3dinsight.safetensors")
+    assert toy_run["summary"].checkpoint == str(out / "med3dinsight.safetensors")
     assert toy_run["model"].training  # evaluate() handed the model back in train mode
 
 
@@ -350,7 +350,7 @@ def test_a_state_saved_with_one_parameter_group_resumes_with_the_temperature_in_
     config = load_config(None, toy_overrides(tmp_path, steps=4, checkpoint_every=2, warmup_steps=4))
     model = build_model(config, EMBED)
     summary = pretrain(config, model, ToyDataset(size=size), None, progress=False)
-    assert summary["start_step"] == 2 and summary["steps"] == 4
+    assert summary.start_step == 2 and summary.steps == 4
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [config.train.weight_decay, 0.0]

@@ -296,7 +296,7 @@ def test_an_unreadable_last_state_falls_back_to_the_previous_one(ct, tmp_path, c
                                 f"data.source={ct / 'vols'}", f"data.cache={ct / 'cache'}"])
     with pytest.warns(UserWarning, match="resuming from .*previous.pt \\(step 1\\)"):
         summary = run_pretraining(config, progress=False)
-    assert summary["start_step"] == 1 and summary["steps"] == 3
+    assert summary.start_step == 1 and summary.steps == 3
     assert torch.load(last, weights_only=True)["step"] == 3
     assert torch.load(out / "checkpoints" / "previous.pt", weights_only=True)["step"] == 2
 
@@ -484,7 +484,7 @@ def test_run_pretraining_joins_once_and_trains_in_the_same_context(ct, tmp_path,
     monkeypatch.setattr(engine, "pretrain", pretrain_spy)
     config = load_config(None, [*FAST, f"output={tmp_path / 'run'}", f"data.source={ct / 'vols'}",
                                 f"data.cache={ct / 'cache'}"])
-    assert run_pretraining(config, progress=False)["steps"] == 2
+    assert run_pretraining(config, progress=False).steps == 2
     assert len(made) == 1 and handed == made and made[0].device == torch.device("cpu")
 
 

@@ -104,12 +104,12 @@ def test_cache_holds_the_teacher_embeddings_of_every_selected_slice(world, tmp_p
 def test_embedding_resumes_after_a_crash_and_rewrites_only_what_is_missing(world, tmp_path):
     first = _embed(world, tmp_path / "a")
     files = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
-    assert first["shards_written"] == 3
+    assert first.shards_written == 3
     (tmp_path / "a" / "shard-00001.safetensors").unlink()  # as if killed while writing it
     (tmp_path / "a" / "manifest.json").unlink()
     (tmp_path / "a" / ".shard-00001.safetensors.123.tmp").write_bytes(b"half")  # a crashed temp file is ignored
     again = _embed(world, tmp_path / "a")
-    assert (again["shards_written"], again["shards_kept"]) == (1, 2)
+    assert (again.shards_written, again.shards_kept) == (1, 2)
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if not p.name.startswith(".")} == files
 
 
