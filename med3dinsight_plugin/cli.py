@@ -142,7 +142,8 @@ def _slice_settings(args: argparse.Namespace, size: Optional[int] = None):
 def _source(args: argparse.Namespace):
     from .volumes import open_source
 
-    source = open_source(args.data, modality=args.modality, configuration=args.configuration, plans=args.plans)
+    source = open_source(args.data, modality=args.modality, configuration=args.configuration, plans=args.plans,
+                         raw=args.raw)
     if args.crops:
         from .crops import CropSource
 
@@ -262,6 +263,8 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"])
     p.add_argument("--configuration", default="3d_fullres", help="nnU-Net preprocessed data: configuration")
     p.add_argument("--plans", default="nnUNetPlans", help="nnU-Net preprocessed data: plans name")
+    p.add_argument("--raw", help="nnU-Net preprocessed data: the raw dataset it was made from, whose Hounsfield units "
+                                 "the teacher sees (default $nnUNet_raw/<dataset_name> when it exists)")
     p.add_argument("--crops", type=int, default=0, metavar="N",
                    help="N fixed crops per volume, each a case CASE@m whose slices show only the crop (default 0: "
                         "whole volumes); pretrain with the same data.crops, data.crop_mm, data.crop_seed")

@@ -133,3 +133,15 @@ def test_other_raw_images_are_refused(dataset, tmp_path, monkeypatch):
         open_source(pre, raw=other)
     with pytest.raises(VolumeError, match=r"raw=.* is not an nnU-Net raw dataset"):
         open_source(pre, raw=tmp_path)
+
+
+def test_the_data_commands_take_the_raw_dataset(dataset, tmp_path, monkeypatch, capsys):
+    from med3dinsight_plugin.cli import main
+
+    root, raw, pre = dataset
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    assert main(["slices", str(pre), "--raw", str(raw), "-o", str(tmp_path / "png"), "--per-plane", "1"]) == 0
+    assert list((tmp_path / "png").glob("*.png"))
+    capsys.readouterr()
+    assert main(["slices", str(pre), "--raw", str(tmp_path), "-o", str(tmp_path / "png2")]) == 2
+    assert "is not an nnU-Net raw dataset" in capsys.readouterr().err

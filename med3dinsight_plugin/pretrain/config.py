@@ -45,6 +45,8 @@ class DataConfig:
     cache: Optional[str] = _f(None, kind="str", optional=True)
     configuration: str = _f("3d_fullres", kind="str")
     plans: str = _f("nnUNetPlans", kind="str")  # nnU-Net preprocessed sources: the plans identifier
+    # nnU-Net preprocessed sources: their raw dataset (default $nnUNet_raw/<dataset_name>), as given to embed --raw
+    raw: Optional[str] = _f(None, kind="str", optional=True)
     modality: str = _f("auto", kind="str")
     # crop: random patch_size crops at the volume's spacing; volume: the body box resampled to patch_size (the
     # authors' setup; the encoder sees the whole field of view the teacher saw)

@@ -227,7 +227,7 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Pretrai
     from .engine import build_model, pretrain
 
     d = config.data
-    source = open_source(d.source, modality=d.modality, configuration=d.configuration, plans=d.plans)
+    source = open_source(d.source, modality=d.modality, configuration=d.configuration, plans=d.plans, raw=d.raw)
     if d.crops:
         from ..crops import CropSource
 
