@@ -214,3 +214,20 @@ def ct_world(root, cases: int = 3):
     assert main(["embed", str(vols), "-o", str(root / "cache"), "--clip-model", str(clip), "--per-plane", "4",
                  "--modality", "ct"]) == 0
     return root
+
+
+def interrupted_captioner_class():
+    """A real :class:`~med3dinsight_plugin.teacher.captioner.Captioner` whose 3rd ``caption`` call raises
+    ``KeyboardInterrupt`` (Ctrl-C in the middle of a run); ``calls`` counts each instance's calls."""
+    from med3dinsight_plugin.teacher.captioner import Captioner
+
+    class Interrupted(Captioner):
+        calls = 0
+
+        def caption(self, images, prompts):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return super().caption(images, prompts)
+
+    return Interrupted

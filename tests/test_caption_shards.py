@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import interrupted_captioner_class
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.slices import RenderSettings, SlicePolicy, dataset_slices
 from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
@@ -78,15 +79,7 @@ def _torchrun(world, out, nproc=2, port=29571):
     return proc.stdout
 
 
-class _Interrupted(Captioner):
-    """Ctrl-C during the 3rd batch."""
-    calls = 0
-
-    def caption(self, images, prompts):
-        self.calls += 1
-        if self.calls == 3:
-            raise KeyboardInterrupt
-        return super().caption(images, prompts)
+_Interrupted = interrupted_captioner_class()  # Ctrl-C during the 3rd batch
 
 
 class _CountingRenderer(SliceRenderer):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import interrupted_captioner_class
 from med3dinsight_plugin.teacher.captioner import (
     DEFAULT_PROMPTS,
     Captioner,
@@ -138,15 +139,7 @@ def test_prompts_file_and_fallbacks(tmp_path):
 
 # ------------------------------------------------------------------------------------------- the caption file
 
-class _Interrupted(Captioner):
-    """Pressing Ctrl-C during the 3rd batch."""
-    calls = 0
-
-    def caption(self, images, prompts):
-        self.calls += 1
-        if self.calls == 3:
-            raise KeyboardInterrupt
-        return super().caption(images, prompts)
+_Interrupted = interrupted_captioner_class()  # Ctrl-C during the 3rd batch
 
 
 def test_resume_after_interrupt_and_torn_line(tmp_path, llava):
