@@ -171,9 +171,6 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         raise Med3DInsightError("--class-names goes with --from-labels (a VLM names what it sees)")
     if args.from_labels is not None and args.prompts is not None:
         raise Med3DInsightError("--prompts goes with --vlm; --from-labels writes its captions without prompts")
-    if args.from_labels is not None and args.crops:
-        raise Med3DInsightError("--from-labels reads one label file per whole volume; caption crops (--crops) with "
-                                "--vlm")
     policy, render = _slice_settings(args)
     source = _source(args)
     if args.from_labels is not None:

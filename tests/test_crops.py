@@ -87,3 +87,29 @@ def test_embed_and_pretrain_on_crops_and_a_mismatch_is_refused(world, tmp_path, 
         assert code == 2 and "source.crops" in err[-1] and "rerun med3dinsight embed" in err[-1], err
     code = main(["embed", str(world / "vols"), "-o", str(tmp_path / "c2"), "--crops", "2"])
     assert code == 2 and "--crops needs --crop-mm" in capsys.readouterr().err
+
+
+def test_crop_cases_are_captioned_from_their_box_of_the_labels(world, tmp_path):
+    """``caption --from-labels --crops``: a crop case's captions describe the structures inside its box only."""
+    from med3dinsight_plugin.teacher.captions import CaptionFile
+    from med3dinsight_plugin.teacher.label_captions import caption_from_labels
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for i in range(3):
+        lab = np.zeros((32, 32, 32), np.uint8)  # file axes x, y, z; canonical (superior, posterior, left) = (z, y, x)
+        lab[:, :, :16] = 1  # inferior half (z < 16): class 1
+        lab[:, :, 16:] = 2  # superior half: class 2
+        write_nifti(labels / f"case{i}.nii.gz", lab, np.diag([2.0, 1.0, 1.0, 1.0]))
+    crops = CropSource(open_source(world / "vols", modality="ct"), 3, (8, 8, 8), seed=1)
+    out = tmp_path / "captions.jsonl"
+    r = caption_from_labels(crops, labels, out, SlicePolicy(per_plane=2, min_foreground=0.0),
+                            class_names={1: "lower", 2: "upper"}, progress=False)
+    assert r.written == 3 * 3 * 6
+    records = CaptionFile.read(out)
+    for case in crops.cases:
+        base, m = split_crop_case(case)
+        _, boxes = crops.boxes(base)
+        (lo, hi) = boxes[m][0]  # superior extent of the box
+        texts = " ".join(rec["text"] for rec in records.values() if rec["case"] == case)
+        assert ("lower" in texts) == (lo < 16) and ("upper" in texts) == (hi > 16), (case, boxes[m], texts[:200])

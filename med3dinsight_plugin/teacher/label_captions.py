@@ -403,7 +403,8 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
     case's labels have been read and checked.
 
     Args:
-        source: a :class:`~med3dinsight_plugin.volumes.VolumeSource` (the images).
+        source: a :class:`~med3dinsight_plugin.volumes.VolumeSource` (the images), or a
+            :class:`~med3dinsight_plugin.crops.CropSource` (each crop case captioned from its box of the labels).
         labels: folder with one label file per case, ``{case}.nii.gz`` (or ``.nii``, ``.mha``, ``.mhd``, ``.nrrd``,
             ``.nhdr``): nnU-Net's ``labelsTr``, or TotalSegmentator's multi-label outputs named like the images.
             Each must lie on its image's voxel grid (any orientation) and hold whole numbers >= 0.
@@ -440,7 +441,21 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
     if render.channel >= channels:
         raise LabelCaptionError(f"{source.root} has {channels} channel(s) per case; channel {render.channel} does "
                                 f"not exist (--channel takes 0 to {channels - 1})")
-    files = _label_files(source, folder)
+    from ..crops import CropSource, split_crop_case
+
+    crops = source if isinstance(source, CropSource) else None  # crop cases: each labelled by its box of the volume
+    files = _label_files(crops.source if crops else source, folder)
+    last: list = [None, None]
+
+    def labels_of(case, volume):
+        if crops is None:
+            return read_labels(files[case], volume, source)
+        base, m = split_crop_case(case)
+        whole, boxes = crops.boxes(base)
+        if last[0] != base:
+            last[:] = [base, read_labels(files[base], whole, crops.source)]
+        return last[1][tuple(slice(a, b) for a, b in boxes[m])]
+
     settings = {"model": "labels", "generator": GENERATOR, "class_names": {str(k): v for k, v in names.items()},
                 "max_structures": max_structures, **caption_settings_for(policy, render)}
     store = CaptionFile(out)
@@ -459,8 +474,7 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
                     done.add(s.key)
                     todo.append(s)
             if todo:
-                records = _records(volume, read_labels(files[case], volume, source), todo, names, max_structures,
-                                   render.channel)
+                records = _records(volume, labels_of(case, volume), todo, names, max_structures, render.channel)
                 if not opened:  # the sidecar (and the file) only once there is something to write
                     store.check_settings(settings)
                     store.open()
