@@ -2,6 +2,7 @@
 
 Run: python benchmarks/simulation.py -o sim_out            (the full protocol: about 45 min alone on 2 cores)
      python benchmarks/simulation.py -o views_out --protocol views   ([signal]: crop vs volume view, VIEWS_PROTOCOL)
+     python benchmarks/simulation.py -o views_out --protocol crops   (the views protocol plus crops as cases)
      python benchmarks/simulation.py -o sim_out --quick    (a few minutes: checks the pipeline, not the result)
 
 What it does, in order (every step goes through the package's own API, the one the CLI uses):
@@ -117,7 +118,21 @@ VIEWS_PROTOCOL = {**_merge(PROTOCOL, {"grid_xyz": [128, 96, 32], "patch_xyz": [6
                   "comparisons": [["m3di_ot_volume", "m3di_ot_crop"],
                                   ["reconstruction_volume", "reconstruction_crop"],
                                   ["m3di_ot_crop", "reconstruction_crop"], ["m3di_ot_volume", "reconstruction_volume"]]}
-PROTOCOLS = {"main": PROTOCOL, "views": VIEWS_PROTOCOL}
+# [signal] crops as cases (the teacher sees exactly what the encoder sees, at native resolution): the views protocol
+# plus two variants on 4 fixed crops per subject of the patch's extent at the subjects' median spacing (data.crops,
+# view: volume, so a sample is one whole crop); captions from each crop's box of the labels, 8 slices per plane per
+# crop. Fixed before its run; its other variants, subjects, seeds and fine-tuning are the views protocol's, so a
+# rerun into the views output adds only the two new pretrainings and their fine-tuning.
+CROPS_PROTOCOL = {**VIEWS_PROTOCOL,
+                  "crops": {"per_volume": 4, "size": "patch x median spacing", "seed": 0},
+                  "variants": {**VIEWS_PROTOCOL["variants"],
+                               "reconstruction_crops": {"view": "volume", "crops": 4, "psat": "small",
+                                                        "alignment": "ot", "loss_weights": _RECONSTRUCTION_ONLY},
+                               "m3di_ot_crops": {"view": "volume", "crops": 4, "psat": "small", "alignment": "ot"}},
+                  "comparisons": VIEWS_PROTOCOL["comparisons"] + [
+                      ["m3di_ot_crops", "m3di_ot_crop"], ["m3di_ot_crops", "m3di_ot_volume"],
+                      ["reconstruction_crops", "reconstruction_volume"], ["m3di_ot_crops", "reconstruction_crops"]]}
+PROTOCOLS = {"main": PROTOCOL, "views": VIEWS_PROTOCOL, "crops": CROPS_PROTOCOL}
 
 
 # ---------------------------------------------------------------------------------------------------- subjects
@@ -221,8 +236,10 @@ class SimulationTeacher:
         return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1)
 
 
-def build_teacher_cache(out: Path, folders: Dict[str, Path], protocol: Dict[str, Any], log=print) -> Path:
-    """Captions from the pretraining subjects' labels, then the teacher cache; both resumable."""
+def build_teacher_cache(out: Path, folders: Dict[str, Path], protocol: Dict[str, Any], log=print,
+                        crops=None) -> Path:
+    """Captions from the pretraining subjects' labels, then the teacher cache; both resumable. ``crops``
+    (``(per_volume, size_mm, seed)``): of the crop cases instead, into ``captions_crops.jsonl`` / ``cache_crops``."""
     from med3dinsight_plugin.slices import RenderSettings, SlicePolicy
     from med3dinsight_plugin.teacher.embed import embed_dataset
     from med3dinsight_plugin.teacher.label_captions import caption_from_labels
@@ -230,8 +247,13 @@ def build_teacher_cache(out: Path, folders: Dict[str, Path], protocol: Dict[str,
     from med3dinsight_plugin.volumes import open_source
 
     source = open_source(str(folders["pretrain"] / "images"), modality="ct")
+    suffix = ""
+    if crops is not None:
+        from med3dinsight_plugin.crops import CropSource
+
+        source, suffix = CropSource(source, *crops), "_crops"
     policy, render = SlicePolicy(per_plane=protocol["per_plane"]), RenderSettings()
-    captions = out / "captions.jsonl"
+    captions = out / f"captions{suffix}.jsonl"
     caption_from_labels(source, folders["pretrain"] / "labels", captions, policy, render,
                         class_names=DATA / "example_seg.labels.json", progress=False)
     clip_folder = out / "teacher_image_tower"
@@ -240,7 +262,7 @@ def build_teacher_cache(out: Path, folders: Dict[str, Path], protocol: Dict[str,
                                                                           "width": 64, "layers": 2, "head_width": 32,
                                                                           "pool_type": "avg"}})
         save_tiny_open_clip(clip_folder, config=cfg, seed=0)
-    cache = out / "cache"
+    cache = out / f"cache{suffix}"
     r = embed_dataset(source, cache, SimulationTeacher(clip_folder), policy, render, captions=str(captions),
                       progress=False)
     log(f"teacher cache: {cache} ({r.slices_embedded_here} slices embedded now, {r.shards_kept} shards kept)")
@@ -249,8 +271,10 @@ def build_teacher_cache(out: Path, folders: Dict[str, Path], protocol: Dict[str,
 
 # ------------------------------------------------------------------------------------------------- pretraining
 
-def pretrain_variants(out: Path, folders: Dict[str, Path], cache: Path, protocol: Dict[str, Any], log=print):
-    """One pretraining run per variant; returns ``{variant: (checkpoint, last evaluation record)}``."""
+def pretrain_variants(out: Path, folders: Dict[str, Path], cache: Path, protocol: Dict[str, Any], log=print,
+                      crops=None, crops_cache=None):
+    """One pretraining run per variant; returns ``{variant: (checkpoint, last evaluation record)}``. Variants with
+    ``crops`` read ``crops_cache``, made with ``crops`` (``(per_volume, size_mm, seed)``)."""
     from med3dinsight_plugin.pretrain import run_pretraining
     from med3dinsight_plugin.pretrain.config import PretrainConfig
 
@@ -258,10 +282,13 @@ def pretrain_variants(out: Path, folders: Dict[str, Path], cache: Path, protocol
     patch = _patch(protocol)
     results = {}
     for name, variant in protocol["variants"].items():
-        model = {k: v for k, v in variant.items() if k != "view"}
+        model = {k: v for k, v in variant.items() if k not in ("view", "crops")}
         run = out / "pretrain" / name
+        crop_data = {} if not variant.get("crops") else {"crops": crops[0], "crop_mm": list(crops[1]),
+                                                         "crop_seed": crops[2]}
         config = PretrainConfig.from_dict({
-            "data": {"source": str(folders["pretrain"] / "images"), "cache": str(cache), "modality": "ct",
+            "data": {"source": str(folders["pretrain"] / "images"), "modality": "ct", **crop_data,
+                     "cache": str(crops_cache if crop_data else cache),
                      "slices_per_sample": p["slices_per_sample"], "num_workers": 0, "eval_cases": p["eval_cases"],
                      "seed": p["seed"], "view": variant.get("view", "crop"),
                      "spacing": "native"},  # as when the protocols were fixed (each subject keeps its spacing)
@@ -431,7 +458,16 @@ def run(out: Path, quick: bool = False, log=print, protocol_name: str = "main") 
     t0 = time.perf_counter()
     folders = write_subjects(out, protocol, log)
     cache = build_teacher_cache(out, folders, protocol, log)
-    pretrained = pretrain_variants(out, folders, cache, protocol, log)
+    crops = crops_cache = None
+    if "crops" in protocol:  # the patch's extent at the pretraining subjects' median spacing
+        from med3dinsight_plugin.pretrain.data import median_spacing
+
+        pre_source = open_source(str(folders["pretrain"] / "images"), modality="ct")
+        size_mm = [round(n * s, 3) for n, s in zip(_patch(protocol), median_spacing(pre_source, pre_source.cases))]
+        crops = (protocol["crops"]["per_volume"], size_mm, protocol["crops"]["seed"])
+        crops_cache = build_teacher_cache(out, folders, protocol, log, crops=crops)
+        log(f"crops: {crops[0]} per subject of {size_mm} mm")
+    pretrained = pretrain_variants(out, folders, cache, protocol, log, crops=crops, crops_cache=crops_cache)
 
     pre = open_source(str(folders["pretrain"] / "images"), modality="ct")
     normalization = compute_normalization(pre, pre.cases, seed=protocol["pretrain"]["seed"])
@@ -493,7 +529,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the result")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="main",
                         help="main (default): which pretraining helps, subjects = patch; views: crop vs volume view, "
-                             "subjects twice the patch")
+                             "subjects twice the patch; crops: views plus crops as cases")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
