@@ -299,12 +299,24 @@ def pretrain_variants(out: Path, folders: Dict[str, Path], cache: Path, protocol
                       "checkpoint_every": 0, "eval_every": 0, "log_every": max(1, p["steps"] // 10)},
             "output": str(run)})
         start = time.perf_counter()
-        summary = run_pretraining(config, progress=False)
+        if _finished(run, p["steps"]):  # kept from an earlier invocation (of this or an earlier package version)
+            checkpoint = run / "med3dinsight.safetensors"
+        else:
+            checkpoint = run_pretraining(config, progress=False).checkpoint
         evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
                  if "eval/chance_top1" in line]
-        results[name] = (Path(summary.checkpoint), evals[-1] if evals else {})
-        log(f"pretrained {name}: {summary.checkpoint} ({time.perf_counter() - start:.0f} s)")
+        results[name] = (Path(checkpoint), evals[-1] if evals else {})
+        log(f"pretrained {name}: {checkpoint} ({time.perf_counter() - start:.0f} s)")
     return results
+
+
+def _finished(run: Path, steps: int) -> bool:
+    """A pretraining run that wrote its final checkpoint after ``steps`` steps."""
+    metrics = run / "metrics.jsonl"
+    if not (run / "med3dinsight.safetensors").is_file() or not metrics.is_file():
+        return False
+    logged = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if line.strip()]
+    return steps in logged
 
 
 # -------------------------------------------------------------------------------------------------- fine-tuning
