@@ -182,9 +182,14 @@ def _read_nifti(path: str):
         array = array[..., 0]
     if array.ndim != 3:
         return array, (), np.eye(3), (0, 1, 2)
-    affine = np.asarray(img.affine, dtype=np.float64)[:3, :3] * np.array([[-1.0], [-1.0], [1.0]])  # RAS -> LPS
-    spacing = np.linalg.norm(affine, axis=0)
-    return array, tuple(float(v) for v in spacing), affine / np.where(spacing > 0, spacing, 1.0), (0, 1, 2)
+    return (array, *_nifti_geometry(img.affine))
+
+
+def _nifti_geometry(affine):
+    """``(spacing, LPS direction, array_axes_to_index)`` of a NIfTI affine (RAS world)."""
+    lps = np.asarray(affine, dtype=np.float64)[:3, :3] * np.array([[-1.0], [-1.0], [1.0]])  # RAS -> LPS
+    spacing = np.linalg.norm(lps, axis=0)
+    return tuple(float(v) for v in spacing), lps / np.where(spacing > 0, spacing, 1.0), (0, 1, 2)
 
 
 def _read_geometry(path: str):
@@ -194,10 +199,7 @@ def _read_geometry(path: str):
         if str(path).endswith(NIFTI_ENDINGS):
             import nibabel as nib
 
-            affine = np.asarray(nib.load(str(path)).affine, dtype=np.float64)[:3, :3] * np.array([[-1.0], [-1.0],
-                                                                                                   [1.0]])
-            spacing = np.linalg.norm(affine, axis=0)
-            return tuple(float(v) for v in spacing), affine / np.where(spacing > 0, spacing, 1.0), (0, 1, 2)
+            return _nifti_geometry(nib.load(str(path)).affine)
         import SimpleITK as sitk
 
         reader = sitk.ImageFileReader()
