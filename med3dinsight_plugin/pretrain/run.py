@@ -159,6 +159,24 @@ def check_downstream_load(model, metadata: Dict[str, Any]):
     return load_pretrained_encoder(build_downstream_network(ckpt), ckpt)
 
 
+def _check_scanner_units(cache: TeacherCache, source, d) -> None:
+    """The volume view cuts each preprocessed volume's body box from its scanner units (raw Hounsfield units, or the
+    undone z-score when the raw dataset is not found): they must be the units the cache's slices were chosen in. The
+    crop view reads only the preprocessed arrays, so it takes either."""
+    made = (cache.settings.get("source") or {}).get("scanner_units")
+    now = source.describe().get("scanner_units")
+    if d.view != "volume" or made is None or now is None or made == now:
+        return
+    from ..teacher.cache import StaleCacheError
+
+    if made == "raw":
+        fix = f"set data.raw (or nnUNet_raw) to the raw dataset {d.source} was preprocessed from, as for embed"
+    else:
+        fix = "rerun med3dinsight embed into a new folder with the raw dataset found (--raw or nnUNet_raw)"
+    raise StaleCacheError(f"the teacher cache {cache.folder} chose its slices in {made} scanner units but "
+                          f"data.view=volume would cut body boxes from {now} ones; {fix}")
+
+
 def _check_output(out: Path, cache: TeacherCache) -> None:
     """A writable run folder, and on resumption the same teacher as when the run started."""
     try:
@@ -240,6 +258,7 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Pretrai
     # one modality decision per dataset: a cache rendered as MRI does not teach a CT pretraining
     cache = TeacherCache(d.cache, expect={"source": {k: source.describe().get(k)
                                                      for k in ("kind", "num_channels", "modality", "crops")}})
+    _check_scanner_units(cache, source, d)
     train_cases, eval_cases = split_cases(source.cases, d.eval_cases, d.seed)
     _backbone_kwargs(config, source)
     # One process group for the whole run, its CUDA device selected before the first collective (the broadcast
