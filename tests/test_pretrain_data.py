@@ -105,6 +105,19 @@ def test_split_is_seeded_and_disjoint():
     assert split_cases(cases[:3], 3, seed=0) == (cases[:3], [])
 
 
+def test_split_of_crops_as_cases_holds_out_whole_volumes():
+    """With crops as cases (``CASE@m``) the held-out cases are every crop of ``eval_cases`` volumes: no volume has
+    crops on both sides of the split."""
+    from med3dinsight_plugin.crops import split_crop_case
+
+    cases = [f"c{i}@{m}" for i in range(10) for m in range(4)]
+    subject = lambda case: split_crop_case(case)[0]  # noqa: E731
+    train, held = split_cases(cases, 3, seed=0, subject=subject)
+    assert len(held) == 12 and {subject(c) for c in held}.isdisjoint({subject(c) for c in train})
+    assert sorted(train + held) == sorted(cases)
+    assert {subject(c) for c in held} == set(split_cases([f"c{i}" for i in range(10)], 3, seed=0)[1])
+
+
 @pytest.mark.parametrize("name", ["plain_conv_unet", "unetr"])
 def test_step_zero_check_rebuilds_the_downstream_network_and_loads_the_whole_encoder(name):
     from helpers import tiny_backbone, tiny_psat_kwargs

@@ -64,6 +64,7 @@ class DataConfig:
     slices_per_sample: int = _f(8, kind="int", min=1)
     num_workers: int = _f(2, kind="int", min=0)
     augment: bool = _f(True, kind="bool")
+    # volumes held out for the retrieval metrics (with crops: every crop of that many volumes)
     eval_cases: int = _f(4, kind="int", min=0)
     seed: int = _f(0, kind="int")
 

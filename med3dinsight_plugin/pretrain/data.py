@@ -30,7 +30,7 @@ import json
 import random
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -246,11 +246,18 @@ def _global_rngs(seed: int):
         torch.set_rng_state(saved[2])
 
 
-def split_cases(cases: Sequence[str], eval_cases: int, seed: int):
-    """A seeded split into (train, held-out) cases; no held-out cases when there are too few."""
-    order = [cases[i] for i in np.random.default_rng([seed, 7]).permutation(len(cases))]
-    n_eval = eval_cases if len(cases) > eval_cases else 0
-    return sorted(order[n_eval:]), sorted(order[:n_eval])
+def split_cases(cases: Sequence[str], eval_cases: int, seed: int, subject: Optional[Callable[[str], str]] = None):
+    """A seeded split into (train, held-out) cases; no held-out cases when there are too few.
+
+    Args:
+        subject: the volume a case comes from (crops as cases: ``CASE@m`` -> ``CASE``); ``eval_cases`` volumes are
+            then held out with all their cases, so that no volume is on both sides. Default: every case its own.
+    """
+    key = subject or (lambda case: case)
+    groups = list(dict.fromkeys(key(case) for case in cases))
+    order = [groups[i] for i in np.random.default_rng([seed, 7]).permutation(len(groups))]
+    held = set(order[:eval_cases if len(groups) > eval_cases else 0])
+    return sorted(c for c in cases if key(c) not in held), sorted(c for c in cases if key(c) in held)
 
 
 def _augmenter():

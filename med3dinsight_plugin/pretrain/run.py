@@ -259,7 +259,12 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Pretrai
     cache = TeacherCache(d.cache, expect={"source": {k: source.describe().get(k)
                                                      for k in ("kind", "num_channels", "modality", "crops")}})
     _check_scanner_units(cache, source, d)
-    train_cases, eval_cases = split_cases(source.cases, d.eval_cases, d.seed)
+    subject = None
+    if d.crops:  # hold out whole volumes: crops of one volume on both sides would flatter the retrieval
+        from ..crops import split_crop_case
+
+        subject = lambda case: split_crop_case(case)[0]  # noqa: E731
+    train_cases, eval_cases = split_cases(source.cases, d.eval_cases, d.seed, subject=subject)
     _backbone_kwargs(config, source)
     # One process group for the whole run, its CUDA device selected before the first collective (the broadcast
     # below); the engine trains in the same context.
