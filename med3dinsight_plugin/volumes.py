@@ -453,11 +453,9 @@ def _preprocessed_direction(props: Any, pkl: Path, reader: Optional[str]) -> np.
                 raise ValueError(f"shape {affine.shape}, not 4x4")
             if not np.isfinite(affine).all():
                 raise ValueError(f"not finite: {short_repr(affine.tolist())}")
-            direction = affine[:3, :3] * np.array([[-1.0], [-1.0], [1.0]])  # RAS -> LPS
-            norms = np.linalg.norm(direction, axis=0)
-            if not np.all(norms > 0):
+            spacing, direction, _ = _nifti_geometry(affine)
+            if not all(s > 0 for s in spacing):
                 raise ValueError(f"a zero column: {short_repr(affine.tolist())}")
-            direction = direction / norms
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise VolumeError(f"{pkl} has no usable {what} ({type(e).__name__}: {first_line(e)}) for the image "
                           f"orientation; {redo}") from None
