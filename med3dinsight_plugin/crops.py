@@ -97,8 +97,13 @@ class CropSource:
         return {**self.source.describe(), "crops": {"per_volume": self.per_volume, "size_mm": self.size_mm,
                                                     "seed": self.seed}}
 
+    @staticmethod
+    def volume_of(case: str) -> str:
+        """The volume a crop case comes from: ``"CASE@m"`` -> ``"CASE"``."""
+        return split_crop_case(case)[0]
+
     def spacing(self, case: str) -> Tuple[float, float, float]:
-        return self.source.spacing(split_crop_case(case)[0])
+        return self.source.spacing(self.volume_of(case))
 
     def boxes(self, base: str) -> Tuple[Any, List[List[List[int]]]]:
         """The volume ``base`` (read once and kept until another is asked for) and its crop boxes."""

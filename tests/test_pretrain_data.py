@@ -108,10 +108,10 @@ def test_split_is_seeded_and_disjoint():
 def test_split_of_crops_as_cases_holds_out_whole_volumes():
     """With crops as cases (``CASE@m``) the held-out cases are every crop of ``eval_cases`` volumes: no volume has
     crops on both sides of the split."""
-    from med3dinsight_plugin.crops import split_crop_case
+    from med3dinsight_plugin.crops import CropSource
 
     cases = [f"c{i}@{m}" for i in range(10) for m in range(4)]
-    subject = lambda case: split_crop_case(case)[0]  # noqa: E731
+    subject = CropSource.volume_of
     train, held = split_cases(cases, 3, seed=0, subject=subject)
     assert len(held) == 12 and {subject(c) for c in held}.isdisjoint({subject(c) for c in train})
     assert sorted(train + held) == sorted(cases)

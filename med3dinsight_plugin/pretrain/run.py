@@ -159,12 +159,12 @@ def check_downstream_load(model, metadata: Dict[str, Any]):
     return load_pretrained_encoder(build_downstream_network(ckpt), ckpt)
 
 
-def _check_scanner_units(cache: TeacherCache, source, d) -> None:
+def _check_scanner_units(cache: TeacherCache, described: Dict[str, Any], d) -> None:
     """The volume view cuts each preprocessed volume's body box from its scanner units (raw Hounsfield units, or the
-    undone z-score when the raw dataset is not found): they must be the units the cache's slices were chosen in. The
-    crop view reads only the preprocessed arrays, so it takes either."""
+    undone z-score when the raw dataset is not found; ``described`` is the source's ``describe()``): they must be the
+    units the cache's slices were chosen in. The crop view reads only the preprocessed arrays, so it takes either."""
     made = (cache.settings.get("source") or {}).get("scanner_units")
-    now = source.describe().get("scanner_units")
+    now = described.get("scanner_units")
     if d.view != "volume" or made is None or now is None or made == now:
         return
     from ..teacher.cache import StaleCacheError
@@ -255,16 +255,14 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Pretrai
     if source.num_channels != config.model.in_channels:
         raise ConfigError(f"{d.source} has {source.num_channels} channel(s) but model.in_channels is "
                           f"{config.model.in_channels}; set model.in_channels={source.num_channels}")
+    described = source.describe()
     # one modality decision per dataset: a cache rendered as MRI does not teach a CT pretraining
-    cache = TeacherCache(d.cache, expect={"source": {k: source.describe().get(k)
+    cache = TeacherCache(d.cache, expect={"source": {k: described.get(k)
                                                      for k in ("kind", "num_channels", "modality", "crops")}})
-    _check_scanner_units(cache, source, d)
-    subject = None
-    if d.crops:  # hold out whole volumes: crops of one volume on both sides would flatter the retrieval
-        from ..crops import split_crop_case
-
-        subject = lambda case: split_crop_case(case)[0]  # noqa: E731
-    train_cases, eval_cases = split_cases(source.cases, d.eval_cases, d.seed, subject=subject)
+    _check_scanner_units(cache, described, d)
+    # with crops, hold out whole volumes: crops of one volume on both sides would flatter the retrieval
+    train_cases, eval_cases = split_cases(source.cases, d.eval_cases, d.seed,
+                                          subject=source.volume_of if d.crops else None)
     _backbone_kwargs(config, source)
     # One process group for the whole run, its CUDA device selected before the first collective (the broadcast
     # below); the engine trains in the same context.
@@ -299,6 +297,6 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Pretrai
         metadata = {"intensity_normalization": normalization, "orientation": ORIENTATION,
                     "teacher": cache.settings["teacher"], "teacher_slices": cache.settings["slices"],
                     "teacher_render": cache.settings["render"], "captions": cache.settings.get("captions"),
-                    "data": {**source.describe(), **({"target_spacing": spacing} if spacing else {})}}
+                    "data": {**described, **({"target_spacing": spacing} if spacing else {})}}
         return pretrain(config, model, train_set, eval_set, metadata=metadata, resume=resume, progress=progress,
                         on_start=lambda m: check_downstream_load(m, metadata), context=ctx)
