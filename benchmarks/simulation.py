@@ -487,18 +487,17 @@ def run(out: Path, quick: bool = False, log=print, protocol_name: str = "main") 
     t0 = time.perf_counter()
     folders = write_subjects(out, protocol, log)
     cache = build_teacher_cache(out, folders, protocol, log)
+    pre = open_source(str(folders["pretrain"] / "images"), modality="ct")
     crops = crops_cache = None
     if "crops" in protocol:  # the patch's extent at the pretraining subjects' median spacing
         from med3dinsight_plugin.pretrain.data import median_spacing
 
-        pre_source = open_source(str(folders["pretrain"] / "images"), modality="ct")
-        size_mm = [round(n * s, 3) for n, s in zip(_patch(protocol), median_spacing(pre_source, pre_source.cases))]
+        size_mm = [round(n * s, 3) for n, s in zip(_patch(protocol), median_spacing(pre, pre.cases))]
         crops = (protocol["crops"]["per_volume"], size_mm, protocol["crops"]["seed"])
         crops_cache = build_teacher_cache(out, folders, protocol, log, crops=crops)
         log(f"crops: {crops[0]} per subject of {size_mm} mm")
     pretrained = pretrain_variants(out, folders, cache, protocol, log, crops=crops, crops_cache=crops_cache)
 
-    pre = open_source(str(folders["pretrain"] / "images"), modality="ct")
     normalization = compute_normalization(pre, pre.cases, seed=protocol["pretrain"]["seed"])
     class_map = _class_map()
     num_classes = len(TARGET_CLASSES) + 1
@@ -559,7 +558,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the result")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="main",
                         help="main (default): which pretraining helps, subjects = patch; views: crop vs volume view, "
-                             "subjects twice the patch; crops: views plus crops as cases")
+                             "subjects twice the patch; crops: views plus crops as cases; masked: crops plus masked "
+                             "reconstruction in the crop view")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
