@@ -13,6 +13,13 @@ TINY_BACKBONES = {name: dict(kwargs) for family in list_families() for name, kwa
 
 EMBED = 16  # teacher embedding width of the toy pretraining data
 
+# `med3dinsight pretrain --set` overrides for a tiny real model on 16^3 crops: a step takes well under a second on a
+# CPU (tests that pretrain on real files through the CLI)
+FAST_PRETRAIN = ["model.backbone=plain_conv_unet", "model.backbone_kwargs={base_features: 4, max_features: 16}",
+                 "model.patch_size=[16,16,16]", "model.psat=small",
+                 "model.psat_kwargs={width: 32, depth: 1, heads: 4, num_queries: 6, num_slice_bins: 16}",
+                 "train.steps=2", "train.batch_size=1", "data.num_workers=0", "data.eval_cases=0"]
+
 
 class ToyDataset:
     """Deterministic toy pretraining data: item i is a function of (seed, i) only.
@@ -166,6 +173,17 @@ def assert_same_weights(a, b, exact=True, atol=1e-5):
                 assert torch.equal(x[key], y[key]), key
             else:
                 torch.testing.assert_close(x[key], y[key], atol=atol, rtol=0, msg=key)
+
+
+def one_line_failure(code, err, *needles):
+    """Assert a user error: exit code 2 and one line on stderr (notes and the progress bar aside) without a
+    traceback, containing every needle; returns the line. ``err``: stderr's lines."""
+    assert code == 2, err
+    lines = [line for line in err if not line.startswith(("note:", "pretraining:"))]  # notes, the progress bar
+    assert len(lines) == 1 and "Traceback" not in lines[0], err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
 
 
 def run_tool(cmd, env, check=True, timeout=900):

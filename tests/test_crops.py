@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import ct_like, write_nifti
+from helpers import FAST_PRETRAIN, ct_like, write_nifti
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.crops import CropSource, crop_boxes, split_crop_case
 from med3dinsight_plugin.errors import Med3DInsightError
@@ -68,10 +68,7 @@ def test_embed_and_pretrain_on_crops_and_a_mismatch_is_refused(world, tmp_path, 
     assert main(["embed", str(world / "vols"), "-o", str(cache), "--clip-model", str(world / "clip"), "--per-plane",
                  "3", "--modality", "ct", "--crops", "2", "--crop-mm", "16", "16", "16"]) == 0
     assert TeacherCache(cache).cases == [f"case{i}@{m}" for i in range(3) for m in range(2)]
-    fast = ["model.backbone=plain_conv_unet", "model.backbone_kwargs={base_features: 4, max_features: 16}",
-            "model.patch_size=[16,16,16]", "model.psat=small",
-            "model.psat_kwargs={width: 32, depth: 1, heads: 4, num_queries: 6, num_slice_bins: 16}",
-            "train.steps=2", "train.batch_size=1", "data.num_workers=0", "data.eval_cases=0", "data.modality=ct"]
+    fast = [*FAST_PRETRAIN, "data.modality=ct"]
     out = tmp_path / "run"
     code = main(["pretrain", "--data", str(world / "vols"), "--cache", str(cache), "-o", str(out), "--set", *fast,
                  "data.view=volume", "data.crops=2", "data.crop_mm=[16,16,16]"])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ct_like
+from helpers import FAST_PRETRAIN, ct_like, one_line_failure
 from med3dinsight_plugin import load_checkpoint
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.teacher.tiny import save_tiny_open_clip
@@ -24,12 +24,6 @@ from med3dinsight_plugin.teacher.tiny import save_tiny_open_clip
 REPO = Path(__file__).resolve().parents[1]
 TOTALSEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator"
 BIN = Path(sys.executable).parent
-
-# A tiny real model on 16^3 crops: a pretraining step takes well under a second on a CPU.
-FAST = ["model.backbone=plain_conv_unet", "model.backbone_kwargs={base_features: 4, max_features: 16}",
-        "model.patch_size=[16,16,16]", "model.psat=small",
-        "model.psat_kwargs={width: 32, depth: 1, heads: 4, num_queries: 6, num_slice_bins: 16}",
-        "train.steps=2", "train.batch_size=1", "data.num_workers=0", "data.eval_cases=0"]
 
 
 def _nifti(path, array, affine=None):
@@ -68,20 +62,11 @@ def ct(tmp_path_factory, clip):
     return root
 
 
-def _pretrain(capsys, data, cache, out, *settings, extra=(), base=FAST):
+def _pretrain(capsys, data, cache, out, *settings, extra=(), base=FAST_PRETRAIN):
     code = main(["pretrain", "--data", str(data), "--cache", str(cache), "-o", str(out), *extra, "--set", *base,
                  *settings])
     captured = capsys.readouterr()
     return code, captured.err.strip().splitlines()
-
-
-def _one_line_failure(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err if not line.startswith(("note:", "pretraining:"))]  # notes, the progress bar
-    assert len(lines) == 1 and "Traceback" not in lines[0], err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _no_temp_files(out):
@@ -213,7 +198,7 @@ def test_a_diverging_run_stops_with_one_line_and_never_saves_non_finite_weights(
     code, err = _pretrain(capsys, ct / "vols", ct / "cache", out, f"model.alignment={alignment}", f"train.lr={lr}",
                           "train.warmup_steps=0", "train.schedule=constant", "train.steps=8",
                           "train.checkpoint_every=1", "train.log_every=8")
-    line = _one_line_failure(code, err, "non-finite at step", "lower train.lr", "train.warmup_steps", "--no-resume")
+    line = one_line_failure(code, err, "non-finite at step", "lower train.lr", "train.warmup_steps", "--no-resume")
     failed_at = int(line.split("non-finite at step ")[1].split()[0])
     assert not (out / "med3dinsight.safetensors").exists()
     _no_temp_files(out)
@@ -237,7 +222,7 @@ def test_a_ct_volume_with_absurd_voxels_is_named_before_training(ct, tmp_path, c
     _nifti(vols / "case2.nii.gz", bad)
     out = tmp_path / "run"
     code, err = _pretrain(capsys, vols, ct / "cache", out)
-    _one_line_failure(code, err, "case2.nii.gz", "3e+38", "remove it")
+    one_line_failure(code, err, "case2.nii.gz", "3e+38", "remove it")
     assert not (out / "checkpoints").exists()
     _no_temp_files(out)
 
@@ -277,7 +262,7 @@ def test_an_unreadable_last_state_is_one_line_naming_it_and_the_fix(ct, tmp_path
         last.write_bytes(b"\x80\x04not a checkpoint at all")
     before = last.read_bytes()
     code, err = _pretrain(capsys, ct / "vols", ct / "cache", out, "train.steps=2")
-    _one_line_failure(code, err, str(last), "--no-resume")
+    one_line_failure(code, err, str(last), "--no-resume")
     assert last.read_bytes() == before
     _no_temp_files(out)
     code, err = _pretrain(capsys, ct / "vols", ct / "cache", out, "train.steps=2", extra=["--no-resume"])
@@ -292,7 +277,7 @@ def test_an_unreadable_last_state_falls_back_to_the_previous_one(ct, tmp_path, c
     assert torch.load(out / "checkpoints" / "previous.pt", weights_only=True)["step"] == 1
     last = out / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])  # a full disk, say
-    config = load_config(None, [*FAST, "train.checkpoint_every=1", "train.steps=3", f"output={out}",
+    config = load_config(None, [*FAST_PRETRAIN, "train.checkpoint_every=1", "train.steps=3", f"output={out}",
                                 f"data.source={ct / 'vols'}", f"data.cache={ct / 'cache'}"])
     with pytest.warns(UserWarning, match="resuming from .*previous.pt \\(step 1\\)"):
         summary = run_pretraining(config, progress=False)
@@ -312,7 +297,7 @@ def test_an_unreadable_last_state_falls_back_to_the_previous_one(ct, tmp_path, c
 def test_a_bad_backbone_argument_fails_before_any_volume_is_prepared(ct, tmp_path, capsys, kwargs, needles):
     out = tmp_path / "run"
     code, err = _pretrain(capsys, ct / "vols", ct / "cache", out, "model.backbone_kwargs=" + kwargs)
-    line = _one_line_failure(code, err, *needles)
+    line = one_line_failure(code, err, *needles)
     if "null" not in kwargs and "patch_size" not in kwargs:
         assert "accepted: base_features, max_features, num_classes, spacing" in line
     assert not (out / "prepared").exists()
@@ -322,8 +307,8 @@ def test_a_monai_backbone_argument_typo_names_the_networks_arguments(ct, tmp_pat
     out = tmp_path / "run"
     code, err = _pretrain(capsys, ct / "vols", ct / "cache", out, "model.backbone=swin_unetr",
                           "model.patch_size=[64,64,64]", "model.backbone_kwargs={feature_sise: 12}",
-                          base=[s for s in FAST if not s.startswith("model.backbone_kwargs")])
-    _one_line_failure(code, err, "model.backbone_kwargs.feature_sise", "did you mean 'feature_size'", "depths")
+                          base=[s for s in FAST_PRETRAIN if not s.startswith("model.backbone_kwargs")])
+    one_line_failure(code, err, "model.backbone_kwargs.feature_sise", "did you mean 'feature_size'", "depths")
     assert not (out / "prepared").exists()
 
 
@@ -402,7 +387,7 @@ def test_a_second_run_on_the_same_folder_fails_naming_the_holder(ct, tmp_path, c
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, err = _pretrain(capsys, ct / "vols", ct / "cache", out)
-        _one_line_failure(code, err, str(out), f"process {holder.pid}", "-o/--output")
+        one_line_failure(code, err, str(out), f"process {holder.pid}", "-o/--output")
         assert not (out / "prepared").exists() and not (out / "checkpoints").exists()
         assert (out / ".lock").read_text().split()[0] == str(holder.pid)  # still the holder's
     finally:
@@ -420,7 +405,7 @@ def test_a_stale_lock_is_taken_over_and_the_lock_is_released_after_success_and_f
     assert any("stale lock" in line and dead.stdout.strip() in line for line in err), err
     assert not (out / ".lock").exists()
     code, err = _pretrain(capsys, ct / "vols", ct / "cache", out, "train.lr=0.5")  # refused: changed config
-    _one_line_failure(code, err, "train.lr")
+    one_line_failure(code, err, "train.lr")
     assert not (out / ".lock").exists()
 
 
@@ -482,7 +467,7 @@ def test_run_pretraining_joins_once_and_trains_in_the_same_context(ct, tmp_path,
     monkeypatch.setattr(run, "init_distributed", init_spy)
     monkeypatch.setattr(engine, "init_distributed", init_spy)
     monkeypatch.setattr(engine, "pretrain", pretrain_spy)
-    config = load_config(None, [*FAST, f"output={tmp_path / 'run'}", f"data.source={ct / 'vols'}",
+    config = load_config(None, [*FAST_PRETRAIN, f"output={tmp_path / 'run'}", f"data.source={ct / 'vols'}",
                                 f"data.cache={ct / 'cache'}"])
     assert run_pretraining(config, progress=False).steps == 2
     assert len(made) == 1 and handed == made and made[0].device == torch.device("cpu")
@@ -492,7 +477,7 @@ def test_a_bad_device_is_one_line_naming_the_option(ct, tmp_path, capsys):
     code, err = _pretrain(capsys, ct / "vols", ct / "cache", tmp_path / "run", "train.device=cuda") \
         if not torch.cuda.is_available() else \
         _pretrain(capsys, ct / "vols", ct / "cache", tmp_path / "run", "train.device=tpu:0")
-    _one_line_failure(code, err, "'train.device'")
+    one_line_failure(code, err, "'train.device'")
     assert not (tmp_path / "run" / ".lock").exists()
 
 
@@ -514,7 +499,7 @@ def _torchrun(*args, timeout=300):
 
 def test_pretrain_under_torchrun_shares_the_prepared_data_through_one_group(ct, tmp_path):
     out = tmp_path / "run"
-    done = _torchrun("--data", ct / "vols", "--cache", ct / "cache", "-o", out, "--set", *FAST)
+    done = _torchrun("--data", ct / "vols", "--cache", ct / "cache", "-o", out, "--set", *FAST_PRETRAIN)
     assert done.returncode == 0, done.stderr[-3000:]
     meta = load_checkpoint(out / "med3dinsight.safetensors").metadata
     assert meta["pretraining"]["world_size"] == 2 and meta["pretraining"]["global_batch"] == 2
@@ -527,7 +512,7 @@ def test_a_rank_0_data_error_under_torchrun_stops_every_rank(ct, tmp_path):
     vols = tmp_path / "vols"
     shutil.copytree(ct / "vols", vols)
     (vols / "zbad.nii.gz").write_bytes((vols / "case0.nii.gz").read_bytes()[:2000])  # truncated
-    done = _torchrun("--data", vols, "--cache", ct / "cache", "-o", tmp_path / "run", "--set", *FAST,
+    done = _torchrun("--data", vols, "--cache", ct / "cache", "-o", tmp_path / "run", "--set", *FAST_PRETRAIN,
                      "data.modality=ct", timeout=240)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if "med3dinsight pretrain: error:" in line]

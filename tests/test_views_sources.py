@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import run_tool, write_nifti
+from helpers import FAST_PRETRAIN, one_line_failure, run_tool, write_nifti
 from med3dinsight_plugin import load_checkpoint
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.teacher.tiny import save_tiny_open_clip
@@ -24,11 +24,7 @@ NX, NY = 28, 24  # i, j
 AIR_J = 4  # j < 4: air in front of the patient (anterior)
 MEDIAN = [2.5, IN_PLANE, IN_PLANE]  # canonical (superior, posterior, left)
 READERS = {"SimpleITKIO": 991, "NibabelIO": 992}
-FAST = ["model.backbone=plain_conv_unet", "model.backbone_kwargs={base_features: 4, max_features: 16}",
-        "model.patch_size=[16,16,16]", "model.psat=small",
-        "model.psat_kwargs={width: 32, depth: 1, heads: 4, num_queries: 6, num_slice_bins: 16}",
-        "model.reconstruction=masked", "model.mask_ratio=0.5", "model.mask_block=4",
-        "train.steps=2", "train.batch_size=1", "data.num_workers=0", "data.eval_cases=0"]
+FAST = [*FAST_PRETRAIN, "model.reconstruction=masked", "model.mask_ratio=0.5", "model.mask_block=4"]
 
 
 def _phantom(spacing_k, n_k):
@@ -151,10 +147,6 @@ def test_volume_view_refuses_a_cache_chosen_in_other_scanner_units(world, tmp_pa
     cache = _cache(world, "preprocessed_sitk")
     common = ["pretrain", "--data", str(data), "--cache", str(cache), "--set", *FAST]
     code = main([*common[:5], "-o", str(tmp_path / "volume"), *common[5:], "data.view=volume"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    lines = [line for line in err if not line.startswith(("note:", "pretraining:"))]
-    assert len(lines) == 1 and str(cache) in lines[0] and "data.raw" in lines[0] and "raw scanner units" in lines[0], \
-        lines
+    one_line_failure(code, capsys.readouterr().err.strip().splitlines(), str(cache), "data.raw", "raw scanner units")
     code = main([*common[:5], "-o", str(tmp_path / "crop"), *common[5:], "data.view=crop"])
     assert code == 0, capsys.readouterr().err
