@@ -25,8 +25,10 @@ from med3dinsight_plugin.hub import is_hub_spec, pinned_spec
 from med3dinsight_plugin.loading import LoadReport
 from med3dinsight_plugin.results import Result
 
-# re-exported for older callers (tests, scripts); their home is .contract
-from .contract import ENV_CHECKPOINT, MONAI_NETWORKS, PLANS_KEY, TRAINER_OF, checkpoint_family, configured_checkpoint  # noqa: F401
+from .contract import ENV_CHECKPOINT as ENV_CHECKPOINT  # re-exported for older callers; its home is .contract
+from .contract import MONAI_NETWORKS as MONAI_NETWORKS  # re-exported, as above
+from .contract import PLANS_KEY, TRAINER_OF, checkpoint_family
+from .contract import configured_checkpoint as configured_checkpoint  # re-exported, as above
 
 __all__ = ["AttachResult", "attach_checkpoint", "attached_plans"]
 

@@ -286,8 +286,7 @@ def define_family_trainers(family) -> list:
     if base is None:
         if family.plans_native:
             raise Med3DInsightError(f"backbone family {family.name!r}: nnunet_trainer {family.nnunet_trainer!r} "
-                                    "must be "
-                                    f"Med3DInsightTrainer (plans-native families train with it)")
+                                    f"must be Med3DInsightTrainer (plans-native families train with it)")
         base = type(family.nnunet_trainer, (_MonaiTrainerMixin, Med3DInsightTrainer), {
             "__module__": __name__, "architectures": family.nnunet_network_names,
             "__doc__": f"Fine-tunes a {family.network_classes[0]} described in the plans (``nnunet-attach "

@@ -108,20 +108,17 @@ class Backbone(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 5:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise Med3DInsightError(f"{self.config['name']} expects a volume batch of shape (B, {self.in_channels}, "
-                                    "D, H, W), "
-                             f"got {got}")
+                                    f"D, H, W), got {got}")
         if x.shape[1] != self.in_channels:
             raise Med3DInsightError(f"{self.config['name']} was built for {self.in_channels} input channel(s) but "
-                                    "the volume "
-                             f"has {x.shape[1]}")
+                                    f"the volume has {x.shape[1]}")
         self.check_spatial_shape(tuple(x.shape[2:]))
 
     def check_spatial_shape(self, shape: Tuple[int, ...]) -> None:
         divisor = self.spatial_divisor()
         if any(s % d for s, d in zip(shape, divisor)):
             raise Med3DInsightError(f"{self.config['name']} needs spatial sizes divisible by {divisor}, got "
-                                    f"{shape}; crop or "
-                             f"pad the volume, e.g. to {self.patch_size}")
+                                    f"{shape}; crop or pad the volume, e.g. to {self.patch_size}")
 
     def spatial_divisor(self) -> Tuple[int, int, int]:
         return (1, 1, 1)

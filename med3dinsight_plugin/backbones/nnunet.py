@@ -82,7 +82,7 @@ def _load_plans(plans: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any
         raise Med3DInsightError(f"cannot read the nnU-Net plans file {plans}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise Med3DInsightError(f"the nnU-Net plans file {plans} is not valid JSON ({e}); pass nnU-Net's "
-                         f"nnUNetPlans.json from nnUNet_preprocessed/DATASET/") from None
+                                f"nnUNetPlans.json from nnUNet_preprocessed/DATASET/") from None
 
 
 def architecture_from_plans(plans: Union[str, os.PathLike, Dict[str, Any]],
@@ -96,12 +96,11 @@ def architecture_from_plans(plans: Union[str, os.PathLike, Dict[str, Any]],
                                 "(nnUNetPlans.json)")
     if configuration not in plans["configurations"]:
         raise Med3DInsightError(f"configuration {configuration!r} is not in the plans; available: "
-                         f"{sorted(plans['configurations'])}")
+                                f"{sorted(plans['configurations'])}")
     resolved = copy.deepcopy(PlansManager(plans).get_configuration(configuration).configuration)
     if "architecture" not in resolved:
         raise Med3DInsightError(f"configuration {configuration!r} of the plans has no 'architecture'; nnU-Net v2.4+ "
-                                "plans "
-                         f"describe the network there: re-plan with nnUNetv2_plan_experiment")
+                                f"plans describe the network there: re-plan with nnUNetv2_plan_experiment")
     return plans, resolved
 
 
@@ -120,8 +119,7 @@ def architecture_for_patch(patch_size: Sequence[int], spacing: Sequence[float] =
                                                                     _MIN_FEATURE_MAP_EDGE, 999999)
     if tuple(int(p) for p in planned_patch) != tuple(patch_size):
         raise Med3DInsightError(f"patch size {tuple(patch_size)} does not fit nnU-Net's pooling for spacing "
-                                f"{tuple(spacing)}; "
-                         f"nnU-Net would use {tuple(int(p) for p in planned_patch)}")
+                                f"{tuple(spacing)}; nnU-Net would use {tuple(int(p) for p in planned_patch)}")
     n = len(strides)
     kwargs: Dict[str, Any] = {
         "n_stages": n,
@@ -173,11 +171,10 @@ def build_nnunet(in_channels: int = 1, patch_size: Optional[Sequence[int]] = Non
     class_name = architecture["network_class_name"].rsplit(".", 1)[-1]
     if class_name not in _SUPPORTED:
         raise Med3DInsightError(f"nnU-Net architecture {architecture['network_class_name']} is not supported; "
-                         f"supported: {', '.join(_SUPPORTED)}")
+                                f"supported: {', '.join(_SUPPORTED)}")
     if "Conv3d" not in str(architecture["arch_kwargs"].get("conv_op", "")):
         raise Med3DInsightError("the nnU-Net configuration is not 3D (conv_op "
-                                f"{architecture['arch_kwargs'].get('conv_op')}); "
-                         f"use a 3d_* configuration")
+                                f"{architecture['arch_kwargs'].get('conv_op')}); use a 3d_* configuration")
     if patch_size is None:
         raise Med3DInsightError("patch_size is required when building the nnunet backbone from an architecture dict")
     patch = positive_triple("patch_size", patch_size)

@@ -64,8 +64,7 @@ def build_swin_unetr(in_channels: int = 1, patch_size: Optional[Sequence[int]] =
     minimum = tuple(2 * d for d in backbone.spatial_divisor())
     if any(p < m for p, m in zip(patch, minimum)):
         raise Med3DInsightError(f"swin_unetr needs patch sizes of at least {minimum} (a smaller patch leaves one "
-                                "bottleneck "
-                         f"voxel, which InstanceNorm rejects), got {patch}")
+                                f"bottleneck voxel, which InstanceNorm rejects), got {patch}")
     return backbone
 
 

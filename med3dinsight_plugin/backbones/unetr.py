@@ -25,8 +25,8 @@ class UNETRBackbone(Backbone):
         # The ViT's learnable position embedding fixes the input size.
         if tuple(shape) != self.patch_size:
             raise Med3DInsightError(f"unetr was built for patches of {self.patch_size} (its position embedding has "
-                                    "one entry "
-                             f"per {VIT_PATCH}^3 patch) but got spatial size {tuple(shape)}; crop to {self.patch_size}")
+                                    f"one entry per {VIT_PATCH}^3 patch) but got spatial size {tuple(shape)}; crop "
+                                    f"to {self.patch_size}")
 
     @classmethod
     def network_spec(cls, network):
