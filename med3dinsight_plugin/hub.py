@@ -87,7 +87,8 @@ def is_hub_spec(value: Any) -> bool:
 
 
 def parse_hub_spec(spec: Union[str, os.PathLike]) -> HubSpec:
-    """Split ``hf-hub:ORG/REPO[@REVISION]`` into repository and revision, checking both.
+    """Split ``hf-hub:ORG/REPO[@REVISION]`` into repository and revision, checking both before anything reads them
+    (huggingface_hub joins a revision into paths of its cache: ``@../../x`` would name a file outside it).
 
     Args:
         spec: the reference, with its ``hf-hub:`` prefix.
@@ -96,30 +97,57 @@ def parse_hub_spec(spec: Union[str, os.PathLike]) -> HubSpec:
         The :class:`HubSpec`.
 
     Raises:
-        CheckpointError: one line naming the malformed reference and the form it must have.
+        CheckpointError: one line naming the malformed reference (shortened) and the form it must have.
     """
     from .checkpoint import CheckpointError
 
     text = os.fspath(spec)
     body = text[len(HUB_PREFIX):] if text.startswith(HUB_PREFIX) else text
     repo_id, at, revision = body.partition("@")
-    problem = None
-    if not repo_id:
-        problem = "it names no repository"
-    elif repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        problem = f"{repo_id!r} is not ORG/REPO"
-    elif at and (not revision or any(c.isspace() for c in revision) or "@" in revision):
-        problem = f"{revision!r} after '@' is not a revision (a branch, tag or commit)"
-    else:
-        from huggingface_hub.utils import validate_repo_id
-        try:
-            validate_repo_id(repo_id)
-        except ValueError:  # HFValidationError
-            problem = (f"{repo_id!r} is not a Hub repository id (letters, digits, '-', '_', '.'; no leading or "
-                       f"trailing '-' or '.'; at most 96 characters each)")
+    problem = _repo_id_problem(repo_id)
+    if problem is None and at:
+        why = _revision_problem(revision)
+        if why:
+            problem = f"{short_repr(revision, 60)} after '@' is not a revision, a branch, tag or commit ({why})"
     if problem:
-        raise CheckpointError(f"checkpoint {text!r}: {problem}; use {_FORM}")
+        raise CheckpointError(f"checkpoint {short_repr(text)}: {problem}; use {_FORM}")
     return HubSpec(repo_id, revision or None)
+
+
+def _repo_id_problem(repo_id: str) -> Optional[str]:
+    """Why ``repo_id`` is not a Hub ``ORG/REPO`` id (the value shortened), or None."""
+    if not repo_id:
+        return "it names no repository"
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        return f"{short_repr(repo_id, 60)} is not ORG/REPO"
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except ValueError:  # HFValidationError
+        return (f"{short_repr(repo_id, 60)} is not a Hub repository id (letters, digits, '-', '_', '.'; no leading "
+                f"or trailing '-' or '.', no '--' or '..'; at most 96 characters)")
+    return None
+
+
+_MAX_REVISION = 255  # a branch or tag name is a file name in huggingface_hub's cache (refs/NAME)
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\@]")
+
+
+def _revision_problem(revision: str) -> Optional[str]:
+    """Why ``revision`` is not a branch, tag or commit name git and the Hub accept (``git check-ref-format``: no
+    ``..``, no part starting with ``.``, no control characters, spaces or ``~^:?*[\\``), or None. ``refs/pr/N``
+    (a pull request) passes."""
+    if not revision:
+        return "it is empty"
+    if len(revision) > _MAX_REVISION:
+        return f"{len(revision)} characters; at most {_MAX_REVISION}"
+    if _REF_FORBIDDEN.search(revision):
+        return "it holds a space, a control character or one of ~ ^ : ? * [ \\ @"
+    parts = revision.split("/")
+    if any(not part or part.startswith(".") or part.endswith(".lock") for part in parts) or revision.endswith("."):
+        return ("a leading, trailing or doubled '/', a part starting with '.' (such as '..'), or ending in '.' or "
+                "'.lock'")
+    return None
 
 
 def download_checkpoint(spec: Union[str, os.PathLike]) -> Path:
@@ -225,13 +253,21 @@ def push_checkpoint(checkpoint: Union[str, os.PathLike], repo_id: str, *, revisi
     from .checkpoint import CheckpointError, load_checkpoint
     from .fileio import atomic_write
 
-    hub = parse_hub_spec(repo_id if str(repo_id).startswith(HUB_PREFIX) else HUB_PREFIX + str(repo_id))
-    if hub.revision:
-        raise CheckpointError(f"push target {repo_id!r}: pass the branch with --revision {hub.revision}, not after "
+    text = os.fspath(repo_id)
+    name, at, branch = (text[len(HUB_PREFIX):] if text.startswith(HUB_PREFIX) else text).partition("@")
+    problem = _repo_id_problem(name)
+    if problem:
+        raise CheckpointError(f"push target {short_repr(text)}: {problem}; use ORG/REPO")
+    if at:
+        shown = branch if branch and not _revision_problem(branch) else short_repr(branch, 60)
+        raise CheckpointError(f"push target {short_repr(text)}: pass the branch with --revision {shown}, not after "
                               f"'@'")
     if revision is not None:
-        parse_hub_spec(f"{hub}@{revision}")  # same check of the revision's form
-    target = HubSpec(hub.repo_id, revision)
+        why = _revision_problem(revision)
+        if why:
+            raise CheckpointError(f"--revision {short_repr(revision, 60)} is not a branch name ({why}); pass a "
+                                  f"branch such as dev or v1")
+    hub = target = HubSpec(name, revision)
     if dry_run is None and hub_offline():
         raise CheckpointError(f"HF_HUB_OFFLINE is set, so nothing was uploaded to {hub.repo_id}; push where there is "
                               f"network (unset HF_HUB_OFFLINE), or write the files only with --dry-run FOLDER")

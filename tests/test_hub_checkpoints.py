@@ -387,3 +387,29 @@ def test_hub_helpers_are_shared_and_huggingface_hub_is_imported_lazily():
             "med3dinsight_plugin.hub; print('huggingface_hub' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+# ------------------------------------------------------------------------------------- robustness (issue #22)
+
+def test_hub_revisions_and_repo_ids_are_checked_where_they_enter(hub, tmp_path, capsys):
+    """A revision is a file name in huggingface_hub's cache (refs/NAME): '@../..' must not reach it; a long value is
+    shortened in the one line."""
+    from helpers import one_line_failure
+    from med3dinsight_plugin.cli import main
+
+    long = "a" * 5000
+    for spec, what in (("hf-hub:org/repo@../../../../etc/hostname", "'../../../../etc/hostname' after '@' is not a"),
+                       ("hf-hub:org/repo@refs/../../x", "a part starting with '.'"),
+                       ("hf-hub:org/repo@/etc/passwd", "a leading, trailing or doubled '/'"),
+                       ("hf-hub:org/repo@v1~1", "one of ~ ^ : ? * [ \\ @"),
+                       (f"hf-hub:org/repo@{long}", "5000 characters; at most 255"),
+                       (f"hf-hub:org/{long}", "is not a Hub repository id"),
+                       (f"hf-hub:{long}", "is not ORG/REPO")):
+        code = main(["inspect", spec])
+        line = one_line_failure(code, capsys.readouterr().err.strip().splitlines(), what, "hf-hub:ORG/REPO@REVISION")
+        assert len(line) < 400 and long not in line, line
+    source = save_pretrained(_tiny(3), tmp_path / "c.safetensors")
+    code = main(["push", str(source), "org/published", "--revision", "../../x", "--dry-run", str(tmp_path / "out")])
+    one_line_failure(code, capsys.readouterr().err.strip().splitlines(), "--revision '../../x'", "a part starting")
+    assert not (tmp_path / "out").exists()
+    assert load_checkpoint("hf-hub:org/repo@v1").path.parent.name == V1  # ordinary revisions still pass
