@@ -171,13 +171,17 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         raise Med3DInsightError("--class-names goes with --from-labels (a VLM names what it sees)")
     if args.from_labels is not None and args.prompts is not None:
         raise Med3DInsightError("--prompts goes with --vlm; --from-labels writes its captions without prompts")
+    if args.from_labels is None and not (args.with_plane and args.with_position):
+        raise Med3DInsightError(f"{'--no-plane' if not args.with_plane else '--no-position'} goes with --from-labels; "
+                                f"with --vlm, leave the plane and position out of the prompts (--prompts)")
     policy, render = _slice_settings(args)
     source = _source(args)
     if args.from_labels is not None:
         from .teacher.label_captions import caption_from_labels
 
         result = caption_from_labels(source, args.from_labels, args.output, policy, render,
-                                     class_names=args.class_names)
+                                     class_names=args.class_names, with_plane=args.with_plane,
+                                     with_position=args.with_position)
         print(f"{args.output}: {result.written} captions written, {result.skipped} already there")
         return 0
     check_generation_args(args.batch_size, args.max_new_tokens)  # before a 7B model loads
@@ -321,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", metavar="FILE",
                    help="with --from-labels: JSON of label names ({\"1\": \"spleen\"}, nnU-Net's dataset.json or "
                         "{\"liver\": 1}); default: the dataset.json next to LABELS, else 'label N'")
+    p.add_argument("--no-plane", dest="with_plane", action="store_false",
+                   help="with --from-labels: do not name the slice's plane (nor the body region or the structures' "
+                        "sides, which would still tell it); the pretraining model is given the plane anyway")
+    p.add_argument("--no-position", dest="with_position", action="store_false",
+                   help="with --from-labels: do not locate the slice (no %% of the scan height, no mm from the "
+                        "midline); the pretraining model is given the position anyway")
     p.add_argument("-o", "--output", required=True, help="captions .jsonl (resumed if it exists)")
     p.add_argument("--prompts", help="JSON/YAML file of prompt templates (keys like 'ct.axial', 'mri.*', '*')")
     p.add_argument("--batch-size", type=int, default=8)

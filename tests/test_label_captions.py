@@ -1,6 +1,7 @@
 """Captions written from label masks (``med3dinsight caption --from-labels``), on TotalSegmentator's real abdominal CT
 and its labels: the texts against expectations computed independently from the label array, orientation
 independence, the nnU-Net raw layout through the real command line and into ``embed``, resume, and bad input."""
+import hashlib
 import json
 import os
 import re
@@ -62,6 +63,7 @@ def real(tmp_path_factory):
                                      class_names=NAMES, progress=False)
         assert result.written == 24 and result.skipped == 0
         out[name] = list(CaptionFile.read(folder / "captions.jsonl").values())
+        out[f"{name}_sha256"] = hashlib.sha256((folder / "captions.jsonl").read_bytes()).hexdigest()
     assert not np.array_equal(np.asarray(nib.load(str(CT)).dataobj),
                               np.asarray(_reoriented(CT).dataobj))  # really stored otherwise
     return out
@@ -144,6 +146,109 @@ def test_coronal_and_sagittal_slices_are_located_from_the_body(real):
 
 def test_an_lps_stored_copy_gives_identical_captions(real):
     assert real["lps"] == real["ras"]
+
+
+# The caption file of the real CT (RAS, POLICY, NAMES) as written before --no-plane / --no-position existed: the
+# default wording must stay the same, byte for byte.
+DEFAULT_SHA256 = "19b6704688120de799c4a4b93d775bfac679745dfcdd8e1e23ca61b1ae7463b3"
+
+
+def test_the_default_wording_is_unchanged_byte_for_byte(real):
+    assert real["ras_sha256"] == DEFAULT_SHA256
+
+
+_LOCATION = re.compile(r" at \d+ % of the scan height| \d+ mm (anterior|posterior) to the body's centre| through the "
+                       r"body's centre| \d+ mm (left|right) of the midline| through the midline")
+_SIDE = re.compile(r", (left|right|midline)\)")
+_PLANES = re.compile(r"axial|coronal|sagittal", re.IGNORECASE)
+
+
+@pytest.fixture(scope="module")
+def real_without(real, tmp_path_factory):
+    """Captions of the real CT with each of --no-position, --no-plane and both, keyed like the default's."""
+    folder = _dataset(tmp_path_factory.mktemp("without"), CT, SEG)
+    out = {}
+    for name, kwargs in (("position", {"with_position": False}), ("plane", {"with_plane": False}),
+                         ("both", {"with_plane": False, "with_position": False})):
+        path = folder / f"{name}.jsonl"
+        caption_from_labels(open_source(folder / "img"), folder / "lab", path, POLICY, class_names=NAMES,
+                            progress=False, **kwargs)
+        out[name] = list(CaptionFile.read(path).values())
+        assert [(r["case"], r["plane"], r["index"]) for r in out[name]] == \
+            [(r["case"], r["plane"], r["index"]) for r in real["ras"]]
+        meta = json.loads(Path(f"{path}.meta.json").read_text())
+        assert meta["without"] == [k for k in ("plane", "position") if kwargs.get(f"with_{k}") is False]
+    return out
+
+
+def test_without_position_or_plane_the_caption_says_only_what_the_slice_cuts(real, real_without):
+    for default, position, plane, both in zip(real["ras"], real_without["position"], real_without["plane"],
+                                              real_without["both"]):
+        text = default["text"]
+        # --no-position: the default text less its location (the axial region, from the structures, stays)
+        assert position["text"] == _LOCATION.sub("", text)
+        assert "%" not in position["text"] and " mm " not in position["text"]
+        # both: modality and structures only; no plane, no position, no region, no sides
+        listing = text.split(": ", 1)[1]
+        assert both["text"] == "CT slice: " + _SIDE.sub(")", listing)
+        assert not re.search(r"%| mm |scan|midline|centre|through|abdomen", both["text"]), both["text"]
+        assert not _PLANES.search(both["text"]) and not _PLANES.search(plane["text"])
+        # --no-plane alone: one plane-free way of locating every slice
+        assert plane["text"] == f"CT slice at {round(100 * default['position'])} % along its axis: " + \
+            _SIDE.sub(")", listing)
+    assert sum(bool(_SIDE.search(r["text"])) for r in real["ras"]) > 10  # sides were there to leave out
+
+
+def _cube_dataset(root: Path) -> Path:
+    """A CT whose body is a cube of soft tissue, labelled 1 throughout: every selected slice of every plane cuts the
+    same 30 x 30 mm square of label 1, at another plane and position."""
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS-stored 1 mm voxels
+    image = np.full((40, 40, 40), -1000, np.int16)
+    labels = np.zeros((40, 40, 40), np.uint8)
+    image[5:35, 5:35, 5:35] = 40
+    labels[5:35, 5:35, 5:35] = 1
+    return _dataset(root, nib.Nifti1Image(image, affine), nib.Nifti1Image(labels, affine))
+
+
+def test_slices_cutting_the_same_structures_get_one_caption_whatever_their_plane_and_position(tmp_path, capsys):
+    folder = _cube_dataset(tmp_path)
+    names = tmp_path / "names.json"
+    names.write_text('{"1": "liver"}')
+    texts = {}
+    for name, flags in (("default", []), ("position", ["--no-position"]), ("both", ["--no-plane", "--no-position"])):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["caption", str(folder / "img"), "--from-labels", str(folder / "lab"), "-o", str(out),
+                     "--class-names", str(names), "--modality", "ct", "--per-plane", "3", *flags]) == 0
+        assert capsys.readouterr().out.strip() == f"{out}: 9 captions written, 0 already there"
+        texts[name] = {(r["plane"], r["position"]): r["text"] for r in CaptionFile.read(out).values()}
+    assert len(set(texts["default"].values())) == 9  # the default says where each slice is
+    assert set(texts["both"].values()) == {"CT slice: liver (9 cm2)."}
+    assert set(texts["position"].values()) == {"Axial CT slice through the upper abdomen: liver (9 cm2, midline).",
+                                               "Coronal CT slice: liver (9 cm2, midline).",
+                                               "Sagittal CT slice: liver (9 cm2)."}
+
+
+def test_resume_with_another_wording_is_refused(tmp_path, capsys):
+    folder = _cube_dataset(tmp_path)
+    source, out = open_source(folder / "img", modality="ct"), tmp_path / "c.jsonl"
+    policy = SlicePolicy(per_plane=2)
+    assert caption_from_labels(source, folder / "lab", out, policy, progress=False, with_plane=False,
+                               with_position=False).written == 6
+    assert caption_from_labels(source, folder / "lab", out, policy, progress=False, with_plane=False,
+                               with_position=False).skipped == 6
+    before = out.read_bytes()
+    for kwargs in ({}, {"with_plane": False}, {"with_position": False}):
+        with pytest.raises(CaptionError, match=r"c\.jsonl was written with other settings \(without "):
+            caption_from_labels(source, folder / "lab", out, policy, progress=False, **kwargs)
+    assert out.read_bytes() == before
+    default = tmp_path / "d.jsonl"
+    caption_from_labels(source, folder / "lab", default, policy, progress=False)
+    assert "without" not in json.loads(Path(f"{default}.meta.json").read_text())  # old files resume as before
+    code = main(["caption", str(folder / "img"), "--vlm", "some/model", "--no-plane", "-o", str(tmp_path / "v")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [
+        "med3dinsight caption: error: --no-plane goes with --from-labels; with --vlm, leave the plane and position "
+        "out of the prompts (--prompts)"]
 
 
 def test_wording_of_one_slice():

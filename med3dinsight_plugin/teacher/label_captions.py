@@ -7,6 +7,10 @@ cuts, largest first, with their area in cm2 and their side, e.g.::
     Axial CT slice through the upper abdomen at 62 % of the scan height: liver (large, 96 cm2, right), stomach
     (31 cm2, left), spleen (12 cm2, left), right kidney (8 cm2) and 2 smaller structures.
 
+The pretraining model is given every slice's plane and position, so these alone explain much of such captions'
+embeddings; ``with_plane=False`` / ``with_position=False`` (``--no-plane`` / ``--no-position``) leave them out, and
+with both a caption says only what the slice cuts (``CT slice: liver (large, 96 cm2), stomach (31 cm2), ...``).
+
 Geometry comes from the canonical arrays of :mod:`..volumes` (axes toward superior, posterior and the patient's
 left), so a label file stored in any orientation gives the same text. The body's midline (left/right) and centre
 (anterior/posterior) are the centroid of the image's body mask over the whole volume; a structure's side is its
@@ -218,13 +222,13 @@ def slice_structures(labels2d: np.ndarray, pixel_spacing: Sequence[float], class
     return out
 
 
-def _phrase(s: dict) -> str:
+def _phrase(s: dict, sides: bool = True) -> str:
     whole, tenth = f"{s['area_cm2']:.0f}", f"{s['area_cm2']:.1f}"  # "small"/"large" agree with the printed number
     if float(tenth) >= SMALL_CM2:
         qualities = (["large"] if int(whole) >= LARGE_CM2 else []) + [f"{whole} cm2"]
     else:
         qualities = ["small", f"{tenth} cm2" if float(tenth) > 0 else "<0.1 cm2"]
-    if s.get("side") and not (_words(s["name"]) & set(_SIDES)):
+    if sides and s.get("side") and not (_words(s["name"]) & set(_SIDES)):
         qualities.append(s["side"])
     return f"{humanize_name(s['name'])} ({', '.join(qualities)})"
 
@@ -244,7 +248,8 @@ def _region(structures: Sequence[dict]) -> Optional[str]:
 
 
 def describe_slice(plane, modality: str, structures: Sequence[dict], position: float,
-                   offset_mm: Optional[float] = None, max_structures: int = 6) -> str:
+                   offset_mm: Optional[float] = None, max_structures: int = 6, *, with_plane: bool = True,
+                   with_position: bool = True) -> str:
     """The caption of one slice from its measured structures (pure text: no files, no arrays).
 
     Args:
@@ -256,29 +261,44 @@ def describe_slice(plane, modality: str, structures: Sequence[dict], position: f
         offset_mm: coronal: distance of the slice from the body's centre (+ posterior); sagittal: from the
             body's midline (+ toward the patient's left). None locates them by ``position`` instead.
         max_structures: how many structures are named; the rest are counted.
+        with_plane: name the plane. False leaves out, besides the plane's name, everything that would still tell
+            the plane: the body region (said of axial slices only), the structures' sides (not given in sagittal
+            slices, whose side is their position) and the plane's own way of locating a slice (a kept position is
+            then ``"at 62 % along its axis"`` in every plane).
+        with_position: locate the slice. False leaves out the percentage or the distance in mm (the body region of
+            an axial slice, a function of the structures it names, stays while the plane is named).
 
     Returns:
-        one sentence, e.g. ``"Axial CT slice at 10 % of the scan height: no labelled structure."``.
+        one sentence, e.g. ``"Axial CT slice at 10 % of the scan height: no labelled structure."``;
+        ``"CT slice: liver (large, 96 cm2) and spleen (12 cm2)."`` with neither plane nor position, the same for
+        every slice that cuts the same structures with the same areas.
     """
     p = plane_id(plane)
-    head = f"{PLANES[p].capitalize()} {_MODALITY.get(str(modality).lower(), str(modality))} slice"
+    modality_name = _MODALITY.get(str(modality).lower(), str(modality))
     percent = round(100 * float(position))
-    if p == 0:
-        region = _region(structures)
-        head += (f" through the {region}" if region else "") + f" at {percent} % of the scan height"
-    elif offset_mm is None:
-        head += f" at {percent} % of the scan {'depth from anterior' if p == 1 else 'width from the right'}"
+    if not with_plane:
+        head = f"{modality_name} slice" + (f" at {percent} % along its axis" if with_position else "")
     else:
-        mm = round(float(offset_mm))
-        if p == 1:
-            head += " through the body's centre" if mm == 0 else \
-                f" {abs(mm)} mm {'posterior' if mm > 0 else 'anterior'} to the body's centre"
+        head = f"{PLANES[p].capitalize()} {modality_name} slice"
+        if p == 0:
+            region = _region(structures)
+            head += (f" through the {region}" if region else "") + \
+                (f" at {percent} % of the scan height" if with_position else "")
+        elif not with_position:
+            pass
+        elif offset_mm is None:
+            head += f" at {percent} % of the scan {'depth from anterior' if p == 1 else 'width from the right'}"
         else:
-            head += " through the midline" if mm == 0 else \
-                f" {abs(mm)} mm {'left' if mm > 0 else 'right'} of the midline"
+            mm = round(float(offset_mm))
+            if p == 1:
+                head += " through the body's centre" if mm == 0 else \
+                    f" {abs(mm)} mm {'posterior' if mm > 0 else 'anterior'} to the body's centre"
+            else:
+                head += " through the midline" if mm == 0 else \
+                    f" {abs(mm)} mm {'left' if mm > 0 else 'right'} of the midline"
     if not structures:
         return f"{head}: no labelled structure."
-    parts = [_phrase(s) for s in structures[:max_structures]]
+    parts = [_phrase(s, sides=with_plane) for s in structures[:max_structures]]
     rest = len(structures) - len(parts)
     if rest:
         parts.append(f"{rest} smaller structure{'s' if rest > 1 else ''}")
@@ -363,7 +383,8 @@ def _body_centre(volume, channel: int) -> np.ndarray:
     return np.asarray(centre)
 
 
-def _records(volume, labels: np.ndarray, slices, class_names, max_structures: int, channel: int) -> List[dict]:
+def _records(volume, labels: np.ndarray, slices, class_names, max_structures: int, channel: int,
+             with_plane: bool = True, with_position: bool = True) -> List[dict]:
     centre = _body_centre(volume, channel)
     out = []
     for s in slices:
@@ -371,7 +392,8 @@ def _records(volume, labels: np.ndarray, slices, class_names, max_structures: in
         labels2d, pixel_spacing = extract_slice(labels, volume.spacing, p, s.index)
         structures = slice_structures(labels2d, pixel_spacing, class_names, midline=centre[2] if p != 2 else None)
         offset = None if p == 0 else (s.index - centre[p]) * volume.spacing[p]
-        text = describe_slice(p, volume.modality, structures, s.position, offset, max_structures)
+        text = describe_slice(p, volume.modality, structures, s.position, offset, max_structures,
+                              with_plane=with_plane, with_position=with_position)
         out.append({"case": s.case, "plane": s.plane, "index": int(s.index), "position": float(s.position),
                     "modality": volume.modality, "text": text, "structures": [x["name"] for x in structures]})
     return out
@@ -393,7 +415,8 @@ class LabelCaptionResult(Result):
 
 def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optional[SlicePolicy] = None,
                         render: Optional[RenderSettings] = None, class_names=None, max_structures: int = 6,
-                        progress: bool = True) -> LabelCaptionResult:
+                        progress: bool = True, *, with_plane: bool = True,
+                        with_position: bool = True) -> LabelCaptionResult:
     """Caption the selected slices of every case of ``source`` from its label masks into a caption JSONL.
 
     The slices and keys are those ``caption`` and ``embed`` select with the same ``policy`` / ``render``, and the
@@ -416,6 +439,14 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
             label folder (nnU-Net raw layout) if it has labels, else ``"label N"``.
         max_structures: structures named per slice (largest first); the rest are counted.
         progress: show a tqdm bar over the cases.
+        with_plane: name the slice's plane (``--no-plane``: False). The pretraining model is given each slice's
+            plane and position, so captions that state them teach it what it already knows; without the plane,
+            the body region and the structures' sides are left out too, since they are said of some planes only
+            (:func:`describe_slice`).
+        with_position: locate the slice in the scan (``--no-position``: False): no percentage, no distance in mm.
+            With neither, two slices that cut the same structures with the same areas get the same caption,
+            whatever their plane and position. Recorded in the settings (``"without"``), so a resume with another
+            choice is refused.
 
     Returns:
         A :class:`LabelCaptionResult`: ``written`` (captions written now), ``skipped`` (already in the file) and
@@ -458,6 +489,9 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
 
     settings = {"model": "labels", "generator": GENERATOR, "class_names": {str(k): v for k, v in names.items()},
                 "max_structures": max_structures, **caption_settings_for(policy, render)}
+    without = [w for w, keep in (("plane", with_plane), ("position", with_position)) if not keep]
+    if without:  # recorded only when used: files written with the full wording resume as before
+        settings["without"] = without
     store = CaptionFile(out)
     done = set(CaptionFile.read(store.path))
     if done:  # a resume: refuse other settings before any work (even if every slice is done already)
@@ -474,7 +508,8 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
                     done.add(s.key)
                     todo.append(s)
             if todo:
-                records = _records(volume, labels_of(case, volume), todo, names, max_structures, render.channel)
+                records = _records(volume, labels_of(case, volume), todo, names, max_structures, render.channel,
+                                   with_plane=with_plane, with_position=with_position)
                 if not opened:  # the sidecar (and the file) only once there is something to write
                     store.check_settings(settings)
                     store.open()
