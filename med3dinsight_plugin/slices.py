@@ -4,6 +4,10 @@ Slices are taken from a :class:`~med3dinsight_plugin.volumes.Volume` in canonica
 convention of :mod:`.planes` (plane id, relative position at voxel centres). Rendering shows each slice the way a
 radiologist reads it -- head up, patient's left on the image's right, anterior on the left of a sagittal view -- at
 its physical aspect ratio, letterboxed into a square of the teacher's input size, 3 channels, uint8.
+
+The geometry is explicit so that it can be undone: :func:`letterbox_box` is where a slice lands on the square canvas,
+``DISPLAY_FLIPS`` which in-plane axes :func:`extract_slice` reverses, and :func:`feature_map_grid` maps a regular grid
+on the slice's canonical in-plane axes back onto the canvas (for a teacher's spatial feature maps).
 """
 from __future__ import annotations
 
@@ -18,10 +22,16 @@ import torch.nn.functional as F
 from .errors import Med3DInsightError
 from .planes import PLANES, plane_id, slice_position
 
-__all__ = ["RenderSettings", "Slice", "SlicePolicy", "body_mask", "dataset_slices", "extract_slice",
-           "intensity_window", "render_slice", "select_slices", "slice_key", "volume_slices", "write_slice_pngs"]
+__all__ = ["DISPLAY_FLIPS", "IN_PLANE_AXES", "RenderSettings", "Slice", "SlicePolicy", "body_mask", "dataset_slices",
+           "extract_slice", "feature_map_grid", "intensity_window", "letterbox_box", "render_slice", "select_slices",
+           "slice_key", "volume_slices", "write_slice_pngs"]
 
 CT_SOFT_TISSUE = (40.0, 400.0)  # window centre, width in HU
+# The canonical axes a slice of each plane spans, as (display rows, display columns), in increasing axis order.
+IN_PLANE_AXES = ((1, 2), (0, 2), (0, 1))
+# Whether the display reverses (rows, columns) of each plane: coronal and sagittal slices are shown superior up, i.e.
+# with canonical axis 0 (toward superior) reversed; nothing else is flipped.
+DISPLAY_FLIPS = ((False, False), (True, False), (True, False))
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,7 @@ class Slice:
     position: float
     modality: str
     image: Optional[np.ndarray] = field(default=None, repr=False)
+    box: Optional[Tuple[int, int, int, int]] = None  # where the slice lies on the rendered canvas (letterbox_box)
 
     @property
     def key(self) -> str:
@@ -147,13 +158,45 @@ def extract_slice(data: np.ndarray, spacing, plane: int, index: int) -> Tuple[np
     """The 2D slice of a canonical (D, H, W) array in radiological display orientation, with its pixel spacing.
 
     Axial: anterior up, patient's right on the left. Coronal: superior up, patient's right on the left.
-    Sagittal: superior up, anterior on the left.
+    Sagittal: superior up, anterior on the left. The rows and columns run along ``IN_PLANE_AXES[plane]``, reversed
+    where ``DISPLAY_FLIPS[plane]`` says so.
     """
-    if plane == 0:
-        return data[index], (spacing[1], spacing[2])
-    if plane == 1:
-        return data[::-1, index, :], (spacing[0], spacing[2])
-    return data[::-1, :, index], (spacing[0], spacing[1])
+    take: List[Any] = [slice(None)] * 3
+    take[plane] = index
+    flips = tuple(slice(None, None, -1) if f else slice(None) for f in DISPLAY_FLIPS[plane])
+    rows, cols = IN_PLANE_AXES[plane]
+    return data[tuple(take)][flips], (spacing[rows], spacing[cols])
+
+
+def letterbox_box(shape2d, pixel_spacing, size: int) -> Tuple[int, int, int, int]:
+    """Where :func:`render_slice` puts a 2D slice of ``shape2d`` pixels of ``pixel_spacing`` mm on its ``size``
+    square: ``(top, left, height, width)`` in canvas pixels (the rest is the black letterbox)."""
+    h_mm, w_mm = shape2d[0] * pixel_spacing[0], shape2d[1] * pixel_spacing[1]
+    scale = size / max(h_mm, w_mm)
+    h, w = min(size, max(1, round(h_mm * scale))), min(size, max(1, round(w_mm * scale)))
+    return (size - h) // 2, (size - w) // 2, h, w
+
+
+def feature_map_grid(plane: int, box: Tuple[int, int, int, int], size: int, out_size: int) -> np.ndarray:
+    """Sampling grid that turns a feature map of a rendered ``size`` canvas into an ``out_size`` square map on the
+    slice's canonical in-plane axes.
+
+    Returns ``(out_size, out_size, 2)`` float32 ``(x, y)`` coordinates for :func:`torch.nn.functional.grid_sample`
+    (``align_corners=False``, so a feature map of any resolution covers the whole canvas): cell ``(i, j)`` lies at
+    fraction ``((i + 0.5) / out_size, (j + 0.5) / out_size)`` along ``IN_PLANE_AXES[plane]`` of the volume (fraction
+    0 at voxel 0's low edge), i.e. inside the slice's letterbox ``box`` with the display flips undone.
+    """
+    top, left, h, w = box
+    frac = (np.arange(out_size, dtype=np.float64) + 0.5) / out_size
+    flip_rows, flip_cols = DISPLAY_FLIPS[plane]
+    u = 1.0 - frac if flip_rows else frac  # display row fraction of canonical cell i
+    v = 1.0 - frac if flip_cols else frac
+    y = (top + u * h) / size * 2.0 - 1.0
+    x = (left + v * w) / size * 2.0 - 1.0
+    grid = np.empty((out_size, out_size, 2), np.float32)
+    grid[..., 0] = x[None, :]
+    grid[..., 1] = y[:, None]
+    return grid
 
 
 def intensity_window(data: np.ndarray, modality: str, settings: RenderSettings) -> Tuple[float, float]:
@@ -168,16 +211,13 @@ def intensity_window(data: np.ndarray, modality: str, settings: RenderSettings) 
 
 def render_slice(slice2d: np.ndarray, pixel_spacing, window: Tuple[float, float], size: int) -> np.ndarray:
     """Window a 2D slice to [0, 1], resize it to its physical aspect ratio inside a ``size`` square (black
-    letterbox) and return ``(size, size, 3)`` uint8."""
-    h_mm, w_mm = slice2d.shape[0] * pixel_spacing[0], slice2d.shape[1] * pixel_spacing[1]
-    scale = size / max(h_mm, w_mm)
-    h, w = max(1, round(h_mm * scale)), max(1, round(w_mm * scale))
+    letterbox, placed at :func:`letterbox_box`) and return ``(size, size, 3)`` uint8."""
+    top, left, h, w = letterbox_box(slice2d.shape, pixel_spacing, size)
     t = torch.from_numpy(np.ascontiguousarray(slice2d, dtype=np.float32))[None, None]
     t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0, 0]
     lo, hi = window
     t = ((t - lo) / (hi - lo)).clamp_(0, 1)
     canvas = torch.zeros(size, size)
-    top, left = (size - h) // 2, (size - w) // 2
     canvas[top:top + h, left:left + w] = t
     gray = (canvas * 255).round_().to(torch.uint8).numpy()
     return np.repeat(gray[:, :, None], 3, axis=2)
@@ -202,10 +242,12 @@ def volume_slices(volume, policy: SlicePolicy, settings: RenderSettings, render:
                          f"or lower min_foreground")
     window = intensity_window(data, volume.modality, settings) if render else None
     for p, i in picks:
-        image = None
+        image = box = None
         if render:
-            image = render_slice(*extract_slice(data, volume.spacing, p, i), window, settings.size)
-        yield Slice(volume.case, PLANES[p], i, slice_position(i, data.shape[p]), volume.modality, image)
+            slice2d, pixel_spacing = extract_slice(data, volume.spacing, p, i)
+            image = render_slice(slice2d, pixel_spacing, window, settings.size)
+            box = letterbox_box(slice2d.shape, pixel_spacing, settings.size)
+        yield Slice(volume.case, PLANES[p], i, slice_position(i, data.shape[p]), volume.modality, image, box)
 
 
 class _DatasetSlices:
