@@ -78,7 +78,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
     where = result["repo_id"] + (f"@{result['revision']}" if result["revision"] else "")
     if result["folder"] is not None:
         print(f"wrote {', '.join(result['files'])} to {result['folder']} (dry run: nothing uploaded; "
-              f"push them with: hf upload {result['repo_id']} {result['folder']} .)")
+              f"push them with: {result['upload_command']})")
     else:
         print(f"pushed {', '.join(result['files'])} to {where}: {result['url']}")
         print(f"load it with: hf-hub:{where}")
@@ -396,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="branch to commit to (created if missing; default the main branch)")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--dry-run", metavar="FOLDER",
-                   help="write med3dinsight.safetensors and README.md (the model card) to FOLDER; upload nothing")
+                   help="write med3dinsight.safetensors and README.md (the model card) to FOLDER, a new or empty "
+                        "folder or an earlier dry run's; upload nothing")
     p.set_defaults(func=_cmd_push)
 
     p = sub.add_parser("nnunet-env", help="print the export line that lets nnU-Net find the Med3DInsight trainers "

@@ -271,7 +271,8 @@ def test_push_dry_run_writes_the_file_and_a_model_card(hub, tmp_path, capsys):
     assert main(["push", str(source), "org/published", "--revision", "v2", "--dry-run", str(folder)]) == 0
     out = capsys.readouterr().out
     assert f"to {folder} (dry run: nothing uploaded" in out
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "med3dinsight.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".med3dinsight-push.json", "README.md",
+                                                         "med3dinsight.safetensors"]
     assert (folder / "med3dinsight.safetensors").read_bytes() == source.read_bytes()
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: med3dinsight\n") and "# org/published" in card
@@ -355,7 +356,8 @@ def test_push_uploads_the_staged_folder_in_one_commit(hub, tmp_path, capsys, mon
     assert calls[1][2]["branch"] == "dev" and calls[1][2]["exist_ok"]
     upload = calls[2][2]
     assert upload["repo_id"] == "org/published" and upload["revision"] == "dev"
-    assert upload["files"] == ["README.md", "med3dinsight.safetensors"] and "hf-hub:org/published@dev" in upload["card"]
+    assert upload["allow_patterns"] == ["med3dinsight.safetensors", "README.md"]  # not push's list of its files
+    assert "hf-hub:org/published@dev" in upload["card"]
     assert not Path(upload["folder_path"]).exists()  # the staging folder is removed after the upload
     out = capsys.readouterr().out
     assert "pushed med3dinsight.safetensors, README.md to org/published@dev: https://" in out
@@ -413,3 +415,85 @@ def test_hub_revisions_and_repo_ids_are_checked_where_they_enter(hub, tmp_path, 
     one_line_failure(code, capsys.readouterr().err.strip().splitlines(), "--revision '../../x'", "a part starting")
     assert not (tmp_path / "out").exists()
     assert load_checkpoint("hf-hub:org/repo@v1").path.parent.name == V1  # ordinary revisions still pass
+
+
+def _hint_uploads(out):
+    """The files of its folder that the ``hf upload`` line a dry run prints would upload (hf's own filter)."""
+    import shlex
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    command = shlex.split(out.split("push them with: ", 1)[1].rsplit(")", 1)[0])
+    assert command[:2] == ["hf", "upload"], command
+    folder, includes = Path(command[3]), [command[i + 1] for i, a in enumerate(command) if a == "--include"]
+    return command, sorted(filter_repo_objects([p.name for p in folder.iterdir()], allow_patterns=includes or None))
+
+
+def test_push_dry_run_never_replaces_files_it_did_not_write(hub, tmp_path, capsys, monkeypatch):
+    from helpers import one_line_failure
+    from med3dinsight_plugin.cli import main
+
+    source = save_pretrained(_tiny(3), tmp_path / "c.safetensors", **META)
+    # another run's folder: its checkpoint, a project README, notes
+    run = tmp_path / "other_run"
+    run.mkdir()
+    theirs = save_pretrained(_tiny(5), run / "med3dinsight.safetensors").read_bytes()
+    (run / "README.md").write_text("# my project\n")
+    (run / "notes.txt").write_text("keep me\n")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    for folder, names in ((run, "README.md, med3dinsight.safetensors, notes.txt"),
+                          (tmp_path / "only_readme", "README.md"),
+                          (tmp_path / "only_ckpt", "med3dinsight.safetensors")):
+        if folder != run:
+            folder.mkdir()
+            (folder / names).write_bytes(theirs)
+        snapshot = {p.name: p.read_bytes() for p in folder.iterdir()}
+        code = main(["push", str(source), "org/published", "--dry-run", str(folder)])
+        one_line_failure(code, capsys.readouterr().err.strip().splitlines(),
+                         f"--dry-run {folder} already holds {names}", "which med3dinsight push did not write there",
+                         "pass a new or empty folder")
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == snapshot  # nothing written, nothing replaced
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # another run's checkpoint, a project README
+
+    # a new folder, then the same folder again (an earlier dry run's output), with another checkpoint
+    staging = tmp_path / "staging"
+    assert main(["push", str(source), "org/published", "--revision", "v2", "--dry-run", str(staging)]) == 0
+    command, uploaded = _hint_uploads(capsys.readouterr().out)
+    assert uploaded == ["README.md", "med3dinsight.safetensors"], command  # not the list push keeps there
+    assert command[2:5] == ["org/published", str(staging), "."] and command[-2:] == ["--revision", "v2"], command
+    other = save_pretrained(_tiny(4), tmp_path / "d.safetensors", **META)
+    assert main(["push", str(other), "org/published", "--dry-run", str(staging)]) == 0
+    staged, expected = load_checkpoint(staging).state_dict, load_checkpoint(other).state_dict
+    assert staged.keys() == expected.keys() and all(torch.equal(v, expected[k]) for k, v in staged.items())
+    assert not [p for p in staging.iterdir() if p.name.endswith(".tmp")]
+    capsys.readouterr()
+
+    # a file added there, or push's own file edited since: refused, untouched
+    (staging / "extra.txt").write_text("x")
+    code = main(["push", str(source), "org/published", "--dry-run", str(staging)])
+    one_line_failure(code, capsys.readouterr().err.strip().splitlines(), f"--dry-run {staging} holds extra.txt "
+                     "besides an earlier push's files", "pass a new or empty folder")
+    (staging / "extra.txt").unlink()
+    (staging / "README.md").write_text("my own card\n")
+    code = main(["push", str(source), "org/published", "--dry-run", str(staging)])
+    one_line_failure(code, capsys.readouterr().err.strip().splitlines(), f"--dry-run {staging}: README.md was changed "
+                     "since med3dinsight push wrote it")
+    assert (staging / "README.md").read_text() == "my own card\n"
+
+    # a push killed between two renames leaves a folder the next push accepts (its list allows old and new files)
+    fresh = tmp_path / "fresh"
+    assert main(["push", str(source), "org/published", "--dry-run", str(fresh)]) == 0
+    real = os.replace
+
+    def killed_at_the_card(src, dst):
+        if Path(dst).name == "README.md":
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_card)
+    assert main(["push", str(other), "org/other", "--dry-run", str(fresh)]) == 130
+    monkeypatch.setattr(os, "replace", real)
+    (fresh / f".README.md.{os.getpid()}.{'0' * 32}.tmp").write_text("partial")  # as a SIGKILL leaves it
+    capsys.readouterr()
+    assert main(["push", str(other), "org/other", "--dry-run", str(fresh)]) == 0, capsys.readouterr().err
+    assert "# org/other" in (fresh / "README.md").read_text()
