@@ -74,7 +74,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_checkpoint
 
     result = push_checkpoint(args.checkpoint, args.repo, revision=args.revision, private=args.private,
-                             dry_run=args.dry_run)
+                             dry_run=args.dry_run, keep_paths=args.keep_paths)
     where = result["repo_id"] + (f"@{result['revision']}" if result["revision"] else "")
     if result["folder"] is not None:
         print(f"wrote {', '.join(result['files'])} to {result['folder']} (dry run: nothing uploaded; "
@@ -82,6 +82,11 @@ def _cmd_push(args: argparse.Namespace) -> int:
     else:
         print(f"pushed {', '.join(result['files'])} to {where}: {result['url']}")
         print(f"load it with: hf-hub:{where}")
+    removed = result["paths_removed"]
+    if removed:
+        shown = ", ".join(removed[:4]) + (f" and {len(removed) - 4} more" if len(removed) > 4 else "")
+        print(f"note: local paths in the metadata ({shown}) are published as their last component; --keep-paths "
+              f"publishes them whole")
     return 0
 
 
@@ -398,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", metavar="FOLDER",
                    help="write med3dinsight.safetensors and README.md (the model card) to FOLDER, a new or empty "
                         "folder or an earlier dry run's; upload nothing")
+    p.add_argument("--keep-paths", action="store_true",
+                   help="publish the local paths of the checkpoint's metadata (data.root, the run's data and output "
+                        "folders, a local teacher) as they are; by default the card and the uploaded file carry only "
+                        "their last component")
     p.set_defaults(func=_cmd_push)
 
     p = sub.add_parser("nnunet-env", help="print the export line that lets nnU-Net find the Med3DInsight trainers "

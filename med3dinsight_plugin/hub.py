@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from .errors import first_line, short_repr
 
@@ -237,7 +237,7 @@ _OWN_TEMPORARY = re.compile(r"^\.(" + "|".join(re.escape(n) for n in (*_OWN_FILE
 
 def push_checkpoint(checkpoint: Union[str, os.PathLike], repo_id: str, *, revision: Optional[str] = None,
                     private: bool = False, dry_run: Optional[Union[str, os.PathLike]] = None,
-                    token: Optional[str] = None) -> Dict[str, Any]:
+                    token: Optional[str] = None, keep_paths: bool = False) -> Dict[str, Any]:
     """Publish a med3dinsight checkpoint on the Hub: ``med3dinsight.safetensors`` plus a model card ``README.md``.
 
     The two files are written to a staging folder (with ``.med3dinsight-push.json``, the list of what push wrote
@@ -249,6 +249,13 @@ def push_checkpoint(checkpoint: Union[str, os.PathLike], repo_id: str, *, revisi
     file and its content): push never replaces files it did not write, such as another run's checkpoint or a
     project's README.
 
+    Local paths are not published unless ``keep_paths``: every metadata value that is a local path
+    (``/...``, ``~/...``, ``./...``, ``../...``, ``C:\\...``, ``\\\\server\\...``, also after a prefix such as
+    ``local-dir:`` or ``file://``) -- the pretraining data's ``data.root``, the run config's ``data.source`` /
+    ``data.cache`` / ``output``, a teacher or captions model read from a folder -- becomes its last component, in the
+    card and in the uploaded file's header. Only the header's metadata strings change: the tensors are copied byte for
+    byte, and the file loads as the original does.
+
     Args:
         checkpoint: a checkpoint written by ``save_pretrained`` / ``med3dinsight pretrain`` (a path or ``hf-hub:``).
         repo_id: the target ``ORG/REPO`` (an ``hf-hub:`` prefix is accepted).
@@ -256,11 +263,12 @@ def push_checkpoint(checkpoint: Union[str, os.PathLike], repo_id: str, *, revisi
         private: create the repository as private (an existing repository keeps its visibility).
         dry_run: write the staging folder here (created if missing) and upload nothing.
         token: a Hub token; default huggingface_hub's (``HF_TOKEN`` or ``hf auth login``).
+        keep_paths: publish the metadata's local paths as they are (the file is then uploaded unchanged).
 
     Returns:
         ``{"repo_id", "revision", "folder" (the dry-run folder or None), "files" (the files published), "url" (the
         commit, or None on a dry run), "upload_command" (on a dry run, the ``hf upload`` line that publishes exactly
-        those files; else None)}``.
+        those files; else None), "paths_removed" (the metadata keys whose paths were cut to their last component)}``.
 
     Raises:
         CheckpointError: a bad repository id or revision, a foreign or invalid checkpoint, offline mode, or a
@@ -295,12 +303,19 @@ def push_checkpoint(checkpoint: Union[str, os.PathLike], repo_id: str, *, revisi
         raise CheckpointError(f"{ckpt.path} is a {ckpt.source_format} file without med3dinsight metadata, so it "
                               f"would not describe itself on the Hub; push a checkpoint written by save_pretrained "
                               f"or med3dinsight pretrain")
-    card = model_card(ckpt.metadata, target)
-    contents = {HUB_FILENAME: lambda tmp: shutil.copyfile(ckpt.path, tmp),
-                _CARD: lambda tmp: Path(tmp).write_text(card, encoding="utf-8")}
+    removed: List[str] = []
+    meta = ckpt.metadata if keep_paths else _without_paths(ckpt.metadata, "", removed)
+    card = model_card(meta, target)
+    if removed:  # the same metadata, with names for paths, in the uploaded header
+        def weights(tmp):
+            _rewrite_metadata(ckpt.path, tmp, lambda header: _without_paths(header, "", []))
+    else:
+        def weights(tmp):
+            shutil.copyfile(ckpt.path, tmp)
+    contents = {HUB_FILENAME: weights, _CARD: lambda tmp: Path(tmp).write_text(card, encoding="utf-8")}
     record = {"written_by": "med3dinsight push", "repo_id": target.repo_id, "revision": revision}
     result = {"repo_id": target.repo_id, "revision": revision, "folder": None, "files": list(contents), "url": None,
-              "upload_command": None}
+              "upload_command": None, "paths_removed": removed}
     if folder is not None:
         from .fileio import OutputError
 
@@ -308,7 +323,7 @@ def push_checkpoint(checkpoint: Union[str, os.PathLike], repo_id: str, *, revisi
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"cannot create --dry-run folder {folder}: {e.strerror or e}") from None
-        _stage(folder, contents, record, keep=ckpt.path)
+        _stage(folder, contents, record, keep=None if removed else ckpt.path)
         command = ["hf", "upload", target.repo_id, str(folder), "."]
         command += [arg for f in contents for arg in ("--include", f)]
         command += (["--revision", revision] if revision else []) + (["--private"] if private else [])
@@ -331,6 +346,68 @@ def push_checkpoint(checkpoint: Union[str, os.PathLike], repo_id: str, *, revisi
             raise CheckpointError(f"uploading to {target.repo_id} failed ({first_line(e)}); check the network and "
                                   f"that you may write there (hf auth login, HF_TOKEN)") from None
     return {**result, "url": getattr(info, "commit_url", None) or str(info)}
+
+
+# A metadata string that is a local path: absolute (POSIX, home, Windows drive or UNC) or explicitly relative, after an
+# optional prefix (local-dir:, file://)
+_LOCAL_PATH = re.compile(r"^(?P<prefix>[A-Za-z][A-Za-z0-9+.-]+:)?(?P<path>(?:/|~|\.\.?[/\\]|[A-Za-z]:[/\\]|\\\\).*)$",
+                         re.DOTALL)
+
+_HOME = re.compile(r"^(?:/home|/Users|[A-Za-z]:[/\\]Users)[/\\][^/\\]+[/\\]*$", re.IGNORECASE)
+
+
+def _local_name(text: str) -> str:
+    """``text`` with a local path cut to its last component (``/home/me/data/Dataset990`` -> ``Dataset990``,
+    ``local-dir:/home/me/BiomedCLIP`` -> ``local-dir:BiomedCLIP``); anything else (``org/repo``, a URL with a host,
+    free text) unchanged."""
+    found = _LOCAL_PATH.match(text)
+    if not found:
+        return text
+    prefix, path = found.group("prefix") or "", found.group("path")
+    if prefix and path.startswith("//") and not path.startswith("///"):
+        return text  # scheme://host/...: a URL, not a local path
+    name = re.split(r"[/\\]", path.rstrip("/\\"))[-1]
+    if name.startswith("~") or _HOME.match(path):
+        name = "~"  # a home folder's name is its user's
+    return ("" if prefix.lower() == "file:" else prefix) + name if name else text
+
+
+def _without_paths(value: Any, where: str, removed: List[str]) -> Any:
+    """``value`` (JSON-like) with every string that is a local path cut to its last component; the dotted keys
+    changed are appended to ``removed``. A string holding JSON (the safetensors header's ``med3dinsight`` entry) is
+    walked as what it holds, so that header and card say the same."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v, f"{where}.{k}" if where else str(k), removed) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(v, f"{where}[{i}]", removed) for i, v in enumerate(value)]
+    if isinstance(value, str):
+        if where == "med3dinsight" and value.startswith("{"):
+            import json
+
+            return json.dumps(_without_paths(json.loads(value), "", removed))
+        name = _local_name(value)
+        if name != value:
+            removed.append(where)
+        return name
+    return value
+
+
+def _rewrite_metadata(source: Path, target: str, transform) -> None:
+    """Copy a safetensors file with its header's ``__metadata__`` (string to string) replaced by
+    ``transform(__metadata__)``; the tensor entries and the data after the header are copied byte for byte (the
+    format: 8 bytes little-endian header length, the JSON header padded with spaces to 8 bytes, the data)."""
+    import json
+
+    with open(source, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = transform(header.get("__metadata__") or {})
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        with open(target, "wb") as out:
+            out.write(len(raw).to_bytes(8, "little"))
+            out.write(raw)
+            shutil.copyfileobj(f, out, 1 << 20)
 
 
 def _read_manifest(folder: Path) -> Optional[Dict[str, set]]:

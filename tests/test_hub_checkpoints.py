@@ -2,6 +2,7 @@
 checkpoint, offline, from a local hub cache laid out as huggingface_hub writes it; and ``med3dinsight push`` (its dry
 run and its offline refusal only: nothing is ever uploaded)."""
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -273,7 +274,7 @@ def test_push_dry_run_writes_the_file_and_a_model_card(hub, tmp_path, capsys):
     assert f"to {folder} (dry run: nothing uploaded" in out
     assert sorted(p.name for p in folder.iterdir()) == [".med3dinsight-push.json", "README.md",
                                                          "med3dinsight.safetensors"]
-    assert (folder / "med3dinsight.safetensors").read_bytes() == source.read_bytes()
+    assert _tensor_bytes(folder / "med3dinsight.safetensors") == _tensor_bytes(source)  # the header: no paths
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: med3dinsight\n") and "# org/published" in card
     for fact in ("nnunet (PlainConvUNet)", "| input channels | 1 |", "| patch size | 32 x 32 x 32 |",
@@ -342,6 +343,7 @@ def test_push_uploads_the_staged_folder_in_one_commit(hub, tmp_path, capsys, mon
                 folder = Path(kwargs["folder_path"])
                 kwargs["files"] = sorted(p.name for p in folder.iterdir())
                 kwargs["card"] = (folder / "README.md").read_text()
+                kwargs["weights"] = (folder / "med3dinsight.safetensors").read_bytes()
             calls.append((name, args, kwargs))
             return SimpleNamespace(commit_url="https://huggingface.co/org/published/commit/abc")
         return method
@@ -358,6 +360,7 @@ def test_push_uploads_the_staged_folder_in_one_commit(hub, tmp_path, capsys, mon
     assert upload["repo_id"] == "org/published" and upload["revision"] == "dev"
     assert upload["allow_patterns"] == ["med3dinsight.safetensors", "README.md"]  # not push's list of its files
     assert "hf-hub:org/published@dev" in upload["card"]
+    assert b"/home/someone" not in upload["weights"] and "/home/someone" not in upload["card"]  # names, not paths
     assert not Path(upload["folder_path"]).exists()  # the staging folder is removed after the upload
     out = capsys.readouterr().out
     assert "pushed med3dinsight.safetensors, README.md to org/published@dev: https://" in out
@@ -423,7 +426,8 @@ def _hint_uploads(out):
 
     from huggingface_hub.utils import filter_repo_objects
 
-    command = shlex.split(out.split("push them with: ", 1)[1].rsplit(")", 1)[0])
+    line = next(line for line in out.splitlines() if "push them with: " in line)
+    command = shlex.split(line.split("push them with: ", 1)[1].rsplit(")", 1)[0])
     assert command[:2] == ["hf", "upload"], command
     folder, includes = Path(command[3]), [command[i + 1] for i, a in enumerate(command) if a == "--include"]
     return command, sorted(filter_repo_objects([p.name for p in folder.iterdir()], allow_patterns=includes or None))
@@ -497,3 +501,65 @@ def test_push_dry_run_never_replaces_files_it_did_not_write(hub, tmp_path, capsy
     capsys.readouterr()
     assert main(["push", str(other), "org/other", "--dry-run", str(fresh)]) == 0, capsys.readouterr().err
     assert "# org/other" in (fresh / "README.md").read_text()
+
+
+def _tensor_bytes(path):
+    """A safetensors file's tensor entries and data: all but the header's metadata."""
+
+    raw = Path(path).read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    header.pop("__metadata__", None)
+    return header, raw[8 + size:]
+
+
+def test_push_publishes_names_not_local_paths(hub, tmp_path, capsys):
+    """The card and the uploaded header carry the last component of every local path the metadata holds (the
+    pretraining data, the run's folders, a teacher read from a folder); the file still loads, its tensors byte for
+    byte the same; --keep-paths publishes the paths."""
+    from med3dinsight_plugin.cli import main
+
+    private = dict(META, teacher={**META["teacher"], "model": "local-dir:/home/someone/models/BiomedCLIP",
+                                  "pretrained": "/home/someone/models/open_clip_pytorch_model.bin"},
+                   captions={**META["captions"], "model": "/home/someone/models/Qwen2-VL-2B-Instruct"},
+                   pretraining={**META["pretraining"], "config": {
+                       "output": "/home/someone/runs/r1",
+                       "data": {"source": "/home/someone/private/Dataset990_Tiny", "cache": "~/caches/tiny",
+                                "raw": "C:\\Users\\someone\\raw", "crops": 0}}})
+    source = save_pretrained(_tiny(3), tmp_path / "c.safetensors", **private)
+    assert b"someone" in source.read_bytes()
+    staging = tmp_path / "staging"
+    assert main(["push", str(source), "org/published", "--dry-run", str(staging)]) == 0
+    out = capsys.readouterr().out
+    assert "note: local paths in the metadata (teacher.model, teacher.pretrained, captions.model, data.root and 4 " \
+           "more) are published as their last component; --keep-paths publishes them whole" in out, out
+    published = staging / "med3dinsight.safetensors"
+    card = (staging / "README.md").read_text()
+    for text in (published.read_bytes(), card.encode()):
+        assert b"someone" not in text and b"/home" not in text and b"Users" not in text
+    assert "local-dir:BiomedCLIP, weights open_clip_pytorch_model.bin" in card and "Qwen2-VL-2B-Instruct" in card
+    # only the metadata's path strings changed: the tensors byte for byte, the file loads as the original
+    assert _tensor_bytes(published) == _tensor_bytes(source)
+    meta = load_checkpoint(published).metadata
+    config = meta["pretraining"]["config"]
+    assert (meta["data"]["root"], meta["teacher"]["model"], meta["captions"]["model"], config["output"],
+            config["data"]) == ("Dataset990_Tiny", "local-dir:BiomedCLIP", "Qwen2-VL-2B-Instruct", "r1",
+                                {"source": "Dataset990_Tiny", "cache": "tiny", "raw": "raw", "crops": 0})
+    original = load_checkpoint(source).metadata
+    assert {k: v for k, v in meta.items() if k not in ("data", "teacher", "captions", "pretraining")} == \
+        {k: v for k, v in original.items() if k not in ("data", "teacher", "captions", "pretraining")}
+    network = _tiny(7).network
+    assert load_pretrained_encoder(network, str(published)).coverage == 100.0
+    assert read_checkpoint_info(published).metadata == meta
+    assert int.from_bytes(published.read_bytes()[:8], "little") % 8 == 0  # the header padded as safetensors does
+
+    # --keep-paths: the file as it is, the card with the paths
+    kept = tmp_path / "kept"
+    assert main(["push", str(source), "org/published", "--dry-run", str(kept), "--keep-paths"]) == 0
+    assert "note: local paths" not in capsys.readouterr().out
+    assert (kept / "med3dinsight.safetensors").read_bytes() == source.read_bytes()
+    assert "local-dir:/home/someone/models/BiomedCLIP" in (kept / "README.md").read_text()
+    # a checkpoint without paths is published unchanged
+    plain = save_pretrained(_tiny(3), tmp_path / "plain.safetensors")
+    assert main(["push", str(plain), "org/plain", "--dry-run", str(tmp_path / "plain_out")]) == 0
+    assert (tmp_path / "plain_out" / "med3dinsight.safetensors").read_bytes() == plain.read_bytes()
