@@ -526,14 +526,29 @@ def _short(value: Any) -> str:
 
 
 def _spacing(meta: Dict[str, Any]) -> str:
+    """The voxel size the network was pretrained at, as the metadata says: ``data.target_spacing`` (the crop view
+    resampled every volume to it), the volume view (body boxes resampled to the patch size), nnU-Net's target spacing
+    (preprocessed data of the plans the network was built from), or the volumes' own spacing."""
     backbone = meta["backbone"]
     if isinstance(backbone.get("spacing"), list):
         return f"{_short(backbone['spacing'])} mm"
-    plan = (meta.get("adaptation_plan") or {}).get("pretrain_plan") or {}
-    for name, config in (plan.get("configurations") or {}).items():
-        if isinstance(config, dict) and isinstance(config.get("spacing"), list):
-            return f"{_short(config['spacing'])} mm (nnU-Net {name} target spacing)"
     data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    run = (meta.get("pretraining") or {}).get("config") if isinstance(meta.get("pretraining"), dict) else None
+    config = run.get("data") if isinstance(run, dict) and isinstance(run.get("data"), dict) else {}
+    target = data.get("target_spacing")
+    if isinstance(target, list) and len(target) == 3 and all(isinstance(x, (int, float)) for x in target):
+        median = config.get("target_spacing") is None and config.get("spacing") == "median"
+        return (f"{_short(target)} mm ({'the dataset median; ' if median else ''}each volume resampled to it before "
+                f"cropping)")
+    if data.get("view", config.get("view")) == "volume":
+        return "each volume's body box resampled to the patch size (the voxel size differs per volume)"
+    plan = (meta.get("adaptation_plan") or {}).get("pretrain_plan") or {}
+    for name, configuration in (plan.get("configurations") or {}).items():
+        if isinstance(configuration, dict) and isinstance(configuration.get("spacing"), list):
+            return f"{_short(configuration['spacing'])} mm (nnU-Net {name} target spacing)"
+    if data.get("kind") == "nnunet_preprocessed":
+        return (f"nnU-Net's target spacing of the preprocessed {data.get('plans_name', '?')} / "
+                f"{data.get('configuration', '?')} data")
     if data.get("kind") in ("nifti", "nnunet_raw"):
         return "each volume's own spacing (not resampled)"
     return "not recorded"

@@ -563,3 +563,30 @@ def test_push_publishes_names_not_local_paths(hub, tmp_path, capsys):
     plain = save_pretrained(_tiny(3), tmp_path / "plain.safetensors")
     assert main(["push", str(plain), "org/plain", "--dry-run", str(tmp_path / "plain_out")]) == 0
     assert (tmp_path / "plain_out" / "med3dinsight.safetensors").read_bytes() == plain.read_bytes()
+
+
+def test_push_card_states_the_spacing_the_metadata_records(hub, tmp_path, capsys):
+    """A checkpoint pretrained on crops resampled to 2 mm (data.target_spacing) is not described as 'not
+    resampled'; nor is one pretrained on the volume view."""
+    from med3dinsight_plugin.cli import main
+    from med3dinsight_plugin.hub import model_card
+
+    resampled = dict(META, data={**META["data"], "target_spacing": [2.0, 2.0, 2.0]},
+                     pretraining={**META["pretraining"], "config": {"data": {"view": "crop", "spacing": "median",
+                                                                             "target_spacing": [2.0, 2.0, 2.0]}}})
+    source = save_pretrained(_tiny(3), tmp_path / "c.safetensors", **resampled)
+    assert main(["push", str(source), "org/published", "--dry-run", str(tmp_path / "out")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| spacing | 2 x 2 x 2 mm (each volume resampled to it before cropping) |" in card, card
+    assert "not resampled" not in card
+    meta = load_checkpoint(source).metadata
+    median = {**meta, "data": {**meta["data"], "target_spacing": [2.5, 1.5, 1.5]},
+              "pretraining": {"config": {"data": {"view": "crop", "spacing": "median", "target_spacing": None}}}}
+    assert "| spacing | 2.5 x 1.5 x 1.5 mm (the dataset median; each volume resampled to it before cropping) |" in \
+        model_card(median, "org/x")
+    volume = {**meta, "data": {k: v for k, v in meta["data"].items() if k != "target_spacing"},
+              "pretraining": {"config": {"data": {"view": "volume", "spacing": "median", "target_spacing": None}}}}
+    assert "| spacing | each volume's body box resampled to the patch size (the voxel size differs per volume) |" in \
+        model_card(volume, "org/x")
+    native = {**volume, "pretraining": {"config": {"data": {"view": "crop", "spacing": "native"}}}}
+    assert "| spacing | each volume's own spacing (not resampled) |" in model_card(native, "org/x")
