@@ -187,7 +187,11 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         result = caption_from_labels(source, args.from_labels, args.output, policy, render,
                                      class_names=args.class_names, with_plane=args.with_plane,
                                      with_position=args.with_position)
-        print(f"{args.output}: {result.written} captions written, {result.skipped} already there")
+        changed, n = "", len(result.relabelled)
+        if n:  # label files changed in place since they were captioned: those cases were captioned again
+            shown = ", ".join(result.relabelled[:3]) + (f" and {n - 3} more" if n > 3 else "")
+            changed = f" ({result.replaced} old captions replaced: the label file{'s' * (n > 1)} of {shown} changed)"
+        print(f"{args.output}: {result.written} captions written, {result.skipped} already there{changed}")
         return 0
     check_generation_args(args.batch_size, args.max_new_tokens)  # before a 7B model loads
     prompts = load_prompts(args.prompts) if args.prompts else None

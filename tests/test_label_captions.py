@@ -348,6 +348,98 @@ def test_resume_skips_written_captions_and_other_settings_are_refused(tmp_path):
     assert out.read_bytes() == full
 
 
+def _two_cubes(root: Path):
+    """Cases a and b: the cube CT of _cube_dataset, labelled 1 (liver) throughout the cube; returns (image folder,
+    label folder, class-name file, the label array, its affine)."""
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    image = np.full((40, 40, 40), -1000, np.int16)
+    labels = np.zeros((40, 40, 40), np.uint8)
+    image[5:35, 5:35, 5:35] = 40
+    labels[5:35, 5:35, 5:35] = 1
+    for folder in ("img", "lab"):
+        (root / folder).mkdir()
+    for case in ("a", "b"):
+        nib.save(nib.Nifti1Image(image, affine), str(root / "img" / f"{case}.nii.gz"))
+        nib.save(nib.Nifti1Image(labels, affine), str(root / "lab" / f"{case}.nii.gz"))
+    (root / "names.json").write_text('{"1": "liver", "2": "spleen"}')
+    return root / "img", root / "lab", root / "names.json", labels, affine
+
+
+def test_label_files_changed_in_place_are_captioned_again(tmp_path, capsys):
+    img, lab, names, labels, affine = _two_cubes(tmp_path)
+    out, fresh = tmp_path / "c.jsonl", tmp_path / "fresh.jsonl"
+
+    def caption(output=out):
+        code = main(["caption", str(img), "--from-labels", str(lab), "-o", str(output), "--class-names", str(names),
+                     "--modality", "ct", "--per-plane", "3"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return captured.out.strip()
+
+    assert caption() == f"{out}: 18 captions written, 0 already there"
+    meta = json.loads(Path(f"{out}.meta.json").read_text())
+    assert meta["label_sha256"] == {c: hashlib.sha256((lab / f"{c}.nii.gz").read_bytes()).hexdigest() for c in "ab"}
+    edited = labels.copy()
+    edited[5:35, 5:35, 5:20] = 2  # case a's labels corrected in place: half of the cube is the spleen
+    nib.save(nib.Nifti1Image(edited, affine), str(lab / "a.nii.gz"))
+    assert caption() == f"{out}: 9 captions written, 9 already there (9 old captions replaced: the label file of a " \
+                        f"changed)"
+    # what a fresh run on the corrected labels writes (a's captions now come last in the file)
+    assert caption(fresh) == f"{fresh}: 18 captions written, 0 already there"
+    assert CaptionFile.read(out) == CaptionFile.read(fresh)
+    assert Path(f"{out}.meta.json").read_text() == Path(f"{fresh}.meta.json").read_text()
+    assert {r["case"] for r in CaptionFile.read(out).values() if "spleen" in r["text"]} == {"a"}
+    assert caption() == f"{out}: 0 captions written, 18 already there"
+    os.utime(lab / "b.nii.gz", (1e9, 1e9))  # touched, same bytes: not a change
+    shutil.copy(lab / "a.nii.gz", tmp_path / "copy.nii.gz")
+    shutil.copy(tmp_path / "copy.nii.gz", lab / "a.nii.gz")
+    assert caption() == f"{out}: 0 captions written, 18 already there"
+    nib.save(nib.Nifti1Image(labels, affine), str(lab / "a.nii.gz"))  # both changed back and forth
+    nib.save(nib.Nifti1Image(edited, affine), str(lab / "b.nii.gz"))
+    assert caption() == f"{out}: 18 captions written, 0 already there (18 old captions replaced: the label files " \
+                        f"of a, b changed)"
+
+
+def test_a_caption_file_from_before_label_digests_is_kept_with_a_warning(tmp_path):
+    img, lab, names, labels, affine = _two_cubes(tmp_path)
+    source, out = open_source(img, modality="ct"), tmp_path / "c.jsonl"
+    meta_path = Path(f"{out}.meta.json")
+    policy = SlicePolicy(per_plane=2)
+    assert caption_from_labels(source, lab, out, policy, class_names=names, progress=False).written == 12
+    before, meta = out.read_bytes(), json.loads(meta_path.read_text())
+    digests = meta.pop("label_sha256")
+    meta_path.write_text(json.dumps(meta))  # as written before the digests were recorded
+    with pytest.warns(UserWarning, match=r"c\.jsonl was captioned before the label files' digests were recorded"):
+        result = caption_from_labels(source, lab, out, policy, class_names=names, progress=False)
+    assert (result.written, result.skipped, result.relabelled) == (0, 12, ())
+    assert out.read_bytes() == before and json.loads(meta_path.read_text())["label_sha256"] == digests
+    nib.save(nib.Nifti1Image(labels * 2, affine), str(lab / "b.nii.gz"))  # from now on a change is seen
+    result = caption_from_labels(source, lab, out, policy, class_names=names, progress=False)
+    assert (result.written, result.skipped, result.relabelled, result.replaced) == (6, 6, ("b",), 6)
+    meta_path.write_text(json.dumps({**meta, "label_sha256": ["x"]}))
+    with pytest.raises(CaptionError, match=r"c\.jsonl\.meta\.json: 'label_sha256' must map each case"):
+        caption_from_labels(source, lab, out, policy, class_names=names, progress=False)
+
+
+def test_label_file_digest_covers_the_data_file_of_a_detached_header(tmp_path):
+    import SimpleITK as sitk
+
+    from med3dinsight_plugin.teacher.label_captions import label_file_digest
+
+    img = sitk.GetImageFromArray(np.arange(24, dtype=np.uint8).reshape(2, 3, 4))
+    sitk.WriteImage(img, str(tmp_path / "x.mhd"), False)  # header x.mhd + data x.raw
+    sitk.WriteImage(img, str(tmp_path / "y.nii"))
+    raw = tmp_path / "x.raw"
+    assert raw.is_file()
+    first = label_file_digest(tmp_path / "x.mhd")
+    assert label_file_digest(tmp_path / "y.nii") == hashlib.sha256((tmp_path / "y.nii").read_bytes()).hexdigest()
+    raw.write_bytes(raw.read_bytes()[:-1] + b"\x07")  # the header unchanged, one voxel changed
+    assert label_file_digest(tmp_path / "x.mhd") != first
+    raw.unlink()
+    with pytest.raises(LabelCaptionError, match=r"x\.mhd names the data file x\.raw, which does not exist"):
+        label_file_digest(tmp_path / "x.mhd")
+
+
 def test_an_empty_segmentation_gives_no_labelled_structure(tmp_path):
     seg = nib.load(str(SEG))
     folder = _dataset(tmp_path, CT, nib.Nifti1Image(np.zeros(seg.shape, np.uint8), seg.affine))

@@ -142,12 +142,14 @@ class CaptionFile:
         return records
 
     # ---------------------------------------------------------------------------------------------------- settings
-    def check_settings(self, settings: dict, also: Iterable[PathLike] = ()) -> None:
+    def check_settings(self, settings: dict, also: Iterable[PathLike] = (), ignore: Iterable[str] = ()) -> None:
         """Record ``settings`` in the sidecar, or refuse if the existing captions were written with other ones.
 
         Args:
             settings: JSON-serialisable dict (model id, prompts, rendering / slice settings, ...).
             also: other files whose captions count as this file's (the shards of a sharded run).
+            ignore: top-level keys left out of the comparison (ones the caller checks itself, such as the label
+                files' fingerprints of :func:`~.label_captions.caption_from_labels`); a new sidecar holds them.
 
         Raises:
             CaptionError: the file (or one of ``also``) holds captions and the sidecar is missing, unreadable or
@@ -156,17 +158,14 @@ class CaptionFile:
         given = _canonical(settings, str(self.path))
         has_records = any(p.is_file() and _complete_length(p) > 0 for p in (self.path, *map(Path, also)))
         if has_records:
-            if not self.meta_path.exists():
+            stored = self.stored_settings()
+            if stored is None:
                 raise CaptionError(f"{self.path} (or its shards) holds captions but no settings file "
                                    f"{self.meta_path.name}, so a resume cannot be checked; restore that file or use a "
                                    f"new output file")
-            try:
-                stored = json.loads(self.meta_path.read_text(encoding="utf-8"))
-                if not isinstance(stored, dict):
-                    raise ValueError("not a JSON object")
-            except (OSError, ValueError) as e:
-                raise CaptionError(f"cannot read {self.meta_path} ({e}); restore it or use a new output file") \
-                    from None
+            skip = set(ignore)
+            stored = {k: v for k, v in stored.items() if k not in skip}
+            given = {k: v for k, v in given.items() if k not in skip}
             if stored == given:
                 return
             keys = diff_keys(stored, given)
@@ -174,8 +173,60 @@ class CaptionFile:
             raise CaptionError(f"{self.path.name} was written with other settings ({shown}; differing keys: "
                                f"{', '.join(keys)}); use a new output file or pass the same settings")
         # No captions yet: (re)write the sidecar atomically, so it is never half-written.
+        self.record_settings(given)
+
+    def stored_settings(self) -> Optional[dict]:
+        """The settings in the sidecar, or None if there is none.
+
+        Raises:
+            CaptionError: the sidecar cannot be read or is not a JSON object.
+        """
+        if not self.meta_path.exists():
+            return None
+        try:
+            stored = json.loads(self.meta_path.read_text(encoding="utf-8"))
+            if not isinstance(stored, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise CaptionError(f"cannot read {self.meta_path} ({e}); restore it or use a new output file") from None
+        return stored
+
+    def record_settings(self, settings: dict) -> None:
+        """Write ``settings`` to the sidecar (atomically), whatever it held: for callers that checked the captions
+        against them (:meth:`check_settings` refuses other settings once there are captions)."""
+        given = _canonical(settings, str(self.path))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.meta_path, json.dumps(given, indent=1, sort_keys=True))
+
+    def drop_cases(self, cases: Iterable[str]) -> int:
+        """Rewrite the file without the records of ``cases`` (under a temporary name, then renamed: a crash leaves
+        the old file); the other lines keep their bytes and order, a torn last line goes.
+
+        Returns:
+            the number of records removed.
+        """
+        if self._file is not None:
+            raise CaptionError(f"{self.path} is open for appending; close it before removing records")
+        cases = set(cases)
+        if not cases or not self.path.exists():
+            return 0
+        kept, dropped = [], 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break  # torn final line
+                try:
+                    case = json.loads(raw.decode("utf-8")).get("case")
+                except (UnicodeDecodeError, ValueError, AttributeError):
+                    case = None  # malformed: kept for read() to report
+                if case in cases:
+                    dropped += 1
+                else:
+                    kept.append(raw)
+        if dropped:
+            data = b"".join(kept)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_bytes(data))
+        return dropped
 
     # --------------------------------------------------------------------------------------------------- appending
     def open(self) -> "CaptionFile":

@@ -20,16 +20,19 @@ accepts them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import first_line, short_repr
+from ..errors import Med3DInsightError, first_line, short_repr
+from ..fileio import sha256_file
 from ..planes import PLANES, plane_id
 from ..results import Result
 from ..slices import RenderSettings, SlicePolicy, body_mask, extract_slice, volume_slices
@@ -37,11 +40,13 @@ from ..volumes import NIFTI_ENDINGS, VolumeError, _read_nifti, _read_sitk, _to_c
 from .captions import CaptionError, CaptionFile
 from .embed import caption_settings_for
 
-__all__ = ["GENERATOR", "LABEL_ENDINGS", "LabelCaptionError", "LabelCaptionResult", "MIDLINE_MM", "caption_from_labels",
-           "describe_slice", "humanize_name", "load_class_names", "read_labels", "slice_structures"]
+__all__ = ["GENERATOR", "LABEL_DIGESTS", "LABEL_ENDINGS", "LabelCaptionError", "LabelCaptionResult", "MIDLINE_MM",
+           "caption_from_labels", "describe_slice", "humanize_name", "label_file_digest", "load_class_names",
+           "read_labels", "slice_structures"]
 
 GENERATOR = "med3dinsight-label-captions/1"  # recorded with the captions: change it when the wording changes
 LABEL_ENDINGS = (*NIFTI_ENDINGS, ".mha", ".mhd", ".nrrd", ".nhdr")  # label files: NIfTI, or what SimpleITK reads
+LABEL_DIGESTS = "label_sha256"  # settings key: case -> label_file_digest of its label file when it was captioned
 MIDLINE_MM = 15.0  # a centroid within this distance of the body's midline is "midline"
 LARGE_CM2 = 50.0  # "large" from this area in the slice
 SMALL_CM2 = 1.0  # "small" below this area
@@ -329,6 +334,32 @@ def _label_files(source, folder: Path) -> Dict[str, str]:
     return files
 
 
+_DETACHED = {".mhd": re.compile(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", re.MULTILINE),
+             ".nhdr": re.compile(r"^\s*data ?file\s*:\s*(.+?)\s*$", re.MULTILINE | re.IGNORECASE)}
+
+
+def label_file_digest(path: PathLike) -> str:
+    """The SHA-256 (hex) of a label file's bytes, what the caption settings record per case to tell changed labels.
+
+    A detached header (``.mhd``, ``.nhdr``) that names one data file: the SHA-256 of the two files' digests, so a
+    change of either counts. (Headers that list several data files or a file pattern are hashed alone.)
+    """
+    path = Path(path)
+    digest = sha256_file(path)
+    pattern = _DETACHED.get(path.suffix.lower())
+    if pattern is None:
+        return digest
+    with open(path, "rb") as f:
+        m = pattern.search(f.read(1 << 16).decode("latin-1"))
+    name = m.group(1) if m else ""
+    if not name or name.upper() in ("LOCAL", "LIST") or " " in name or "%" in name:
+        return digest
+    data = path.parent / name
+    if not data.is_file():
+        raise LabelCaptionError(f"{path} names the data file {name}, which does not exist next to it; restore it")
+    return hashlib.sha256(f"{digest} {sha256_file(data)}".encode()).hexdigest()
+
+
 def read_labels(path: str, volume, source=None) -> np.ndarray:
     """The label file at ``path`` on ``volume``'s canonical grid, as the smallest unsigned integer array
     (``source``, when given, only sharpens the message for a grid mismatch)."""
@@ -407,10 +438,14 @@ class LabelCaptionResult(Result):
         written: captions written now.
         skipped: selected slices already captioned in the file (an earlier run).
         path: the caption file.
+        relabelled: the cases whose label file changed since they were captioned, captioned again now.
+        replaced: their old captions, removed from the file.
     """
     written: int
     skipped: int
     path: str
+    relabelled: Tuple[str, ...] = ()
+    replaced: int = 0
 
 
 def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optional[SlicePolicy] = None,
@@ -422,8 +457,14 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
     The slices and keys are those ``caption`` and ``embed`` select with the same ``policy`` / ``render``, and the
     settings recorded in ``<out>.meta.json`` include :func:`~.embed.caption_settings_for`, so
     ``embed --captions`` accepts the file. Resumable: keys already in ``out`` are skipped, a resume with other
-    settings (class names, ``max_structures``, slice settings) is refused. Nothing is written before the first
-    case's labels have been read and checked.
+    settings (class names, ``max_structures``, slice settings, wording) is refused. Nothing is written before the
+    first case's labels have been read and checked.
+
+    Changed labels: the settings record each case's :func:`label_file_digest` (``"label_sha256"``). A case whose
+    label file changed since it was captioned (edited or replaced in place) is captioned again: its old captions are
+    removed from ``out`` (rewritten under a temporary name) and the new ones appended; ``relabelled`` and
+    ``replaced`` of the result say which and how many. A file written before the digests were recorded is resumed
+    with a warning (a change since cannot be seen) and the digests are recorded from then on.
 
     Args:
         source: a :class:`~med3dinsight_plugin.volumes.VolumeSource` (the images), or a
@@ -456,6 +497,9 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
         LabelCaptionError: missing label folder or file, label file off its image's grid or with values that are
             not whole numbers >= 0, bad class names; the message names the file or case.
         CaptionError: the output holds captions made with other settings.
+
+    Warns:
+        UserWarning: ``out`` was written before the label files' digests were recorded.
     """
     from tqdm.auto import tqdm
 
@@ -492,10 +536,47 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
     without = [w for w, keep in (("plane", with_plane), ("position", with_position)) if not keep]
     if without:  # recorded only when used: files written with the full wording resume as before
         settings["without"] = without
+    digests = {case: label_file_digest(path) for case, path in files.items()}
+
+    def volume_of(case):  # the case whose label file captions ``case``
+        if crops is None:
+            return case
+        try:
+            return split_crop_case(case)[0]
+        except Med3DInsightError:
+            return None  # not a crop case: not from this dataset
+
     store = CaptionFile(out)
-    done = set(CaptionFile.read(store.path))
-    if done:  # a resume: refuse other settings before any work (even if every slice is done already)
-        store.check_settings(settings)
+    existing = CaptionFile.read(store.path)
+    recorded: dict = {}
+    if existing:  # a resume: refuse other settings before any work (even if every slice is done already)
+        store.check_settings(settings, ignore=(LABEL_DIGESTS,))
+        recorded = store.stored_settings().get(LABEL_DIGESTS)
+        if recorded is None:
+            warnings.warn(f"{store.path} was captioned before the label files' digests were recorded, so a change of "
+                          f"them since cannot be seen: its captions are kept and the digests recorded from now on "
+                          f"(delete it and its {store.meta_path.name} to caption every case again)", UserWarning,
+                          stacklevel=2)
+            recorded = dict(digests)  # taken as they are
+        if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+            raise CaptionError(f"{store.meta_path}: {LABEL_DIGESTS!r} must map each case to the SHA-256 of its label "
+                               f"file; restore the file or use a new output file")
+    relabelled = sorted({c for c in map(volume_of, (r["case"] for r in existing.values()))
+                         if c in digests and recorded.get(c) != digests[c]})
+    done = {k for k, r in existing.items() if volume_of(r["case"]) not in relabelled}
+    full = {**settings, LABEL_DIGESTS: {**recorded, **digests}}
+    replaced, committed = 0, False
+
+    def commit():  # before the first caption is appended (or at the end): old captions of changed labels out, then
+        nonlocal replaced, committed  # the sidecar, so that it never vouches for captions of other labels
+        if not existing:
+            store.check_settings(full)
+        else:
+            replaced = store.drop_cases({r["case"] for r in existing.values() if volume_of(r["case"]) in relabelled})
+            if store.stored_settings() != json.loads(json.dumps(full)):
+                store.record_settings(full)
+        committed = True
+
     opened, written, skipped, bar = False, 0, 0, None
     try:
         for case in source.cases:
@@ -511,7 +592,7 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
                 records = _records(volume, labels_of(case, volume), todo, names, max_structures, render.channel,
                                    with_plane=with_plane, with_position=with_position)
                 if not opened:  # the sidecar (and the file) only once there is something to write
-                    store.check_settings(settings)
+                    commit()
                     store.open()
                     opened = True
                 written += store.write(records)
@@ -524,4 +605,7 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
         if bar is not None:
             bar.close()
         store.close()
-    return LabelCaptionResult(written=written, skipped=skipped, path=str(store.path))
+    if existing and not committed:  # nothing to write: still record the digests of a file from before them
+        commit()
+    return LabelCaptionResult(written=written, skipped=skipped, path=str(store.path), relabelled=tuple(relabelled),
+                              replaced=replaced)
