@@ -308,7 +308,7 @@ def push_checkpoint(checkpoint: Union[str, os.PathLike], repo_id: str, *, revisi
     card = model_card(meta, target)
     if removed:  # the same metadata, with names for paths, in the uploaded header
         def weights(tmp):
-            _rewrite_metadata(ckpt.path, tmp, lambda header: _without_paths(header, "", []))
+            _rewrite_metadata(ckpt.path, tmp, _header_without_paths)
     else:
         def weights(tmp):
             shutil.copyfile(ckpt.path, tmp)
@@ -374,22 +374,26 @@ def _local_name(text: str) -> str:
 
 def _without_paths(value: Any, where: str, removed: List[str]) -> Any:
     """``value`` (JSON-like) with every string that is a local path cut to its last component; the dotted keys
-    changed are appended to ``removed``. A string holding JSON (the safetensors header's ``med3dinsight`` entry) is
-    walked as what it holds, so that header and card say the same."""
+    changed are appended to ``removed``. Dictionary keys are kept."""
     if isinstance(value, dict):
         return {k: _without_paths(v, f"{where}.{k}" if where else str(k), removed) for k, v in value.items()}
     if isinstance(value, list):
         return [_without_paths(v, f"{where}[{i}]", removed) for i, v in enumerate(value)]
     if isinstance(value, str):
-        if where == "med3dinsight" and value.startswith("{"):
-            import json
-
-            return json.dumps(_without_paths(json.loads(value), "", removed))
         name = _local_name(value)
         if name != value:
             removed.append(where)
         return name
     return value
+
+
+def _header_without_paths(header: Dict[str, str]) -> Dict[str, str]:
+    """A safetensors ``__metadata__`` with :func:`_without_paths` applied to the ``med3dinsight`` JSON (what
+    ``load_checkpoint`` validated, so the card and the header say the same) and to every other value."""
+    import json
+
+    return {k: json.dumps(_without_paths(json.loads(v), "", [])) if k == "med3dinsight" else _local_name(v)
+            for k, v in header.items()}
 
 
 def _rewrite_metadata(source: Path, target: str, transform) -> None:
