@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an initialisation to compare (repeat): scratch, or NAME=CHECKPOINT")
     p.add_argument("--reference", choices=["nnunet"], help="add nnU-Net's default nnUNetTrainer recipe as a row")
     p.add_argument("--labelled", nargs="+", default=["all"], help="labelled training cases per run: counts or all")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one nested subset sequence per seed")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="one nested subset sequence (and training seed) per seed, 0 to 2**32-1")
     p.add_argument("--fold", type=int, default=0, help="the fold whose validation cases are held out (default 0)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the trainer's 1000)")
     p.add_argument("--iterations", type=int,
@@ -451,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check the checkpoints, write the runs' plans, list the "
                                                           "runs; train nothing")
     p.set_defaults(func=_cmd_study)
+    _one_line_usage_errors(p)
 
     p = sub.add_parser("models", help="build each backbone + PSAT on random data; print shapes and parameter counts")
     p.add_argument("--backbones", nargs="+", metavar="NAME",

@@ -15,6 +15,11 @@ the seed, and trains it with the real ``nnUNetv2_train`` (a subprocess) and one 
 * Nothing is written into the user's nnU-Net folders: the plans copies go to ``OUT/nnUNet_preprocessed/DATASET``
   (beside links to the user's preprocessed files) and the runs to ``OUT/nnUNet_results``.
 * Resumable: a run whose ``summary.json`` exists is not trained again; an interrupted one continues (``--c``).
+* A run is keyed by its checkpoint's content, not its path: the plans name of a pretrained init ends with the first 12
+  hex digits of the checkpoint's sha256 (``PLANS__study_INIT_Ln_sSEED_SHA12``). A file replaced at the same path
+  trains new runs (the earlier ones stay on disk, out of the summary); putting the old file back finds its runs again.
+  A checkpoint that changes while the study runs stops it, and a run that loaded other weights than its plans name
+  is removed, never recorded.
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ import numpy as np
 
 from med3dinsight_plugin.backbones import BackboneFamily
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
-from med3dinsight_plugin.fileio import atomic_write
+from med3dinsight_plugin.fileio import atomic_write, sha256_file
+from med3dinsight_plugin.hub import is_hub_spec
 
 from .attach import _read_json, attached_plans
 from .contract import ENV_CHECKPOINT, NNUNET_FAMILY, PLANS_KEY, FamilyTable, checkpoint_family
@@ -48,6 +54,10 @@ STUDY_TRAINER: Mapping[str, str] = FamilyTable(lambda family: f"{family.nnunet_t
 REFERENCE_TRAINER = "nnUNetTrainer_med3dinsightStudy"
 REFERENCE = "nnunet"  # the init name of the reference row
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+MAX_SEED = 2 ** 32 - 1  # the trainers seed numpy's global generator with it (np.random.seed: 0 .. 2**32 - 1)
+SHA_DIGITS = 12  # hex digits of the checkpoint's sha256 in a run's plans name
+# what a Med3DInsight trainer logs when the checkpoint it loads is not the one its plans were written for
+_CHANGED = "changed since it was attached to these plans"
 
 
 class StudyError(Med3DInsightError):
@@ -68,6 +78,11 @@ class StudyRun:
     @property
     def done(self) -> bool:
         return (self.folder / "validation" / "summary.json").is_file()
+
+    @property
+    def sha256(self) -> Optional[str]:
+        """The sha256 of the checkpoint this run trains from (``None``: scratch or the reference)."""
+        return self.plans[STUDY_KEY].get("sha256")
 
 
 @dataclass
@@ -148,9 +163,7 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
         raise StudyError("no initialisation to compare: pass --init scratch and/or --init NAME=CHECKPOINT")
     if epochs is not None and epochs < 1 or iterations is not None and iterations < 1:
         raise StudyError("--epochs and --iterations must be at least 1")
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise StudyError(f"--seeds {seeds}: give distinct seeds")
+    seeds = _seeds(seeds)
     names = [n for n, _ in inits] + ([REFERENCE] if reference else [])
     for name in names:
         if not _NAME.match(name):
@@ -191,7 +204,7 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
                              f"per study")
         architecture = architecture or (name, arch, f"{_arch(config)} {config['patch_size']}")
         variants[name] = (new, family)
-    scratch_plans, family = (next(iter(variants.values())) if variants else (base, NNUNET_FAMILY))
+    scratch_plans, family = next(iter(variants.values())) if variants else (base, NNUNET_FAMILY)
     scratch_plans = {k: v for k, v in scratch_plans.items() if k != PLANS_KEY}
     for name, checkpoint in inits:
         if checkpoint is None:
@@ -207,13 +220,14 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
         source, fam = variants[name]
         trainer = REFERENCE_TRAINER if fam == "reference" else STUDY_TRAINER[fam]
         checkpoint = source.get(PLANS_KEY, {}).get("checkpoint")
+        sha = source.get(PLANS_KEY, {}).get("sha256")  # the run's key: the weights' content, not their path
         for n, arg in counts:
             for seed in seeds:
                 perm = [str(c) for c in np.random.default_rng(seed).permutation(train_pool)]
-                plans_name = f"{plans}__study_{name}_L{arg}_s{seed}"
+                plans_name = f"{plans}__study_{name}_L{arg}_s{seed}" + (f"_{sha[:SHA_DIGITS]}" if sha else "")
                 run_plans = dict(source, plans_name=plans_name)
                 run_plans[STUDY_KEY] = {
-                    "init": name, "checkpoint": checkpoint, "labelled": n, "seed": seed, "fold": fold,
+                    "init": name, "checkpoint": checkpoint, "sha256": sha, "labelled": n, "seed": seed, "fold": fold,
                     "train_cases": sorted(perm[:n]), "val_cases": list(held_out), "num_epochs": epochs,
                     "iterations": iterations, "val_iterations": val_iterations, "source_plans": plans,
                     "configuration": configuration, "recipe": trainer}
@@ -222,6 +236,9 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
                                      / f"fold_{fold}", run_plans))
 
     _link_preprocessed(folder, study_pre, {f"{r.plans_name}.json" for r in runs})
+    for name, checkpoint in inits:
+        if checkpoint is not None:
+            _note_replaced(study_pre, plans, name, variants[name][0][PLANS_KEY], output, log)
     for run in runs:  # a finished run of other settings is never mixed in
         target = study_pre / f"{run.plans_name}.json"
         if run.done and target.is_file():
@@ -229,7 +246,7 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
                 old = json.loads(target.read_text()).get(STUDY_KEY)
             except (OSError, ValueError):
                 old = None
-            if old != run.plans[STUDY_KEY]:
+            if _settings(old) != _settings(run.plans[STUDY_KEY]):
                 raise StudyError(f"{output} holds a finished run {run.plans_name} with other settings (epochs, "
                                  f"iterations, cases or checkpoint); use another -o for the new settings")
         atomic_write(target, lambda tmp, p=run.plans: Path(tmp).write_text(json.dumps(p, indent=2)))
@@ -247,15 +264,22 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
     logs = output / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     for i, run in enumerate(todo, start=1):
+        _check_unchanged(run, output)
         log(f"[{i}/{len(todo)}] training {run.init}, {run.labelled} labelled, seed {run.seed} "
             f"({len(todo) - i} left after this)")
         log_file = logs / f"{run.plans_name}.log"
         command = [_nnunet_train(), str(folder.name), configuration, str(fold), "-p", run.plans_name, "-tr",
                    run.trainer, "-device", device, "--c"]
         start = time.perf_counter()
-        with open(log_file, "w") as f:
-            code = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        code = _launch(command, env, log_file)
         wall = time.perf_counter() - start
+        if run.sha256 and _CHANGED in log_file.read_text(errors="replace"):
+            import shutil
+
+            shutil.rmtree(run.folder)  # trained from other weights than its name says: never recorded
+            raise StudyError(f"--init {run.init}: {run.plans[STUDY_KEY]['checkpoint']} changed while "
+                             f"{run.plans_name} started (its sha256 is no longer {run.sha256[:SHA_DIGITS]}...); that "
+                             f"run was removed; run the command again to train the new checkpoint's runs")
         if code != 0 or not run.done:
             lines = [ln for ln in log_file.read_text(errors="replace").splitlines() if ln.strip()]
             why = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "")
@@ -278,6 +302,63 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+
+def _seeds(seeds: Sequence[Any]) -> List[int]:
+    """Distinct whole numbers from 0 to :data:`MAX_SEED` (the trainer seeds numpy, torch and random with them)."""
+    out = []
+    for value in seeds:
+        text = str(value).strip()
+        if isinstance(value, bool) or not re.fullmatch(r"[0-9]+", text) or int(text) > MAX_SEED:
+            raise StudyError(f"--seeds {value!r}: give whole numbers from 0 to {MAX_SEED} (nnU-Net's trainer seeds "
+                             f"numpy with them), e.g. --seeds 0 1 2")
+        out.append(int(text))
+    if not out or len(set(out)) != len(out):
+        raise StudyError(f"--seeds {' '.join(map(str, out))}: give one or more distinct seeds, e.g. --seeds 0 1 2")
+    return out
+
+
+def _settings(entry: Any) -> Any:
+    """A run's study entry without the checkpoint's path: runs are keyed by the checkpoint's content (its sha256 is
+    in the entry), so the same file moved elsewhere keeps its runs."""
+    return {k: v for k, v in entry.items() if k != "checkpoint"} if isinstance(entry, dict) else entry
+
+
+def _note_replaced(study_pre: Path, plans: str, name: str, attached: Dict[str, Any], output: Path,
+                   log: Callable[[str], None]) -> None:
+    """Say so when ``output`` holds runs of the init ``name`` trained from another checkpoint (the file at the path
+    was replaced): those runs are kept but not summarised, and the current checkpoint's runs are trained."""
+    others = set()
+    for file in study_pre.glob(f"{plans}__study_{name}_L*.json"):
+        try:
+            entry = json.loads(file.read_text()).get(STUDY_KEY) or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        if entry.get("init") == name and entry.get("sha256") != attached["sha256"]:
+            others.add(str(entry.get("sha256") or "unknown")[:SHA_DIGITS])
+    if others:
+        log(f"note: --init {name}: {attached['checkpoint']} now has sha256 {attached['sha256'][:SHA_DIGITS]}...; "
+            f"{output} also holds runs of {name} from other content (sha256 {', '.join(sorted(others))}...): they are "
+            f"kept but not summarised, and the runs of the current file are trained (results are keyed by the "
+            f"checkpoint's content)")
+
+
+def _check_unchanged(run: StudyRun, output: Path) -> None:
+    """Before a run trains: its local checkpoint still has the content its plans name (Hub files are pinned)."""
+    if not run.sha256:
+        return
+    checkpoint = run.plans[STUDY_KEY]["checkpoint"]
+    if is_hub_spec(checkpoint):
+        return
+    try:
+        now = sha256_file(checkpoint)
+    except OSError as e:
+        raise StudyError(f"--init {run.init}: {checkpoint} cannot be read any more ({e.strerror or e}); put it back "
+                         f"and run the command again") from None
+    if now != run.sha256:
+        raise StudyError(f"--init {run.init}: {checkpoint} changed while the study ran (sha256 "
+                         f"{run.sha256[:SHA_DIGITS]}... when it started, {now[:SHA_DIGITS]}... now); the runs trained "
+                         f"so far in {output} are kept; run the command again to train the new checkpoint's runs")
+
 
 def _default_device() -> str:
     import torch
@@ -324,8 +405,8 @@ def _labelled_counts(labelled: Sequence[Any], available: int) -> List[Tuple[int,
         text = str(value).strip().lower()
         if text == "all":
             out.append((available, "all"))
-        elif text.isdigit() and 1 <= int(text) <= available:
-            out.append((int(text), text))
+        elif not isinstance(value, bool) and re.fullmatch(r"[0-9]+", text) and 1 <= int(text) <= available:
+            out.append((int(text), str(int(text))))
         else:
             raise StudyError(f"--labelled {value!r}: give counts from 1 to {available} (the fold's training cases) "
                              f"or 'all'")
@@ -372,6 +453,12 @@ def _environment(pre: Path, results: Path, device: str) -> Dict[str, str]:
     return env
 
 
+def _launch(command: List[str], env: Dict[str, str], log_file: Path) -> int:
+    """Run one ``nnUNetv2_train`` with its output into ``log_file``; its exit code."""
+    with open(log_file, "w") as f:
+        return subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
 def _nnunet_train() -> str:
     import shutil
 
@@ -405,6 +492,7 @@ def _row(run: StudyRun, dataset_json: Dict[str, Any]) -> Dict[str, Any]:
     mean = summary.get("foreground_mean", {}).get("Dice")
     row["mean_dice"] = math.nan if mean is None else float(mean)
     row["wall_time_s"] = round(float(wall), 1)
+    row["checkpoint_sha256"] = run.sha256 or ""
     return row
 
 

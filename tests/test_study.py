@@ -73,10 +73,12 @@ def test_study_end_to_end(dataset, tmp_path):
     # scratch and pretrained plans differ only in the checkpoint (and the names saying so)
     by_name = {(p[STUDY_KEY]["init"], p[STUDY_KEY]["labelled"]): p for p in plans.values()}
     strip = lambda p: {**{k: v for k, v in p.items() if k not in ("plans_name", "med3dinsight")},  # noqa: E731
-                       STUDY_KEY: {k: v for k, v in p[STUDY_KEY].items() if k not in ("init", "checkpoint")}}
+                       STUDY_KEY: {k: v for k, v in p[STUDY_KEY].items() if k not in ("init", "checkpoint", "sha256")}}
     assert strip(by_name[("scratch", 2)]) == strip(by_name[("pre", 2)])
     assert by_name[("scratch", 2)][STUDY_KEY]["checkpoint"] is None
     assert by_name[("pre", 2)][STUDY_KEY]["checkpoint"] == str(ckpt.resolve())
+    assert by_name[("pre", 2)][STUDY_KEY]["sha256"] == by_name[("pre", 2)]["med3dinsight"]["sha256"]
+    assert by_name[("scratch", 2)][STUDY_KEY]["sha256"] is None
     # the pretrained run loaded its weights, the scratch run did not
     folders = {f.parent.name.split("__")[2]: f for f in (out / "nnUNet_results").glob("*/*/fold_0")}
     pre_fold = next(f for n, f in folders.items() if n.startswith("study_pre_L2"))
@@ -101,14 +103,120 @@ def test_study_refuses_before_training(dataset, tmp_path):
         (["--init", f"plain={plain}", "--init", f"swin={swin}"], "--init swin builds SwinUNETRForNNUNet",
          "one architecture"),
         (["--init", "scratch", "--labelled", "9"], "--labelled '9'", "from 1 to 4"),
+        (["--init", "scratch", "--labelled", "\u00b2"], "--labelled '\u00b2'", "from 1 to 4"),  # '²'.isdigit()
+        (["--init", "scratch", "--seeds", "-1"], "--seeds -1", "from 0 to 4294967295"),
+        (["--init", "scratch", "--seeds", str(2 ** 70), "--dry-run"], f"--seeds {2 ** 70}", "from 0 to"),
+        (["--init", "scratch", "--seeds", "2**70", "--dry-run"], "--seeds", "invalid int value: '2**70'"),
+        (["--init", "scratch", "--seeds", "1", "1"], "--seeds 1 1", "distinct"),
     ]
-    for extra, *messages in cases:
-        out = tmp_path / f"out_{len(extra)}_{messages[0][:8]}"
+    for i, (extra, *messages) in enumerate(cases):
+        out = tmp_path / f"out_{i}"
         r = run(["med3dinsight", "study", "-d", DATASET, "--device", "cpu", "--epochs", "1", "--iterations", "1",
                  "-o", out, *extra], env, check=False)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert all(m in r.stderr for m in messages), r.stderr
         assert not (out / "nnUNet_results").exists() and "training" not in r.stdout
+
+
+def _results(out):
+    return {r["init"]: r for r in csv.DictReader((out / "results.csv").open())}
+
+
+def test_a_replaced_checkpoint_trains_new_runs_and_keeps_the_old_ones(dataset, tmp_path):
+    # issue #22: runs were keyed by the checkpoint's path; a file replaced there reported the old weights' Dice and
+    # the plans copy was rewritten to claim the new file's sha256
+    from med3dinsight_plugin.fileio import sha256_file
+
+    env, pre = dataset["env"], dataset["pre"]
+    ckpt, out = tmp_path / "run" / "med3dinsight.safetensors", tmp_path / "study"
+    versions = {}
+    for seed in (1, 2):  # two pretrainings written to the same path, one after the other
+        torch.manual_seed(seed)
+        versions[seed] = save_pretrained(build_backbone("nnunet", plans=pre / "nnUNetPlans.json"),
+                                         tmp_path / f"v{seed}.safetensors").read_bytes()
+    args = ["med3dinsight", "study", "-d", DATASET, "--init", f"pre={ckpt}", "--labelled", "1", "--seeds", "0",
+            "--epochs", "1", "--iterations", "1", "--device", "cpu", "-o", out]
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(versions[1])
+    sha1 = sha256_file(ckpt)
+    assert "1 runs trained, 0 already finished" in run(args, env).stdout
+    first = _results(out)["pre"]
+    assert first["checkpoint_sha256"] == sha1
+
+    ckpt.write_bytes(versions[2])  # replaced in place
+    sha2 = sha256_file(ckpt)
+    r = run(args, env)
+    assert "1 runs trained, 0 already finished" in r.stdout, r.stdout
+    assert f"--init pre: {ckpt.resolve()} now has sha256 {sha2[:12]}" in r.stdout and sha1[:12] in r.stdout
+    second = _results(out)["pre"]
+    assert second["checkpoint_sha256"] == sha2 and len(_results(out)) == 1  # the old run is not summarised
+    # every plans copy claims the hash it was trained with; the first one was not rewritten
+    plans = _plans_of(out)
+    assert {p[STUDY_KEY]["sha256"] for p in plans.values()} == {sha1, sha2}
+    for name, p in plans.items():
+        assert name.endswith(p[STUDY_KEY]["sha256"][:12]) and p["med3dinsight"]["sha256"] == p[STUDY_KEY]["sha256"]
+    folders = {f.parent.name.split("__")[2][-12:]: f for f in (out / "nnUNet_results").glob("*/*/fold_0")}
+    assert set(folders) == {sha1[:12], sha2[:12]}
+    reported = json.loads((folders[sha2[:12]] / "validation" / "summary.json").read_text())
+    assert float(second["mean_dice"]) == pytest.approx(reported["foreground_mean"]["Dice"])
+    log = (out / "logs" / f"{'__'.join(folders[sha2[:12]].parent.name.split('__')[1:3])}.log").read_text()
+    assert "changed since" not in log  # the new run loaded the new file
+
+    ckpt.write_bytes(versions[1])  # the first file back: its runs are found again, nothing is trained
+    r = run(args, env)
+    assert "0 runs trained, 1 already finished" in r.stdout and _results(out)["pre"] == first
+
+
+class FakeTrain:
+    """Stands in for ``study._launch`` (the ``nnUNetv2_train`` subprocess): writes the run's validation/summary.json
+    as nnU-Net does (per-case Dice from ``dice(entry, case)``), and calls ``hook(call number, entry, log)`` first."""
+
+    def __init__(self, dice=lambda entry, case: 0.5, hook=None):
+        self.dice, self.hook, self.calls = dice, hook, 0
+
+    def __call__(self, command, env, log_file):
+        dataset, configuration, fold = command[1:4]
+        plans_name, trainer = command[command.index("-p") + 1], command[command.index("-tr") + 1]
+        entry = json.loads((Path(env["nnUNet_preprocessed"]) / dataset / f"{plans_name}.json").read_text())[STUDY_KEY]
+        self.calls += 1
+        with open(log_file, "w") as log:
+            if self.hook:
+                self.hook(self.calls, entry, log)
+        folder = Path(env["nnUNet_results"]) / dataset / f"{trainer}__{plans_name}__{configuration}" / f"fold_{fold}"
+        (folder / "validation").mkdir(parents=True)
+        cases = [{"reference_file": f"/gt/{case}.nii.gz", "prediction_file": f"{folder}/validation/{case}.nii.gz",
+                  "metrics": {"1": {"Dice": self.dice(entry, case), "IoU": 0.0}}} for case in entry["val_cases"]]
+        dice = float(np.nanmean([c["metrics"]["1"]["Dice"] for c in cases]))
+        (folder / "validation" / "summary.json").write_text(json.dumps(
+            {"foreground_mean": {"Dice": dice}, "mean": {"1": {"Dice": dice}}, "metric_per_case": cases}))
+        return 0
+
+
+def test_a_checkpoint_changed_during_the_study_is_never_recorded(dataset, tmp_path, monkeypatch):
+    from nnunet_trainers import study
+
+    monkeypatch.setenv("nnUNet_preprocessed", str(dataset["root"] / "pre"))
+    pre = dataset["pre"]
+    torch.manual_seed(1)
+    ckpt = save_pretrained(build_backbone("nnunet", plans=pre / "nnUNetPlans.json"), tmp_path / "a.safetensors")
+    other = save_pretrained(build_backbone("nnunet", plans=pre / "nnUNetPlans.json"), tmp_path / "b.safetensors")
+    settings = dict(labelled=["1", "2"], seeds=[0], epochs=1, iterations=1, device="cpu", log=lambda line: None)
+
+    def replace_after_first(call, entry, stdout):  # the file is replaced while the first run trains
+        if call == 1:
+            ckpt.write_bytes(other.read_bytes())
+    monkeypatch.setattr(study, "_launch", FakeTrain(hook=replace_after_first))
+    with pytest.raises(study.StudyError, match=r"--init pre: .*a\.safetensors changed while the study ran"):
+        study.run_study(DATASET, [("pre", ckpt)], tmp_path / "out1", **settings)
+    assert len(list((tmp_path / "out1" / "nnUNet_results").glob("*/*/fold_0"))) == 1  # the first run is kept
+
+    def trainer_saw_another_file(call, entry, stdout):  # replaced between the check and the trainer's load
+        stdout.write(f"WARNING: {entry['checkpoint']} changed since it was attached to these plans\n")
+    monkeypatch.setattr(study, "_launch", FakeTrain(hook=trainer_saw_another_file))
+    with pytest.raises(study.StudyError, match="changed while .* started .* that run was removed"):
+        study.run_study(DATASET, [("pre", ckpt)], tmp_path / "out2", **settings)
+    assert not list((tmp_path / "out2" / "nnUNet_results").glob("*/*/fold_0"))
+    assert not (tmp_path / "out2" / "results.csv").exists()
 
 
 def test_swin_unetr_study_compares_inits_on_the_checkpoints_architecture(dataset, tmp_path, monkeypatch):
