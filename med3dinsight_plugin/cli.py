@@ -170,7 +170,14 @@ def _cmd_slices(args: argparse.Namespace) -> int:
 
 def _cmd_caption(args: argparse.Namespace) -> int:
     from .distributed import init_distributed
-    from .teacher.captioner import Captioner, caption_dataset, check_generation_args, load_prompts, load_vlm
+    from .teacher.captioner import (
+        Captioner,
+        caption_dataset,
+        check_generation_args,
+        hold_caption_lock,
+        load_prompts,
+        load_vlm,
+    )
 
     if args.from_labels is None and args.class_names is not None:
         raise Med3DInsightError("--class-names goes with --from-labels (a VLM names what it sees)")
@@ -196,10 +203,13 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     check_generation_args(args.batch_size, args.max_new_tokens)  # before a 7B model loads
     prompts = load_prompts(args.prompts) if args.prompts else None
     with init_distributed(args.device, option="--device") as ctx:  # under torchrun: this process's GPU
-        vlm = load_vlm(args.vlm, device=str(ctx.device), dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-        captioner = Captioner(vlm, prompts=prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-        r = caption_dataset(source, captioner, args.output, policy, render,
-                            settings={"model": args.vlm, "max_new_tokens": args.max_new_tokens})
+        with hold_caption_lock(args.output, ctx):  # before the model loads: a second run on -o fails at once
+            vlm = load_vlm(args.vlm, device=str(ctx.device), dtype=args.dtype,
+                           trust_remote_code=args.trust_remote_code)
+            captioner = Captioner(vlm, prompts=prompts, batch_size=args.batch_size,
+                                  max_new_tokens=args.max_new_tokens)
+            r = caption_dataset(source, captioner, args.output, policy, render,
+                                settings={"model": args.vlm, "max_new_tokens": args.max_new_tokens})
     if r.rank == 0:
         rate = r.written / r.seconds if r.seconds > 0 else 0.0
         print(f"{args.output}: {r.written} captions written, {r.skipped} already there ({r.captions} in the "

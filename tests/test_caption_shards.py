@@ -70,11 +70,14 @@ def reference(world):
     return out.read_bytes(), Path(f"{out}.meta.json").read_bytes()
 
 
-def _torchrun(world, out, nproc=2, port=29571):
+def _torchrun(world, out, nproc=2, port=29571, vlm=None, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                            "--master_port", str(port), str(BIN), "caption", str(world["data"]), "--vlm",
-                           str(world["folder"]), "-o", str(out), *CLI_ARGS], capture_output=True, text=True, env=env)
+                           str(vlm or world["folder"]), "-o", str(out), *CLI_ARGS], capture_output=True, text=True,
+                          env=env)
+    if not check:
+        return proc
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -175,6 +178,40 @@ def test_a_crash_between_merge_and_shard_removal_merges_to_the_same_bytes(refere
     shard.write_text("".join(reversed(lines[3:20])))  # the same records again, in another order
     assert merge_shards(out) == {"records": 30, "shards": 1}
     assert out.read_bytes() == reference[0] and not shard.parent.exists()
+
+
+# ------------------------------------------------------------------------------------------------ one run per file
+
+HOLD_CAPTION_LOCK = """
+import sys
+from med3dinsight_plugin.teacher.captions import caption_lock
+lock = caption_lock(sys.argv[1]).acquire()
+print("locked", flush=True)
+sys.stdin.readline()
+lock.release()
+"""
+
+
+def test_a_second_run_on_the_same_file_fails_on_every_rank_before_the_model_loads(world, tmp_path):
+    from med3dinsight_plugin.runlock import RunLockedError
+
+    out = tmp_path / "captions.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_CAPTION_LOCK, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        busy = f"the caption file {out} is in use by process {holder.pid} on "
+        with pytest.raises(RunLockedError, match=re.escape(busy)):
+            _caption(world, out)
+        # a model folder that does not exist: the lock is what the command reports, on both ranks
+        proc = _torchrun(world, out, port=29573, vlm=tmp_path / "no_model", check=False)
+        assert proc.returncode != 0
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("med3dinsight caption: error: ")]
+        assert len(errors) == 2 and all(busy in e and f"({out}.lock)" in e for e in errors), proc.stderr[-3000:]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.jsonl.lock"]  # nothing else written
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert holder.returncode == 0 and not Path(f"{out}.lock").exists()
 
 
 # ------------------------------------------------------------------------------------------------- bad input

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -19,6 +17,7 @@ from typing import Any, Dict, List, Optional
 from ..distributed import init_distributed
 from ..errors import Med3DInsightError, first_line
 from ..fileio import atomic_write
+from ..runlock import RunLock, RunLockedError  # re-exported: the lock moved to the shared module
 from ..teacher.cache import TeacherCache
 from .config import ConfigError, PretrainConfig, check_backbone_kwargs
 from .data import PretrainDataset, compute_normalization, median_spacing, prepare_volumes, prepared_boxes, split_cases
@@ -28,100 +27,6 @@ __all__ = ["PretrainResult", "RunLock", "RunLockedError", "run_pretraining", "ch
 
 ORIENTATION = "canonical LPS: axis 0 toward superior, 1 toward posterior, 2 toward the patient's left"
 EVAL_CROPS_PER_CASE = 4
-
-
-class RunLockedError(Med3DInsightError):
-    """Another live process is pretraining into the same run folder."""
-
-
-class RunLock:
-    """``OUTPUT/.lock``: one pretraining process (rank 0) per run folder.
-
-    The lock is an exclusive ``flock`` on the file, which the kernel releases when its holder dies, however it dies
-    (so a recycled pid never makes a stale lock look alive); the file names the holder (``pid host``). A second
-    start fails naming the folder and that pid. A lock file left by a process that is gone (``kill -9``, a crashed
-    node) is taken over with a note on stderr. :meth:`release` (or leaving the ``with`` block) removes the file.
-    """
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        self.path = self.folder / ".lock"
-        self._fd: Optional[int] = None
-
-    def acquire(self) -> "RunLock":
-        import fcntl
-
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise self._unwritable(e) from None
-        me = f"{os.getpid()} {socket.gethostname()}"
-        for _ in range(100):  # retried only when the file was replaced between open and flock
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise self._unwritable(e) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_holder(fd)
-                os.close(fd)
-                raise RunLockedError(self._busy(holder)) from None
-            except OSError as e:
-                os.close(fd)
-                raise ConfigError(f"cannot lock {self.path} ({e.strerror or e}): the file system of the output folder "
-                                  f"does not support locks; choose another -o/--output") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # its holder removed it after we opened it: lock the new file instead
-                os.close(fd)
-                continue
-            holder = _read_holder(fd)
-            if holder:
-                print(f"note: taking over the stale lock {self.path} left by process {holder[0]} on {holder[1]}, "
-                      f"which no longer runs there", file=sys.stderr)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{me}\n".encode(), 0)
-            os.fsync(fd)
-            self._fd = fd
-            return self
-        raise RunLockedError(f"{self.folder} is being locked and unlocked by other processes; retry later")
-
-    def _unwritable(self, e: OSError) -> ConfigError:
-        return ConfigError(f"cannot write to the output folder {self.folder} ({e.strerror or e}); choose another "
-                           f"-o/--output")
-
-    def _busy(self, holder) -> str:
-        who = f"process {holder[0]} on {holder[1]}" if holder else "another process"
-        return (f"the run folder {self.folder} is in use by {who} ({self.path}); wait for that run to end or stop "
-                f"it, or choose another -o/--output")
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            os.unlink(self.path)  # while still holding the flock: the next process locks a fresh file
-        except OSError:
-            pass
-        os.close(self._fd)
-        self._fd = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _read_holder(fd: int):
-    """(pid, host) written in a lock file, or ``None`` (empty or unreadable)."""
-    try:
-        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").split()
-        return int(text[0]), (text[1] if len(text) > 1 else "?")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _backbone_kwargs(config: PretrainConfig, source) -> None:

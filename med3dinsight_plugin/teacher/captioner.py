@@ -18,6 +18,7 @@ torch and numpy.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -42,6 +43,7 @@ from .captions import (
     CaptionError,
     CaptionFile,
     caption_key,
+    caption_lock,
     merge_shards,
     read_all,
     shard_files,
@@ -51,8 +53,8 @@ from .captions import (
 from .hub import hub_offline, pickle_files, unsafe_pickle_message
 
 __all__ = ["VLM", "VLMError", "CaptionError", "CaptionFile", "CaptionResult", "Captioner", "DEFAULT_PROMPTS",
-           "SliceRenderer", "caption_dataset", "caption_key", "caption_slices", "check_generation_args", "load_prompts",
-           "load_vlm", "prompt_for"]
+           "SliceRenderer", "caption_dataset", "caption_key", "caption_slices", "check_generation_args",
+           "hold_caption_lock", "load_prompts", "load_vlm", "prompt_for"]
 
 
 class VLMError(Med3DInsightError):
@@ -504,6 +506,11 @@ def caption_slices(slices: Iterable, captioner: Captioner, out_path: Union[str, 
     Returns:
         ``{"written": n, "skipped": m, "path": str}``.
     """
+    with caption_lock(out_path):  # one run per caption file
+        return _caption_slices(slices, captioner, out_path, settings, progress)
+
+
+def _caption_slices(slices: Iterable, captioner: Captioner, out_path, settings: dict, progress: bool) -> dict:
     from tqdm.auto import tqdm
     store = CaptionFile(out_path)
     store.check_settings({**captioner.settings(), **settings})
@@ -609,6 +616,29 @@ def _on_main(ctx, fn):
     return payload
 
 
+@contextlib.contextmanager
+def hold_caption_lock(out_path: Union[str, os.PathLike], ctx=None):
+    """Hold the caption file's lock (:func:`.captions.caption_lock`, ``<out_path>.lock``) for a ``with`` block: in
+    rank 0 only under ``torchrun`` (``ctx``: the :class:`~med3dinsight_plugin.distributed.DistributedContext`), and
+    when another run holds it, :class:`~med3dinsight_plugin.runlock.RunLockedError` (rank 0) or a
+    :class:`CaptionError` with its message (the other ranks) on every rank, so that no rank waits. Re-entrant:
+    ``caption`` takes it before loading the model, and :func:`caption_dataset` again inside."""
+    held = []
+
+    def take():
+        held.append(caption_lock(out_path).acquire())
+
+    try:
+        if ctx is None:
+            take()
+        else:
+            _on_main(ctx, take)
+        yield
+    finally:
+        for lock in held:
+            lock.release()
+
+
 @dataclass(frozen=True)
 class CaptionResult(Result):
     """What :func:`caption_dataset` did, on every rank.
@@ -664,6 +694,8 @@ def caption_dataset(source, captioner: Captioner, out_path: Union[str, os.PathLi
     Raises:
         CaptionError: an output path that is a folder, settings that differ from the file's, a malformed line.
         VLMError: a render channel the dataset does not have.
+        RunLockedError: another run holds the caption file's lock (``<out_path>.lock``, taken by rank 0 from the
+            settings check to the merged file; :func:`hold_caption_lock`).
     """
     from tqdm.auto import tqdm
 
@@ -690,60 +722,62 @@ def caption_dataset(source, captioner: Captioner, out_path: Union[str, os.PathLi
     with init_distributed(str(captioner.vlm.device), option="--device") as ctx:  # joins the caller's group if any
         rank, world = ctx.rank, ctx.world_size
 
-        def prepare():  # rank 0 is the one writer of the settings sidecar and of the shard folder
-            CaptionFile(out).check_settings(recorded, also=shard_files(out))
-            shard_folder(out).mkdir(exist_ok=True)
+        with hold_caption_lock(out, ctx):  # rank 0, from the settings check to the merged file
+            def prepare():  # rank 0 is the one writer of the settings sidecar and of the shard folder
+                CaptionFile(out).check_settings(recorded, also=shard_files(out))
+                shard_folder(out).mkdir(exist_ok=True)
 
-        _on_main(ctx, prepare)
-        done = set(read_all(out))
-        ctx.barrier()  # every rank knows what is done before any rank appends
+            _on_main(ctx, prepare)
+            done = set(read_all(out))
+            ctx.barrier()  # every rank knows what is done before any rank appends
 
-        cases = list(source.cases)
-        nominal = len(policy.planes) * policy.per_plane
-        per_unit = max(1, math.ceil(captioner.batch_size / nominal))
-        units = [cases[i:i + per_unit] for i in range(0, len(cases), per_unit)]
-        mine = units[rank::world]
-        shard = CaptionFile(shard_path(out, rank, world))
-        written = skipped = 0
-        start = time.perf_counter()
-        bar = tqdm(total=sum(map(len, mine)) * nominal, disable=not (progress and ctx.is_main), unit="slice",
-                   desc=f"captioning {out.name}" + (f" ({world} processes)" if world > 1 else ""), dynamic_ncols=True)
+            cases = list(source.cases)
+            nominal = len(policy.planes) * policy.per_plane
+            per_unit = max(1, math.ceil(captioner.batch_size / nominal))
+            units = [cases[i:i + per_unit] for i in range(0, len(cases), per_unit)]
+            mine = units[rank::world]
+            shard = CaptionFile(shard_path(out, rank, world))
+            written = skipped = 0
+            start = time.perf_counter()
+            bar = tqdm(total=sum(map(len, mine)) * nominal, disable=not (progress and ctx.is_main), unit="slice",
+                       desc=f"captioning {out.name}" + (f" ({world} processes)" if world > 1 else ""),
+                       dynamic_ncols=True)
 
-        def flush(batch):
-            nonlocal written
-            if not batch:
-                return
-            texts = captioner.caption([s.image for s in batch], _prompts(captioner, batch))
-            shard.open()  # only a process that captions something leaves a shard file
-            written += shard.write([_record(s, t) for s, t in zip(batch, texts)])
-            bar.update(len(batch))
+            def flush(batch):
+                nonlocal written
+                if not batch:
+                    return
+                texts = captioner.caption([s.image for s in batch], _prompts(captioner, batch))
+                shard.open()  # only a process that captions something leaves a shard file
+                written += shard.write([_record(s, t) for s, t in zip(batch, texts)])
+                bar.update(len(batch))
 
-        try:
-            for unit in mine:
-                pending = []
-                for case in unit:
-                    volume = source.read(case)
-                    chosen = renderer.select(volume)
-                    todo = []
-                    for s in chosen:  # captioned before (or repeated within the volume): skipped, never rendered
-                        if s.key not in done:
-                            done.add(s.key)
-                            todo.append(s)
-                    skipped += len(chosen) - len(todo)
-                    bar.total -= nominal - len(chosen)
-                    bar.update(len(chosen) - len(todo))
-                    renderer.render(volume, todo)
-                    del volume
-                    pending += todo
-                    while len(pending) >= captioner.batch_size:
-                        flush(pending[:captioner.batch_size])
-                        del pending[:captioner.batch_size]
-                flush(pending)  # a batch never spans two units: the same batches for any number of processes
-        finally:
-            shard.close()
-            bar.close()  # before any error message, so that the message is the last line
-        ctx.barrier()
-        merged = _on_main(ctx, lambda: merge_shards(out)["records"])
+            try:
+                for unit in mine:
+                    pending = []
+                    for case in unit:
+                        volume = source.read(case)
+                        chosen = renderer.select(volume)
+                        todo = []
+                        for s in chosen:  # captioned before (or repeated within the volume): skipped, never rendered
+                            if s.key not in done:
+                                done.add(s.key)
+                                todo.append(s)
+                        skipped += len(chosen) - len(todo)
+                        bar.total -= nominal - len(chosen)
+                        bar.update(len(chosen) - len(todo))
+                        renderer.render(volume, todo)
+                        del volume
+                        pending += todo
+                        while len(pending) >= captioner.batch_size:
+                            flush(pending[:captioner.batch_size])
+                            del pending[:captioner.batch_size]
+                    flush(pending)  # a batch never spans two units: the same batches for any number of processes
+            finally:
+                shard.close()
+                bar.close()  # before any error message, so that the message is the last line
+            ctx.barrier()
+            merged = _on_main(ctx, lambda: merge_shards(out)["records"])
         seconds = time.perf_counter() - start
         counts = [(written, skipped)]
         if world > 1:

@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Optional, Union
 from ..errors import Med3DInsightError
 from ..fileio import atomic_write, atomic_write_text, diff_keys
 from ..planes import PLANES
+from ..runlock import RunLock
 from ..slices import slice_key
 
 PathLike = Union[str, os.PathLike]
@@ -34,6 +35,14 @@ class CaptionError(Med3DInsightError):
 
 
 caption_key = slice_key  # a caption record is keyed like its slice
+
+
+def caption_lock(path: PathLike) -> RunLock:
+    """The lock a caption run holds on its output ``path`` while it reads and writes it: ``<path>.lock`` beside it
+    (:meth:`~med3dinsight_plugin.runlock.RunLock.beside`). A second run on the same file fails at once with
+    :class:`~med3dinsight_plugin.runlock.RunLockedError`, naming the lock file and the holder's pid; folders created
+    for the lock are removed again if the run leaves them empty. Re-entrant within one process."""
+    return RunLock.beside(path, what=f"the caption file {path}")
 
 
 def _check_record(rec) -> Optional[str]:

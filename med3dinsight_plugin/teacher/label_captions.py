@@ -37,7 +37,7 @@ from ..planes import PLANES, plane_id
 from ..results import Result
 from ..slices import RenderSettings, SlicePolicy, body_mask, extract_slice, volume_slices
 from ..volumes import NIFTI_ENDINGS, VolumeError, _read_nifti, _read_sitk, _to_canonical, canonical_axes
-from .captions import CaptionError, CaptionFile
+from .captions import CaptionError, CaptionFile, caption_lock
 from .embed import caption_settings_for
 
 __all__ = ["GENERATOR", "LABEL_DIGESTS", "LABEL_ENDINGS", "LabelCaptionError", "LabelCaptionResult", "MIDLINE_MM",
@@ -497,6 +497,8 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
         LabelCaptionError: missing label folder or file, label file off its image's grid or with values that are
             not whole numbers >= 0, bad class names; the message names the file or case.
         CaptionError: the output holds captions made with other settings.
+        RunLockedError: another run holds the caption file's lock (``<out>.lock``, :func:`.captions.caption_lock`,
+            held from reading the file to the last caption written).
 
     Warns:
         UserWarning: ``out`` was written before the label files' digests were recorded.
@@ -546,66 +548,68 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
         except Med3DInsightError:
             return None  # not a crop case: not from this dataset
 
-    store = CaptionFile(out)
-    existing = CaptionFile.read(store.path)
-    recorded: dict = {}
-    if existing:  # a resume: refuse other settings before any work (even if every slice is done already)
-        store.check_settings(settings, ignore=(LABEL_DIGESTS,))
-        recorded = store.stored_settings().get(LABEL_DIGESTS)
-        if recorded is None:
-            warnings.warn(f"{store.path} was captioned before the label files' digests were recorded, so a change of "
-                          f"them since cannot be seen: its captions are kept and the digests recorded from now on "
-                          f"(delete it and its {store.meta_path.name} to caption every case again)", UserWarning,
-                          stacklevel=2)
-            recorded = dict(digests)  # taken as they are
-        if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
-            raise CaptionError(f"{store.meta_path}: {LABEL_DIGESTS!r} must map each case to the SHA-256 of its label "
-                               f"file; restore the file or use a new output file")
-    relabelled = sorted({c for c in map(volume_of, (r["case"] for r in existing.values()))
-                         if c in digests and recorded.get(c) != digests[c]})
-    done = {k for k, r in existing.items() if volume_of(r["case"]) not in relabelled}
-    full = {**settings, LABEL_DIGESTS: {**recorded, **digests}}
-    replaced, committed = 0, False
+    with caption_lock(out):  # one run per caption file: a second one fails naming this one's pid
+        store = CaptionFile(out)
+        existing = CaptionFile.read(store.path)
+        recorded: dict = {}
+        if existing:  # a resume: refuse other settings before any work (even if every slice is done already)
+            store.check_settings(settings, ignore=(LABEL_DIGESTS,))
+            recorded = store.stored_settings().get(LABEL_DIGESTS)
+            if recorded is None:
+                warnings.warn(f"{store.path} was captioned before the label files' digests were recorded, so a "
+                              f"change of them since cannot be seen: its captions are kept and the digests recorded "
+                              f"from now on (delete it and its {store.meta_path.name} to caption every case again)",
+                              UserWarning, stacklevel=2)
+                recorded = dict(digests)  # taken as they are
+            if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+                raise CaptionError(f"{store.meta_path}: {LABEL_DIGESTS!r} must map each case to the SHA-256 of its "
+                                   f"label file; restore the file or use a new output file")
+        relabelled = sorted({c for c in map(volume_of, (r["case"] for r in existing.values()))
+                             if c in digests and recorded.get(c) != digests[c]})
+        done = {k for k, r in existing.items() if volume_of(r["case"]) not in relabelled}
+        full = {**settings, LABEL_DIGESTS: {**recorded, **digests}}
+        replaced, committed = 0, False
 
-    def commit():  # before the first caption is appended (or at the end): old captions of changed labels out, then
-        nonlocal replaced, committed  # the sidecar, so that it never vouches for captions of other labels
-        if not existing:
-            store.check_settings(full)
-        else:
-            replaced = store.drop_cases({r["case"] for r in existing.values() if volume_of(r["case"]) in relabelled})
-            if store.stored_settings() != json.loads(json.dumps(full)):
-                store.record_settings(full)
-        committed = True
-
-    opened, written, skipped, bar = False, 0, 0, None
-    try:
-        for case in source.cases:
-            volume = source.read(case)
-            todo = []
-            for s in volume_slices(volume, policy, render, render=False):
-                if s.key in done:
-                    skipped += 1
-                else:
-                    done.add(s.key)
-                    todo.append(s)
-            if todo:
-                records = _records(volume, labels_of(case, volume), todo, names, max_structures, render.channel,
-                                   with_plane=with_plane, with_position=with_position)
-                if not opened:  # the sidecar (and the file) only once there is something to write
-                    commit()
-                    store.open()
-                    opened = True
-                written += store.write(records)
-            if bar is None:  # shown once the first case went through: an error in it stays the only output line
-                bar = tqdm(total=len(source.cases), initial=1, unit="case", disable=not progress,
-                           desc=f"captioning {store.path.name} from labels", dynamic_ncols=True)
+        def commit():  # before the first caption is appended (or at the end): old captions of changed labels out, then
+            nonlocal replaced, committed  # the sidecar, so that it never vouches for captions of other labels
+            if not existing:
+                store.check_settings(full)
             else:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        store.close()
-    if existing and not committed:  # nothing to write: still record the digests of a file from before them
-        commit()
-    return LabelCaptionResult(written=written, skipped=skipped, path=str(store.path), relabelled=tuple(relabelled),
-                              replaced=replaced)
+                replaced = store.drop_cases({r["case"] for r in existing.values()
+                                             if volume_of(r["case"]) in relabelled})
+                if store.stored_settings() != json.loads(json.dumps(full)):
+                    store.record_settings(full)
+            committed = True
+
+        opened, written, skipped, bar = False, 0, 0, None
+        try:
+            for case in source.cases:
+                volume = source.read(case)
+                todo = []
+                for s in volume_slices(volume, policy, render, render=False):
+                    if s.key in done:
+                        skipped += 1
+                    else:
+                        done.add(s.key)
+                        todo.append(s)
+                if todo:
+                    records = _records(volume, labels_of(case, volume), todo, names, max_structures, render.channel,
+                                       with_plane=with_plane, with_position=with_position)
+                    if not opened:  # the sidecar (and the file) only once there is something to write
+                        commit()
+                        store.open()
+                        opened = True
+                    written += store.write(records)
+                if bar is None:  # shown once the first case went through: an error in it stays the only output line
+                    bar = tqdm(total=len(source.cases), initial=1, unit="case", disable=not progress,
+                               desc=f"captioning {store.path.name} from labels", dynamic_ncols=True)
+                else:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            store.close()
+        if existing and not committed:  # nothing to write: still record the digests of a file from before them
+            commit()
+        return LabelCaptionResult(written=written, skipped=skipped, path=str(store.path), relabelled=tuple(relabelled),
+                                  replaced=replaced)
