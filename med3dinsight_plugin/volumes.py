@@ -14,14 +14,23 @@ The teacher sees scanner units. For an nnU-Net preprocessed dataset whose raw da
 (its reader, transpose, crop to non-zero and resampling) without the normalisation, so it lies voxel for voxel on
 the preprocessed grid in Hounsfield units: air, fat and bone keep their contrast, which nnU-Net's clip to the
 foreground percentiles removes. Without the raw dataset it falls back to undoing the z-score (clipped values).
+
+No voxel is read before the file's header has been checked (:func:`check_claimed_size`, every reader): a header
+claiming more voxel data than the file holds (uncompressed), or than its compressed bytes can expand to (1032-fold,
+deflate's limit), is refused as truncated or damaged, and so is a volume larger than ``$MED3DINSIGHT_MAX_VOLUME_GB``
+gigabytes as float32 (default 8; raise it for larger real volumes), before anything is allocated.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import pickle
+import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -30,11 +39,14 @@ import numpy as np
 
 from .errors import Med3DInsightError, first_line, short_repr
 
-__all__ = ["Volume", "VolumeError", "VolumeSource", "canonical_axes", "open_source", "safe_load_pickle"]
+__all__ = ["Volume", "VolumeError", "VolumeSource", "canonical_axes", "check_claimed_size", "open_source",
+           "safe_load_pickle"]
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 _FINGERPRINT_SAMPLES = 4096
-_DEFLATE_MAX_RATIO = 1032  # deflate never expands a stream by more than this factor (RFC 1951, 258-byte matches)
+MAX_COMPRESSION_RATIO = 1032  # deflate never expands a stream more (RFC 1951, 258-byte matches); see check_claimed_size
+MAX_VOLUME_ENV = "MED3DINSIGHT_MAX_VOLUME_GB"  # the largest volume read, in GB of float32 voxels
+DEFAULT_MAX_VOLUME_GB = 8.0
 _MODALITY_PROBE_CASES = 3  # --modality auto on a NIfTI folder looks at this many cases
 
 
@@ -221,13 +233,90 @@ def _human(n: float) -> str:
     return ""
 
 
-def _check_claimed_size(path: str, header) -> None:
-    """Refuse a NIfTI file whose header claims more voxel data than the file can hold, before reading any of it.
+# ------------------------------------------------------------------------------------------- claimed sizes
+#
+# Every reader (NIfTI, SimpleITK's .mha/.nrrd/..., nnU-Net's preprocessed .b2nd/.npy/.npz) reads its file's header
+# first and passes what it claims to check_claimed_size before any voxel is read or any array allocated: a damaged or
+# crafted header of a few hundred bytes can claim gigabytes, which the libraries would allocate before failing.
 
-    ``.nii``: the file size must cover the header's ``vox_offset`` plus the voxel data. ``.nii.gz``: deflate expands
-    at most 1032-fold, so a small file cannot hold a huge volume; and the gzip trailer's uncompressed size (mod 2^32)
-    must match, else the decompressed length is counted in a streaming pass (multi-member gzip files) without keeping
-    the data.
+
+def _max_volume_bytes() -> float:
+    """The largest volume read, in bytes of float32 voxels: ``$MED3DINSIGHT_MAX_VOLUME_GB`` (default 8) x 1e9."""
+    text = os.environ.get(MAX_VOLUME_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_VOLUME_GB * 1e9
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = float("nan")
+    if not (np.isfinite(gb) and gb > 0):
+        raise VolumeError(f"{MAX_VOLUME_ENV}={short_repr(text, 40)} is not a positive number of gigabytes; set it to "
+                          f"e.g. 32, or unset it for the default {DEFAULT_MAX_VOLUME_GB:g}")
+    return gb * 1e9
+
+
+def check_claimed_size(path: str, shape: Sequence[int], dtype: Any, size: Optional[int], offset: int = 0,
+                       uncompressed: bool = False, held_in: str = "the file", fix: str = "re-export or remove it") \
+        -> None:
+    """Refuse, before anything is allocated, a file whose header claims voxels that cannot be real or are too many.
+
+    The one check every reader makes with what the file's header claims (read without the voxel data):
+
+    * the voxel type must be real numbers (not complex, RGB or other records);
+    * the volume as float32 (what every reader makes of it) must fit ``$MED3DINSIGHT_MAX_VOLUME_GB`` (default 8 GB);
+    * uncompressed data (``uncompressed``): ``size`` (the bytes of ``held_in``) must cover ``offset`` plus the claimed
+      voxel bytes, else the file is truncated;
+    * compressed or unknown storage: the claimed voxel bytes must be at most :data:`MAX_COMPRESSION_RATIO` times
+      ``size`` (plus 64 KB). Deflate cannot expand more than 1032-fold; blosc2 and zstd can only on data that is more
+      than 99.9 % one value, which is no image (and a constant volume is refused anyway).
+
+    Args:
+        path: the file, for messages.
+        shape: the claimed array shape (components included); dtype: the claimed voxel type.
+        size: the bytes that hold the voxel data (``None``: unknown, only the type and the cap are checked).
+        offset: where the voxel data starts in ``held_in`` (uncompressed storage).
+        held_in: what ``size`` measures, for messages (``"the file"``, ``"its data file X"``, ...).
+        fix: what to do about a damaged file, for messages.
+
+    Raises:
+        VolumeError: one line naming the file, what its header claims and the fix.
+    """
+    dtype = np.dtype(dtype)
+    shape = tuple(int(n) for n in shape)
+    if dtype.kind == "c":
+        raise VolumeError(f"{path} holds complex voxels ({dtype.name}); Med3DInsight reads real intensities: save the "
+                          f"magnitude (e.g. numpy.abs) or the real part as a float32 image and use that file")
+    if dtype.kind not in "biuf":
+        raise VolumeError(f"{path} holds {short_repr(str(dtype), 60)} voxels, not single numbers (an RGB or vector "
+                          f"image?); save each channel as a scalar 3D image (nnU-Net raw: CASE_0000, CASE_0001, ...)")
+    if any(n < 0 for n in shape):
+        raise VolumeError(f"{path}: its header claims the shape {shape}; the header is damaged: {fix}")
+    voxels = int(np.prod(shape, dtype=object)) if shape else 1
+    stored = voxels * dtype.itemsize
+    claim = f"its header claims {'x'.join(map(str, shape))} {dtype.name} voxels ({_human(stored)})"
+    limit = _max_volume_bytes()
+    if voxels * 4 > limit:
+        as_float = "" if dtype.itemsize == 4 else f", {_human(voxels * 4)} as float32,"
+        raise VolumeError(f"{path}: {claim}{as_float} more than the {_human(limit)} allowed for one volume "
+                          f"({MAX_VOLUME_ENV}); if the volume is real, set {MAX_VOLUME_ENV} higher (reading takes "
+                          f"about three times that memory), else {fix}")
+    if size is None:
+        return
+    if uncompressed:
+        if size < offset + stored:
+            raise VolumeError(f"{path}: {claim} but {held_in} has {_human(size)}; it is truncated or its header is "
+                              f"damaged: {fix}")
+    elif stored > MAX_COMPRESSION_RATIO * size + (1 << 16):
+        raise VolumeError(f"{path}: {claim} but {held_in}, {_human(size)} compressed, cannot hold that much (no "
+                          f"image compresses more than {MAX_COMPRESSION_RATIO}-fold); it is truncated or its header "
+                          f"is damaged: {fix}")
+
+
+def _check_claimed_size(path: str, header) -> None:
+    """A NIfTI file's claim (:func:`check_claimed_size`), then for ``.nii.gz`` the decompressed length itself.
+
+    The gzip trailer's uncompressed size (mod 2^32) must match, else the decompressed length is counted in a
+    streaming pass (multi-member gzip files) without keeping the data.
     """
     try:
         shape = tuple(int(d) for d in header.get_data_shape())
@@ -236,17 +325,13 @@ def _check_claimed_size(path: str, header) -> None:
     except Exception as e:
         raise VolumeError(f"cannot read the header of {path} ({type(e).__name__}: {e}); the file is damaged: "
                           f"re-export or remove it") from None
-    need = offset + int(np.prod(shape, dtype=np.float64)) * dtype.itemsize if shape else offset
-    claim = f"its header claims {'x'.join(map(str, shape))} {dtype.name} voxels ({_human(need)})"
     size = os.path.getsize(path)
-    if not path.endswith(".gz"):
-        if size < need:
-            raise VolumeError(f"{path}: {claim} but the file has {_human(size)}; it is truncated or its header is "
-                              f"damaged: re-export or remove it")
+    gz = path.endswith(".gz")
+    check_claimed_size(path, shape, dtype, size, offset, uncompressed=not gz,
+                       held_in="a gzip file" if gz else "the file")
+    if not gz:
         return
-    if need > _DEFLATE_MAX_RATIO * size + (1 << 16):
-        raise VolumeError(f"{path}: {claim} but a {_human(size)} gzip file cannot hold that much; it is truncated or "
-                          f"its header is damaged: re-export or remove it")
+    need = offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
     with open(path, "rb") as f:
         f.seek(max(0, size - 4))
         trailer = f.read(4)
@@ -264,19 +349,156 @@ def _check_claimed_size(path: str, header) -> None:
         raise VolumeError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                           f"the file is damaged or truncated: re-export or remove it") from None
     if held < need:
+        claim = f"its header claims {'x'.join(map(str, shape))} {dtype.name} voxels ({_human(need)})"
         raise VolumeError(f"{path}: {claim} but the file holds only {_human(held)} once decompressed; it is "
                           f"truncated or its header is damaged: re-export or remove it")
+
+
+@contextlib.contextmanager
+def _stderr_to(lines: List[str]):
+    """Collect what C++ libraries print on file descriptor 2 (ITK's MetaIO writes its read errors there) into
+    ``lines`` instead of the terminal, so a refused file is still one line."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr (embedded, closed): nothing to collect
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(line.strip() for line in tmp.read().decode("utf-8", "replace").splitlines() if line.strip())
+
+
+def _header_fields(head: bytes, separator: bytes, end_key: Optional[str] = None):
+    """``({key: value}, offset after the header)`` of a text header ending at a blank line (NRRD) or after the line
+    of ``end_key`` (MetaImage); offset ``None`` when the end is not within ``head``."""
+    fields, pos = {}, 0
+    while True:
+        end = head.find(b"\n", pos)
+        if end < 0:
+            return fields, None
+        line, pos = head[pos:end].rstrip(b"\r"), end + 1
+        if end_key is None and not line.strip():
+            return fields, pos
+        key, sep, value = (part.strip().decode("latin-1") for part in line.partition(separator))
+        if sep:
+            fields[key.lower()] = value
+        if key.lower() == end_key:
+            return fields, pos
+
+
+def _sitk_storage(path: str) -> Tuple[Optional[int], int, bool, str]:
+    """Where a file read by SimpleITK keeps its voxel data: ``(bytes, offset, uncompressed, what the bytes are)``.
+
+    MetaImage (``.mha``/``.mhd``) and NRRD (``.nrrd``/``.nhdr``) say it in their header text (local or detached data,
+    compressed or raw); any other format counts as the file itself, storage unknown (so only the compression bound
+    applies). ``bytes`` is ``None`` where the data's file is not known (file lists and patterns)."""
+    lower = path.lower()
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if lower.endswith((".mha", ".mhd")):
+        fields, offset = _header_fields(head, b"=", end_key="elementdatafile")
+        data = fields.get("elementdatafile", "")
+        uncompressed = fields.get("compresseddata", "false").lower() != "true"
+    elif lower.endswith((".nrrd", ".nhdr")):
+        fields, offset = _header_fields(head, b":")
+        data = fields.get("data file", fields.get("datafile", "LOCAL"))
+        uncompressed = fields.get("encoding", "raw").lower() == "raw"
+    else:
+        return os.path.getsize(path), 0, False, "the file"
+    if data.upper() == "LOCAL":
+        return (None, 0, False, "the file") if offset is None else (os.path.getsize(path), offset, uncompressed,
+                                                                        "the file")
+    if not data or len(data.split()) > 1 or data.split()[0].upper() == "LIST" or "%" in data:
+        return None, 0, False, "the file"
+    target = Path(path).parent / data
+    if not target.is_file():
+        raise VolumeError(f"{path} keeps its voxels in {target}, which does not exist; put the data file beside the "
+                          f"header or re-export the image as one file")
+    return target.stat().st_size, 0, uncompressed, f"its data file {target}"
+
+
+_SITK_TYPES = ("UInt8", "Int8", "UInt16", "Int16", "UInt32", "Int32", "UInt64", "Int64", "Float32", "Float64")
+
+
+def _sitk_dtype(pixel_id: int) -> np.dtype:
+    import SimpleITK as sitk
+
+    for name in _SITK_TYPES:
+        if pixel_id in (getattr(sitk, f"sitk{name}", None), getattr(sitk, f"sitkVector{name}", None)):
+            return np.dtype(name.lower())
+    for name, dtype in (("ComplexFloat32", np.complex64), ("ComplexFloat64", np.complex128)):
+        if pixel_id == getattr(sitk, f"sitk{name}", None):
+            return np.dtype(dtype)
+    return np.dtype([("unknown", np.uint8)])  # refused by check_claimed_size as "not single numbers"
+
+
+def _sitk_reader(path: str):
+    """A SimpleITK reader of ``path`` with its header read and its claim checked (:func:`check_claimed_size`)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    printed: List[str] = []
+    try:
+        with _stderr_to(printed):
+            reader.ReadImageInformation()
+        size = reader.GetSize()[::-1]
+        components = int(reader.GetNumberOfComponents())
+        dtype = _sitk_dtype(reader.GetPixelID())
+    except RuntimeError as e:
+        reason = printed[0] if printed else first_line(e).split("Reason:")[-1].strip()
+        raise VolumeError(f"cannot read the header of {path} ({short_repr(reason, 120)}); re-export or remove "
+                          f"it") from None
+    if components > 1:
+        raise VolumeError(f"{path} holds {components} values per voxel (a vector, RGB or complex image); save each "
+                          f"channel as a scalar 3D image (nnU-Net raw: CASE_0000, CASE_0001, ...)")
+    try:
+        stored, offset, uncompressed, held_in = _sitk_storage(str(path))
+    except OSError as e:
+        raise VolumeError(f"cannot read {path} ({first_line(e)}); re-export or remove it") from None
+    check_claimed_size(str(path), size, dtype, stored, offset, uncompressed, held_in)
+    return reader
+
+
+def check_file_size(path: str) -> None:
+    """:func:`check_claimed_size` of one image file from its header alone (NIfTI by nibabel, the rest by
+    SimpleITK), as :func:`read_image` checks it: for files other libraries (nnU-Net's readers) are about to read."""
+    if str(path).endswith(NIFTI_ENDINGS):
+        import nibabel as nib
+
+        try:
+            header = nib.load(str(path)).header
+        except Exception as e:  # nibabel/zlib/gzip raise many types for damaged files
+            raise VolumeError(f"cannot read {path} ({type(e).__name__}: {first_line(e)}); the file is damaged or "
+                              f"truncated: re-export or remove it") from None
+        _check_claimed_size(str(path), header)
+    else:
+        _sitk_reader(str(path))
 
 
 def _read_sitk(path: str):
     import SimpleITK as sitk
 
+    reader = _sitk_reader(path)
+    printed: List[str] = []
     try:
-        image = sitk.ReadImage(str(path))
-        array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+        with _stderr_to(printed):
+            image = reader.Execute()
+            array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
-        raise VolumeError(f"cannot read {path} ({reason}); re-export or remove it") from None
+        # the header was read: its voxel data is what fails (ITK's last line is often a stale errno, "No such file")
+        reason = printed[0] if printed else first_line(e)
+        raise VolumeError(f"cannot read the voxel data of {path} ({short_repr(reason, 120)}); the file is truncated or "
+                          f"damaged: re-export or remove it") from None
+    if printed:  # warnings of a file that was read: shown as before
+        print("\n".join(printed), file=sys.stderr)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         return array, (), np.eye(3), (2, 1, 0)
     return array, tuple(image.GetSpacing())[::-1], np.array(image.GetDirection()).reshape(3, 3), (2, 1, 0)
@@ -401,6 +623,8 @@ class VolumeSource:
                 return data
 
         files = self._extra["raw_files"][case]
+        for path in files:  # nnU-Net's readers allocate whatever a header claims
+            check_file_size(path)
         plans = PlansManager(self._extra["plans"])
         try:
             data, _, _ = _Unnormalized(verbose=False).run_case(
@@ -475,18 +699,48 @@ def _image_reader(plans: Dict[str, Any], ds: Dict[str, Any]) -> Optional[str]:
     return _TIFF_READER if isinstance(ending, str) and ending.lower() in (".tif", ".tiff") else None
 
 
+def _npy_header(f) -> Tuple[Tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, bytes of the header)`` of a ``.npy`` stream, without reading its data."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+    shape, _, dtype = read(f) if read else fmt._read_array_header(f, version)  # 3.0: no public reader
+    return tuple(shape), np.dtype(dtype), f.tell()
+
+
 def _read_preprocessed_array(folder: Path, case: str) -> np.ndarray:
+    """A preprocessed case's ``(C, X, Y, Z)`` data as float32 (``.b2nd``, ``.npy`` or ``.npz``), its header's claim
+    checked first (:func:`check_claimed_size`)."""
     b2nd, npy, npz = (folder / f"{case}{e}" for e in (".b2nd", ".npy", ".npz"))
+    path = next((p for p in (b2nd, npy) if p.is_file()), npz)
+    redo = "rerun nnUNetv2_preprocess"
     try:
-        if b2nd.is_file():
+        if path == b2nd:
             import blosc2
-            return np.asarray(blosc2.open(urlpath=str(b2nd), mode="r")[:], dtype=np.float32)
-        if npy.is_file():
+
+            array = blosc2.open(urlpath=str(b2nd), mode="r")  # the metadata and chunk index; nothing decompressed
+            check_claimed_size(str(b2nd), array.shape, array.dtype, b2nd.stat().st_size, held_in="a blosc2 file",
+                               fix=redo)
+            return np.asarray(array[:], dtype=np.float32)
+        if path == npy:
+            with open(npy, "rb") as f:
+                shape, dtype, offset = _npy_header(f)
+            check_claimed_size(str(npy), shape, dtype, npy.stat().st_size, offset, uncompressed=True, fix=redo)
             return np.load(npy, allow_pickle=False).astype(np.float32)
+        with zipfile.ZipFile(npz) as zf:
+            info = zf.getinfo("data.npy")
+            with zf.open(info) as f:
+                shape, dtype, offset = _npy_header(f)
+            stored = info.compress_type == zipfile.ZIP_STORED
+            check_claimed_size(str(npz), shape, dtype, min(info.compress_size, npz.stat().st_size), offset,
+                               uncompressed=stored, held_in="its data.npy" + ("" if stored else " (deflated)"),
+                               fix=redo)
         return np.load(npz, allow_pickle=False)["data"].astype(np.float32)
-    except Exception as e:  # blosc2/numpy raise assorted types for damaged files
-        raise VolumeError(f"cannot read the preprocessed case {folder / case} ({e}); rerun nnUNetv2_preprocess") \
-            from None
+    except VolumeError:
+        raise
+    except Exception as e:  # blosc2/numpy/zipfile raise assorted types for damaged files
+        raise VolumeError(f"cannot read the preprocessed case {folder / case} ({first_line(e)}); rerun "
+                          f"nnUNetv2_preprocess") from None
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

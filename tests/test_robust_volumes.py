@@ -1,0 +1,200 @@
+"""Hostile and unlucky volume files and dataset folders (issue #22): each is refused through the command line with
+exit code 2 and one line on stderr naming the file and the fix, before anything large is allocated -- never a
+traceback, a gigabyte allocation or a silent misreading. Every file is crafted in the test, tiny."""
+import json
+import pickle
+import resource
+import tracemalloc
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+
+from helpers import ct_like, one_line_failure, write_nifti
+from med3dinsight_plugin.cli import main
+from med3dinsight_plugin.volumes import VolumeError, check_claimed_size, open_source
+
+
+def _cli(capfd, *argv):
+    """Exit code and stderr lines of the command line. ``capfd``: what C++ libraries print on file descriptor 2
+    counts too (a one-line error must be the only line)."""
+    capfd.readouterr()
+    code = main([str(a) for a in argv])
+    return code, capfd.readouterr().err.strip().splitlines()
+
+
+def _slices(capfd, data, tmp_path, *extra):
+    return _cli(capfd, "slices", data, "-o", tmp_path / "png", "--modality", "ct", *extra)
+
+
+def _small_peak(run, limit_mb=100):
+    """Run ``run()``: the Python-visible allocations (numpy's included) and the growth of the process's peak resident
+    memory stay under ``limit_mb``. Returns what ``run`` returns."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
+    tracemalloc.start()
+    try:
+        result = run()
+        peak = tracemalloc.get_traced_memory()[1] / 2 ** 20
+    finally:
+        tracemalloc.stop()
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2 ** 10
+    assert peak < limit_mb and grown < limit_mb, (peak, grown)
+    return result
+
+
+# ----------------------------------------------------------------------------------- 1: claimed sizes, every reader
+
+def _raw_dataset(root, files, ending=".mha", channels=1):
+    """An nnU-Net raw dataset whose imagesTr holds ``files`` ({name: bytes or array})."""
+    import SimpleITK as sitk
+
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {str(i): "CT" for i in range(channels)},
+                                                   "labels": {"background": 0, "x": 1}, "numTraining": len(files),
+                                                   "file_ending": ending}))
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (root / "imagesTr" / name).write_bytes(content)
+        else:
+            sitk.WriteImage(sitk.GetImageFromArray(content), str(root / "imagesTr" / name))
+    return root
+
+
+def _mha(array=None, compressed=False, dims=None, data=None):
+    """A MetaImage file: the header of ``array`` (or of ``dims`` float32), its voxels (or ``data``)."""
+    dims = dims or array.shape[::-1]
+    payload = data if data is not None else np.ascontiguousarray(array, np.float32).tobytes()
+    if compressed and data is None:
+        payload = zlib.compress(payload)
+    header = ["ObjectType = Image", "NDims = 3", "BinaryData = True", "BinaryDataByteOrderMSB = False",
+              f"CompressedData = {compressed}", "ElementSpacing = 1 1 1", f"DimSize = {' '.join(map(str, dims))}",
+              "ElementType = MET_FLOAT"]
+    if compressed:
+        header.append(f"CompressedDataSize = {len(payload)}")
+    return ("\n".join(header + ["ElementDataFile = LOCAL"]) + "\n").encode() + payload
+
+
+def test_a_compressed_mha_claiming_a_gigavoxel_is_refused_before_reading(tmp_path, capfd):
+    """341 bytes of .mha whose header claims 1000^3 float32 (4 GB): SimpleITK would allocate it all first."""
+    bomb = _mha(dims=(1000, 1000, 1000), compressed=True, data=zlib.compress(bytes(100_000), 9))
+    assert len(bomb) < 600
+    ds = _raw_dataset(tmp_path / "raw", {"case_0000.mha": bomb})
+    code, err = _small_peak(lambda: _slices(capfd, ds, tmp_path))
+    one_line_failure(code, err, "case_0000.mha", "claims 1000x1000x1000 float32", "1032-fold", "re-export or remove")
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_truncated_mha_is_called_truncated(tmp_path, capfd, compressed):
+    """Not "No such file or directory" (ITK's stale errno), and no MetaIO lines printed beside the error."""
+    whole = _mha(ct_like(seed=1, shape=(16, 16, 16)), compressed=compressed)
+    ds = _raw_dataset(tmp_path / "raw", {"case_0000.mha": whole[:-3000]})
+    code, err = _slices(capfd, ds, tmp_path)
+    line = one_line_failure(code, err, "case_0000.mha", "truncated", "re-export or remove it")
+    assert "No such file" not in line
+    if not compressed:  # refused from the header and the file size alone
+        assert "claims 16x16x16 float32" in line and "but the file has" in line
+
+
+def test_good_mha_and_nrrd_files_still_read(tmp_path):
+    """The header sniffing finds local, detached and compressed data (MetaImage, NRRD) without false refusals."""
+    import SimpleITK as sitk
+
+    a = ct_like(seed=2, shape=(12, 14, 16))
+    for name, compress in (("a.mha", False), ("b.mha", True), ("c.mhd", False), ("d.mhd", True), ("e.nrrd", True),
+                           ("f.nhdr", False), ("g.nrrd", False)):
+        sitk.WriteImage(sitk.GetImageFromArray(a), str(tmp_path / name), useCompression=compress)
+        from med3dinsight_plugin.volumes import read_image
+
+        np.testing.assert_array_equal(read_image(str(tmp_path / name))[0], a)
+
+
+def _preprocessed(root, write, name="Dataset999_Bomb"):
+    """A minimal nnU-Net preprocessed dataset of one case ``c0`` whose data file ``write(folder / "c0")`` writes."""
+    root.mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "file_ending": ".nii.gz"}))
+    arch = {"network_class_name": "x", "arch_kwargs": {}, "_kw_requires_import": []}
+    (root / "nnUNetPlans.json").write_text(json.dumps({
+        "dataset_name": name, "plans_name": "nnUNetPlans", "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2], "image_reader_writer": "SimpleITKIO",
+        "configurations": {"3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres", "spacing": [1.0, 1.0, 1.0],
+                                          "normalization_schemes": ["ZScoreNormalization"], "architecture": arch}}}))
+    folder = root / "nnUNetPlans_3d_fullres"
+    folder.mkdir()
+    with open(folder / "c0.pkl", "wb") as f:
+        pickle.dump({"sitk_stuff": {"direction": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)}}, f)
+    write(folder / "c0")
+    return root
+
+
+def _npy_bytes(shape, data=b""):
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue() + data
+
+
+def _b2nd_bomb(stem):
+    import blosc2
+
+    blosc2.zeros((1, 600, 600, 600), dtype=np.float32, urlpath=str(stem) + ".b2nd", mode="w")  # zero chunks: 278 B
+
+
+def _npy_short(stem):
+    (stem.parent / f"{stem.name}.npy").write_bytes(_npy_bytes((1, 600, 600, 600), bytes(400)))
+
+
+def _npz_bomb(stem):
+    with zipfile.ZipFile(stem.parent / f"{stem.name}.npz", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("data.npy", _npy_bytes((1, 600, 600, 600), bytes(4000)))
+
+
+@pytest.mark.parametrize("write,needle", [(_b2nd_bomb, "c0.b2nd: its header claims 1x600x600x600 float32"),
+                                          (_npy_short, "c0.npy: its header claims 1x600x600x600 float32"),
+                                          (_npz_bomb, "c0.npz: its header claims 1x600x600x600 float32")])
+def test_preprocessed_files_claiming_too_much_are_refused_before_reading(tmp_path, capfd, monkeypatch, write, needle):
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    ds = _preprocessed(tmp_path / "pre", write)
+    assert sum(p.stat().st_size for p in (ds / "nnUNetPlans_3d_fullres").glob("c0.*")) < 5000
+    code, err = _small_peak(lambda: _slices(capfd, ds, tmp_path))
+    one_line_failure(code, err, needle, "rerun nnUNetv2_preprocess")
+
+
+def test_good_preprocessed_files_still_read(tmp_path, monkeypatch):
+    import blosc2
+
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    data = ct_like(seed=3, shape=(12, 14, 16))[None]
+    writers = {"b2nd": lambda stem: blosc2.asarray(data, urlpath=str(stem) + ".b2nd", mode="w"),
+               "npy": lambda stem: np.save(str(stem) + ".npy", data),
+               "npz": lambda stem: np.savez_compressed(str(stem) + ".npz", data=data),
+               "npz_stored": lambda stem: np.savez(str(stem) + ".npz", data=data)}
+    for kind, write in writers.items():
+        vol = open_source(_preprocessed(tmp_path / kind, write), modality="ct").read("c0")
+        assert vol.shape == (12, 14, 16), kind  # identity direction, no transpose: the array as stored
+        np.testing.assert_array_equal(vol.array, data)
+
+
+def test_the_volume_size_cap_is_an_environment_variable(tmp_path, capfd, monkeypatch):
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    write_nifti(vols / "a.nii.gz", ct_like(seed=4, shape=(16, 16, 16)).astype(np.int16))
+    monkeypatch.setenv("MED3DINSIGHT_MAX_VOLUME_GB", "1e-5")  # 10 KB
+    code, err = _slices(capfd, vols, tmp_path)
+    one_line_failure(code, err, "a.nii.gz", "16x16x16 int16", "16.4 KB as float32", "more than the 10.0 KB allowed",
+                     "set MED3DINSIGHT_MAX_VOLUME_GB higher")
+    monkeypatch.setenv("MED3DINSIGHT_MAX_VOLUME_GB", "lots")
+    code, err = _slices(capfd, vols, tmp_path)
+    one_line_failure(code, err, "MED3DINSIGHT_MAX_VOLUME_GB='lots'", "positive number of gigabytes")
+    monkeypatch.setenv("MED3DINSIGHT_MAX_VOLUME_GB", "0.01")
+    assert _slices(capfd, vols, tmp_path)[0] == 0
+
+
+def test_check_claimed_size_directly():
+    check_claimed_size("x", (4, 4, 4), np.float32, 256 + 10, 10, uncompressed=True)
+    with pytest.raises(VolumeError, match="x: its header claims 4x4x4 float32 voxels .* but the file has"):
+        check_claimed_size("x", (4, 4, 4), np.float32, 256 + 9, 10, uncompressed=True)
+    check_claimed_size("x", (1000, 1000, 1000), np.float32, 4_000_000, uncompressed=False)  # 1000-fold: possible
+    with pytest.raises(VolumeError, match="1032-fold"):
+        check_claimed_size("x", (1000, 1000, 1000), np.float32, 3_000_000, uncompressed=False)
