@@ -4,8 +4,15 @@ Layout of a cache folder::
 
     manifest.json                 settings (teacher, rendering, slice policy, captions, source), shards (rows,
                                   bytes, sha256), cases (shape, shard, volume fingerprint)
-    shard-00000.safetensors       rows of (plane, index, position, case) + image/text embeddings (float16)
+    shard-00000.safetensors       rows of (plane, index, position, case) + image/text embeddings (float16),
+                                  optionally image_map: each slice's spatial feature map (N, C, S, S) float16
     ...
+
+The image embeddings are ``embed_dim`` wide; the text embeddings ``text_dim`` wide, which differs when the image and
+text targets come from different models (``shared_space`` false in the teacher identity, e.g. a timm image model with
+a sentence encoder). Feature maps (``settings["feature_maps"]`` = S) lie on the slice's two canonical in-plane axes in
+increasing axis order: ``image_map[n, :, i, j]`` is the feature at fractions ``((i + 0.5) / S, (j + 0.5) / S)`` of
+the volume (see :func:`med3dinsight_plugin.slices.feature_map_grid`).
 
 A shard holds the slices of a fixed run of cases (``cases_per_shard`` consecutive sorted case ids), so the shard
 files do not depend on how many processes wrote them. Each shard is written whole to a temporary name and renamed;
@@ -35,7 +42,9 @@ __all__ = ["CacheError", "CaseEntries", "StaleCacheError", "TeacherCache", "sett
            "verify_cache", "write_manifest", "write_shard"]
 
 FORMAT = "med3dinsight-teacher-cache"
-FORMAT_VERSION = 2  # 2: per-case volume fingerprints and shard sizes (1 is still read, without those checks)
+# 2: per-case volume fingerprints and shard sizes (1 is still read, without those checks); 3: optional image_map
+# tensor and a text width that may differ from the image width (1 and 2 are still read: no maps, one width)
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"shard-\d{5,}\.safetensors\Z")
 _MAX_HEADER = 100 << 20  # a safetensors header larger than this is damage, not data
@@ -70,7 +79,8 @@ def write_shard(folder: Path, shard_id: int, cases: Sequence[str], shapes: Dict[
     Args:
         fingerprints: :meth:`~med3dinsight_plugin.volumes.Volume.fingerprint` of each case's volume.
         rows: ``plane`` (N,) uint8, ``index`` (N,) int32, ``position`` (N,) float32, ``case`` (N,) int32 (index into
-            ``cases``), ``image`` (N, E) and optionally ``text`` (N, E) embeddings (stored as float16).
+            ``cases``), ``image`` (N, E) and optionally ``text`` (N, T) embeddings and ``image_map`` (N, C, S, S)
+            feature maps (all stored as float16).
     """
     from safetensors.numpy import save_file
 
@@ -79,6 +89,8 @@ def write_shard(folder: Path, shard_id: int, cases: Sequence[str], shapes: Dict[
                "image": rows["image"].astype(np.float16)}
     if rows.get("text") is not None:
         tensors["text"] = rows["text"].astype(np.float16)
+    if rows.get("image_map") is not None:
+        tensors["image_map"] = rows["image_map"].astype(np.float16)
     # one metadata key: safetensors keeps metadata in a hash map, so several keys come out in varying order and
     # identical shards would differ byte-wise
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "settings": settings_digest, "cases": list(cases),
@@ -144,8 +156,13 @@ def _read_header(path: Path):
 
 
 def _check_layout(path: Path, meta: Dict[str, Any], entries: Dict[str, Any], embed_dim: Optional[int],
-                  has_text: Optional[bool]) -> int:
-    """The tensors and metadata a shard must hold (names, dtypes, shapes); returns its row count."""
+                  has_text: Optional[bool], text_dim: Optional[int] = None, map_size: Optional[int] = None,
+                  map_channels: Optional[int] = None) -> int:
+    """The tensors and metadata a shard must hold (names, dtypes, shapes); returns its row count.
+
+    ``None`` for ``embed_dim``/``text_dim``/``map_channels`` accepts the shard's own width; ``map_size`` ``None``
+    means no ``image_map`` tensor (0: whatever the shard holds, for :func:`verify_cache` of an unreadable manifest).
+    """
     cases, shapes = meta.get("cases"), meta.get("shapes")
     if meta.get("format") != FORMAT or not isinstance(cases, list) or not isinstance(shapes, dict) or \
             not all(isinstance(c, str) and isinstance(shapes.get(c), list) and len(shapes[c]) == 3 and
@@ -154,13 +171,22 @@ def _check_layout(path: Path, meta: Dict[str, Any], entries: Dict[str, Any], emb
     expected = {"plane": np.uint8, "index": np.int32, "position": np.float32, "case": np.int32, "image": np.float16}
     if has_text or (has_text is None and "text" in entries):
         expected["text"] = np.float16
+    if map_size is not None and (map_size or "image_map" in entries):
+        expected["image_map"] = np.float16
     if set(entries) != set(expected):
         raise _damaged(path, f"tensors {sorted(entries)}, expected {sorted(expected)}")
     n = entries["plane"][1][0] if len(entries["plane"][1]) == 1 else -1
     for name, dtype in expected.items():
         got_dtype, shape, _ = entries[name]
-        want = (n,) if name in ("plane", "index", "position", "case") else (n, embed_dim or (shape[1:] or [-1])[0])
-        if got_dtype != dtype or shape != want or n < 0:
+        if name in ("plane", "index", "position", "case"):
+            want = (n,)
+        elif name == "image_map":
+            size = map_size or (shape[2:3] or [-1])[0]
+            want = (n, map_channels or (shape[1:2] or [-1])[0], size, size)
+        else:
+            width = embed_dim if name == "image" else text_dim
+            want = (n, width or (shape[1:] or [-1])[0])
+        if got_dtype != dtype or shape != want or n < 0 or (name == "image_map" and min(want[1:]) < 1):
             raise _damaged(path, f"tensor {name!r} is {np.dtype(got_dtype).name} {list(shape)}, expected "
                                  f"{np.dtype(dtype).name} {list(want)}")
     return n
@@ -256,8 +282,9 @@ class CaseEntries:
     index: np.ndarray  # (n,) int32, slice index along the plane's canonical axis
     position: np.ndarray  # (n,) float32
     image: np.ndarray  # (n, E) float16
-    text: Optional[np.ndarray]  # (n, E) float16 or None
+    text: Optional[np.ndarray]  # (n, T) float16 or None; T == E unless the text side is another model
     shape: tuple  # canonical (D, H, W) of the volume the slices were taken from
+    image_map: Optional[np.ndarray] = None  # (n, C, S, S) float16 on the canonical in-plane axes, or None
 
 
 class TeacherCache:
@@ -285,10 +312,15 @@ class TeacherCache:
         self._checked: set = set()
         self._warned = False
         try:
-            embed_dim = self.embed_dim
+            embed_dim, text_dim = self.embed_dim, self.text_dim
         except (KeyError, TypeError, ValueError):
             raise CacheError(f"{self.folder / MANIFEST} lacks the teacher's embed_dim; rerun med3dinsight embed into "
                              f"a new folder") from None
+        map_size = self.settings.get("feature_maps")
+        if map_size is not None and (isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1):
+            raise CacheError(f"{self.folder / MANIFEST} has an invalid feature_maps setting {short_repr(map_size)}; "
+                             f"rerun med3dinsight embed into a new folder")
+        self._map_shape: Optional[tuple] = None
         for shard in self.manifest["shards"]:
             path = self.folder / shard["file"]
             if not path.is_file():
@@ -301,7 +333,10 @@ class TeacherCache:
             if meta.get("settings") != self.manifest["settings_hash"]:
                 raise StaleCacheError(f"{path} was written with other settings than {self.folder / MANIFEST}; "
                                       f"rerun med3dinsight embed into a new folder")
-            _check_layout(path, meta, entries, embed_dim, self.has_text)
+            channels = self._map_shape[0] if self._map_shape else None
+            _check_layout(path, meta, entries, embed_dim, self.has_text, text_dim, map_size, channels)
+            if map_size is not None and self._map_shape is None:
+                self._map_shape = tuple(int(d) for d in entries["image_map"][1][1:])
             arrays = {k: _memmap(path, e) for k, e in entries.items()}
             _check_rows(path, meta, arrays)
             case_ids, shapes = meta["cases"], meta["shapes"]
@@ -310,10 +345,11 @@ class TeacherCache:
             for i, case in enumerate(case_ids):
                 rows = np.flatnonzero(order == i)
                 lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
-                text = arrays.get("text")
+                text, maps = arrays.get("text"), arrays.get("image_map")
                 self._cases[case] = CaseEntries(np.asarray(arrays["plane"][lo:hi]), np.asarray(arrays["index"][lo:hi]),
                                                 np.asarray(arrays["position"][lo:hi]), arrays["image"][lo:hi],
-                                                None if text is None else text[lo:hi], tuple(shapes[case]))
+                                                None if text is None else text[lo:hi], tuple(shapes[case]),
+                                                None if maps is None else maps[lo:hi])
                 self._shard_of[case] = path
                 self._fingerprints[case] = prints.get(case) if isinstance(prints.get(case), str) else None
 
@@ -326,8 +362,35 @@ class TeacherCache:
         return int(self.settings["teacher"]["embed_dim"])
 
     @property
+    def text_dim(self) -> int:
+        """Width of the text embeddings: the teacher's ``text_dim``, or ``embed_dim`` (one shared space, and caches
+        written before text widths were recorded)."""
+        value = self.settings["teacher"].get("text_dim")
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) else self.embed_dim
+
+    @property
+    def shared_space(self) -> bool:
+        """Whether the image and text embeddings lie in one space (open_clip; ``True`` for caches written before this
+        was recorded); ``False`` when they come from different models (e.g. a timm image model and a sentence
+        encoder), so only image-image and text-text similarities are meaningful."""
+        value = self.settings["teacher"].get("shared_space")
+        return value if isinstance(value, bool) else True
+
+    @property
     def has_text(self) -> bool:
         return self.settings.get("captions") is not None
+
+    @property
+    def has_maps(self) -> bool:
+        """Whether every slice has its spatial feature map (``CaseEntries.image_map``)."""
+        return self.settings.get("feature_maps") is not None
+
+    @property
+    def map_shape(self) -> Optional[tuple]:
+        """``(C, S, S)`` of each slice's feature map, or ``None`` without maps."""
+        if not self.has_maps:
+            return None
+        return self._map_shape or (0, self.settings["feature_maps"], self.settings["feature_maps"])
 
     def check(self, expect: Dict[str, Any]) -> None:
         """Raise :class:`StaleCacheError` unless the cache's settings contain ``expect``."""
@@ -352,6 +415,9 @@ class TeacherCache:
                              f"embed on the current dataset (it adds what is missing)")
         e = self._cases[case]
         if case not in self._checked:
+            if e.image_map is not None and len(e.image_map) and not np.isfinite(e.image_map).all():
+                raise CacheError(f"{self._shard_of[case]} is damaged: the feature maps of case {case} are not finite "
+                                 f"(NaN/Inf); {_VERIFY_HINT}")
             for name, emb in (("image", e.image), ("text", e.text)):
                 if emb is None or not len(emb):
                     continue
@@ -405,8 +471,14 @@ def verify_cache(folder) -> List[str]:
     except CacheError as e:
         return [str(e)]
     problems = []
-    embed_dim = manifest["settings"]["teacher"].get("embed_dim")
-    has_text = manifest["settings"].get("captions") is not None
+    settings = manifest["settings"]
+    embed_dim = settings["teacher"].get("embed_dim")
+    embed_dim = embed_dim if isinstance(embed_dim, int) and not isinstance(embed_dim, bool) else None
+    text_dim = settings["teacher"].get("text_dim")
+    text_dim = text_dim if isinstance(text_dim, int) and not isinstance(text_dim, bool) else embed_dim
+    has_text = settings.get("captions") is not None
+    map_size = settings.get("feature_maps") if isinstance(settings.get("feature_maps"), int) else None
+    channels = None
     for shard in manifest["shards"]:
         path = folder / shard["file"]
         if not path.is_file():
@@ -418,7 +490,9 @@ def verify_cache(folder) -> List[str]:
             continue
         try:
             meta, entries = _read_header(path)
-            _check_layout(path, meta, entries, embed_dim if isinstance(embed_dim, int) else None, has_text)
+            _check_layout(path, meta, entries, embed_dim, has_text, text_dim, map_size, channels)
+            if map_size is not None:
+                channels = channels or entries["image_map"][1][1]
             arrays = {k: _memmap(path, e) for k, e in entries.items()}
             _check_rows(path, meta, arrays)
         except CacheError as e:
@@ -430,6 +504,9 @@ def verify_cache(folder) -> List[str]:
                 norms = np.linalg.norm(emb, axis=-1) if emb.size else np.ones(0)
                 if not np.isfinite(emb).all() or np.abs(norms - 1).max(initial=0) > 1e-2:
                     problems.append(f"{path}: {name} embeddings are not finite unit vectors")
+        if "image_map" in arrays and not all(np.isfinite(arrays["image_map"][i:i + 64]).all()
+                                             for i in range(0, len(arrays["image_map"]), 64)):
+            problems.append(f"{path}: feature maps are not finite (NaN/Inf)")
         if meta.get("settings") != manifest["settings_hash"]:
             problems.append(f"{path}: written with other settings than the manifest")
     return problems

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import Med3DInsightError
+from ..errors import Med3DInsightError, first_line
 from .hub import SAFE_FORMATS, hub_offline, pickle_files, unsafe_pickle_message
 
 __all__ = ["DEFAULT_TEACHER", "ClipTeacher", "TeacherError"]
@@ -111,7 +111,13 @@ class ClipTeacher:
         pretrained: a pretrained tag or a local weight file, for architecture names.
         device: where to run; CUDA runs under autocast in ``precision``.
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (the latter two on CUDA only).
+
+    Attributes:
+        embed_dim, text_dim: the widths of the image and text embeddings (equal: one shared space).
+        shared_space: ``True``: open_clip's image and text towers were trained into one space.
     """
+
+    shared_space = True
 
     def __init__(self, model: str = DEFAULT_TEACHER, pretrained: Optional[str] = None, device: str = "cpu",
                  precision: str = "fp32"):
@@ -144,7 +150,8 @@ class ClipTeacher:
         self.name, self.pretrained = model, pretrained
         with torch.no_grad():
             probe = self.model.encode_text(self._tokenizer(["x"]).to(self.device))
-        self.embed_dim = int(probe.shape[-1])
+        self.embed_dim = self.text_dim = int(probe.shape[-1])
+        self._map_channels: Optional[int] = None
 
     def identity(self) -> Dict[str, Any]:
         """What identifies this teacher in a cache manifest: names, sizes and a fingerprint of the weights."""
@@ -153,7 +160,17 @@ class ClipTeacher:
             digest.update(p.detach().float().cpu().numpy().tobytes())
         return {"model": self.name, "pretrained": self.pretrained, "embed_dim": self.embed_dim,
                 "image_size": self.image_size, "mean": [round(float(v), 8) for v in self.mean],
-                "std": [round(float(v), 8) for v in self.std], "weights_fingerprint": digest.hexdigest()[:16]}
+                "std": [round(float(v), 8) for v in self.std], "weights_fingerprint": digest.hexdigest()[:16],
+                "text_dim": self.text_dim, "shared_space": True}
+
+    @property
+    def map_channels(self) -> int:
+        """Channels of the feature map :meth:`encode_images_with_maps` returns (a probe on first use); raises
+        :class:`TeacherError` for an image tower without patch tokens."""
+        if self._map_channels is None:
+            blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+            self._map_channels = int(self.encode_images_with_maps([blank])[1].shape[1])
+        return self._map_channels
 
     def _autocast(self):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
@@ -174,6 +191,33 @@ class ClipTeacher:
         with self._autocast():
             z = self.model.encode_image(x)
         return torch.nn.functional.normalize(z.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_images_with_maps(self, images: Sequence[np.ndarray]):
+        """Rendered slices -> ``(pooled (N, E) as encode_images, feature map (N, C, h, w) float32)``: the image
+        tower's last-layer patch tokens (after its final norm) on their grid over the whole canvas.
+
+        open_clip ViT towers only (their ``forward_intermediates``); other towers raise :class:`TeacherError`.
+        """
+        visual = self.model.visual
+        if not hasattr(visual, "forward_intermediates"):
+            raise TeacherError(f"the image tower of {self.name} ({type(visual).__name__}) gives no patch-token map; "
+                               f"feature maps (--feature-maps) need an open_clip ViT or a timm teacher "
+                               f"(--image-model timm:NAME)")
+        batch = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
+        x = (batch.permute(0, 3, 1, 2).float() / 255.0 - self.mean[:, None, None]) / self.std[:, None, None]
+        try:
+            with self._autocast():
+                out = visual.forward_intermediates(x, indices=1, normalize_intermediates=True, output_fmt="NCHW")
+            fmap, pooled = out["image_intermediates"][-1], out["image_features"]
+        except (AssertionError, KeyError, NotImplementedError, RuntimeError, TypeError, ValueError) as e:
+            raise TeacherError(f"the image tower of {self.name} gives no patch-token map ({first_line(e)}); feature "
+                               f"maps (--feature-maps) need an open_clip ViT or a timm teacher "
+                               f"(--image-model timm:NAME)") from None
+        if fmap.ndim != 4 or pooled.ndim != 2:
+            raise TeacherError(f"the image tower of {self.name} gives no patch-token map; feature maps "
+                               f"(--feature-maps) need an open_clip ViT or a timm teacher (--image-model timm:NAME)")
+        return torch.nn.functional.normalize(pooled.float(), dim=-1), fmap.float()
 
     @torch.no_grad()
     def encode_texts(self, texts: List[str]) -> torch.Tensor:

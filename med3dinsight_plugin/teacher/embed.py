@@ -3,6 +3,10 @@
 Runs in one process or under ``torchrun``: shard ``k`` (a fixed run of sorted cases) belongs to rank
 ``k % world_size``, so the files are the same for any number of processes; finished shards that match the settings
 are kept, so a crashed run resumes. Rank 0 writes the manifest once every shard exists.
+
+With ``feature_maps=S`` each slice's spatial feature map is stored too, cropped to the slice (the letterbox left
+out), resampled to S x S and put back on the slice's canonical in-plane axes (the display flips undone), so that the
+3D side can align it with its own features at the same place; see :func:`med3dinsight_plugin.slices.feature_map_grid`.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from ..errors import first_line
 from ..fileio import diff_keys, sha256_file
 from ..planes import plane_id
 from ..results import Result
-from ..slices import RenderSettings, SlicePolicy, volume_slices
+from ..slices import RenderSettings, SlicePolicy, feature_map_grid, volume_slices
 from .cache import (
     MANIFEST,
     CacheError,
@@ -31,8 +35,11 @@ from .cache import (
     write_manifest,
     write_shard,
 )
+from .clip import TeacherError
 
-__all__ = ["EmbedResult", "embed_dataset", "caption_settings_for"]
+__all__ = ["MAX_FEATURE_MAP_SIZE", "EmbedResult", "embed_dataset", "caption_settings_for"]
+
+MAX_FEATURE_MAP_SIZE = 32  # S x S cells per slice and channel: 32 -> 2.6 MB per slice for a 1280-channel map
 
 
 @dataclass(frozen=True)
@@ -94,18 +101,27 @@ def _load_captions(path: Path, policy: SlicePolicy, render: RenderSettings):
 
 def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
                   render: Optional[RenderSettings] = None, captions: Optional[str] = None, batch_size: int = 64,
-                  cases_per_shard: int = 32, progress: bool = True) -> EmbedResult:
+                  cases_per_shard: int = 32, progress: bool = True,
+                  feature_maps: Optional[int] = None) -> EmbedResult:
     """Embed the slices of every case of ``source`` into the cache folder ``out``.
 
     Args:
         source: a :class:`~med3dinsight_plugin.volumes.VolumeSource`.
         out: cache folder (created; an existing cache must have been made with the same settings).
-        teacher: a :class:`~med3dinsight_plugin.teacher.clip.ClipTeacher`.
+        teacher: a teacher from :func:`~med3dinsight_plugin.teacher.build_teacher` (a
+            :class:`~med3dinsight_plugin.teacher.clip.ClipTeacher`,
+            :class:`~med3dinsight_plugin.teacher.timm_teacher.TimmTeacher`, or an image and a text teacher paired), or
+            any object with ``identity()``, ``image_size``, ``embed_dim``, ``device``, ``encode_images`` and
+            ``encode_texts`` (``text_dim``/``shared_space`` when its text side is another width/space; for maps
+            ``map_channels`` and ``encode_images_with_maps(images) -> (pooled (N, E), maps (N, C, h, w))``, the maps
+            covering the whole rendered canvas).
         policy, render: slice selection and rendering (``render.size`` is set to the teacher's input size).
         captions: a caption JSONL from ``med3dinsight caption`` made with the same slice settings; every selected
             slice needs its caption. ``None`` caches image embeddings only.
         batch_size: slices per teacher forward pass.
         cases_per_shard: consecutive cases per shard file.
+        feature_maps: ``S`` to store each slice's S x S spatial feature map too (``image_map``, float16,
+            ``C * S * S * 2`` bytes per slice), at most :data:`MAX_FEATURE_MAP_SIZE`; ``None`` (default): none.
 
     Returns:
         This process's part, an :class:`EmbedResult`: ``folder``, ``cases`` (of the whole dataset),
@@ -116,14 +132,26 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
                               ("cases_per_shard", cases_per_shard, "--cases-per-shard")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CacheError(f"{name} ({flag}) must be a whole number of at least 1, got {value!r}")
+    _check_map_size(feature_maps)
+    if feature_maps is not None:
+        _check_map_teacher(teacher)
+    text_dim = getattr(teacher, "text_dim", teacher.embed_dim)
+    if captions is not None and text_dim is None:
+        raise TeacherError(f"the teacher {teacher.identity().get('model')} has no text model for the captions "
+                           f"{captions}; pass one (--text-model PATH) or embed without --captions")
     policy = policy or SlicePolicy()
     render = RenderSettings(**{**(render or RenderSettings()).to_dict(), "size": teacher.image_size})
     if render.channel >= source.num_channels:
         raise CacheError(f"{source.root} has {source.num_channels} channel(s) per case; render channel "
                          f"{render.channel} does not exist (--channel takes 0 to {source.num_channels - 1})")
     texts, caption_info = (None, None) if captions is None else _load_captions(captions, policy, render)
-    settings = {"teacher": teacher.identity(), "render": render.to_dict(), "slices": policy.to_dict(),
+    identity = dict(teacher.identity())
+    identity.setdefault("text_dim", text_dim)
+    identity.setdefault("shared_space", bool(getattr(teacher, "shared_space", True)))
+    settings = {"teacher": identity, "render": render.to_dict(), "slices": policy.to_dict(),
                 "captions": caption_info, "source": source.describe()}
+    if feature_maps is not None:  # absent otherwise, so caches without maps keep the settings they had
+        settings["feature_maps"] = feature_maps
     digest = settings_hash(settings)
     out = Path(out)
     with init_distributed(str(teacher.device), option="--device") as ctx:  # joins the caller's group if any
@@ -150,7 +178,7 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
                     bar.update(len(shard_cases[k]))
                     continue
                 rows, shapes, prints = _embed_cases(source, shard_cases[k], teacher, policy, render, texts, batch_size,
-                                                    bar)
+                                                    bar, feature_maps)
                 write_shard(out, k, shard_cases[k], shapes, rows, digest, fingerprints=prints)
                 written += 1
                 n_slices += len(rows["plane"])
@@ -183,14 +211,58 @@ def _keep_shard(path: Path, digest: str) -> bool:
     return isinstance(meta.get("fingerprints"), dict)
 
 
-def _embed_cases(source, cases, teacher, policy, render, texts, batch_size, bar):
-    cols: Dict[str, List] = {"plane": [], "index": [], "position": [], "case": [], "image": [], "text": []}
+def _check_map_size(size) -> None:
+    if size is None:
+        return
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_FEATURE_MAP_SIZE:
+        raise CacheError(f"feature_maps (--feature-maps) must be a whole number from 1 to {MAX_FEATURE_MAP_SIZE} "
+                         f"(cells per side of each slice's map; a 1280-channel map of S x S costs 1280*S*S*2 bytes per "
+                         f"slice), got {size!r}")
+
+
+def _check_map_teacher(teacher) -> None:
+    """Refuse, before anything runs, a teacher that gives no spatial feature maps."""
+    if not hasattr(teacher, "encode_images_with_maps"):
+        raise TeacherError(f"feature maps (--feature-maps) need a teacher with spatial features (a timm image model: "
+                           f"--image-model timm:NAME); {type(teacher).__name__} gives none")
+    channels = teacher.map_channels  # a teacher whose model has no map raises TeacherError here
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise TeacherError(f"feature maps (--feature-maps) need a teacher with spatial features (a timm image model: "
+                           f"--image-model timm:NAME); {type(teacher).__name__} gives none")
+
+
+def canonical_maps(fmap, slices, canvas: int, size: int) -> np.ndarray:
+    """Teacher feature maps of rendered slices ``(N, C, h, w)`` over the whole ``canvas`` square -> ``(N, C, size,
+    size)`` float32 on each slice's canonical in-plane axes: cropped to the slice's letterbox box, resampled
+    bilinearly, display flips undone (:func:`~med3dinsight_plugin.slices.feature_map_grid`)."""
+    import torch
+    import torch.nn.functional as F
+
+    grid = np.stack([feature_map_grid(plane_id(s.plane), s.box, canvas, size) for s in slices])
+    fmap = torch.as_tensor(fmap).float()
+    grid = torch.from_numpy(grid).to(fmap.device)
+    return F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False).cpu().numpy()
+
+
+def _embed_cases(source, cases, teacher, policy, render, texts, batch_size, bar, feature_maps=None):
+    cols: Dict[str, List] = {"plane": [], "index": [], "position": [], "case": [], "image": [], "text": [],
+                             "image_map": []}
     shapes, prints, pending, missing = {}, {}, [], []
 
     def flush():
         if not pending:
             return
-        cols["image"].append(teacher.encode_images([s.image for s in pending]).cpu().numpy())
+        images = [s.image for s in pending]
+        if feature_maps is None:
+            cols["image"].append(teacher.encode_images(images).cpu().numpy())
+        else:
+            pooled, fmap = teacher.encode_images_with_maps(images)
+            cols["image"].append(pooled.cpu().numpy())
+            maps = canonical_maps(fmap, pending, render.size, feature_maps).astype(np.float16)
+            if not np.isfinite(maps).all():
+                raise TeacherError(f"the teacher's feature maps of case {pending[0].case} exceed float16's range "
+                                   f"(about 65504) or are not finite; embed without --feature-maps")
+            cols["image_map"].append(maps)
         if texts is not None:
             cols["text"].append(teacher.encode_texts([texts[s.key] for s in pending]).cpu().numpy())
         pending.clear()
@@ -215,11 +287,14 @@ def _embed_cases(source, cases, teacher, policy, render, texts, batch_size, bar)
                              f"complete it")
         bar.update(1)
     flush()
-    width = teacher.embed_dim
+    width, text_width = teacher.embed_dim, getattr(teacher, "text_dim", teacher.embed_dim)
     rows = {k: np.asarray(cols[k]) for k in ("plane", "index", "position", "case")}
     rows["image"] = np.concatenate(cols["image"]) if cols["image"] else np.zeros((0, width), np.float32)
-    rows["text"] = (np.concatenate(cols["text"]) if cols["text"] else np.zeros((0, width), np.float32)) \
+    rows["text"] = (np.concatenate(cols["text"]) if cols["text"] else np.zeros((0, text_width), np.float32)) \
         if texts is not None else None
+    if feature_maps is not None:
+        rows["image_map"] = np.concatenate(cols["image_map"]) if cols["image_map"] else \
+            np.zeros((0, teacher.map_channels, feature_maps, feature_maps), np.float16)
     return rows, shapes, prints
 
 
