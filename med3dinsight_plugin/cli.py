@@ -219,16 +219,20 @@ def _cmd_caption(args: argparse.Namespace) -> int:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from .distributed import init_distributed
-    from .teacher.clip import ClipTeacher
-    from .teacher.embed import embed_dataset
+    from .teacher import build_teacher
+    from .teacher.embed import _check_map_size, embed_dataset
 
     policy, render = _slice_settings(args, size=224)
+    _check_map_size(args.feature_maps)  # before any model loads
     source = _source(args)
     with init_distributed(args.device, option="--device") as ctx:  # under torchrun: this process's GPU
         precision = args.precision if args.precision != "auto" else ("bf16" if ctx.device.type == "cuda" else "fp32")
-        teacher = ClipTeacher(args.clip_model, args.clip_pretrained, device=str(ctx.device), precision=precision)
+        teacher = build_teacher(args.image_model, args.image_weights, args.text_model, clip_model=args.clip_model,
+                                clip_pretrained=args.clip_pretrained, device=str(ctx.device), precision=precision,
+                                trust_remote_code=args.trust_remote_code)
         r = embed_dataset(source, args.output, teacher, policy, render, captions=args.captions,
-                          batch_size=args.batch_size, cases_per_shard=args.cases_per_shard)
+                          batch_size=args.batch_size, cases_per_shard=args.cases_per_shard,
+                          feature_maps=args.feature_maps)
     if r.rank == 0:
         print(f"{r.folder}: {r.cases} cases, {r.shards_written} shard(s) written here, {r.shards_kept} "
               f"kept from an earlier run, {r.seconds} s")
@@ -247,8 +251,13 @@ def _cmd_cache_verify(args: argparse.Namespace) -> int:
     m = read_manifest(args.cache)
     rows = sum(s["rows"] for s in m["shards"])
     teacher = m["settings"]["teacher"]
+    text = teacher.get("text_model") if isinstance(teacher.get("text_model"), dict) else None
+    maps = m["settings"].get("feature_maps")
     print(f"{args.cache}: ok, {len(m['shards'])} shard(s), {len(m['cases'])} cases, {rows} slices, teacher "
-          f"{teacher['model']} ({teacher['embed_dim']}-d), captions: {'yes' if m['settings']['captions'] else 'no'}")
+          f"{teacher['model']} ({teacher['embed_dim']}-d)"
+          + (f" + text {text.get('model')} ({teacher.get('text_dim')}-d)" if text else "")
+          + f", captions: {'yes' if m['settings']['captions'] else 'no'}"
+          + (f", feature maps {maps}x{maps}" if maps else ""))
     return 0
 
 
@@ -361,14 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_caption)
     _one_line_usage_errors(p)
 
-    p = sub.add_parser("embed", help="embed slices (and captions) with an open_clip teacher into a cache "
-                                     "(torchrun-shardable, resumable)")
+    p = sub.add_parser("embed", help="embed slices (and captions) with a teacher (open_clip, or a timm image model "
+                                     "and a text encoder) into a cache (torchrun-shardable, resumable)")
     _add_data_arguments(p)
     p.add_argument("-o", "--output", required=True, help="cache folder")
-    p.add_argument("--clip-model", default="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
-                   help="open_clip model: hf-hub:ID, a local open_clip folder, or an architecture name "
-                        "(default BiomedCLIP)")
+    p.add_argument("--clip-model", help="open_clip model: hf-hub:ID, a local open_clip folder, or an architecture name "
+                                        "(default BiomedCLIP: hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_"
+                                        "patch16_224)")
     p.add_argument("--clip-pretrained", help="pretrained tag or local weight file for an architecture name")
+    p.add_argument("--image-model", metavar="timm:NAME",
+                   help="a timm image model as the teacher instead of open_clip (weights from --image-weights)")
+    p.add_argument("--image-weights", metavar="FILE",
+                   help="its local weights: safetensors or a torch file loadable with weights_only=True (names, or "
+                        "failing that tensor shapes in order, must match the architecture)")
+    p.add_argument("--text-model", metavar="PATH",
+                   help="a transformers text encoder (folder or hub id) for the captions, mean-pooled; needed for "
+                        "captions with --image-model, optional beside open_clip")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the text model's repository run its code")
+    p.add_argument("--feature-maps", type=int, metavar="S",
+                   help="also store each slice's S x S spatial feature map on its canonical axes (timm or open_clip "
+                        "ViT teachers; S <= 32; C*S*S*2 bytes per slice, 125 KB for EfficientNet-Lite0 at 7); "
+                        "default: none")
     p.add_argument("--captions", help="caption JSONL from med3dinsight caption (omit for image embeddings only)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cases-per-shard", type=int, default=32)
