@@ -48,6 +48,7 @@ MAX_COMPRESSION_RATIO = 1032  # deflate never expands a stream more (RFC 1951, 2
 MAX_VOLUME_ENV = "MED3DINSIGHT_MAX_VOLUME_GB"  # the largest volume read, in GB of float32 voxels
 DEFAULT_MAX_VOLUME_GB = 8.0
 _MODALITY_PROBE_CASES = 3  # --modality auto on a NIfTI folder looks at this many cases
+MIN_VOXELS = 2  # along every axis: a volume thinner than this is a slice (slices and crops need two)
 
 
 class VolumeError(Med3DInsightError):
@@ -166,11 +167,36 @@ def read_image(path: str) -> Tuple[np.ndarray, Tuple[float, ...], np.ndarray, Tu
         array, spacing, direction, axes = _read_nifti(path)
     else:
         array, spacing, direction, axes = _read_sitk(path)
-    if array.ndim != 3:
+    if array.ndim > 3:
         raise VolumeError(f"{path} is {array.ndim}D (shape {array.shape}); Med3DInsight reads 3D volumes: split 4D "
                           f"series or channels into one 3D file each (nnU-Net raw: _0000, _0001, ...)")
+    if array.ndim < 3:
+        raise VolumeError(f"{path} is {array.ndim}D (shape {array.shape}), a single image, not a volume; Med3DInsight "
+                          f"reads 3D volumes: stack the slices of the series into one 3D file, or remove it")
+    _check_shape(array.shape, path)
+    _check_geometry(path, spacing, direction)
     _check_values(array, path)
     return array, spacing, direction, axes
+
+
+def _check_shape(shape: Sequence[int], path: str) -> None:
+    """A volume must have at least :data:`MIN_VOXELS` voxels along each axis (slices are rendered, and crops cut,
+    along all three)."""
+    if min(shape) < MIN_VOXELS:
+        raise VolumeError(f"{path} is {'x'.join(map(str, shape))} voxels: fewer than {MIN_VOXELS} along an axis, a "
+                          f"slice rather than a volume, which cannot be sliced in three planes; remove it from the "
+                          f"dataset, or stack the slices of its series into one 3D file")
+
+
+def _check_geometry(path: str, spacing: Sequence[float], direction: np.ndarray) -> None:
+    """The voxel size must be positive and finite and the direction matrix finite (a damaged affine or spacing)."""
+    sp, d = np.asarray(spacing, dtype=np.float64), np.asarray(direction, dtype=np.float64)
+    if np.isfinite(sp).all() and np.isfinite(d).all() and (sp > 0).all():
+        return
+    finite = np.isfinite(sp).all() and np.isfinite(d).all()
+    raise VolumeError(f"{path}: its header's geometry is {'a zero voxel size' if finite else 'not finite'} (voxel "
+                      f"size {short_repr(sp.tolist(), 60)}, direction {short_repr(d.tolist(), 100)}); repair its "
+                      f"affine / spacing (e.g. copy them from a good scan of the series) or re-export the file")
 
 
 def _read_nifti(path: str):
@@ -211,7 +237,9 @@ def _read_geometry(path: str):
         if str(path).endswith(NIFTI_ENDINGS):
             import nibabel as nib
 
-            return _nifti_geometry(nib.load(str(path)).affine)
+            geometry = _nifti_geometry(nib.load(str(path)).affine)
+            _check_geometry(path, geometry[0], geometry[1])
+            return geometry
         import SimpleITK as sitk
 
         reader = sitk.ImageFileReader()
@@ -219,10 +247,12 @@ def _read_geometry(path: str):
         reader.ReadImageInformation()
         if reader.GetDimension() != 3:
             raise ValueError(f"{reader.GetDimension()}D")
-        return tuple(reader.GetSpacing())[::-1], np.array(reader.GetDirection()).reshape(3, 3), (2, 1, 0)
+        geometry = tuple(reader.GetSpacing())[::-1], np.array(reader.GetDirection()).reshape(3, 3), (2, 1, 0)
     except Exception as e:  # nibabel / SimpleITK raise many types for damaged headers
         raise VolumeError(f"cannot read the header of {path} ({type(e).__name__}: {first_line(e)}); re-export or "
                           f"remove the file") from None
+    _check_geometry(path, geometry[0], geometry[1])
+    return geometry
 
 
 def _human(n: float) -> str:
@@ -597,7 +627,9 @@ class VolumeSource:
         props = safe_load_pickle(folder / f"{case}.pkl")
         data = _read_preprocessed_array(folder, case)
         if data.ndim != 4:
-            raise VolumeError(f"{folder / case} holds a {data.ndim}D array; expected nnU-Net's (C, X, Y, Z)")
+            raise VolumeError(f"{folder / case} holds a {data.ndim}D array, not nnU-Net's (C, X, Y, Z); rerun "
+                              f"nnUNetv2_preprocess")
+        _check_shape(data.shape[1:], str(folder / case))
         _check_values(data, str(folder / case))
         transpose = self._extra["transpose_forward"]
         direction = _preprocessed_direction(props, folder / f"{case}.pkl", self._extra.get("reader"))

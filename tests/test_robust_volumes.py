@@ -3,6 +3,7 @@ exit code 2 and one line on stderr naming the file and the fix, before anything 
 traceback, a gigabyte allocation or a silent misreading. Every file is crafted in the test, tiny."""
 import json
 import pickle
+import re
 import resource
 import tracemalloc
 import zipfile
@@ -17,11 +18,12 @@ from med3dinsight_plugin.volumes import VolumeError, check_claimed_size, open_so
 
 
 def _cli(capfd, *argv):
-    """Exit code and stderr lines of the command line. ``capfd``: what C++ libraries print on file descriptor 2
-    counts too (a one-line error must be the only line)."""
+    """Exit code and stderr lines (progress bars aside) of the command line. ``capfd``: what C++ libraries print on
+    file descriptor 2 counts too (a one-line error must be the only line)."""
     capfd.readouterr()
     code = main([str(a) for a in argv])
-    return code, capfd.readouterr().err.strip().splitlines()
+    lines = capfd.readouterr().err.strip().splitlines()
+    return code, [line for line in lines if not re.match(r"^[\w ]+:\s*\d+%\|", line)]  # not tqdm's progress bars
 
 
 def _slices(capfd, data, tmp_path, *extra):
@@ -198,3 +200,62 @@ def test_check_claimed_size_directly():
     check_claimed_size("x", (1000, 1000, 1000), np.float32, 4_000_000, uncompressed=False)  # 1000-fold: possible
     with pytest.raises(VolumeError, match="1032-fold"):
         check_claimed_size("x", (1000, 1000, 1000), np.float32, 3_000_000, uncompressed=False)
+
+
+# ------------------------------------------------------------------------- 2: plain ValueErrors become one line
+
+def _nifti_with_srow(path, array, rows):
+    """A NIfTI file whose sform (the affine nibabel reads) is ``rows``, written as given (no decomposition)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(array, None)
+    img.header["qform_code"], img.header["sform_code"] = 0, 1
+    for name, row in zip(("srow_x", "srow_y", "srow_z"), rows):
+        img.header[name] = row
+    nib.save(img, str(path))
+    return path
+
+
+@pytest.mark.parametrize("rows,needle", [([[np.nan, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], "not finite"),
+                                         ([[0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], "a zero voxel size")])
+def test_a_damaged_nifti_affine_is_one_line(tmp_path, capfd, rows, needle):
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    _nifti_with_srow(vols / "a.nii.gz", ct_like(seed=5, shape=(16, 16, 16)), rows)
+    code, err = _slices(capfd, vols, tmp_path)
+    one_line_failure(code, err, "a.nii.gz", needle, "repair its affine")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from med3dinsight_plugin.teacher.tiny import save_tiny_open_clip
+
+    return save_tiny_open_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
+@pytest.mark.parametrize("command", ["slices", "embed"])
+def test_a_volume_one_voxel_thin_is_refused_at_read(tmp_path, capfd, clip, command):
+    """48x48x1 used to end in torch's "negative stride" ValueError while rendering."""
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    write_nifti(vols / "a.nii.gz", ct_like(seed=6, shape=(32, 32, 32)))
+    write_nifti(vols / "thin.nii.gz", ct_like(seed=6, shape=(48, 48, 1)))
+    extra = ["--clip-model", clip] if command == "embed" else []
+    code, err = _cli(capfd, command, vols, "-o", tmp_path / "out", "--modality", "ct", *extra)
+    one_line_failure(code, err, "thin.nii.gz", "48x48x1 voxels", "fewer than 2 along an axis", "remove it")
+
+
+def test_a_preprocessed_case_one_voxel_thin_is_refused(tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    ds = _preprocessed(tmp_path / "pre", lambda stem: np.save(str(stem) + ".npy", ct_like(shape=(12, 14, 1))[None]))
+    code, err = _slices(capfd, ds, tmp_path)
+    one_line_failure(code, err, "c0", "12x14x1 voxels", "fewer than 2")
+
+
+def test_a_2d_image_is_told_what_to_do_with_a_2d_image(tmp_path, capfd):
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    write_nifti(vols / "a.nii.gz", ct_like(seed=7, shape=(48, 48, 16))[:, :, 0])
+    code, err = _slices(capfd, vols, tmp_path)
+    line = one_line_failure(code, err, "a.nii.gz", "is 2D (shape (48, 48))", "a single image", "stack the slices")
+    assert "4D" not in line and "_0000" not in line
