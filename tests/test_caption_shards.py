@@ -6,6 +6,7 @@ is one line.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,57 @@ def test_a_crash_between_merge_and_shard_removal_merges_to_the_same_bytes(refere
     shard.write_text("".join(reversed(lines[3:20])))  # the same records again, in another order
     assert merge_shards(out) == {"records": 30, "shards": 1}
     assert out.read_bytes() == reference[0] and not shard.parent.exists()
+
+
+def _shards(out, reference, *parts):
+    """The sidecar of the reference run and shard files of ``out`` holding the given lists of reference lines."""
+    lines = reference[0].decode().splitlines(keepends=True)
+    Path(f"{out}.meta.json").write_bytes(reference[1])
+    shard_folder(out).mkdir()
+    for rank, part in enumerate(parts):
+        shard_path(out, rank, len(parts)).write_text("".join(part(lines) if callable(part) else part))
+    return lines
+
+
+def test_identical_duplicates_in_two_shards_merge_silently(reference, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    _shards(out, reference, lambda lines: lines[:20], lambda lines: lines[10:])  # lines 10-19 in both
+    assert merge_shards(out) == {"records": 30, "shards": 2}
+    assert out.read_bytes() == reference[0]
+
+
+def test_shards_that_disagree_or_hold_a_foreign_case_are_refused_before_captioning(world, reference, tmp_path,
+                                                                                    capsys):
+    args = ["caption", world["data"], "--vlm", world["folder"], *CLI_ARGS]
+    out = tmp_path / "conflict.jsonl"
+    lines = _shards(out, reference, lambda lines: lines[:12], lambda lines: lines[6:12])
+    changed = json.loads(lines[8])
+    changed["text"] = "another caption"
+    shard_path(out, 1, 2).write_text("".join(lines[6:8]) + json.dumps(changed) + "\n" + "".join(lines[9:12]))
+    key = caption_key(changed["case"], changed["plane"], changed["position"])
+    before = {p: p.read_bytes() for p in shard_files(out)}
+    code, err = _run(capsys, *args, "-o", out)
+    _one_line(code, err, f"the shard {shard_path(out, 1, 2)} holds another caption for {key!r} than "
+                         f"{shard_path(out, 0, 2)}", "delete that shard file")
+    assert not out.exists() and {p: p.read_bytes() for p in shard_files(out)} == before  # nothing captioned, merged
+    with pytest.raises(CaptionError, match="holds another caption"):
+        merge_shards(out)
+    out.write_bytes(reference[0])  # against the caption file itself
+    shutil.rmtree(shard_folder(out))
+    _shards(out, reference, [json.dumps(changed) + "\n"])
+    _one_line(*_run(capsys, *args, "-o", out), f"the shard {shard_path(out, 0, 1)} holds another caption for "
+                                               f"{key!r} than {out}")
+    assert out.read_bytes() == reference[0]
+
+    foreign = tmp_path / "foreign.jsonl"
+    other = json.loads(lines[0])
+    other["case"] = "case999"
+    _shards(foreign, reference, lambda lines: lines[:3] + [json.dumps(other) + "\n"])
+    _one_line(*_run(capsys, *args, "-o", foreign), f"the shard {shard_path(foreign, 0, 1)} holds captions of case "
+                                                   f"'case999', which is not in the dataset", "delete that shard")
+    assert not foreign.exists()
+    with pytest.raises(CaptionError, match="not in the dataset"):
+        merge_shards(foreign, cases=world["source"].cases)
 
 
 # ------------------------------------------------------------------------------------------------ one run per file

@@ -725,6 +725,7 @@ def caption_dataset(source, captioner: Captioner, out_path: Union[str, os.PathLi
         with hold_caption_lock(out, ctx):  # rank 0, from the settings check to the merged file
             def prepare():  # rank 0 is the one writer of the settings sidecar and of the shard folder
                 CaptionFile(out).check_settings(recorded, also=shard_files(out))
+                read_all(out, cases=source.cases)  # shards left by earlier runs: consistent and of this dataset
                 shard_folder(out).mkdir(exist_ok=True)
 
             _on_main(ctx, prepare)
@@ -777,7 +778,7 @@ def caption_dataset(source, captioner: Captioner, out_path: Union[str, os.PathLi
                 shard.close()
                 bar.close()  # before any error message, so that the message is the last line
             ctx.barrier()
-            merged = _on_main(ctx, lambda: merge_shards(out)["records"])
+            merged = _on_main(ctx, lambda: merge_shards(out, cases=source.cases)["records"])
         seconds = time.perf_counter() - start
         counts = [(written, skipped)]
         if world > 1:

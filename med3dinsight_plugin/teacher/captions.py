@@ -11,7 +11,8 @@ Sharded runs (``torchrun``, :func:`~.captioner.caption_dataset`) append to one f
 ``<path>.shards/`` (:func:`shard_path`), each a caption file of its own; :func:`merge_shards` folds them into
 ``<path>`` in the canonical order of :func:`record_order` (rewritten under a temporary name and renamed), so the
 merged bytes do not depend on the number of processes. Until then, :func:`read_all` reads ``<path>`` and its shards
-together (what a resumed run skips).
+together (what a resumed run skips). Identical records in several files are merged silently; a shard that holds
+another caption for a key, or a case that is not in the dataset, is refused with one line naming it.
 """
 from __future__ import annotations
 
@@ -310,26 +311,51 @@ def record_order(rec: dict) -> tuple:
     return rec["case"], PLANES.index(rec["plane"]), float(rec["position"]), rec["index"]
 
 
-def read_all(path: PathLike) -> Dict[str, dict]:
+def read_all(path: PathLike, cases: Optional[Iterable[str]] = None) -> Dict[str, dict]:
     """The records of the caption file ``path`` and of its shard files, keyed by :func:`caption_key`.
 
     Each file is read like :meth:`CaptionFile.read` (strict: a malformed line or a key twice in one file names the
-    file and line; a torn last line is ignored). A key in several files (a crash between a merge and the removal of
-    the shards leaves the same record twice) counts once: the caption file's record, else the first shard's.
+    file and line; a torn last line is ignored). A key in several files with the same record counts once (a crash
+    between a merge and the removal of the shards leaves the same records twice).
+
+    Args:
+        path: the caption file.
+        cases: the dataset's cases; given, a shard that holds another case is refused.
+
+    Raises:
+        CaptionError: a shard holds another record for a key than the caption file or an earlier shard, or (with
+            ``cases``) a case that is not in the dataset; the message names the shard and the fix.
     """
     records: Dict[str, dict] = {}
+    origin: Dict[str, Path] = {}
+    known = None if cases is None else set(cases)
     for part in (Path(path), *shard_files(path)):
+        is_shard = part != Path(path)
+        conflicts = []
         for key, rec in CaptionFile.read(part).items():
-            records.setdefault(key, rec)
+            if is_shard and known is not None and rec["case"] not in known:
+                raise CaptionError(f"the shard {part} holds captions of case {rec['case']!r}, which is not in the "
+                                   f"dataset (left by a run on another dataset?); delete that shard file, or caption "
+                                   f"that dataset into another -o/--output")
+            if key not in records:
+                records[key], origin[key] = rec, part
+            elif records[key] != rec:
+                conflicts.append(key)
+        if conflicts:
+            other = origin[conflicts[0]]
+            more = f" (and {len(conflicts) - 1} other slice(s))" if len(conflicts) > 1 else ""
+            raise CaptionError(f"the shard {part} holds another caption for {conflicts[0]!r}{more} than {other}; "
+                               f"delete that shard file to caption its slices again, and rerun")
     return records
 
 
-def merge_shards(path: PathLike) -> Dict[str, int]:
+def merge_shards(path: PathLike, cases: Optional[Iterable[str]] = None) -> Dict[str, int]:
     """Fold the shard files of ``path`` into ``path``, in the order of :func:`record_order`, then remove them.
 
     The merged file is written whole under a temporary name and renamed over ``path``, so a crash leaves the old file
     and the shards (a rerun merges again), never a half-written file; the shards are removed only after the rename.
-    Without shard files, ``path`` is left as it is.
+    Without shard files, ``path`` is left as it is. Shards that disagree with each other or with ``path``, or (with
+    ``cases``) hold a case that is not in the dataset, are refused and nothing is merged (:func:`read_all`).
 
     Returns:
         ``{"records": records in path now, "shards": shard files merged}``.
@@ -340,7 +366,7 @@ def merge_shards(path: PathLike) -> Dict[str, int]:
         if shard_folder(path).is_dir():
             _remove_folder(shard_folder(path))
         return {"records": len(CaptionFile.read(path)), "shards": 0}
-    records = read_all(path)
+    records = read_all(path, cases)
     data = "".join(json.dumps(rec, ensure_ascii=False) + "\n"
                    for rec in sorted(records.values(), key=record_order)).encode("utf-8")
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
