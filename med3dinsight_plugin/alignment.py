@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Set
+from typing import Dict, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -173,66 +173,103 @@ class PartialOTAlignment(nn.Module):
 
 
 class Med3DInsightLoss(nn.Module):
-    """Image alignment + text alignment + reconstruction, weighted (default 1, 1, 1).
+    """Image alignment + text alignment + reconstruction (+ dense distillation), weighted (default 1, 1, 1, 0).
 
     Args:
         alignment: ``"ot"`` (partial optimal transport, journal version) or ``"clip"`` (InfoNCE, first version).
-        embed_dim: teacher embedding width.
+        embed_dim: the image teacher's embedding width (and the text teacher's, when they share a space).
         image_weight, text_weight, reconstruction_weight: term weights; a zero weight skips the term.
+        text_dim: ``None``: image and text targets share one space (open_clip; the paper) and one alignment module
+            (one metric or one temperature, as in the authors' code) serves both. Else the width of a text space of
+            its own: the text term gets its own alignment module and is computed on PSAT's text-head predictions.
+        dense_weight: weight of dense distillation (:mod:`.dense`; 0, the default, leaves it off).
+        dense_loss: ``"cosine"`` or ``"mse"``, the per-location distance of dense distillation.
         **alignment_kwargs: passed to :class:`PartialOTAlignment` or :class:`ClipAlignment`.
 
-    The image and text terms share one alignment module (one metric or one temperature), as in the authors' code.
+    ``weights`` is a plain dict (``image``, ``text``, ``reconstruction``, ``dense``): pretraining may set it once
+    before the first step (``model.loss_balance``) and saves it with its state.
     """
 
     def __init__(self, alignment: str = "ot", embed_dim: int = 512, image_weight: float = 1.0,
-                 text_weight: float = 1.0, reconstruction_weight: float = 1.0, **alignment_kwargs):
+                 text_weight: float = 1.0, reconstruction_weight: float = 1.0, text_dim: Optional[int] = None,
+                 dense_weight: float = 0.0, dense_loss: str = "cosine", **alignment_kwargs):
         super().__init__()
-        if alignment == "ot":
-            self.align = PartialOTAlignment(embed_dim, **alignment_kwargs)
-        elif alignment == "clip":
-            self.align = ClipAlignment(**alignment_kwargs)
-        else:
+        if alignment not in ("ot", "clip"):
             raise Med3DInsightError(f"alignment must be 'ot' or 'clip', got {alignment!r}")
-        self.alignment, self.embed_dim = alignment, embed_dim
+        from .dense import DENSE_LOSSES
+
+        if dense_loss not in DENSE_LOSSES:
+            raise Med3DInsightError(f"dense_loss must be one of {', '.join(map(repr, DENSE_LOSSES))}, got "
+                                    f"{dense_loss!r}")
+
+        def make(dim):
+            return PartialOTAlignment(dim, **alignment_kwargs) if alignment == "ot" else \
+                ClipAlignment(**alignment_kwargs)
+        self.align = make(embed_dim)
+        self.align_text = make(text_dim) if text_dim is not None else None
+        self.alignment, self.embed_dim, self.text_dim, self.dense_kind = alignment, embed_dim, text_dim, dense_loss
         self.weights = {"image": float(image_weight), "text": float(text_weight),
-                        "reconstruction": float(reconstruction_weight)}
+                        "reconstruction": float(reconstruction_weight), "dense": float(dense_weight)}
 
     def forward(self, z3d: torch.Tensor, image_emb: Optional[torch.Tensor], text_emb: Optional[torch.Tensor],
                 reconstruction: Optional[torch.Tensor] = None, volume: Optional[torch.Tensor] = None,
-                reconstruction_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                reconstruction_mask: Optional[torch.Tensor] = None, z_text: Optional[torch.Tensor] = None,
+                dense: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
+                ) -> Dict[str, torch.Tensor]:
         """Losses for ``P`` aligned pairs.
 
         Args:
-            z3d: (P, E) L2-normalised PSAT predictions.
-            image_emb, text_emb: (P, E) teacher embeddings (normalised here), or ``None`` to skip that term.
+            z3d: (P, E) L2-normalised PSAT predictions in the image space (and the text space, when shared).
+            image_emb, text_emb: (P, E) / (P, text width) teacher embeddings (normalised here), or ``None`` to skip
+                that term.
             reconstruction, volume: the backbone's reconstruction and its (original, unmasked) input, or ``None`` to
                 skip that term.
             reconstruction_mask: ``None`` (plain reconstruction: MSE over all voxels) or the bool mask of masked
                 reconstruction, True on the voxels hidden from the backbone: the MSE is taken on those only (see
                 :func:`reconstruction_loss`).
+            z_text: (P, text_dim) PSAT's text-head predictions; required when the text space is separate
+                (``text_dim`` set), ignored otherwise.
+            dense: ``(pred, target, valid)`` of dense distillation (see :func:`~med3dinsight_plugin.dense.dense_loss`)
+                or ``None`` to skip that term.
 
         Returns:
-            ``{"loss", "image", "text", "reconstruction"}`` -- the weighted total and each unweighted term present.
+            ``{"loss", "image", "text", "reconstruction", "dense"}`` -- the weighted total and each unweighted term
+            present.
         """
         if z3d.dim() != 2 or z3d.shape[-1] != self.embed_dim:
             raise ValueError(f"predictions must have shape (P, {self.embed_dim}), got {tuple(z3d.shape)}; the loss "
                              f"was built with embed_dim={self.embed_dim}")
         terms: Dict[str, torch.Tensor] = {}
         names, targets = [], []
+        separate = self.align_text is not None
         for name, target in (("image", image_emb), ("text", text_emb)):
-            if target is not None and self.weights[name]:
-                if target.shape != z3d.shape:
-                    raise ValueError(f"{name}_emb has shape {tuple(target.shape)} but the predictions have "
-                                     f"{tuple(z3d.shape)}: the teacher's embedding width must equal PSAT's out_dim "
-                                     f"({z3d.shape[-1]})")
+            if target is None or not self.weights[name]:
+                continue
+            pred = z_text if name == "text" and separate else z3d
+            if pred is None:
+                raise ValueError("the text space is separate (text_dim set): pass PSAT's text-head predictions as "
+                                 "z_text")
+            if target.shape != pred.shape:
+                raise ValueError(f"{name}_emb has shape {tuple(target.shape)} but the predictions have "
+                                 f"{tuple(pred.shape)}: the teacher's embedding width must equal PSAT's "
+                                 f"{'text_dim' if pred is z_text else 'out_dim'} ({pred.shape[-1]})")
+            target = F.normalize(target.to(pred.dtype), dim=-1)
+            if pred is z_text:
+                terms["text"] = self.align_text(z_text, target)
+            else:
                 names.append(name)
-                targets.append(F.normalize(target.to(z3d.dtype), dim=-1))
-        if names:  # both terms in one batched call: one OT solve instead of two
+                targets.append(target)
+        if names:  # the terms of the shared space in one batched call: one OT solve instead of two
             terms.update(zip(names, self.align(z3d, torch.stack(targets)).unbind(0)))
         if reconstruction is not None and volume is not None and self.weights["reconstruction"]:
             terms["reconstruction"] = reconstruction_loss(reconstruction, volume, reconstruction_mask)
+        if dense is not None and self.weights["dense"]:
+            from .dense import dense_loss
+
+            terms["dense"] = dense_loss(*dense, kind=self.dense_kind)
         if not terms:
             raise ValueError("no loss term to compute: pass image_emb, text_emb or a reconstruction with a "
                              "non-zero weight")
+        terms = {k: terms[k] for k in self.weights if k in terms}  # always in the order of ``weights``
         total = sum(self.weights[k] * v for k, v in terms.items())
         return {"loss": total, **terms}

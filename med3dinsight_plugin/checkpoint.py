@@ -106,6 +106,8 @@ def save_pretrained(backbone_or_model: nn.Module, path: PathLike, **metadata: An
     parts = {"network": unwrap(backbone.network), "reconstruction_head": backbone.reconstruction_head}
     if model is not None:
         parts.update(psat=model.psat, loss=model.loss)
+        if getattr(model, "dense_head", None) is not None:
+            parts["dense_head"] = model.dense_head
     tensors, aliases = _dedup({f"{name}.{k}": v for name, part in parts.items() for k, v in part.state_dict().items()})
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
@@ -118,6 +120,11 @@ def save_pretrained(backbone_or_model: nn.Module, path: PathLike, **metadata: An
         meta["psat"] = model.psat.config
         meta["alignment"] = {"type": model.loss.alignment, "embed_dim": model.loss.embed_dim,
                              "weights": model.loss.weights}
+        if model.loss.text_dim is not None:  # a text space of its own (e.g. timm image + sentence-encoder text)
+            meta["alignment"]["text_dim"] = model.loss.text_dim
+        if getattr(model, "dense_head", None) is not None:
+            head = model.dense_head
+            meta["alignment"]["dense"] = {"loss": model.loss.dense_kind, "channels": head.out_dim, "size": head.size}
     for key, value in metadata.items():
         if key in meta or key in RESERVED_METADATA:
             raise CheckpointError(f"metadata key {key!r} is reserved by the checkpoint format; choose another name")

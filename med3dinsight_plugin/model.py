@@ -9,14 +9,15 @@ from torch import nn
 
 from .alignment import ClipAlignment, Med3DInsightLoss
 from .backbones import Backbone, build_backbone
+from .dense import DenseHead
 from .errors import Med3DInsightError
 from .psat import PlaneSliceAwareTransformer
 
 if TYPE_CHECKING:
     from .pretrain.config import PretrainConfig
 
-__all__ = ["Med3DInsightModel", "MaskedReconstruction", "RECONSTRUCTIONS", "block_mask", "build_model",
-           "masked_block_count"]
+__all__ = ["Med3DInsightModel", "MaskedReconstruction", "RECONSTRUCTIONS", "SliceOutputs", "block_mask",
+           "build_model", "masked_block_count"]
 
 RECONSTRUCTIONS = ("plain", "masked")
 
@@ -25,6 +26,14 @@ class MaskedReconstruction(NamedTuple):
     """What :meth:`Med3DInsightModel.encode` returns as the reconstruction when it masked the input."""
     output: torch.Tensor  # (B, C, D, H, W) the backbone's reconstruction of the masked volume
     mask: torch.Tensor  # (B, 1, D, H, W) bool, True on the voxels that were hidden (set to 0)
+
+
+class SliceOutputs(NamedTuple):
+    """What :meth:`Med3DInsightModel.encode` returns as the predictions of a model with a text space of its own or
+    dense distillation (a model with neither returns the image-space tensor alone, as the paper's model does)."""
+    image: torch.Tensor  # (B[, K], out_dim) L2-normalised, the image space (and the text space when shared)
+    text: Optional[torch.Tensor]  # (B[, K], text_dim) L2-normalised, or None: the text space is the image space
+    dense: Optional[torch.Tensor]  # (B, K, R, R, C) dense-distillation predictions, or None
 
 
 def masked_block_count(blocks: int, ratio: float) -> int:
@@ -101,10 +110,13 @@ class Med3DInsightModel(nn.Module):
             never masks.
         mask_ratio: the fraction of blocks masked, 0 < mask_ratio < 1 (masked reconstruction only).
         mask_block: the edge of the cubic mask blocks in voxels, >= 1 (masked reconstruction only).
+        dense_head: a :class:`~med3dinsight_plugin.dense.DenseHead` reading the backbone's bottleneck (``in_dim`` =
+            the token width) for dense distillation, or ``None`` (off).
     """
 
     def __init__(self, backbone: Backbone, psat: PlaneSliceAwareTransformer, loss: Optional[Med3DInsightLoss] = None,
-                 reconstruction: str = "plain", mask_ratio: float = 0.6, mask_block: int = 16):
+                 reconstruction: str = "plain", mask_ratio: float = 0.6, mask_block: int = 16,
+                 dense_head: Optional[DenseHead] = None):
         super().__init__()
         if reconstruction not in RECONSTRUCTIONS:
             raise Med3DInsightError(f"reconstruction must be one of {', '.join(map(repr, RECONSTRUCTIONS))}, got "
@@ -120,7 +132,13 @@ class Med3DInsightModel(nn.Module):
         loss = loss if loss is not None else Med3DInsightLoss(embed_dim=psat.out_dim)
         if loss.embed_dim != psat.out_dim:
             raise ValueError(f"the loss expects {loss.embed_dim}-wide embeddings but PSAT outputs {psat.out_dim}")
-        self.backbone, self.psat, self.loss = backbone, psat, loss
+        if loss.text_dim != psat.text_dim:
+            raise ValueError(f"the loss's text space ({loss.text_dim or 'shared'}) differs from PSAT's "
+                             f"({psat.text_dim or 'shared'}); build both with the same text_dim")
+        if dense_head is not None and dense_head.in_dim != backbone.token_dim:
+            raise ValueError(f"the dense head reads {dense_head.in_dim}-wide features but the backbone gives "
+                             f"{backbone.token_dim}-wide tokens")
+        self.backbone, self.psat, self.loss, self.dense_head = backbone, psat, loss, dense_head
 
     def param_groups(self) -> List[Dict[str, Any]]:
         """The trainable parameters (``requires_grad``) as optimizer parameter groups, in ``parameters()`` order.
@@ -158,6 +176,11 @@ class Med3DInsightModel(nn.Module):
         term that is computed (a zero weight would only hide input from PSAT for nothing)."""
         return self.reconstruction == "masked" and self.training and bool(self.loss.weights["reconstruction"])
 
+    @property
+    def plain_outputs(self) -> bool:
+        """Whether :meth:`encode` returns the image-space tensor alone (no text head, no dense head)."""
+        return self.psat.text_head is None and self.dense_head is None
+
     def encode(self, volume: torch.Tensor, plane: torch.Tensor, position: torch.Tensor):
         """PSAT predictions for the given slices and the backbone's reconstruction.
 
@@ -166,23 +189,40 @@ class Med3DInsightModel(nn.Module):
             plane, position: the slices, as in :meth:`forward`.
 
         Returns:
-            ``(z3d, reconstruction)``: z3d (B, out_dim) or (B, K, out_dim), L2-normalised; reconstruction the
-            (B, C, D, H, W) tensor, or -- when :attr:`masks_input` (masked reconstruction in training mode) -- a
-            :class:`MaskedReconstruction` of it and the mask drawn for this call, which :meth:`compute_losses`
-            takes as it is. The mask comes from ``torch.rand`` on the volume's device (its global generator).
+            ``(z3d, reconstruction)``: z3d (B, out_dim) or (B, K, out_dim), L2-normalised -- or, for a model with a
+            text space of its own or a dense head (not :attr:`plain_outputs`), a :class:`SliceOutputs`;
+            reconstruction the (B, C, D, H, W) tensor, or -- when :attr:`masks_input` (masked reconstruction in
+            training mode) -- a :class:`MaskedReconstruction` of it and the mask drawn for this call, which
+            :meth:`compute_losses` takes as it is. The mask comes from ``torch.rand`` on the volume's device (its
+            global generator).
         """
-        if not self.masks_input:
+        mask = None
+        if self.masks_input:
+            if volume.dim() != 5:
+                self.backbone.check_input(volume)  # says what shape is expected
+            mask = block_mask(volume.shape[0], volume.shape[2:], self.mask_ratio, self.mask_block, volume.device)
+            tokens, reconstruction = self.backbone(volume.masked_fill(mask, 0))  # 0: the z-scored mean
+            reconstruction = MaskedReconstruction(reconstruction, mask)
+        else:
             tokens, reconstruction = self.backbone(volume)
-            return self.psat(tokens, plane, position), reconstruction
-        if volume.dim() != 5:
-            self.backbone.check_input(volume)  # says what shape is expected
-        mask = block_mask(volume.shape[0], volume.shape[2:], self.mask_ratio, self.mask_block, volume.device)
-        tokens, reconstruction = self.backbone(volume.masked_fill(mask, 0))  # 0: the z-scored mean
-        return self.psat(tokens, plane, position), MaskedReconstruction(reconstruction, mask)
+        image, text = self.psat.forward_spaces(tokens, plane, position)
+        if self.plain_outputs:
+            return image, reconstruction
+        dense = None
+        if self.dense_head is not None and self.loss.weights["dense"]:
+            grid = self.backbone.token_grid(volume.shape[2:])
+            if grid[0] * grid[1] * grid[2] != tokens.shape[1]:
+                raise ValueError(f"the backbone gave {tokens.shape[1]} tokens, not the {'x'.join(map(str, grid))} "
+                                 f"grid its token_grid() describes")
+            features = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
+            dense = self.dense_head(features, plane if plane.dim() == 2 else plane[:, None],
+                                    position if position.dim() == 2 else position[:, None])
+        return SliceOutputs(image, text, dense), reconstruction
 
     def forward(self, volume: torch.Tensor, plane: torch.Tensor, position: torch.Tensor,
                 image_emb: Optional[torch.Tensor] = None, text_emb: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                mask: Optional[torch.Tensor] = None, map_target: Optional[torch.Tensor] = None,
+                map_valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Losses for a batch of volumes with one or K slices each.
 
         Args:
@@ -191,38 +231,51 @@ class Med3DInsightModel(nn.Module):
             position: same shape, float relative slice positions in [0, 1] inside ``volume``.
             image_emb, text_emb: the slices' teacher embeddings, (B, E) or (B, K, E); ``None`` skips the term.
             mask: optional bool, same shape as ``plane``: which slices are real (a crop holding fewer than K cached
-                slices pads with masked ones, which are left out of the alignment).
+                slices pads with masked ones, which are left out of the alignment and of dense distillation).
+            map_target, map_valid: dense distillation's targets (B, K, C, R, R) and valid points (B, K, R, R)
+                (:func:`~med3dinsight_plugin.dense.crop_map_target` per sample); ``None`` skips the term.
 
         Returns:
-            ``{"loss", "image", "text", "reconstruction"}``; the alignment runs over all (unmasked) B*K pairs.
+            ``{"loss", "image", "text", "reconstruction", "dense"}`` (the terms present); the alignment runs over all
+            (unmasked) B*K pairs.
         """
         z3d, reconstruction = self.encode(volume, plane, position)
-        return self.compute_losses(z3d, reconstruction, volume, image_emb, text_emb, mask)
+        if map_valid is not None and mask is not None:
+            map_valid = map_valid & mask.reshape(map_valid.shape[:2])[..., None, None].bool()
+        return self.compute_losses(z3d, reconstruction, volume, image_emb, text_emb, mask, map_target, map_valid)
 
-    def compute_losses(self, z3d: torch.Tensor, reconstruction: Union[torch.Tensor, MaskedReconstruction],
+    def compute_losses(self, z3d: Union[torch.Tensor, SliceOutputs],
+                       reconstruction: Union[torch.Tensor, MaskedReconstruction],
                        volume: torch.Tensor, image_emb: Optional[torch.Tensor] = None,
-                       text_emb: Optional[torch.Tensor] = None,
-                       mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                       text_emb: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                       map_target: Optional[torch.Tensor] = None,
+                       map_valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """The losses of :meth:`forward` from the outputs of :meth:`encode` (all B*K pairs aligned together).
 
         Args:
             z3d, reconstruction: what :meth:`encode` returned (a :class:`MaskedReconstruction` restricts the
-                reconstruction MSE to its masked voxels).
+                reconstruction MSE to its masked voxels). Under DDP the image/text predictions may be those of every
+                rank, gathered; the dense ones stay this rank's.
             volume: the original (unmasked) input volume, the reconstruction target.
-            image_emb, text_emb, mask: as in :meth:`forward`.
+            image_emb, text_emb, mask: as in :meth:`forward` (matching the predictions' leading shape).
+            map_target, map_valid: as in :meth:`forward`, for this rank's dense predictions; ``mask`` is not applied
+                to them here: padding slices must already be False in ``map_valid`` (:meth:`forward` does that).
 
         Returns:
-            ``{"loss", "image", "text", "reconstruction"}`` (the terms present).
+            ``{"loss", "image", "text", "reconstruction", "dense"}`` (the terms present).
         """
         voxel_mask = None
         if isinstance(reconstruction, MaskedReconstruction):
             reconstruction, voxel_mask = reconstruction
-        for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
-            if emb is not None and (emb.shape[:-1] != z3d.shape[:-1]):
-                raise ValueError(f"{name} must have shape {tuple(z3d.shape[:-1])} + (E,) to match plane/position, "
+        outputs = z3d if isinstance(z3d, SliceOutputs) else SliceOutputs(z3d, None, None)
+        image = outputs.image
+        text = image if outputs.text is None else outputs.text
+        for name, emb, pred in (("image_emb", image_emb, image), ("text_emb", text_emb, text)):
+            if emb is not None and (emb.shape[:-1] != pred.shape[:-1]):
+                raise ValueError(f"{name} must have shape {tuple(pred.shape[:-1])} + (E,) to match plane/position, "
                                  f"got {tuple(emb.shape)}")
-        if mask is not None and mask.shape != z3d.shape[:-1]:
-            raise ValueError(f"mask must have shape {tuple(z3d.shape[:-1])} to match plane/position, got "
+        if mask is not None and mask.shape != image.shape[:-1]:
+            raise ValueError(f"mask must have shape {tuple(image.shape[:-1])} to match plane/position, got "
                              f"{tuple(mask.shape)}")
         keep = None if mask is None else mask.reshape(-1).bool()
 
@@ -231,25 +284,36 @@ class Med3DInsightModel(nn.Module):
                 return None
             t = t.reshape(-1, t.shape[-1])
             return t if keep is None else t[keep]
-        return self.loss(flat(z3d), flat(image_emb), flat(text_emb), reconstruction, volume, voxel_mask)
+        dense = None
+        if outputs.dense is not None and map_target is not None:
+            dense = (outputs.dense, map_target, map_valid)
+        return self.loss(flat(image), flat(image_emb), flat(text_emb), reconstruction, volume, voxel_mask,
+                         z_text=flat(outputs.text), dense=dense)
 
 
-def build_model(config: "PretrainConfig", embed_dim: int = 512) -> Med3DInsightModel:
+def build_model(config: "PretrainConfig", embed_dim: int = 512, text_dim: Optional[int] = None,
+                map_shape: Optional[Sequence[int]] = None) -> Med3DInsightModel:
     """The :class:`Med3DInsightModel` that ``config.model`` describes, initialised from ``config.train.seed``.
 
-    The one place where backbone, PSAT and loss are put together: pretraining, ``med3dinsight models`` and the
-    examples all build their model here.
+    The one place where backbone, PSAT, dense head and loss are put together: pretraining, ``med3dinsight models``
+    and the examples all build their model here.
 
     Args:
         config: a :class:`~med3dinsight_plugin.pretrain.config.PretrainConfig`; its ``model`` section says what to
             build, ``train.seed`` seeds ``torch`` before the weights are drawn.
-        embed_dim: the teacher's embedding width (PSAT's ``out_dim`` and the loss width; BiomedCLIP: 512).
+        embed_dim: the image teacher's embedding width (PSAT's ``out_dim`` and the loss width; BiomedCLIP: 512).
+        text_dim: ``None`` when the text targets share the image space (open_clip), else their width: PSAT gets a
+            text head and the loss a text alignment of their own (the teacher cache's ``text_dim`` when its
+            ``shared_space`` is False).
+        map_shape: the cached teacher maps' (C, S, S) (the cache's ``map_shape``), needed for dense distillation
+            (``model.loss_weights.dense`` or ``model.loss_balance.dense``); ``None``: the cache has none.
 
     Returns:
         A fresh model (identical on every rank), with ``model.reconstruction`` / ``mask_ratio`` / ``mask_block``.
 
     Raises:
-        ConfigError: a bad backbone argument, or ``model.mask_block`` leaving fewer than 2 mask blocks in the patch.
+        ConfigError: a bad backbone argument, ``model.mask_block`` leaving fewer than 2 mask blocks in the patch, or
+            dense distillation asked for without teacher maps.
     """
     from .pretrain.config import ConfigError, check_backbone_kwargs
 
@@ -258,11 +322,22 @@ def build_model(config: "PretrainConfig", embed_dim: int = 512) -> Med3DInsightM
     torch.manual_seed(config.train.seed)
     backbone = build_backbone(m.backbone, in_channels=m.in_channels, patch_size=m.patch_size or None,
                               **m.backbone_kwargs)
-    psat_kwargs = {"out_dim": embed_dim, **{k: v for k, v in m.psat_kwargs.items() if k != "in_dim"}}
-    psat = PlaneSliceAwareTransformer.from_preset(m.psat, in_dim=backbone.token_dim, **psat_kwargs)
+    psat_kwargs = {"out_dim": embed_dim, **{k: v for k, v in m.psat_kwargs.items() if k not in ("in_dim", "text_dim")}}
+    psat = PlaneSliceAwareTransformer.from_preset(m.psat, in_dim=backbone.token_dim, text_dim=text_dim,
+                                                  **psat_kwargs)
     w = m.loss_weights
+    dense_on = bool(w.dense) or m.loss_balance.dense is not None
+    dense_head = None
+    if dense_on:
+        if map_shape is None:
+            raise ConfigError("dense distillation (model.loss_weights.dense / model.loss_balance.dense) needs a "
+                              "teacher cache with feature maps: rerun med3dinsight embed with --feature-maps S (and a "
+                              "timm image teacher) into a new folder, or set the dense weight to 0")
+        channels, size, _ = (int(v) for v in map_shape)
+        dense_head = DenseHead(backbone.token_dim, channels, size)
     loss = Med3DInsightLoss(m.alignment, embed_dim=embed_dim, image_weight=w.image, text_weight=w.text,
-                            reconstruction_weight=w.reconstruction)
+                            reconstruction_weight=w.reconstruction, text_dim=text_dim,
+                            dense_weight=w.dense if dense_on else 0.0, dense_loss=m.dense_loss)
     if m.reconstruction == "masked":
         grid = [-(-size // m.mask_block) for size in backbone.patch_size]
         if grid[0] * grid[1] * grid[2] < 2:
@@ -270,4 +345,4 @@ def build_model(config: "PretrainConfig", embed_dim: int = 512) -> Med3DInsightM
                               f"{'x'.join(map(str, backbone.patch_size))} patch: masked reconstruction would hide "
                               f"the whole input; lower model.mask_block")
     return Med3DInsightModel(backbone, psat, loss, reconstruction=m.reconstruction, mask_ratio=m.mask_ratio,
-                             mask_block=m.mask_block)
+                             mask_block=m.mask_block, dense_head=dense_head)

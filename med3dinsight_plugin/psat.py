@@ -91,6 +91,9 @@ class PlaneSliceAwareTransformer(nn.Module):
         out_dim: output embedding width, the teacher's (BiomedCLIP: 512).
         num_slice_bins: bins of the relative slice position in [0, 1] (authors: 128).
         dropout: dropout in attention and FFN (authors: 0.1).
+        text_dim: ``None`` (the paper: image and text targets share one space, one head predicts both); else the
+            width of a text space of its own (e.g. a timm image teacher with a sentence-encoder text teacher): a
+            second head, ``text_head``, predicts the text target (:meth:`forward_spaces`).
 
     ``forward(tokens, plane, position)``: ``tokens`` (B, N, in_dim), ``plane`` long and ``position`` float of shape
     (B,) or (B, K) -> L2-normalised embeddings (B, out_dim) or (B, K, out_dim). Planes and positions follow
@@ -98,17 +101,22 @@ class PlaneSliceAwareTransformer(nn.Module):
     """
 
     def __init__(self, in_dim: int = 768, width: int = 768, depth: int = 6, heads: int = 8, num_queries: int = 300,
-                 ffn_dim: int | None = None, out_dim: int = 512, num_slice_bins: int = 128, dropout: float = 0.1):
+                 ffn_dim: int | None = None, out_dim: int = 512, num_slice_bins: int = 128, dropout: float = 0.1,
+                 text_dim: int | None = None):
         super().__init__()
         for name, value in (("in_dim", in_dim), ("width", width), ("depth", depth), ("heads", heads),
-                            ("num_queries", num_queries), ("out_dim", out_dim), ("num_slice_bins", num_slice_bins)):
-            if not isinstance(value, int) or value < 1:
+                            ("num_queries", num_queries), ("out_dim", out_dim), ("num_slice_bins", num_slice_bins),
+                            ("text_dim", 1 if text_dim is None else text_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise Med3DInsightError(f"{name} must be a positive integer, got {value!r}")
         if width % heads:
             raise Med3DInsightError(f"width ({width}) must be divisible by heads ({heads})")
         self.config = dict(in_dim=in_dim, width=width, depth=depth, heads=heads, num_queries=num_queries,
                            ffn_dim=ffn_dim or 4 * width, out_dim=out_dim, num_slice_bins=num_slice_bins,
                            dropout=dropout)
+        if text_dim is not None:  # only then: the paper's configuration (and its checkpoints) stay as they were
+            self.config["text_dim"] = text_dim
+        self.text_dim = text_dim
         self.in_dim, self.width, self.out_dim, self.num_slice_bins = in_dim, width, out_dim, num_slice_bins
         self.input_proj = nn.Linear(in_dim, width) if in_dim != width else nn.Identity()
         self.queries = nn.Parameter(torch.empty(num_queries, width))
@@ -116,6 +124,7 @@ class PlaneSliceAwareTransformer(nn.Module):
         self.layers = nn.ModuleList(_DecoderLayer(width, heads, self.config["ffn_dim"], dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, out_dim)
+        self.text_head = nn.Linear(width, text_dim) if text_dim is not None else None
         nn.init.normal_(self.queries, std=0.02)
         nn.init.normal_(self.plane_slice_embed, std=0.02)
 
@@ -131,6 +140,17 @@ class PlaneSliceAwareTransformer(nn.Module):
         return self.plane_slice_embed[plane, position_bins(position, self.num_slice_bins)]
 
     def forward(self, tokens: torch.Tensor, plane: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Image-space predictions (the only ones when the spaces are shared): see the class docstring."""
+        return self.forward_spaces(tokens, plane, position)[0]
+
+    def forward_spaces(self, tokens: torch.Tensor, plane: torch.Tensor, position: torch.Tensor):
+        """Predictions in every target space from one decoding.
+
+        Returns:
+            ``(image, text)``: L2-normalised (B[, K], out_dim) image-space predictions, and the (B[, K], text_dim)
+            text-space ones of ``text_head`` -- or ``None`` when the spaces are shared (the image-space prediction
+            then stands for both targets).
+        """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
             raise ValueError(f"tokens must have shape (B, N, {self.in_dim}), got "
                              f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
@@ -150,5 +170,7 @@ class PlaneSliceAwareTransformer(nn.Module):
             kv_proj = layer.cross_attn.kv
             memory_kv = kv_proj(memory)[:, None] + F.linear(pos, kv_proj.weight)[:, :, None]  # (B, K, N, 2W)
             x = layer(x, memory_kv, keep=1 if i == len(self.layers) - 1 else None)
-        out = F.normalize(self.head(self.norm(x[:, :, 0])), dim=-1)  # (B, K, out_dim)
-        return out[:, 0] if single else out
+        x = self.norm(x[:, :, 0])
+        outs = [F.normalize(self.head(x), dim=-1),
+                None if self.text_head is None else F.normalize(self.text_head(x), dim=-1)]
+        return tuple(o[:, 0] if single and o is not None else o for o in outs)

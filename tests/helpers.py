@@ -30,10 +30,14 @@ class ToyDataset:
     slice as padding (``mask``), as the real dataset does for crops holding fewer than K cached slices.
     """
 
-    def __init__(self, seed=0, length=None, size=32, k=4, delay=0.0):
+    def __init__(self, seed=0, length=None, size=32, k=4, delay=0.0, maps=None):
         self.seed, self.length, self.size, self.k, self.delay = seed, length, size, k, delay
         g = torch.Generator().manual_seed(1234)  # the "teacher": the same for every split
         self.image_map, self.text_map = torch.randn(2, EMBED, 4 + 3 + 2, generator=g).unbind(0)
+        # maps=(C, S): dense targets, a fixed random projection of the slice's S x S mean intensities (+ a bias)
+        self.maps = maps
+        if maps is not None:
+            self.map_proj = torch.randn(maps[0], 2, generator=g)
 
     def __len__(self):
         if self.length is None:
@@ -59,9 +63,18 @@ class ToyDataset:
         feats = torch.stack(feats)
         mask = torch.ones(self.k, dtype=torch.bool)
         mask[-1] = int(i) % 3 != 2  # every third item pads its last slice, as a crop with too few cached slices
-        return {"volume": volume.float(), "plane": plane, "position": position.float(), "mask": mask,
+        item = {"volume": volume.float(), "plane": plane, "position": position.float(), "mask": mask,
                 "image_emb": F.normalize(feats @ self.image_map.T, dim=-1),
                 "text_emb": F.normalize(feats @ self.text_map.T, dim=-1)}
+        if self.maps is not None:
+            s = self.maps[1]
+            pooled = torch.stack([F.adaptive_avg_pool2d(volume[0].select(p, min(int(t * self.size), self.size - 1))
+                                                        [None], s)[0] for p, t in zip(plane.tolist(),
+                                                                                      position.tolist())])
+            both = torch.stack([pooled, torch.ones_like(pooled)], -1)  # (K, S, S, 2)
+            item["map_target"] = (both @ self.map_proj.T).permute(0, 3, 1, 2).contiguous()  # (K, C, S, S)
+            item["map_valid"] = torch.ones(self.k, s, s, dtype=torch.bool)
+        return item
 
 
 def tiny_psat_kwargs(in_dim: int, out_dim: int = 16) -> dict:
@@ -137,22 +150,24 @@ def toy_overrides(output, backbone="plain_conv_unet", **train):
     return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
 
 
-def run_in_process(overrides, eval_cases=4, **kwargs):
-    """Pretrain on the toy data in this process with the ``--set`` strings ``overrides``; returns
-    ``(config, model, summary)``."""
+def run_in_process(overrides, eval_cases=4, maps=None, **kwargs):
+    """Pretrain on the toy data in this process with the ``--set`` strings ``overrides`` (``maps=(C, S)``: with
+    dense targets of C channels on S x S grids); returns ``(config, model, summary)``."""
     from med3dinsight_plugin.pretrain import build_model, load_config, pretrain
 
     config = load_config(None, overrides)
-    model = build_model(config, EMBED)
+    model = build_model(config, EMBED, map_shape=None if maps is None else (maps[0], maps[1], maps[1]))
     size = config.model.patch_size[0]
-    eval_set = ToyDataset(seed=99, length=eval_cases, size=size) if eval_cases else None
-    summary = pretrain(config, model, ToyDataset(size=size), eval_set, progress=False, **kwargs)
+    eval_set = ToyDataset(seed=99, length=eval_cases, size=size, maps=maps) if eval_cases else None
+    summary = pretrain(config, model, ToyDataset(size=size, maps=maps), eval_set, progress=False, **kwargs)
     return config, model, summary
 
 
-def script(overrides, threads=1, delay=0.0):
-    """Arguments of tests/pretrain_toy.py for a run with ``overrides``."""
+def script(overrides, threads=1, delay=0.0, maps=None):
+    """Arguments of tests/pretrain_toy.py for a run with ``overrides`` (``maps=(C, S)``: with dense targets)."""
     args = [str(PRETRAIN_TOY_SCRIPT), "--threads", str(threads), "--delay", str(delay)]
+    if maps is not None:
+        args += ["--maps", str(maps[0]), str(maps[1])]
     return args + [a for o in overrides for a in ("--set", o)]
 
 

@@ -21,12 +21,15 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds of sleep per training sample")
+    parser.add_argument("--maps", type=int, nargs=2, metavar=("C", "S"), help="dense targets: C channels, S x S")
     parser.add_argument("--grads", help="file to save the last step's (all-reduced) gradients to, from rank 0")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = load_config(None, args.overrides)
-    model = build_model(config, EMBED)
-    summary = pretrain(config, model, ToyDataset(delay=args.delay), ToyDataset(seed=99, length=4), progress=False)
+    maps = tuple(args.maps) if args.maps else None
+    model = build_model(config, EMBED, map_shape=None if maps is None else (maps[0], maps[1], maps[1]))
+    summary = pretrain(config, model, ToyDataset(delay=args.delay, maps=maps), ToyDataset(seed=99, length=4, maps=maps),
+                       progress=False)
     if args.grads and int(os.environ.get("RANK", "0")) == 0:
         torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, args.grads)
     print(json.dumps(summary.to_dict()))

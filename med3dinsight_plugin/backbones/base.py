@@ -123,6 +123,11 @@ class Backbone(nn.Module):
     def spatial_divisor(self) -> Tuple[int, int, int]:
         return (1, 1, 1)
 
+    def token_grid(self, spatial: Sequence[int]) -> Tuple[int, int, int]:
+        """The (d, h, w) grid of the bottleneck tokens for an input of spatial size ``spatial``: the tokens
+        (B, N, C) are that grid flattened in (d, h, w) order (dense distillation samples them on it)."""
+        return tuple(int(s) // int(d) for s, d in zip(spatial, self.spatial_divisor()))  # type: ignore[return-value]
+
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         self.check_input(x)
         bottleneck, decoded = self.features(x)

@@ -34,6 +34,9 @@ class UNETRBackbone(Backbone):
         dead = tuple(n for n, _ in network.named_parameters() if ".norm_cross_attn." in n)
         return super().network_spec(network)._replace(dead_parameters=dead)
 
+    def token_grid(self, spatial):
+        return tuple(int(s) // VIT_PATCH for s in spatial)  # one ViT token per VIT_PATCH^3 block
+
     def encoder_features(self, x):
         return self.network.vit(x)[0]
 

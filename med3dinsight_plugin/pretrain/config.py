@@ -18,7 +18,7 @@ import yaml
 from ..errors import Med3DInsightError, short_repr
 from ..psat import PSAT_PRESETS
 
-__all__ = ["ConfigError", "DataConfig", "LossWeights", "ModelConfig", "PretrainConfig", "TrainConfig",
+__all__ = ["ConfigError", "DataConfig", "LossBalance", "LossWeights", "ModelConfig", "PretrainConfig", "TrainConfig",
            "check_backbone_kwargs", "diff_configs", "load_config", "save_config", "RESUMABLE_CHANGES"]
 
 # Keys that may differ between a run and its resumption: they change how long or how verbosely it runs, not what
@@ -75,6 +75,17 @@ class LossWeights:
     image: float = _f(1.0, kind="float", min=0.0)
     text: float = _f(1.0, kind="float", min=0.0)
     reconstruction: float = _f(1.0, kind="float", min=0.0)
+    # dense distillation (med3dinsight_plugin.dense): needs a cache embedded with --feature-maps; off by default
+    dense: float = _f(0.0, kind="float", min=0.0)
+
+
+@dataclass
+class LossBalance:
+    """``model.loss_balance:`` set a term's weight before the first step so that its gradient norm on the encoder is
+    this multiple of the reconstruction term's (measured on the first batch; null: the weight in loss_weights)."""
+    image: Optional[float] = _f(None, kind="float", above=0.0, optional=True)
+    text: Optional[float] = _f(None, kind="float", above=0.0, optional=True)
+    dense: Optional[float] = _f(None, kind="float", above=0.0, optional=True)
 
 
 @dataclass
@@ -89,6 +100,9 @@ class ModelConfig:
     psat_kwargs: Dict[str, Any] = _f({}, kind="dict")
     alignment: str = _f("ot", kind="str", choices=("ot", "clip"))
     loss_weights: LossWeights = field(default_factory=LossWeights)
+    loss_balance: LossBalance = field(default_factory=LossBalance)
+    # dense distillation's per-location distance: cosine (1 - cos) or mse
+    dense_loss: str = _f("cosine", kind="str", choices=("cosine", "mse"))
     # plain: the decoder rebuilds the whole input it sees; masked: training inputs lose a random mask_ratio of their
     # mask_block^3 blocks (set to 0, the z-scored mean) and the MSE is taken on those voxels only (Med3DInsightModel)
     reconstruction: str = _f("plain", kind="str", choices=("plain", "masked"))

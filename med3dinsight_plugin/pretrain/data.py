@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..dense import crop_map_target
 from ..errors import Med3DInsightError
 from ..fileio import atomic_write
 from ..teacher.cache import StaleCacheError, TeacherCache
@@ -296,12 +297,20 @@ class PretrainDataset(Dataset):
         length: ``len()`` for a finite (held-out) set, whose sample ``i`` uses case ``i % len(cases)``.
         boxes: for the ``volume`` view, each case's body box (:func:`prepared_boxes`): the prepared arrays are those
             boxes resampled to ``patch_size``, and every sample is a whole box. ``None``: the ``crop`` view.
+        maps: also return dense distillation's targets, ``map_target`` (K, C, S, S) and ``map_valid`` (K, S, S):
+            the cached teacher maps of the sample's slices resampled onto the crop's extent
+            (:func:`~med3dinsight_plugin.dense.crop_map_target`); the cache must hold maps.
     """
 
     def __init__(self, folder, cases: Sequence[str], shapes: Dict[str, Sequence[int]], cache: TeacherCache,
                  patch_size: Sequence[int], slices: int = 8, seed: int = 0, augment: bool = True,
-                 length: Optional[int] = None, boxes: Optional[Dict[str, Sequence[Sequence[int]]]] = None):
+                 length: Optional[int] = None, boxes: Optional[Dict[str, Sequence[Sequence[int]]]] = None,
+                 maps: bool = False):
         self.folder, self.cases, self.cache = Path(folder), list(cases), cache
+        if maps and not getattr(cache, "has_maps", False):
+            raise StaleCacheError(f"the teacher cache {cache.folder} holds no feature maps, which dense distillation "
+                                  f"needs; rerun med3dinsight embed with --feature-maps S into a new folder")
+        self.maps = bool(maps)
         self.patch = tuple(int(p) for p in patch_size)
         self.k, self.seed, self.augment, self.length = int(slices), int(seed), augment, length
         self.boxes = None if boxes is None else {c: [tuple(map(int, b)) for b in boxes[c]] for c in self.cases}
@@ -379,6 +388,14 @@ class PretrainDataset(Dataset):
                "image_emb": torch.from_numpy(np.asarray(e.image[rows], np.float32))}
         if e.text is not None:
             out["text_emb"] = torch.from_numpy(np.asarray(e.text[rows], np.float32))
+        if self.maps:
+            # the crop's extent as fractions of the volume as read (the cached maps cover whole slices of it)
+            extent = np.array(e.shape, np.float64) if self.boxes is not None else \
+                np.array(volume.shape[1:], np.float64)  # crop view: the prepared grid spans the same volume
+            low = np.array(start, np.float64) / extent
+            high = (np.array(start, np.float64) + np.array(size, np.float64)) / extent
+            target, valid = crop_map_target(e.image_map[rows], plane, low, high, e.image_map.shape[-1])
+            out["map_target"], out["map_valid"] = torch.from_numpy(target), torch.from_numpy(valid)
         return out
 
     def _pick(self, e, centre: np.ndarray, start: Sequence[int], size: Sequence[int], rng) -> List[int]:

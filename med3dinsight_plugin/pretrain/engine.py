@@ -12,6 +12,7 @@ Layout of a run folder ``OUTPUT``::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,11 +30,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from ..balance import balanced_weights, encoder_parameters, term_gradient_norms
 from ..checkpoint import RESERVED_METADATA, CheckpointError, save_pretrained
 from ..distributed import DistributedContext, init_distributed
 from ..errors import Med3DInsightError, first_line
 from ..fileio import atomic_write, freeze
-from ..model import build_model
+from ..model import SliceOutputs, build_model
 from ..ot import NonFiniteCostError
 from ..results import Result
 from .config import RESUMABLE_CHANGES, ConfigError, PretrainConfig, TrainConfig, diff_configs, save_config
@@ -118,14 +120,22 @@ class _Step(nn.Module):
         super().__init__()
         self.model, self.world = model, world
 
-    def forward(self, volume, plane, position, image_emb=None, text_emb=None, mask=None) -> Dict[str, torch.Tensor]:
+    def forward(self, volume, plane, position, image_emb=None, text_emb=None, mask=None, map_target=None,
+                map_valid=None) -> Dict[str, torch.Tensor]:
         z3d, reconstruction = self.model.encode(volume, plane, position)
+        if map_valid is not None and mask is not None:  # dense distillation stays per rank, like reconstruction
+            map_valid = map_valid & mask[..., None, None].bool()
         if self.world > 1:
             from torch.distributed.nn.functional import all_gather
-            z3d = torch.cat(all_gather(z3d), 0)
+
+            def gather(t):
+                return None if t is None else torch.cat(all_gather(t), 0)
+            z3d = z3d._replace(image=gather(z3d.image), text=gather(z3d.text)) if isinstance(z3d, SliceOutputs) \
+                else gather(z3d)
             image_emb, text_emb = _gather_plain(image_emb, self.world), _gather_plain(text_emb, self.world)
             mask = None if mask is None else _gather_plain(mask.to(torch.uint8), self.world).bool()
-        return self.model.compute_losses(z3d, reconstruction, volume, image_emb, text_emb, mask)
+        return self.model.compute_losses(z3d, reconstruction, volume, image_emb, text_emb, mask, map_target,
+                                          map_valid)
 
 
 def _gather_plain(t: Optional[torch.Tensor], world: int) -> Optional[torch.Tensor]:
@@ -208,6 +218,7 @@ class _Tally:
     window: List[torch.Tensor] = field(default_factory=list)  # each step's loss since the last finiteness check
     last_losses: Dict[str, float] = field(default_factory=dict)  # the last logged means over the ranks
     last_eval: Dict[str, float] = field(default_factory=dict)  # the last held-out metrics (rank 0)
+    encoder_grad: Dict[str, torch.Tensor] = field(default_factory=dict)  # each weighted term's, at the log step
 
 
 @dataclass
@@ -231,6 +242,7 @@ class _RunContext:
     eval_set: Any = None
     amp_dtype: Optional[torch.dtype] = None
     params: List[nn.Parameter] = field(default_factory=list)  # the trainable parameters
+    encoder_params: List[nn.Parameter] = field(default_factory=list)  # those of the pretrained encoder
     optimizer: Optional[torch.optim.Optimizer] = None
     scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
     scaler: Optional[torch.amp.GradScaler] = None
@@ -281,12 +293,15 @@ def _run(config: PretrainConfig, model: nn.Module, train_set, eval_set, metadata
     run = _open_run(config, model, ctx, eval_set, resume)
     _prepare_model(run, on_start)
     _prepare_optimization(run)
+    balanced = _balance_loss_weights(run, train_set) if run.start == 0 else None
     _prepare_step_module(run)
     loader = _loader(run, train_set)
     run.log = MetricsLog(run.out, run.tc.steps, run.start, progress) if run.rank == 0 else None
     run.tally = _Tally()
     final = None
     try:
+        if run.log and balanced:
+            run.log.write({"step": 0, **balanced})
         if run.log and eval_set is not None and run.start == 0:  # the untrained baseline of the retrieval curves
             run.log.write({"step": 0, **_evaluate(run)})
         for batch in loader:
@@ -338,6 +353,8 @@ def _prepare_model(run: _RunContext, on_start: Optional[Callable[[nn.Module], An
     model.to(run.device)
     if run.state:
         model.load_state_dict(run.state["model"])
+        if isinstance(run.state.get("loss_weights"), dict):  # set by model.loss_balance at the run's start
+            model.loss.weights.update({k: float(v) for k, v in run.state["loss_weights"].items()})
     if run.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(run.config, run.out / "config.yaml")
@@ -352,6 +369,7 @@ def _prepare_optimization(run: _RunContext) -> None:
     tc, state = run.tc, run.state
     run.amp_dtype = _amp_dtype(tc.amp, run.device)
     run.params = [p for p in run.model.parameters() if p.requires_grad]
+    run.encoder_params = encoder_parameters(run.model)
     run.optimizer = _optimizer(run.model.param_groups(), tc)
     # A plain function (not a picklable object) so the scheduler's state holds no callable, and a resumed run with a
     # changed train.steps follows the new schedule.
@@ -392,6 +410,41 @@ def _prepare_step_module(run: _RunContext) -> None:
             find_unused_parameters=not all(model.loss.weights.values()))
 
 
+def _balance_loss_weights(run: _RunContext, train_set) -> Optional[Dict[str, float]]:
+    """``model.loss_balance``: set the balanced terms' weights from the encoder-gradient norms of step 0's batch
+    (the same on every rank: the norms are averaged over the ranks), before DDP wraps the model.
+
+    Returns:
+        ``{"loss_weight/<term>": weight, "encoder_grad_unweighted/<term>": norm}`` for the log, or ``None`` when no
+        term is balanced.
+
+    Raises:
+        Med3DInsightError: no reconstruction term, or a balanced term that does not reach the encoder.
+    """
+    ratios = {k: v for k, v in dataclasses.asdict(run.config.model.loss_balance).items() if v is not None}
+    if not ratios:
+        return None
+    from torch.utils.data import default_collate
+
+    weights = run.model.loss.weights
+    saved = dict(weights)
+    weights.update({k: 1.0 for k in ratios})  # computed at weight 1 whatever loss_weights says
+    first = run.rank * run.tc.batch_size  # step 0's samples of this rank (as _StepSampler gives them)
+    batch = default_collate([train_set[i] for i in range(first, first + run.tc.batch_size)])
+    batch = {k: v.to(run.device) for k, v in batch.items()}
+    run.model.train()
+    try:
+        with torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext():
+            losses = _Step(run.model, run.world)(**batch)
+        norms = _reduce_mean(term_gradient_norms(losses, weights, run.encoder_params, weighted=False), 1, run.world)
+    finally:
+        weights.clear()
+        weights.update(saved)
+    weights.update(balanced_weights(norms, weights, ratios))
+    return {**{f"loss_weight/{k}": v for k, v in weights.items()},
+            **{f"encoder_grad_unweighted/{k}": v for k, v in norms.items()}}
+
+
 def _loader(run: _RunContext, train_set) -> DataLoader:
     """This rank's batches from ``run.start`` to ``train.steps`` (see :class:`_StepSampler`)."""
     tc, workers = run.tc, run.config.data.num_workers
@@ -417,6 +470,8 @@ def _train_step(run: _RunContext, batch: Dict[str, torch.Tensor]
     run.model.train()
     optimizer.zero_grad(set_to_none=True)
     losses = _forward(run, batch)
+    if (run.step + 1) % tc.log_every == 0 or run.step + 1 == tc.steps:  # where each term's gradient goes
+        run.tally.encoder_grad = term_gradient_norms(losses, run.model.loss.weights, run.encoder_params)
     scaler.scale(losses["loss"]).backward()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, tc.grad_clip) if tc.grad_clip > 0 \
@@ -477,8 +532,11 @@ def _after_step(run: _RunContext, losses: Dict[str, torch.Tensor], grad_norm: to
         tally.window = []
     if step % tc.log_every == 0 or step == tc.steps:
         tally.last_losses = _reduce_mean(tally.sums, tally.count, run.world)
+        grads = {f"encoder_grad/{k}": v for k, v in _reduce_mean(tally.encoder_grad, 1, run.world).items()} \
+            if tally.encoder_grad else {}
+        tally.encoder_grad = {}
         now = time.perf_counter()
-        record = {"step": step, "lr": lr, **tally.last_losses,
+        record = {"step": step, "lr": lr, **tally.last_losses, **grads,
                   "samples_per_s": run.global_batch * tally.count / (now - tally.tick)}
         tally.sums, tally.count, tally.tick = {}, 0, now
     if run.log and run.eval_set is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
@@ -576,6 +634,8 @@ class _States:
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
                      "config": config.to_dict()}
+            if hasattr(model, "loss"):  # the weights in force (model.loss_balance may have set them)
+                state["loss_weights"] = dict(model.loss.weights)
             self.folder.mkdir(parents=True, exist_ok=True)
             if self.rotate and self.last.is_file():
                 self._keep_last_as_previous()

@@ -145,6 +145,14 @@ def target_spacing(data, source) -> Optional[List[float]]:
     return median_spacing(source, source.cases) if data.spacing == "median" else None
 
 
+def teacher_spaces(cache) -> Dict[str, Any]:
+    """``build_model``'s arguments that the teacher cache decides besides the image width: ``text_dim`` (``None``
+    when the text targets share the image space, as open_clip's do) and ``map_shape`` (its feature maps, if any)."""
+    shared = getattr(cache, "shared_space", True)
+    return {"text_dim": None if shared or not cache.has_text else int(cache.text_dim),
+            "map_shape": tuple(cache.map_shape) if getattr(cache, "has_maps", False) else None}
+
+
 def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> PretrainResult:
     from ..volumes import open_source
     from .engine import build_model, pretrain
@@ -172,7 +180,7 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Pretrai
     # One process group for the whole run, its CUDA device selected before the first collective (the broadcast
     # below); the engine trains in the same context.
     with init_distributed(config.train.device, option="train.device") as ctx:
-        model = build_model(config, cache.embed_dim)  # first: the volume view resamples to its patch size
+        model = build_model(config, cache.embed_dim, **teacher_spaces(cache))  # first: the volume view resamples
         patch = model.backbone.patch_size
         prepared = Path(config.output) / "prepared"
         payload, failure = [None, None, None, None], None
@@ -194,11 +202,12 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Pretrai
         if error is not None:
             raise Med3DInsightError(f"rank 0 failed to prepare the data: {error}")
         boxes = prepared_boxes(prepared) if d.view == "volume" else None  # written by rank 0 before the broadcast
+        maps = model.dense_head is not None
         train_set = PretrainDataset(prepared, train_cases, shapes, cache, patch, d.slices_per_sample, d.seed,
-                                    d.augment, boxes=boxes)
+                                    d.augment, boxes=boxes, maps=maps)
         eval_set = None if not eval_cases else PretrainDataset(
             prepared, eval_cases, shapes, cache, patch, d.slices_per_sample, d.seed, augment=False,
-            length=EVAL_CROPS_PER_CASE * len(eval_cases), boxes=boxes)
+            length=EVAL_CROPS_PER_CASE * len(eval_cases), boxes=boxes, maps=maps)
         metadata = {"intensity_normalization": normalization, "orientation": ORIENTATION,
                     "teacher": cache.settings["teacher"], "teacher_slices": cache.settings["slices"],
                     "teacher_render": cache.settings["render"], "captions": cache.settings.get("captions"),
