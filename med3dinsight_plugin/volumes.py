@@ -843,15 +843,45 @@ def open_source(path, modality: str = "auto", configuration: str = "3d_fullres",
                               f"(nnU-Net preprocessed){hint}")
         raise VolumeError(f"{root} has no .nii/.nii.gz files and is not an nnU-Net raw dataset (dataset.json + "
                           f"imagesTr) or preprocessed dataset ({plans}.json + dataset.json)")
-    cases: Dict[str, List[str]] = {}
-    for f in files:
-        cases.setdefault(_case_name(f.name, strip_channel=True), []).append(str(f))
+    cases = _nifti_cases(files, root)
     counts = {len(v) for v in cases.values()}
     if len(counts) != 1:
         raise VolumeError(f"the cases in {root} have different numbers of channel files ({sorted(counts)}); name "
                           f"channels CASE_0000.nii.gz, CASE_0001.nii.gz, ... for every case")
     mod, why = _given_or(modality, lambda: _nifti_modality(cases, root))
     return VolumeSource("nifti", root, cases, mod, counts.pop(), modality_reason=why)
+
+
+def _nifti_cases(files: Sequence[Path], root: Path) -> Dict[str, List[str]]:
+    """The channel files of each case of a NIfTI folder, in channel order: ``CASE.nii[.gz]`` is a one-channel case,
+    ``CASE_0000``, ``CASE_0001``, ... the channels of ``CASE``. Two files of one case and channel (``a.nii`` beside
+    ``a.nii.gz``), a plain file beside channel files, and a gap in the channel numbers are refused: they would be
+    read as extra channels."""
+    grouped: Dict[str, Dict[int, List[Path]]] = {}
+    for f in files:
+        stem, case = _case_name(f.name), _case_name(f.name, strip_channel=True)
+        grouped.setdefault(case, {}).setdefault(-1 if case == stem else int(stem[-4:]), []).append(f)
+    out = {}
+    for case, channels in sorted(grouped.items()):
+        for same in channels.values():
+            if len(same) > 1:
+                raise VolumeError(f"{' and '.join(p.name for p in same)} in {root} are two files of one image of "
+                                  f"case {case} (they would be read as two channels); keep one and move the other "
+                                  f"out of the folder")
+        if -1 in channels and len(channels) > 1:
+            other = next(p[0].name for c, p in sorted(channels.items()) if c >= 0)
+            raise VolumeError(f"{channels[-1][0].name} and {other} in {root} both belong to case {case}: a case is one "
+                              f"file CASE.nii.gz or channel files CASE_0000.nii.gz, CASE_0001.nii.gz, ...; rename or "
+                              f"move one of them")
+        numbers = sorted(channels)
+        if numbers != list(range(len(numbers))) and numbers != [-1]:
+            missing = next(i for i in range(len(numbers) + 1) if i not in channels)
+            names = ", ".join(channels[c][0].name for c in numbers)
+            raise VolumeError(f"case {case} in {root} has {names} but no {case}_{missing:04d}: channel files are "
+                              f"numbered _0000, _0001, ... without gaps; rename them (or, if these are separate "
+                              f"cases, not channels, name them without the 4-digit _NNNN ending)")
+        out[case] = [str(channels[c][0]) for c in numbers]
+    return out
 
 
 def _given_or(modality: str, decide) -> Tuple[str, str]:
@@ -861,7 +891,7 @@ def _given_or(modality: str, decide) -> Tuple[str, str]:
 
 def _case_name(name: str, strip_channel: bool = False) -> str:
     stem = name[: -len(next(e for e in NIFTI_ENDINGS if name.endswith(e)))]
-    if strip_channel and len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+    if strip_channel and len(stem) > 5 and stem[-5] == "_" and stem[-4:].isascii() and stem[-4:].isdigit():
         return stem[:-5]
     return stem
 
@@ -914,6 +944,11 @@ def _raw_source(root: Path, modality: str) -> VolumeSource:
         if len(images) != len(channels):
             raise VolumeError(f"case {case} in {root / 'imagesTr'} has {len(images)} channel file(s) but {ds_path} "
                               f"names {len(channels)} channel(s); add the missing _000N files or fix channel_names")
+        expected = [f"{case}_{i:04d}{ds['file_ending']}" for i in range(len(channels))]
+        if "dataset" not in ds and [os.path.basename(p) for p in images] != expected:
+            raise VolumeError(f"case {case} in {root / 'imagesTr'} has {', '.join(map(os.path.basename, images))} but "
+                              f"the {len(channels)} channel(s) of {ds_path} are {', '.join(expected)}; number the "
+                              f"channel files _0000, _0001, ... without gaps (rename them) or fix channel_names")
     mod, why = _given_or(modality, lambda: _dataset_modality(channels, ds_path))
     return VolumeSource("nnunet_raw", root, files, mod, len(channels), modality_reason=why)
 

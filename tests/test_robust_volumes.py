@@ -259,3 +259,49 @@ def test_a_2d_image_is_told_what_to_do_with_a_2d_image(tmp_path, capfd):
     code, err = _slices(capfd, vols, tmp_path)
     line = one_line_failure(code, err, "a.nii.gz", "is 2D (shape (48, 48))", "a single image", "stack the slices")
     assert "4D" not in line and "_0000" not in line
+
+
+# ----------------------------------------------------------------------------- 3: inputs no longer read silently
+
+@pytest.mark.parametrize("names,needles", [
+    (["a.nii", "a.nii.gz"], ["a.nii and a.nii.gz", "two files of one image of case a", "move the other out"]),
+    (["a_0000.nii", "a_0000.nii.gz", "a_0001.nii.gz"], ["a_0000.nii and a_0000.nii.gz", "case a"]),
+    (["a_0000.nii.gz", "a_0002.nii.gz"], ["a_0000.nii.gz, a_0002.nii.gz but no a_0001", "without gaps"]),
+    (["a_0001.nii.gz"], ["has a_0001.nii.gz but no a_0000", "rename them"]),
+    (["a.nii.gz", "a_0000.nii.gz"], ["a.nii.gz and a_0000.nii.gz", "both belong to case a", "rename or move"]),
+])
+def test_ambiguous_channel_files_in_a_nifti_folder_are_refused(tmp_path, capfd, names, needles):
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    for name in ["b.nii.gz", *names]:  # b: an ordinary case beside them
+        write_nifti(vols / name, ct_like(seed=len(name), shape=(16, 16, 16)))
+    code, err = _slices(capfd, vols, tmp_path)
+    one_line_failure(code, err, str(vols), *needles)
+
+
+def test_well_numbered_channels_still_read_in_order(tmp_path):
+    for name, seed in (("a_0001.nii.gz", 1), ("a_0000.nii.gz", 0), ("b_0000.nii", 2), ("b_0001.nii.gz", 3)):
+        write_nifti(tmp_path / name, ct_like(seed=seed, shape=(16, 16, 16)))
+    source = open_source(tmp_path, modality="ct")
+    assert source.cases == ["a", "b"] and source.num_channels == 2
+    vol = source.read("a")
+    assert [p.rsplit("/", 1)[1] for p in vol.files] == ["a_0000.nii.gz", "a_0001.nii.gz"]
+    np.testing.assert_array_equal(vol.array[1], open_source(tmp_path / "a_0001.nii.gz", modality="ct").read(
+        "a_0001").array[0])
+
+
+def test_a_raw_dataset_with_a_channel_gap_is_refused(tmp_path, capfd):
+    a = ct_like(seed=8, shape=(16, 16, 16))
+    ds = _raw_dataset(tmp_path / "raw", {"c_0000.mha": a, "c_0002.mha": a + 1, "d_0000.mha": a, "d_0001.mha": a},
+                      channels=2)
+    code, err = _slices(capfd, ds, tmp_path)
+    one_line_failure(code, err, "case c", "c_0000.mha, c_0002.mha", "are c_0000.mha, c_0001.mha", "without gaps")
+
+
+def test_a_complex_nifti_is_refused_not_cut_to_its_real_part(tmp_path, capfd):
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    a = ct_like(seed=9, shape=(16, 16, 16))
+    write_nifti(vols / "a.nii.gz", (a + 1j * a).astype(np.complex64))
+    code, err = _slices(capfd, vols, tmp_path)
+    one_line_failure(code, err, "a.nii.gz", "complex voxels (complex64)", "save the magnitude")
