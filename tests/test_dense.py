@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import EMBED, TINY_BACKBONES, assert_same_weights, final_weights, run_in_process, tiny_pretrain_batch, \
-    tiny_pretrain_config, toy_overrides
+from helpers import (
+    EMBED,
+    TINY_BACKBONES,
+    assert_same_weights,
+    final_weights,
+    run_in_process,
+    tiny_pretrain_batch,
+    tiny_pretrain_config,
+    toy_overrides,
+)
 from med3dinsight_plugin.dense import DenseHead, crop_map_target, dense_loss, sample_slice_features, slice_grid
 from med3dinsight_plugin.errors import Med3DInsightError
 from med3dinsight_plugin.model import SliceOutputs, build_model

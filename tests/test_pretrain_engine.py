@@ -46,8 +46,11 @@ def toy_run(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------- correctness
 
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
-    """2 ranks x batch 1 (gloo) against 1 process x batch 2, three steps from the same initialisation.
+@pytest.mark.parametrize("dense", [False, True], ids=["paper", "dense"])
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, dense):
+    """2 ranks x batch 1 (gloo) against 1 process x batch 2, three steps from the same initialisation (``dense``:
+    with dense distillation, whose per-rank loss DDP averages like the reconstruction's; every step also measures
+    each term's encoder gradient before the backward pass, which must leave DDP's reduction alone).
 
     The gradients (all-reduced, of the last step) must agree to float rounding. The weights are compared after
     three steps of SGD (train.optimizer=sgd: Nesterov momentum 0.99), whose update is linear in the gradients, so
@@ -58,13 +61,14 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     """
     lr, mu, steps = 1e-2, 0.99, 3
     run = dict(steps=steps, warmup_steps=0, checkpoint_every=0, eval_every=0, lr=lr, optimizer="sgd",
-               **{"model.alignment": "ot"})
+               **{"model.alignment": "ot"}, **({"model.loss_weights.dense": 1.0} if dense else {}))
+    maps = (5, 3) if dense else None
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *script(toy_overrides(ddp_out, batch_size=1, **run)), "--grads", str(tmp_path / "grads.pt")]
+           *script(toy_overrides(ddp_out, batch_size=1, **run), maps=maps), "--grads", str(tmp_path / "grads.pt")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    config, model, summary = run_in_process(toy_overrides(single_out, batch_size=2, **run), eval_cases=0)
+    config, model, summary = run_in_process(toy_overrides(single_out, batch_size=2, **run), eval_cases=0, maps=maps)
     assert summary.global_batch == 2 and summary.steps == 3
     assert final_weights(ddp_out).metadata["pretraining"]["world_size"] == 2
 
@@ -82,7 +86,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     # be at most twice the last step's.
     coefficients = sum(1 + sum(mu ** j for j in range(1, steps - i + 2)) for i in range(1, steps + 1))
     ddp, single = final_weights(ddp_out), final_weights(single_out)
-    initial = build_model(config, EMBED).state_dict()
+    initial = build_model(config, EMBED, map_shape=(5, 3, 3) if dense else None).state_dict()
     trained = model.state_dict(keep_vars=True)  # every key, aliases included, with its parameter's gradient
     ratios = []
     prefixes = {"": "backbone.network.", "reconstruction_head": "backbone.reconstruction_head."}
