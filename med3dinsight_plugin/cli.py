@@ -147,13 +147,20 @@ def _slice_settings(args: argparse.Namespace, size: Optional[int] = None):
 def _source(args: argparse.Namespace):
     from .volumes import open_source
 
+    if args.crops < 0:
+        raise Med3DInsightError(f"--crops {args.crops}: pass a positive number of crops per volume, or leave --crops "
+                                f"out (or 0) for whole volumes")
+    if not args.crops and (args.crop_mm is not None or args.crop_seed):
+        given = "--crop-mm" if args.crop_mm is not None else "--crop-seed"
+        raise Med3DInsightError(f"{given} goes with --crops N (N >= 1 crops per volume) but --crops is 0 (the "
+                                f"default: whole volumes); pass --crops N, or drop {given}")
+    if args.crops and args.crop_mm is None:
+        raise Med3DInsightError("--crops needs --crop-mm S P L (the crops' size in mm: superior, posterior, left)")
     source = open_source(args.data, modality=args.modality, configuration=args.configuration, plans=args.plans,
                          raw=args.raw)
     if args.crops:
         from .crops import CropSource
 
-        if args.crop_mm is None:
-            raise Med3DInsightError("--crops needs --crop-mm S P L (the crops' size in mm: superior, posterior, left)")
         source = CropSource(source, args.crops, args.crop_mm, args.crop_seed)
     return source
 

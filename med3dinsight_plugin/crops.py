@@ -2,10 +2,11 @@
 
 ``CropSource(source, per_volume=M, size_mm=(S, P, L))`` wraps a :class:`~med3dinsight_plugin.volumes.VolumeSource`:
 every volume ``CASE`` gives M cases ``CASE@0`` ... ``CASE@{M-1}``, each the sub-volume of one box of ``size_mm``
-(canonical axes: superior, posterior, left; clipped to the volume) whose centre is drawn inside the body's bounding
-box. The boxes are a pure function of ``(seed, CASE, the volume's shape and spacing)``, so ``slices``, ``caption``,
-``embed`` and ``pretrain`` given the same settings cut the same boxes, and each box's content fingerprint (recorded in
-the teacher cache) proves it when pretraining prepares it.
+(canonical axes: superior, posterior, left) whose centre is drawn inside the body's bounding box. A box larger than
+a volume, or thinner than two voxels, along an axis is refused, naming the case (:func:`crop_voxels`). The boxes are
+a pure function of ``(seed, CASE, the volume's shape and spacing)``, so ``slices``, ``caption``, ``embed`` and
+``pretrain`` given the same settings cut the same boxes, and each box's content fingerprint (recorded in the teacher
+cache) proves it when pretraining prepares it.
 
 Rendered slices of a crop case cover the crop's in-plane field of view only, so captions and embeddings describe the
 crop. With ``data.view: volume`` each sample is then one whole crop (its body box resampled to the patch), so the
@@ -22,7 +23,7 @@ import numpy as np
 
 from .errors import Med3DInsightError
 
-__all__ = ["CropSource", "crop_boxes", "split_crop_case"]
+__all__ = ["CropSource", "crop_boxes", "crop_voxels", "split_crop_case"]
 
 SEPARATOR = "@"
 
@@ -44,15 +45,19 @@ def crop_boxes(case: str, shape: Sequence[int], spacing: Sequence[float], body: 
         shape, spacing: the volume's canonical shape and voxel size (mm).
         body: the body's bounding box (``pretrain.data.body_box``); each box's centre is drawn inside it.
         per_volume: M.
-        size_mm: the box's extent in mm per canonical axis (clipped to the volume).
+        size_mm: the box's extent in mm per canonical axis (at most the volume's, at least two voxels).
         seed: the crop seed.
 
     Returns:
         M boxes, each ``[[start, stop]] * 3`` inside the volume.
+
+    Raises:
+        VolumeError: the crop is larger than the volume, or thinner than two voxels, along an axis
+            (:func:`crop_voxels`).
     """
+    size = crop_voxels(case, shape, spacing, size_mm)
     digest = hashlib.sha256(f"{seed}:{case}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-    size = [min(n, max(1, int(round(float(mm) / float(s))))) for n, mm, s in zip(shape, size_mm, spacing)]
     boxes = []
     for _ in range(per_volume):
         box = []
@@ -62,6 +67,45 @@ def crop_boxes(case: str, shape: Sequence[int], spacing: Sequence[float], body: 
             box.append([start, start + k])
         boxes.append(box)
     return boxes
+
+
+_AXES = ("superior", "posterior", "left")
+
+
+def _axes(indices: Sequence[int]) -> str:
+    """``[0, 2]`` -> ``"superior and left axes"``."""
+    names = [_AXES[i] for i in indices]
+    return (f"{', '.join(names[:-1])} and {names[-1]} axes" if len(names) > 1 else f"{names[0]} axis")
+
+
+def crop_voxels(case: str, shape: Sequence[int], spacing: Sequence[float], size_mm: Sequence[float]) -> List[int]:
+    """The crop's size in voxels of one volume, per canonical axis: ``size_mm`` / spacing, rounded.
+
+    A crop larger than the volume along an axis is refused, not clipped: its crops would be smaller in mm than the
+    other volumes' (and, larger along every axis, M copies of the whole volume); so is a crop thinner than
+    :data:`~med3dinsight_plugin.volumes.MIN_VOXELS` voxels along an axis, which cannot be sliced in three planes.
+
+    Raises:
+        VolumeError: one line naming the case, the crop's and the volume's sizes and the fix.
+    """
+    from .volumes import MIN_VOXELS, VolumeError
+
+    size = [int(round(float(mm) / float(s))) for mm, s in zip(size_mm, spacing)]
+    mm = "x".join(f"{float(x):g}" for x in size_mm)
+    at = f"{mm} mm crops are {'x'.join(map(str, size))} voxels at case {case}'s spacing " \
+         f"({'x'.join(f'{float(s):g}' for s in spacing)} mm)"
+    over = [a for a in range(3) if size[a] > shape[a]]
+    if over:
+        fits = " ".join(f"{n * float(sp):g}" for n, sp in zip(shape, spacing))
+        raise VolumeError(f"{at}, larger than its {'x'.join(map(str, shape))}-voxel volume along the {_axes(over)}; "
+                          f"pass a --crop-mm (data.crop_mm) that fits every volume (this one: at most {fits} mm), or "
+                          f"remove case {case} from the dataset")
+    thin = [a for a in range(3) if size[a] < MIN_VOXELS]
+    if thin:
+        need = " ".join(f"{MIN_VOXELS * float(sp):g}" for sp in spacing)
+        raise VolumeError(f"{at}, fewer than {MIN_VOXELS} voxels along the {_axes(thin)}; pass a larger --crop-mm "
+                          f"(data.crop_mm): at least {need} mm here")
+    return size
 
 
 class CropSource:

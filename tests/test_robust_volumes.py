@@ -305,3 +305,43 @@ def test_a_complex_nifti_is_refused_not_cut_to_its_real_part(tmp_path, capfd):
     write_nifti(vols / "a.nii.gz", (a + 1j * a).astype(np.complex64))
     code, err = _slices(capfd, vols, tmp_path)
     one_line_failure(code, err, "a.nii.gz", "complex voxels (complex64)", "save the magnitude")
+
+
+# ---------------------------------------------------------------------------------- 4: inconsistent crop options
+
+@pytest.fixture
+def vols(tmp_path):
+    """Two CT-like cases, 32^3 voxels of 1 mm and 24x32x32 voxels of (2, 1, 1) mm (canonical S, P, L)."""
+    folder = tmp_path / "vols"
+    folder.mkdir()
+    write_nifti(folder / "big.nii.gz", ct_like(seed=10, shape=(32, 32, 32)))
+    write_nifti(folder / "short.nii.gz", ct_like(seed=11, shape=(32, 32, 24)), np.diag([1.0, 1.0, 2.0, 1.0]))
+    return folder
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--crops", "0", "--crop-mm", "16", "16", "16"], ["--crop-mm goes with --crops N", "--crops is 0"]),
+    (["--crop-mm", "16", "16", "16"], ["--crop-mm goes with --crops N"]),
+    (["--crop-seed", "3"], ["--crop-seed goes with --crops N"]),
+    (["--crops", "-2", "--crop-mm", "16", "16", "16"], ["--crops -2", "positive number of crops"]),
+])
+def test_crop_options_without_crops_are_refused(vols, tmp_path, capfd, args, needles):
+    code, err = _slices(capfd, vols, tmp_path, *args)
+    one_line_failure(code, err, *needles)
+    assert not (tmp_path / "png").exists()
+
+
+def test_crops_larger_than_a_volume_are_refused_naming_the_case(vols, tmp_path, capfd):
+    # 40 mm along superior: 40 voxels of big (32) and 20 of short (24)
+    code, err = _slices(capfd, vols, tmp_path, "--crops", "2", "--crop-mm", "40", "16", "16")
+    one_line_failure(code, err, "40x16x16 mm crops are 40x16x16 voxels at case big's spacing (1x1x1 mm)",
+                     "larger than its 32x32x32-voxel volume along the superior axis", "at most 32 32 32 mm",
+                     "remove case big")
+    assert _slices(capfd, vols, tmp_path, "--crops", "2", "--crop-mm", "32", "16", "16")[0] == 0  # fits both
+
+
+def test_crops_thinner_than_two_voxels_are_refused(vols, tmp_path, capfd):
+    """A one-voxel-thin crop used to end in torch's "negative stride" ValueError while rendering."""
+    code, err = _slices(capfd, vols, tmp_path, "--crops", "2", "--crop-mm", "1", "16", "16")
+    one_line_failure(code, err, "1x16x16 mm crops", "case big", "fewer than 2 voxels along the superior axis",
+                     "at least 2 2 2 mm")
