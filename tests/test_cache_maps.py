@@ -135,7 +135,8 @@ def test_map_size_is_bounded_part_of_the_settings_and_needs_a_teacher_with_maps(
             embed_dataset(source, tmp_path / "x", GrayMapTeacher(), policy, progress=False, feature_maps=bad)
     assert not (tmp_path / "x").exists()
     embed_dataset(source, tmp_path / "m", GrayMapTeacher(), policy, progress=False, feature_maps=4)
-    assert json.loads((tmp_path / "m" / "manifest.json").read_text())["settings"]["feature_maps"] == 4
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["settings"]["feature_maps"] == 4 and manifest["format_version"] == 3
     again = embed_dataset(source, tmp_path / "m", GrayMapTeacher(), policy, progress=False, feature_maps=4)
     assert (again.shards_written, again.shards_kept) == (0, 1)
     for other in (5, None):
@@ -156,6 +157,7 @@ def test_map_size_is_bounded_part_of_the_settings_and_needs_a_teacher_with_maps(
         embed_dataset(source, tmp_path / "n", no_maps, policy, progress=False, feature_maps=4)
     embed_dataset(source, tmp_path / "n", no_maps, policy, progress=False)  # fine without maps
     cache = TeacherCache(tmp_path / "n")
+    assert cache.manifest["format_version"] == 2  # nothing new in it: older releases still read it
     assert not cache.has_maps and cache.map_shape is None and cache.entries("a").image_map is None
 
 

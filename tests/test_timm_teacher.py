@@ -260,7 +260,7 @@ def test_a_timm_and_minilm_cache_from_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     cache = TeacherCache(tmp_path / "cache")
     assert (cache.embed_dim, cache.text_dim, cache.shared_space, cache.has_text) == (256, 384, False, True)
-    assert cache.has_maps and cache.map_shape == (256, 4, 4)
+    assert cache.has_maps and cache.map_shape == (256, 4, 4) and cache.manifest["format_version"] == 3
     teacher = build_teacher("timm:test_efficientnet", tmp_path / "w.safetensors", MINILM)
     assert cache.settings["teacher"] == teacher.identity() and cache.settings["feature_maps"] == 4
     texts = {(r["case"], r["plane"], r["index"]): r["text"] for r in CaptionFile.read(captions).values()}

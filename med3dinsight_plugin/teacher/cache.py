@@ -43,7 +43,8 @@ __all__ = ["CacheError", "CaseEntries", "StaleCacheError", "TeacherCache", "sett
 
 FORMAT = "med3dinsight-teacher-cache"
 # 2: per-case volume fingerprints and shard sizes (1 is still read, without those checks); 3: optional image_map
-# tensor and a text width that may differ from the image width (1 and 2 are still read: no maps, one width)
+# tensor and text targets in a space (and width) of their own. A cache that uses neither is written as 2, so that
+# older readers still take it; 1 and 2 are still read (no maps, one shared space).
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"shard-\d{5,}\.safetensors\Z")
@@ -62,6 +63,15 @@ class StaleCacheError(CacheError):
     """A cache made with other settings (teacher, rendering, slices, captions or volumes)."""
 
 
+def format_version_for(settings: Dict[str, Any]) -> int:
+    """The format version a cache with these settings is written as: 3 with feature maps or text targets that do
+    not share the image space, else 2 (readable by releases that predate version 3)."""
+    teacher = settings.get("teacher") or {}
+    new = settings.get("feature_maps") is not None or teacher.get("shared_space") is False or \
+        teacher.get("text_dim", teacher.get("embed_dim")) != teacher.get("embed_dim")
+    return FORMAT_VERSION if new else 2
+
+
 def settings_hash(settings: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -73,11 +83,12 @@ def shard_name(shard_id: int) -> str:
 
 def write_shard(folder: Path, shard_id: int, cases: Sequence[str], shapes: Dict[str, Sequence[int]],
                 rows: Dict[str, np.ndarray], settings_digest: str,
-                fingerprints: Optional[Dict[str, str]] = None) -> Path:
+                fingerprints: Optional[Dict[str, str]] = None, format_version: Optional[int] = None) -> Path:
     """Write one shard atomically.
 
     Args:
         fingerprints: :meth:`~med3dinsight_plugin.volumes.Volume.fingerprint` of each case's volume.
+        format_version: :func:`format_version_for` the cache's settings (default: 3 with feature maps, else 2).
         rows: ``plane`` (N,) uint8, ``index`` (N,) int32, ``position`` (N,) float32, ``case`` (N,) int32 (index into
             ``cases``), ``image`` (N, E) and optionally ``text`` (N, T) embeddings and ``image_map`` (N, C, S, S)
             feature maps (all stored as float16).
@@ -93,7 +104,9 @@ def write_shard(folder: Path, shard_id: int, cases: Sequence[str], shapes: Dict[
         tensors["image_map"] = rows["image_map"].astype(np.float16)
     # one metadata key: safetensors keeps metadata in a hash map, so several keys come out in varying order and
     # identical shards would differ byte-wise
-    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "settings": settings_digest, "cases": list(cases),
+    if format_version is None:
+        format_version = FORMAT_VERSION if "image_map" in tensors else 2
+    info = {"format": FORMAT, "format_version": format_version, "settings": settings_digest, "cases": list(cases),
             "shapes": {c: list(shapes[c]) for c in cases}}
     if fingerprints is not None:
         info["fingerprints"] = {c: fingerprints[c] for c in cases}
@@ -240,7 +253,7 @@ def write_manifest(folder: Path, settings: Dict[str, Any], shard_cases: Dict[int
         prints = meta.get("fingerprints") or {}
         for c in shard_cases[sid]:
             cases[c] = {"shard": path.name, "shape": shapes[c], "fingerprint": prints.get(c)}
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "settings": settings,
+    manifest = {"format": FORMAT, "format_version": format_version_for(settings), "settings": settings,
                 "settings_hash": settings_hash(settings), "shards": shards, "cases": cases}
     out = folder / MANIFEST
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))

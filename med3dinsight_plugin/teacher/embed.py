@@ -29,6 +29,7 @@ from .cache import (
     CacheError,
     StaleCacheError,
     _read_header,
+    format_version_for,
     read_manifest,
     settings_hash,
     shard_name,
@@ -152,7 +153,7 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
                 "captions": caption_info, "source": source.describe()}
     if feature_maps is not None:  # absent otherwise, so caches without maps keep the settings they had
         settings["feature_maps"] = feature_maps
-    digest = settings_hash(settings)
+    digest, version = settings_hash(settings), format_version_for(settings)
     out = Path(out)
     with init_distributed(str(teacher.device), option="--device") as ctx:  # joins the caller's group if any
         rank, world = ctx.rank, ctx.world_size
@@ -179,7 +180,7 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
                     continue
                 rows, shapes, prints = _embed_cases(source, shard_cases[k], teacher, policy, render, texts, batch_size,
                                                     bar, feature_maps)
-                write_shard(out, k, shard_cases[k], shapes, rows, digest, fingerprints=prints)
+                write_shard(out, k, shard_cases[k], shapes, rows, digest, fingerprints=prints, format_version=version)
                 written += 1
                 n_slices += len(rows["plane"])
         finally:
