@@ -35,9 +35,10 @@ from .errors import Med3DInsightError
 __all__ = ["NonFiniteCostError", "entropic_partial_wasserstein", "log_entropic_partial_wasserstein"]
 
 
-class NonFiniteCostError(ValueError):
-    """The cost matrix holds NaN or Inf: a numerical failure upstream (e.g. a diverged model's embeddings), more
-    often than a bad argument, so it is not a user error and keeps its traceback unless a caller explains it."""
+class NonFiniteCostError(Med3DInsightError):
+    """The cost matrix holds NaN or Inf: a bad argument, or a numerical failure upstream (e.g. a diverged model's
+    embeddings). A :class:`Med3DInsightError` (so still a ``ValueError``): the command line reports it in one line
+    wherever it surfaces; pretraining catches it first and explains it as the run's divergence."""
 
 Scalar = Union[float, torch.Tensor]
 

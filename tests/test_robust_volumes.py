@@ -345,3 +345,23 @@ def test_crops_thinner_than_two_voxels_are_refused(vols, tmp_path, capfd):
     code, err = _slices(capfd, vols, tmp_path, "--crops", "2", "--crop-mm", "1", "16", "16")
     one_line_failure(code, err, "1x16x16 mm crops", "case big", "fewer than 2 voxels along the superior axis",
                      "at least 2 2 2 mm")
+
+
+# -------------------------------------------------------------------- 5: user-facing errors are Med3DInsightErrors
+
+def test_a_non_finite_ot_cost_reaching_the_command_line_is_one_line(tmp_path, capfd, monkeypatch):
+    """NonFiniteCostError was a bare ValueError: wherever it surfaced outside pretraining's own handler (which
+    explains it as divergence) the command line printed a traceback."""
+    import torch
+
+    from med3dinsight_plugin import cli
+    from med3dinsight_plugin.errors import Med3DInsightError
+    from med3dinsight_plugin.ot import NonFiniteCostError, entropic_partial_wasserstein
+
+    assert issubclass(NonFiniteCostError, Med3DInsightError) and issubclass(NonFiniteCostError, ValueError)
+    cost = torch.rand(3, 4)
+    cost[1, 2] = float("nan")
+    monkeypatch.setattr(cli, "_cmd_slices", lambda args: entropic_partial_wasserstein(
+        torch.tensor([]), torch.tensor([]), cost, reg=0.1))
+    code, err = _cli(capfd, "slices", tmp_path, "-o", tmp_path / "png")
+    one_line_failure(code, err, "cost matrix M contains NaN or Inf")
