@@ -16,17 +16,21 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from ..model import SliceOutputs
+
 __all__ = ["MetricsLog", "caption_warning", "evaluate", "plot_metrics", "retrieval_metrics"]
 
 
-def retrieval_metrics(z3d: torch.Tensor, image_emb: torch.Tensor,
-                      text_emb: Optional[torch.Tensor] = None) -> Dict[str, float]:
+def retrieval_metrics(z3d: torch.Tensor, image_emb: torch.Tensor, text_emb: Optional[torch.Tensor] = None,
+                      z_text: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Retrieval accuracy and modality gaps for N held-out slices.
 
     Args:
         z3d: (N, E) PSAT predictions.
         image_emb: (N, E) the slices' image-teacher embeddings, row i paired with prediction i.
         text_emb: (N, E) the slices' text embeddings, or ``None``.
+        z_text: (N, E_text) PSAT's text-head predictions when the text space is separate (``text_emb`` then has
+            their width); ``None``: ``z3d`` predicts both.
 
     Returns:
         ``image_top1``, ``image_top5`` (and ``text_top1``, ``text_top5``): fraction of predictions whose own slice's
@@ -35,13 +39,14 @@ def retrieval_metrics(z3d: torch.Tensor, image_emb: torch.Tensor,
         ``image_chance_top1`` ... the chance levels given the repeated targets; ``image_distinct`` (and
         ``text_distinct``): the fraction of distinct targets (1.0: all differ; 1/N: all identical);
         ``gap_z3d_image`` (and ``gap_z3d_text``, ``modality_gap`` = image vs text): centroid distances. All inputs
-        are L2-normalised here.
+        are L2-normalised here. With a separate text space there is no ``modality_gap`` (the spaces differ).
     """
-    if z3d.dim() != 2 or image_emb.shape != z3d.shape or (text_emb is not None and text_emb.shape != z3d.shape):
+    zt = z3d if z_text is None else z_text
+    if z3d.dim() != 2 or image_emb.shape != z3d.shape or (text_emb is not None and text_emb.shape != zt.shape):
         raise ValueError(f"retrieval_metrics expects (N, E) tensors of equal shape, got {tuple(z3d.shape)}, "
                          f"{tuple(image_emb.shape)}" + (f", {tuple(text_emb.shape)}" if text_emb is not None else ""))
     n = z3d.shape[0]
-    z = F.normalize(z3d.detach().float(), dim=-1)
+    preds = {"image": F.normalize(z3d.detach().float(), dim=-1), "text": F.normalize(zt.detach().float(), dim=-1)}
     targets = {"image": image_emb, "text": text_emb}
     out: Dict[str, float] = {"chance_top1": 1.0 / n, "chance_top5": min(5, n) / n}
     normed = {}
@@ -49,6 +54,7 @@ def retrieval_metrics(z3d: torch.Tensor, image_emb: torch.Tensor,
         if emb is None:
             continue
         t = normed[name] = F.normalize(emb.detach().float(), dim=-1)
+        z = preds[name]
         sims = z @ t.T
         own = sims.diagonal()[:, None]
         # Identical targets (two slices with the same caption) are the same answer: only a *different* target
@@ -63,7 +69,7 @@ def retrieval_metrics(z3d: torch.Tensor, image_emb: torch.Tensor,
         out[f"{name}_chance_top5"] = sum(1 - math.comb(n - c, min(5, n)) / math.comb(n, min(5, n))
                                          for c in copies) / n
         out[f"gap_z3d_{name}"] = _gap(z, t)
-    if "text" in normed:
+    if "text" in normed and z_text is None:
         out["modality_gap"] = _gap(normed["image"], normed["text"])
     return out
 
@@ -95,7 +101,7 @@ def evaluate(model, eval_set, batch_size: int, device, amp_dtype: Optional[torch
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    z_all, image_all, text_all = [], [], []
+    z_all, zt_all, image_all, text_all = [], [], [], []
     mse, volumes = 0.0, 0
     try:
         for first in range(0, len(eval_set), batch_size):
@@ -105,11 +111,16 @@ def evaluate(model, eval_set, batch_size: int, device, amp_dtype: Optional[torch
                 z3d, reconstruction = model.encode(batch["volume"], batch["plane"], batch["position"])
             keep = batch["mask"].reshape(-1).bool().cpu() if "mask" in batch else slice(None)  # padding slices out
             flat = lambda t: t.float().reshape(-1, t.shape[-1]).cpu()[keep]  # noqa: E731
+            if isinstance(z3d, SliceOutputs):
+                if z3d.text is not None:
+                    zt_all.append(flat(z3d.text))
+                z3d = z3d.image
             z_all.append(flat(z3d))
             image_all.append(flat(batch["image_emb"]))
             if "text_emb" in batch:
                 text_all.append(flat(batch["text_emb"]))
             b = batch["volume"].shape[0]
+            reconstruction = getattr(reconstruction, "output", reconstruction)  # eval mode never masks; to be sure
             mse += float(F.mse_loss(reconstruction.float(), batch["volume"].float())) * b
             volumes += b
     finally:
@@ -117,7 +128,9 @@ def evaluate(model, eval_set, batch_size: int, device, amp_dtype: Optional[torch
     if not z_all:
         raise ValueError("the evaluation set is empty")
     text = torch.cat(text_all) if len(text_all) == len(z_all) else None
-    return {**retrieval_metrics(torch.cat(z_all), torch.cat(image_all), text), "reconstruction": mse / volumes}
+    z_text = torch.cat(zt_all) if zt_all else None
+    return {**retrieval_metrics(torch.cat(z_all), torch.cat(image_all), text, z_text),
+            "reconstruction": mse / volumes}
 
 
 _LOSS_KEYS = ("loss", "image", "text", "reconstruction")
