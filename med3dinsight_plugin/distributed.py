@@ -98,6 +98,8 @@ def resolve_device(name: str, local_rank: int = 0, option: str = "device") -> to
                 device = torch.device("cuda", local_rank)
     except (RuntimeError, TypeError):
         raise DeviceError(f"'{option}' must be auto, cpu, cuda or cuda:N, got {short_repr(name)}") from None
+    if device.type not in ("cpu", "cuda"):  # meta, mps, xla, ...: devices this package does not train or embed on
+        raise DeviceError(f"'{option}' must be auto, cpu, cuda or cuda:N, got {short_repr(name)}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"'{option}' is {short_repr(name)} but CUDA is not available; use auto or cpu")

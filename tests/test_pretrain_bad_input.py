@@ -184,3 +184,29 @@ def test_errors_from_the_installed_command_are_one_line(base, tmp_path):
                            str(tmp_path / "nope"), "--cache", str(base / "cache"), "-o", str(tmp_path / "r")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("train.seed=1180591620717411303424", "train.seed"),  # 2**70
+    ("data.seed=-1", "data.seed"),
+    ("data.crop_seed=-3", "data.crop_seed"),
+    ("train.device=meta", "train.device"),
+])
+def test_out_of_range_settings_are_refused_where_they_enter(base, tmp_path, capsys, setting, needle):
+    out = tmp_path / "r"
+    code, err = _pretrain(capsys, "--data", base / "vols", "--cache", base / "cache", "-o", out, *TINY, setting)
+    _assert_clean_failure(code, err, needle, out=out)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"train:\n  lr: \xff\xfe\n", "not UTF-8"),
+    (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "too deeply"),
+    (b"train:\n" + b"".join(b"  " * (i + 1) + b"k: \n" for i in range(3000)), "too deeply"),
+])
+def test_configs_that_are_not_text_or_nest_too_deeply(base, tmp_path, capsys, content, needle):
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(content)
+    out = tmp_path / "r"
+    code, err = _pretrain(capsys, "--config", config, "--data", base / "vols", "--cache", base / "cache", "-o", out,
+                          *TINY)
+    _assert_clean_failure(code, err, needle, out=out)

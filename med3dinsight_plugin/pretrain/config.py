@@ -31,6 +31,9 @@ class ConfigError(Med3DInsightError):
     """An invalid configuration; the message names the source, the key and what is expected."""
 
 
+_MAX_SEED = 2 ** 32 - 1  # numpy's legacy seeding (and so batchgenerators') takes no larger seed
+
+
 def _f(default, **rules):
     """A dataclass field with validation rules in its metadata (``kind``, ``min``, ``max``, ``choices``, ...)."""
     if isinstance(default, (list, dict)):  # mutable: every config gets its own copy
@@ -60,13 +63,13 @@ class DataConfig:
     # been made with the same crops (embed --crops N --crop-mm S P L --crop-seed K); use with view: volume
     crops: int = _f(0, kind="int", min=0)
     crop_mm: Optional[List[float]] = _f(None, kind="floats", length=3, above=0.0, optional=True)
-    crop_seed: int = _f(0, kind="int")
+    crop_seed: int = _f(0, kind="int", min=0, max=_MAX_SEED)
     slices_per_sample: int = _f(8, kind="int", min=1)
     num_workers: int = _f(2, kind="int", min=0)
     augment: bool = _f(True, kind="bool")
     # volumes held out for the retrieval metrics (with crops: every crop of that many volumes)
     eval_cases: int = _f(4, kind="int", min=0)
-    seed: int = _f(0, kind="int")
+    seed: int = _f(0, kind="int", min=0, max=_MAX_SEED)
 
 
 @dataclass
@@ -128,7 +131,7 @@ class TrainConfig:
     grad_clip: float = _f(1.0, kind="float")  # <= 0: no clipping
     amp: str = _f("auto", kind="str", choices=("auto", "bf16", "fp16", "off"))
     compile: bool = _f(False, kind="bool")
-    seed: int = _f(0, kind="int")
+    seed: int = _f(0, kind="int", min=0, max=_MAX_SEED)
     checkpoint_every: int = _f(500, kind="int", min=0)  # 0: only at the end
     log_every: int = _f(10, kind="int", min=1)
     eval_every: int = _f(500, kind="int", min=0)  # 0: only at the end
@@ -175,15 +178,17 @@ def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()
     if path is not None:
         path = Path(path)
         try:
-            values = _load_yaml(path.read_text(), str(path))
+            values = _load_yaml(path.read_text(encoding="utf-8"), str(path))
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save the config as UTF-8 YAML") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
         if values is not None and not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (data, model, train, output), "
                               f"got {type(values).__name__}")
-        _merge(config, values or {}, "", path.name)
+        _merge_checked(config, values or {}, path.name)
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -196,8 +201,17 @@ def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()
         nested: Any = value
         for part in reversed(key.split(".")):
             nested = {part: nested}
-        _merge(config, nested, "", "--set")
+        _merge_checked(config, nested, "--set")
     return config
+
+
+def _merge_checked(config: PretrainConfig, values: Dict[str, Any], source: str) -> None:
+    """:func:`_merge` at the top level; a value nested past Python's recursion limit is a :class:`ConfigError`."""
+    try:
+        _merge(config, values, "", source)
+    except RecursionError:
+        raise ConfigError(f"{source} nests mappings or lists too deeply to be a configuration; the config has three "
+                          f"sections (data, model, train) of plain values") from None
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -226,6 +240,9 @@ def _load_yaml(text: str, where: str) -> Any:
     loader = _NoAliasLoader(text)
     try:
         return loader.get_single_data()
+    except RecursionError:
+        raise ConfigError(f"{where} nests mappings or lists too deeply to be a configuration; the config has three "
+                          f"sections (data, model, train) of plain values") from None
     except _AliasFound as e:
         line = f" line {e.mark.line + 1}" if e.mark is not None else ""
         raise ConfigError(f"{where}{line} uses the YAML alias *{_show_key(str(e.anchor), 40)}; aliases and anchors "
