@@ -158,3 +158,26 @@ def test_a_tiff_dataset_has_no_orientation_to_read(datasets, tmp_path):
     vol = open_source(pre).read("lps")
     ref = open_source(datasets["NibabelIO"][1]).read("lps")  # LPS on file: identity direction
     assert np.array_equal(vol.array, ref.array)
+
+
+def test_a_raw_image_claiming_too_much_is_refused_before_nnunet_reads_it(datasets, tmp_path):
+    """Scanner units come from nnU-Net's own reader of the raw image, which allocates whatever a header claims: the
+    raw files' headers pass the same claimed-size check first."""
+    import gzip
+
+    import nibabel as nib
+
+    raw_path, pre_path = datasets["SimpleITKIO"]
+    raw = tmp_path / raw_path.name
+    shutil.copytree(raw_path, raw)
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((200, 200, 200))  # 32 MB of float32 in a file of a few dozen bytes
+    hdr.set_data_dtype(np.float32)
+    hdr.set_sform(np.eye(4), 1)
+    bomb = raw / "imagesTr" / "lps_0000.nii.gz"
+    bomb.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 24, mtime=0))
+    vol = open_source(pre_path, raw=raw).read("lps")
+    with pytest.raises(VolumeError) as e:
+        vol.native(0)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and str(bomb) in msg and "claims 200x200x200 float32" in msg
