@@ -405,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: bf16 on CUDA, else fp32")
     p.set_defaults(func=_cmd_embed)
+    _one_line_usage_errors(p)
 
     p = sub.add_parser("cache", help="teacher cache tools")
     cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
@@ -480,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", choices=["nnunet"], help="add nnU-Net's default nnUNetTrainer recipe as a row")
     p.add_argument("--labelled", nargs="+", default=["all"], help="labelled training cases per run: counts or all")
     p.add_argument("--seeds", nargs="+", type=int, default=[0],
-                   help="one nested subset sequence (and training seed) per seed, 0 to 2**32-1")
+                   help="one nested subset sequence (and training seed) per seed, 0 to 2**32-1; the "
+                        "summary gives intervals from 5 seeds on")
     p.add_argument("--fold", type=int, default=0, help="the fold whose validation cases are held out (default 0)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the trainer's 1000)")
     p.add_argument("--iterations", type=int,
