@@ -15,6 +15,11 @@ the seed, and trains it with the real ``nnUNetv2_train`` (a subprocess) and one 
 * Nothing is written into the user's nnU-Net folders: the plans copies go to ``OUT/nnUNet_preprocessed/DATASET``
   (beside links to the user's preprocessed files) and the runs to ``OUT/nnUNet_results``.
 * Resumable: a run whose ``summary.json`` exists is not trained again; an interrupted one continues (``--c``).
+* Statistics (:mod:`med3dinsight_plugin.stats`): an init is compared with scratch on nnU-Net's per-case validation
+  Dice, paired per case, seed and labelled count; the interval resamples seeds and held-out cases (an expanded
+  percentile bootstrap that draws one set of cases for every seed, as every seed is evaluated on the same cases) and
+  is given only with at least 5 seeds and 5 cases; p is an exact sign-flip test over seeds, Holm-adjusted over the
+  summary's comparisons.
 * A run is keyed by its checkpoint's content, not its path: the plans name of a pretrained init ends with the first 12
   hex digits of the checkpoint's sha256 (``PLANS__study_INIT_Ln_sSEED_SHA12``). A file replaced at the same path
   trains new runs (the earlier ones stay on disk, out of the summary); putting the old file back finds its runs again.
@@ -42,17 +47,22 @@ from med3dinsight_plugin.backbones import BackboneFamily
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
 from med3dinsight_plugin.fileio import atomic_write, sha256_file
 from med3dinsight_plugin.hub import is_hub_spec
+from med3dinsight_plugin.stats import MIN_UNITS, Estimate, hierarchical_bootstrap, holm, sign_flip_p, t_interval
+from med3dinsight_plugin.stats import paired_differences as paired_by_key
 
 from .attach import _read_json, attached_plans
 from .contract import ENV_CHECKPOINT, NNUNET_FAMILY, PLANS_KEY, FamilyTable, checkpoint_family
 
-__all__ = ["StudyError", "StudyResult", "StudyRun", "bootstrap_interval", "paired_differences", "run_study"]
+__all__ = ["Comparison", "StudyError", "StudyResult", "StudyRun", "bootstrap_interval", "compare",
+           "paired_differences", "run_study", "summary_markdown"]
 
 STUDY_KEY = "med3dinsight_study"  # = nnunet_trainers.trainers.STUDY_KEY (not imported: that pulls in nnU-Net)
 # family -> its trainer's _study variant (nnunet_trainers.trainers defines one for every registered family)
 STUDY_TRAINER: Mapping[str, str] = FamilyTable(lambda family: f"{family.nnunet_trainer}_study")
 REFERENCE_TRAINER = "nnUNetTrainer_med3dinsightStudy"
 REFERENCE = "nnunet"  # the init name of the reference row
+CASE_PREFIX = "dice["  # results.csv: a column dice[CASE] per held-out case (the case's mean foreground Dice)
+N_BOOT = 10000  # bootstrap resamples of the summary's intervals (seed 0)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 MAX_SEED = 2 ** 32 - 1  # the trainers seed numpy's global generator with it (np.random.seed: 0 .. 2**32 - 1)
 SHA_DIGITS = 12  # hex digits of the checkpoint's sha256 in a run's plans name
@@ -103,8 +113,11 @@ def bootstrap_interval(values: Sequence[float], level: float = 0.95, n_boot: int
                        seed: int = 0) -> Tuple[float, float, float]:
     """``(mean, low, high)``: the mean of ``values`` and its percentile bootstrap interval (deterministic per seed).
 
-    For paired differences (pretrained minus scratch, same seed and labelled count) this is the interval of the mean
-    improvement. One value gives a zero-width interval; NaNs are dropped; no values give NaNs.
+    Kept for ``benchmarks/simulation.py``; the study's summary no longer uses it. It says nothing about how many
+    values there are: at n = 3 its 2.5 % / 97.5 % quantiles are about the min and max. Prefer
+    :func:`med3dinsight_plugin.stats.t_interval` or :func:`~med3dinsight_plugin.stats.hierarchical_bootstrap`, whose
+    :class:`~med3dinsight_plugin.stats.Estimate` states its n and unit and gives no interval below 5 units.
+    One value gives a zero-width interval; NaNs are dropped; no values give NaNs.
     """
     d = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if d.size == 0:
@@ -117,7 +130,7 @@ def bootstrap_interval(values: Sequence[float], level: float = 0.95, n_boot: int
 
 def paired_differences(rows: Sequence[Dict[str, Any]], init: str, baseline: str = "scratch",
                        key: str = "mean_dice") -> Dict[int, List[float]]:
-    """Per labelled count, ``row[init] - row[baseline]`` over the seeds both have."""
+    """Per labelled count, ``row[init] - row[baseline]`` of ``key`` over the seeds both have (one value per seed)."""
     table = {(r["init"], r["labelled"], r["seed"]): r[key] for r in rows}
     out: Dict[int, List[float]] = {}
     for (name, labelled, seed), value in sorted(table.items()):
@@ -493,12 +506,42 @@ def _row(run: StudyRun, dataset_json: Dict[str, Any]) -> Dict[str, Any]:
     row["mean_dice"] = math.nan if mean is None else float(mean)
     row["wall_time_s"] = round(float(wall), 1)
     row["checkpoint_sha256"] = run.sha256 or ""
+    row.update({f"{CASE_PREFIX}{case}]": dice for case, dice in _case_dice(summary, dataset_json).items()})
     return row
+
+
+def _case_dice(summary: Dict[str, Any], dataset_json: Dict[str, Any]) -> Dict[str, float]:
+    """Per held-out case of nnU-Net's ``metric_per_case``: the mean Dice over the foreground classes present in the
+    case's reference or prediction (nnU-Net gives NaN for a class in neither), sorted by case."""
+    ending = str(dataset_json.get("file_ending") or ".nii.gz")
+    keys = [key for key, _ in _labels(dataset_json)]
+    out = {}
+    for entry in summary.get("metric_per_case") or []:
+        name = os.path.basename(str(entry.get("reference_file") or entry.get("prediction_file") or ""))
+        case = name[:-len(ending)] if name.endswith(ending) else name
+        metrics = entry.get("metrics") or {}
+        values = [(metrics.get(key) or {}).get("Dice") for key in keys]
+        values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        out[case] = float(np.mean(values)) if values else math.nan
+    return dict(sorted(out.items()))
+
+
+def _cases_of(row: Mapping[str, Any]) -> Dict[str, float]:
+    """A results row's per-case Dice (its ``dice[CASE]`` columns; an empty cell is NaN)."""
+    out = {}
+    for key, value in row.items():
+        if key.startswith(CASE_PREFIX) and key.endswith("]"):
+            try:
+                out[key[len(CASE_PREFIX):-1]] = float(value)
+            except (TypeError, ValueError):
+                out[key[len(CASE_PREFIX):-1]] = math.nan
+    return out
 
 
 def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["init"])
+    fields = list(dict.fromkeys(k for row in rows for k in row)) or ["init"]  # every row's columns, first seen first
+    writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
@@ -512,6 +555,12 @@ def summary_markdown(rows, names, n_held_out, fold, configuration, epochs, itera
                      header: Optional[Sequence[str]] = None) -> str:
     """The study's summary: mean +- sd of the mean Dice per init x labelled; paired differences to scratch.
 
+    With per-case Dice in the rows (``dice[CASE]`` columns, as the study writes them) each comparison pairs the same
+    case, seed and labelled count, with a bootstrap interval over seeds and the shared held-out cases; without (e.g.
+    ``benchmarks/simulation.py``'s rows) it pairs each seed's mean Dice, with a t interval over seeds. Either way an
+    interval needs :data:`~med3dinsight_plugin.stats.MIN_UNITS` units per level, p is an exact sign-flip test over
+    seeds, and the p-values are Holm-adjusted over all comparisons of the table (see :func:`compare`).
+
     ``header`` replaces the title and the paragraph that says how the Dice was measured (for other instruments,
     e.g. ``benchmarks/simulation.py``)."""
     counts = sorted({r["labelled"] for r in rows})
@@ -521,7 +570,7 @@ def summary_markdown(rows, names, n_held_out, fold, configuration, epochs, itera
         f"epochs {epochs or 'trainer default'}, iterations/epoch {iterations or 'trainer default'}. "
         f"mean +- sd over seeds (n = seeds)."]
     lines += ["", "| init | " + " | ".join(f"{c} labelled" for c in counts) + " |",
-             "|---|" + "---|" * len(counts)]
+              "|---|" + "---|" * len(counts)]
     for name in names:
         cells = []
         for c in counts:
@@ -536,20 +585,94 @@ def summary_markdown(rows, names, n_held_out, fold, configuration, epochs, itera
     others = [n for n in names if n != "scratch"]
     lines += [""]
     if "scratch" in names and others:
-        lines += ["## Paired difference to scratch (same seed and labelled count)", "",
-                  "Mean of (init - scratch) with a 95 % percentile bootstrap interval (10000 resamples of the seeds, "
-                  "seed 0); n = paired seeds. With n = 1 the interval has zero width and says nothing.", "",
-                  "| init | labelled | mean difference | 95 % interval | n |", "|---|---|---|---|---|"]
-        for name in others:
-            for c, diffs in paired_differences(rows, name).items():
-                mean, low, high = bootstrap_interval(diffs)
-                lines.append(f"| {name} | {c} | {_fmt(mean)} | [{_fmt(low)}, {_fmt(high)}] | {len(diffs)} |")
+        lines += _comparison_lines(rows, [(name, "scratch") for name in others])
     else:
         lines.append("No paired differences: the study has no 'scratch' init to compare with.")
     if REFERENCE in names:
         lines += ["", f"'{REFERENCE}' is nnU-Net's default nnUNetTrainer recipe on the plans' own architecture "
                       f"(same cases, schedule and seed)."]
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``init - baseline`` at one labelled count: the estimate, its sign-flip p over seeds, the Holm-adjusted p."""
+    init: str
+    baseline: str
+    labelled: int
+    estimate: Estimate
+    p: float
+    p_holm: float = math.nan
+
+
+def compare(rows: Sequence[Mapping[str, Any]], pairs: Sequence[Tuple[str, str]], n_boot: int = N_BOOT,
+            seed: int = 0) -> List[Comparison]:
+    """Every ``(init, baseline)`` pair at every labelled count where both have a seed, Holm-adjusted over all.
+
+    Rows with per-case Dice (``dice[CASE]`` columns) pair the same case, seed and labelled count, and the interval is
+    :func:`~med3dinsight_plugin.stats.hierarchical_bootstrap` over seeds and shared cases; other rows pair each
+    seed's ``mean_dice``, with a t interval over seeds. p: exact two-sided sign-flip test of the seeds' mean
+    differences (the seed's pair of runs is the randomised unit, so its cases flip together).
+    """
+    per_case = bool(rows) and all(_cases_of(r) for r in rows)  # a run whose cases are all NaN pairs none
+    out = []
+    for init, baseline in pairs:
+        for labelled in sorted({r["labelled"] for r in rows if r["init"] == init}):
+            runs = {(r["init"], r["seed"]): r for r in rows if r["labelled"] == labelled}
+            seeds = sorted(s for (name, s) in runs if name == init and (baseline, s) in runs)
+            if not seeds:
+                continue
+            if per_case:
+                diffs = {s: paired_by_key(_cases_of(runs[(init, s)]), _cases_of(runs[(baseline, s)])) for s in seeds}
+                cases = sorted({c for d in diffs.values() for c in d})
+                table = [[diffs[s].get(c, math.nan) for c in cases] for s in seeds]
+                estimate = hierarchical_bootstrap(table, n_boot=n_boot, seed=seed, shared_inner=True, unit="seeds",
+                                                  inner_unit="cases")
+                seed_means = [float(np.mean(list(d.values()))) for d in diffs.values() if d]
+            else:
+                seed_means = list(paired_by_key({s: runs[(init, s)]["mean_dice"] for s in seeds},
+                                                {s: runs[(baseline, s)]["mean_dice"] for s in seeds}).values())
+                estimate = t_interval(seed_means, unit="seeds")
+            out.append(Comparison(init, baseline, labelled, estimate, sign_flip_p(seed_means)))
+    adjusted = holm([c.p for c in out])
+    return [Comparison(c.init, c.baseline, c.labelled, c.estimate, c.p, a) for c, a in zip(out, adjusted)]
+
+
+def _p(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.3g}"
+
+
+def _comparison_lines(rows: Sequence[Mapping[str, Any]], pairs: Sequence[Tuple[str, str]]) -> List[str]:
+    """The lines of the summary's paired-difference section (see :func:`compare`)."""
+    comparisons = compare(rows, pairs)
+    if not comparisons:
+        return ["No paired differences: no seed and labelled count has runs of both inits."]
+    baselines = sorted({c.baseline for c in comparisons})
+    title = f"## Paired difference to {baselines[0]}" if len(baselines) == 1 else "## Paired differences"
+    if comparisons[0].estimate.inner_unit is not None:
+        lines = [f"{title} (same case, seed and labelled count)", "",
+                 "Per held-out case: its Dice (the mean over the foreground classes in its reference or prediction) "
+                 "with the init minus with the baseline, same seed and labelled count; the mean difference is the "
+                 "mean over seeds of each seed's mean over cases. Interval: 95 % bootstrap that resamples the seeds "
+                 "and, once for all of them, the held-out cases (every seed is evaluated on the same cases), "
+                 f"{N_BOOT} resamples, seed 0; expanded percentile (Hesterberg), widened for the number of seeds."]
+    else:
+        lines = [f"{title} (same seed and labelled count)", "",
+                 "Per seed: the init's mean Dice minus the baseline's, same labelled count; the mean difference is "
+                 "the mean over seeds. Interval: 95 % Student-t interval over seeds."]
+    m = sum(math.isfinite(c.p) for c in comparisons)
+    lines[-1] += (f" An interval needs at least {MIN_UNITS} units per level; below that the row says too few and "
+                  f"gives none. p: exact two-sided sign-flip test over seeds (a seed's differences flip together; "
+                  f"with n seeds p cannot fall below 2/2^n: 0.25 at 3 seeds, 0.0625 at 5). This table holds "
+                  f"{len(comparisons)} comparison{'s' if len(comparisons) != 1 else ''}; p (Holm) is adjusted over "
+                  f"{'all ' if m > 1 else ''}{m} of them, the intervals are not.")
+    lines += ["", "| init | labelled | mean difference | 95 % interval | n | p | p (Holm) |",
+              "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        name = c.init if len(baselines) == 1 else f"{c.init} - {c.baseline}"
+        lines.append(f"| {name} | {c.labelled} | {_fmt(c.estimate.mean)} | {c.estimate.bounds()} | "
+                     f"{c.estimate.sample} | {_p(c.p)} | {_p(c.p_holm)} |")
+    return lines
 
 
 def plot_label_efficiency(rows, names, path: Path) -> Path:

@@ -15,7 +15,7 @@ from helpers import run_tool as run
 from helpers import tiny_backbone
 from med3dinsight_plugin import build_backbone, save_pretrained
 from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
-from nnunet_trainers.study import STUDY_KEY, bootstrap_interval, paired_differences
+from nnunet_trainers.study import STUDY_KEY, bootstrap_interval, paired_differences, summary_markdown
 
 BIN = Path(sys.executable).parent
 DATASET = "992"
@@ -57,6 +57,9 @@ def test_study_end_to_end(dataset, tmp_path):
     assert all(math.isfinite(float(r["mean_dice"])) and math.isfinite(float(r["dice_box"])) for r in rows)
     summary = (out / "summary.md").read_text()
     assert "Paired difference to scratch" in summary and "| pre | 2 |" in summary and "(n=1)" in summary
+    # one seed and one held-out case: no interval, and the table says why and how many units it has
+    assert "| too few seeds for a 95 % interval (needs 5) | 1 seed x 1 case |" in summary
+    assert "This table holds 2 comparisons" in summary
 
     plans = _plans_of(out)
     assert len(plans) == 4
@@ -68,6 +71,8 @@ def test_study_end_to_end(dataset, tmp_path):
     assert entries[("scratch", 2)]["train_cases"] == entries[("pre", 2)]["train_cases"]
     held_out = {tuple(e["val_cases"]) for e in entries.values()}
     assert len(held_out) == 1 and not set(next(iter(held_out))) & set(entries[("pre", 2)]["train_cases"])
+    # nnU-Net's per-case Dice of the held-out cases, a column each
+    assert {k for k in rows[0] if k.startswith("dice[")} == {f"dice[{c}]" for c in next(iter(held_out))}
     assert splits is None  # the user's preprocessed folder got no split file (nor anything else)
     assert sorted(p.name for p in pre.iterdir()) == user_files
     # scratch and pretrained plans differ only in the checkpoint (and the names saying so)
@@ -239,6 +244,96 @@ def test_swin_unetr_study_compares_inits_on_the_checkpoints_architecture(dataset
     cases = {(r.init, r.labelled_arg, r.seed): r.plans[STUDY_KEY]["train_cases"] for r in result.runs}
     assert all(set(cases[(i, "2", s)]) < set(cases[(i, "all", s)]) for i in ("scratch", "swin") for s in (0, 1))
     assert cases[("scratch", "2", 0)] == cases[("nnunet", "2", 0)] != cases[("scratch", "2", 1)]
+
+
+def _held_out_copy(dataset, tmp_path, held_out):
+    """A copy of the preprocessed dataset whose folds hold out ``held_out`` (for FakeTrain, which reads no data)."""
+    import shutil
+
+    root = tmp_path / "pre"
+    shutil.copytree(dataset["pre"], root / "Dataset992_Tiny", symlinks=True)
+    split = {"train": ["t0", "t1", "t2"], "val": list(held_out)}
+    (root / "Dataset992_Tiny" / "splits_final.json").write_text(json.dumps([split] * 5))
+    return root
+
+
+def test_study_compares_inits_per_case_with_intervals_that_state_their_n(dataset, tmp_path, monkeypatch):
+    from med3dinsight_plugin.stats import hierarchical_bootstrap
+    from nnunet_trainers import study
+
+    cases = [f"v{i}" for i in range(6)]
+    monkeypatch.setenv("nnUNet_preprocessed", str(_held_out_copy(dataset, tmp_path, cases)))
+    ckpt = save_pretrained(build_backbone("nnunet", plans=dataset["pre"] / "nnUNetPlans.json"),
+                           tmp_path / "pre.safetensors")
+
+    def effect(seed, case):  # pre - scratch: 0.04 on average, every case and seed positive
+        return 0.04 + 0.005 * (seed - 2.5) + 0.01 * (cases.index(case) - 2.5)
+
+    def dice(entry, case):
+        base = 0.5 + 0.03 * cases.index(case) + 0.02 * np.sin(entry["seed"] + entry["labelled"])
+        return base + (effect(entry["seed"], case) if entry["init"] == "pre" else 0.0)
+
+    monkeypatch.setattr(study, "_launch", FakeTrain(dice))
+    result = study.run_study(DATASET, [("scratch", None), ("pre", ckpt)], tmp_path / "out", labelled=["1", "3"],
+                             seeds=range(6), epochs=1, iterations=1, device="cpu", log=lambda line: None)
+    assert result.trained == 24
+    rows = list(csv.DictReader(result.results_csv.open()))
+    assert len(rows) == 24 and [k for k in rows[0] if k.startswith("dice[")] == [f"dice[{c}]" for c in cases]
+    row = next(r for r in rows if (r["init"], r["labelled"], r["seed"]) == ("pre", "3", "4"))
+    assert float(row["dice[v2]"]) == pytest.approx(dice({"init": "pre", "seed": 4, "labelled": 3}, "v2"))
+    assert row["checkpoint_sha256"] and not next(r for r in rows if r["init"] == "scratch")["checkpoint_sha256"]
+
+    comparisons = study.compare(result.rows, [("pre", "scratch")])
+    assert [(c.init, c.labelled) for c in comparisons] == [("pre", 1), ("pre", 3)]
+    table = [[effect(s, c) for c in cases] for s in range(6)]
+    for c in comparisons:
+        expected = hierarchical_bootstrap(table, shared_inner=True, seed=0)  # paired by case, seed and labelled
+        got = c.estimate
+        assert (got.mean, got.low, got.high) == pytest.approx((expected.mean, expected.low, expected.high), abs=1e-9)
+        assert (got.n, got.inner_n, got.method, got.valid) == (expected.n, expected.inner_n, expected.method, True)
+        assert c.estimate.mean == pytest.approx(0.04) and c.estimate.valid and c.estimate.excludes(0.0)
+        assert c.estimate.sample == "6 seeds x 6 cases"
+        assert c.p == 2 / 64 and c.p_holm == pytest.approx(2 * 2 / 64)  # exact over seeds; Holm over 2
+    summary = result.summary_md.read_text()
+    assert "This table holds 2 comparisons; p (Holm) is adjusted over all 2 of them" in summary
+    low, high = comparisons[0].estimate.low, comparisons[0].estimate.high
+    assert f"| pre | 1 | 0.0400 | [{low:.4f}, {high:.4f}] | 6 seeds x 6 cases | 0.0312 | 0.0625 |" in summary
+
+    # the same study with 3 seeds: no interval, the label says so
+    few = study.summary_markdown([r for r in result.rows if r["seed"] < 3], ["scratch", "pre"], 6, 0, "3d_fullres",
+                                 1, 1)
+    assert "| pre | 3 | " in few and "| too few seeds for a 95 % interval (needs 5) | 3 seeds x 6 cases | 0.25 |" in few
+
+
+def test_case_dice_from_nnunets_summary():
+    from nnunet_trainers.study import _case_dice
+
+    dataset_json = {"labels": {"background": 0, "liver": 1, "tumour": 2, "both": [1, 2]}, "file_ending": ".nii.gz"}
+    summary = {"metric_per_case": [
+        {"reference_file": "/gt/liver_001.nii.gz", "metrics": {"1": {"Dice": 0.9}, "2": {"Dice": 0.5},
+                                                               "(1, 2)": {"Dice": 0.7}}},
+        {"reference_file": "/gt/liver_000.nii.gz", "metrics": {"1": {"Dice": 0.8}, "2": {"Dice": float("nan")},
+                                                               "(1, 2)": {"Dice": 0.8}}},  # no tumour in either
+        {"reference_file": "/gt/liver_002.nii.gz", "metrics": {"1": {"Dice": float("nan")}, "2": {"Dice": None}}}]}
+    out = _case_dice(summary, dataset_json)
+    assert list(out) == ["liver_000", "liver_001", "liver_002"]
+    assert out["liver_001"] == pytest.approx(0.7) and out["liver_000"] == pytest.approx(0.8)
+    assert math.isnan(out["liver_002"])
+
+
+def test_summary_of_rows_without_cases_uses_a_t_interval_over_seeds():
+    # rows as benchmarks/simulation.py writes them: one mean Dice per run
+    rows = [{"init": i, "labelled": 2, "seed": s, "mean_dice": 0.5 + (0.02 + 0.01 * (s % 3) if i == "ot" else 0.0)}
+            for i in ("scratch", "ot") for s in range(6)]
+    text = summary_markdown(rows, ["scratch", "ot"], 8, 0, "simulation", None, None, header=["# sim"])
+    diffs = [0.02 + 0.01 * (s % 3) for s in range(6)]
+    from med3dinsight_plugin.stats import t_interval
+
+    est = t_interval(diffs, unit="seeds")
+    assert "Paired difference to scratch (same seed and labelled count)" in text and "Student-t interval" in text
+    assert f"| ot | 2 | 0.0300 | [{est.low:.4f}, {est.high:.4f}] | 6 seeds | 0.0312 | 0.0312 |" in text
+    three = summary_markdown([r for r in rows if r["seed"] < 3], ["scratch", "ot"], 8, 0, "simulation", None, None)
+    assert "| ot | 2 | 0.0300 | too few for a 95 % interval (needs 5) | 3 seeds | 0.25 | 0.25 |" in three
 
 
 def test_bootstrap_interval_of_a_paired_difference():
