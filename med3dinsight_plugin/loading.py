@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,11 @@ from torch import nn
 
 from .backbones import family_of_checkpoint, list_families, network_spec
 from .checkpoint import Checkpoint, CheckpointError, check_finite, load_checkpoint
+from .errors import short_repr
 from .fileio import storage_id, unwrap
 
-__all__ = ["IncompatibleCheckpointError", "LoadReport", "load_pretrained_encoder"]
+__all__ = ["IncompatibleCheckpointError", "LoadReport", "architecture_arguments", "architecture_line",
+           "load_pretrained_encoder"]
 
 _WRAPPER_SEGMENTS = ("module", "_orig_mod")
 _RENAMES = (("mlp.fc1.", "mlp.linear1."), ("mlp.fc2.", "mlp.linear2."))  # timm/official Swin SSL -> MONAI
@@ -179,28 +181,101 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: Union[str, os.PathLike
 
     if report.expected == 0 or (strict_encoder and report.loaded < report.expected):
         raise IncompatibleCheckpointError(f"{report.source} does not fit this {report.target}: "
-                                          f"{_diagnose(report, spec, adapt_channels)}\n{report}", report)
+                                          f"{_diagnose(report, spec, adapt_channels, ckpt.metadata)}\n{report}",
+                                          report)
     with torch.no_grad():
         target.load_state_dict(new_state, strict=False)
     report.applied = True
     return report
 
 
-def _diagnose(report: LoadReport, spec, adapt_channels: bool) -> str:
-    """One line: what is wrong and what to do."""
-    in_proj = [k for k, (src, dst) in report.mismatched.items()
-               if spec and k.rsplit(".", 1)[0] in spec.keys_to_in_proj and len(src) > 1 and src[1] != dst[1]]
-    if in_proj:
-        src, dst = report.mismatched[in_proj[0]]
-        if src[1] == 1 and not adapt_channels:
-            return (f"the checkpoint reads 1 input channel, the model {dst[1]}, and channel adaptation is off; "
+def _diagnose(report: LoadReport, spec, adapt_channels: bool, metadata: Mapping) -> str:
+    """One line: what is wrong and what to do.
+
+    Input channels are blamed only when every difference is the input layer's channel dimension; a tensor whose shape
+    differs anywhere else, or encoder tensors on one side only, mean another architecture (width, depth, patch
+    embedding), which is named with the checkpoint's architecture arguments."""
+    in_proj_keys = spec.keys_to_in_proj if spec else ()
+    # (key, checkpoint channels, model channels) of every input layer whose channel dimension differs
+    ins = [(k, src[1], dst[1]) for k, (src, dst) in report.mismatched.items()
+           if k.rsplit(".", 1)[0] in in_proj_keys and len(src) == len(dst) > 1 and src[1] != dst[1]]
+    other = [k for k, (src, dst) in report.mismatched.items()  # differences anywhere but the input channels
+             if not (k in {i[0] for i in ins} and src[:1] + src[2:] == dst[:1] + dst[2:])]
+    if ins and not other and not report.missing:
+        _, src, dst = ins[0]
+        if src == 1 and not adapt_channels:
+            return (f"the checkpoint reads 1 input channel, the model {dst}, and channel adaptation is off; "
                     f"pass adapt_channels=True to repeat the input layer over the channels")
-        return (f"the checkpoint reads {src[1]} input channel(s), the model {dst[1]}; only 1 -> N can be adapted. "
-                f"Pretrain with {dst[1]} channels, or build the model for {src[1]}")
-    what = ("no tensor of the checkpoint matches the model's encoder" if report.loaded == 0
-            else f"only {report.loaded} of {report.expected} encoder tensors match")
-    return (f"{what}. Build the model with the checkpoint's architecture (see: med3dinsight inspect CHECKPOINT), "
-            f"or pass strict_encoder=False to load what matches")
+        return (f"the checkpoint reads {src} input channel(s), the model {dst}; only 1 -> N can be adapted. "
+                f"Pretrain with {dst} channels, or build the model for {src}")
+    arch = architecture_line(metadata)
+    fix = ("build the model with these arguments (med3dinsight inspect CHECKPOINT lists them" +
+           ("; in_channels may differ: 1 -> N is adapted)" if adapt_channels else ")") if arch else
+           "build the model with the checkpoint's architecture (this file does not record it)")
+    fix += ", or pass strict_encoder=False to load only what matches"
+    held = str(metadata.get("network_class", "")).rsplit(".", 1)[-1]
+    if held and not (report.target.startswith(held) or held.startswith(report.target)):  # X, XForNNUNet: alike
+        head = ("no tensor of the checkpoint matches the model's encoder" if report.loaded == 0
+                else f"only {report.loaded} of {report.expected} encoder tensors match")
+        head += f": the checkpoint holds a {held}, the model is a {report.target}"
+    elif other or (report.missing and report.loaded):
+        if other:
+            key = other[0]
+            src, dst = report.mismatched[key]
+            beyond = " beyond the input-channel dimension" if key.rsplit(".", 1)[0] in in_proj_keys else ""
+            what = (f"{key} is {list(src)} in the checkpoint but {list(dst)} in the model{beyond}"
+                    + (f" ({len(other)} tensors differ in shape)" if len(other) > 1 else ""))
+        else:
+            what = (f"the model's {report.missing[0]} is not in the checkpoint ({len(report.missing)} encoder "
+                    f"tensor(s) missing)")
+        if ins and (ins[0][1] != 1 or not adapt_channels):  # 1 -> N is adapted once the rest fits
+            what += f"; the input channels differ too ({ins[0][1]} in the checkpoint, {ins[0][2]} in the model)"
+        head = f"the architecture differs: {what}"
+    else:
+        head = ("no tensor of the checkpoint matches the model's encoder" if report.loaded == 0
+                else f"only {report.loaded} of {report.expected} encoder tensors match")
+    return f"{head}. The checkpoint is {arch}: {fix}" if arch else f"{head}. To load it, {fix}"
+
+
+def architecture_arguments(metadata: Mapping) -> Optional[Dict[str, Any]]:
+    """The arguments that decide the shapes of a med3dinsight checkpoint's encoder tensors, as ``build_backbone``
+    takes them (``name`` first), or ``None`` for a file that does not record them (foreign formats).
+
+    ``in_channels``, ``patch_size``, the network's constructor arguments (``feature_size``, ``depths``,
+    ``num_heads``, ``hidden_size``, ...), the nnU-Net topology options (``base_features``, ``max_features``,
+    ``spacing``, the plans and configuration) and, for nnU-Net networks, the stage layout the plans give
+    (``features_per_stage``, ``n_conv_per_stage`` / ``n_blocks_per_stage``, ``strides``). ``out_channels`` /
+    ``num_classes`` are left out: they size the segmentation head only, which is never loaded.
+    """
+    cfg = metadata.get("backbone") if isinstance(metadata, Mapping) else None
+    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("name"), str):
+        return None
+    args: Dict[str, Any] = {"name": cfg["name"], "in_channels": metadata.get("in_channels", cfg.get("in_channels")),
+                            "patch_size": metadata.get("patch_size", cfg.get("patch_size"))}
+    kwargs = cfg.get("network_kwargs")
+    args.update({k: v for k, v in (kwargs.items() if isinstance(kwargs, Mapping) else ()) if k != "out_channels"})
+    args.update({k: cfg[k] for k in ("base_features", "max_features", "spacing", "configuration") if k in cfg})
+    plans = cfg.get("plans")
+    if isinstance(plans, Mapping):
+        args["plans"] = f"{plans.get('plans_name')} of {plans.get('dataset_name')}"
+    elif isinstance(plans, str):
+        args["plans"] = plans
+    arch = (metadata.get("adaptation_plan") or {}).get("architecture_plans")
+    arch_kwargs = arch.get("arch_kwargs") if isinstance(arch, Mapping) else None
+    if isinstance(arch_kwargs, Mapping) and "features_per_stage" in arch_kwargs:  # nnU-Net's stage layout
+        args.update({k: arch_kwargs[k] for k in ("features_per_stage", "n_conv_per_stage", "n_blocks_per_stage",
+                                                 "strides") if k in arch_kwargs})
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def architecture_line(metadata: Mapping) -> Optional[str]:
+    """:func:`architecture_arguments` in one line, ``swin_unetr(in_channels=1, patch_size=[64, 64, 64],
+    feature_size=12, ...)``, or ``None`` when the file does not record them."""
+    args = architecture_arguments(metadata)
+    if args is None:
+        return None
+    name = args.pop("name")
+    return f"{name}({', '.join(f'{k}={short_repr(v, 120)}' for k, v in args.items())})"
 
 
 def _as_checkpoint(checkpoint) -> Checkpoint:

@@ -1,0 +1,65 @@
+"""What a newcomer running the README met (issue #22): each defect where the user meets it, mostly through the
+command line (``med3dinsight_plugin.cli.main``)."""
+import pytest
+import torch
+
+from helpers import tiny_backbone
+from med3dinsight_plugin import IncompatibleCheckpointError, load_pretrained_encoder, save_pretrained
+from med3dinsight_plugin.cli import main
+
+
+def _cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines()
+
+
+# ------------------------------------------------------------- 1. another width is not blamed on input channels
+
+@pytest.mark.parametrize("in_channels", [1, 4])
+def test_monai_load_of_another_width_names_the_architecture_not_the_channels(tmp_path, in_channels):
+    """A SwinUNETR of feature_size 24 (1 or 4 input channels) and a checkpoint of feature_size 12: the refusal says
+    that the architecture differs, names a tensor whose shape differs beyond the input channels and the checkpoint's
+    architecture arguments, and how to fix it; it no longer says "only 1 -> N can be adapted"."""
+    from monai.networks.nets import SwinUNETR
+
+    path = save_pretrained(tiny_backbone("swin_unetr"), tmp_path / "fs12.safetensors")  # feature_size 12
+    network = SwinUNETR(in_channels=in_channels, out_channels=3, feature_size=24, depths=(1, 1, 1, 1),
+                        num_heads=(1, 1, 2, 2))
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    with pytest.raises(IncompatibleCheckpointError) as info:
+        load_pretrained_encoder(network, path)
+    line = str(info.value).splitlines()[0]
+    assert "only 1 -> N" not in line and "input channel(s)" not in line, line
+    assert "the architecture differs" in line
+    assert "swinViT.patch_embed.proj.weight is [12, 1, 2, 2, 2] in the checkpoint but " \
+           f"[24, {in_channels}, 2, 2, 2] in the model" in line
+    assert ("swin_unetr(in_channels=1, patch_size=[64, 64, 64], feature_size=12, depths=[1, 1, 1, 1], "
+            "num_heads=[1, 1, 2, 2])") in line
+    assert "build the model with these arguments" in line and "med3dinsight inspect" in line
+    assert all(torch.equal(v, before[k]) for k, v in network.state_dict().items())  # nothing loaded
+
+
+def test_the_architecture_fix_of_the_refusal_loads(tmp_path):
+    """The arguments the refusal names build a network the checkpoint loads into (4 channels: adapted 1 -> 4)."""
+    from monai.networks.nets import SwinUNETR
+
+    path = save_pretrained(tiny_backbone("swin_unetr"), tmp_path / "fs12.safetensors")
+    network = SwinUNETR(in_channels=4, out_channels=3, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
+    report = load_pretrained_encoder(network, path)
+    assert report.coverage == 100.0 and report.adapted
+
+
+def test_other_depth_and_other_network_are_named(tmp_path):
+    path = save_pretrained(tiny_backbone("swin_unetr"), tmp_path / "fs12.safetensors")
+    with pytest.raises(IncompatibleCheckpointError, match=r"the architecture differs: the model's "
+                       r"swinViT\.layers1\.0\.blocks\.1\.\S+ is not in the checkpoint.*depths=\[1, 1, 1, 1\]"):
+        load_pretrained_encoder(tiny_backbone("swin_unetr", depths=(2, 2, 2, 2)).network, path)
+    with pytest.raises(IncompatibleCheckpointError, match="the checkpoint holds a SwinUNETR, the model is a UNETR"):
+        load_pretrained_encoder(tiny_backbone("unetr").network, path)
+
+
+def test_input_channels_alone_are_still_named_as_such(tmp_path):
+    path = save_pretrained(tiny_backbone("resenc_unet", in_channels=2), tmp_path / "two.safetensors")
+    with pytest.raises(IncompatibleCheckpointError, match=r"reads 2 input channel\(s\), the model 3; only 1 -> N"):
+        load_pretrained_encoder(tiny_backbone("resenc_unet", in_channels=3).network, path)
