@@ -50,6 +50,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoint import read_checkpoint_info
     from .hub import is_hub_spec
+    from .loading import architecture_line
 
     info = read_checkpoint_info(args.checkpoint)  # header and shapes only: no tensor data is read
     name = f"{args.checkpoint} ({info.path})" if is_hub_spec(args.checkpoint) else info.path
@@ -59,6 +60,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         cfg = meta["backbone"]
         print(f"  backbone      {cfg['name']} ({meta['network_class'].rsplit('.', 1)[-1]}), in_channels "
               f"{meta['in_channels']}, patch {tuple(meta['patch_size'])}")
+        # what the loader's refusal of another architecture points to: build the network with these arguments
+        print(f"  architecture  {architecture_line(meta)}")
         if "configuration" in cfg and isinstance(cfg.get("plans"), dict):
             print(f"  nnU-Net plans {cfg['plans'].get('plans_name')} of {cfg['plans'].get('dataset_name')}, "
                   f"configuration {cfg['configuration']}")

@@ -63,3 +63,31 @@ def test_input_channels_alone_are_still_named_as_such(tmp_path):
     path = save_pretrained(tiny_backbone("resenc_unet", in_channels=2), tmp_path / "two.safetensors")
     with pytest.raises(IncompatibleCheckpointError, match=r"reads 2 input channel\(s\), the model 3; only 1 -> N"):
         load_pretrained_encoder(tiny_backbone("resenc_unet", in_channels=3).network, path)
+
+
+# ---------------------------------------------------------- 2. inspect prints what the loader's refusal points to
+
+@pytest.mark.parametrize("name, needles", [
+    ("swin_unetr", ["feature_size=12", "depths=[1, 1, 1, 1]", "num_heads=[1, 1, 2, 2]"]),
+    ("unetr", ["feature_size=8", "hidden_size=48", "mlp_dim=96", "num_heads=4"]),
+    ("resenc_unet", ["features_per_stage=[4, 8, 16, 32]", "n_blocks_per_stage=[1, 3, 4, 6]", "strides="]),
+])
+def test_inspect_prints_the_architecture_arguments(tmp_path, capsys, name, needles):
+    path = save_pretrained(tiny_backbone(name), tmp_path / "c.safetensors")
+    code, out, err = _cli(capsys, "inspect", path)
+    assert code == 0, err
+    line = next(row for row in out.splitlines() if row.strip().startswith("architecture"))
+    assert "in_channels=1" in line and "patch_size=[" in line, line
+    for needle in needles:
+        assert needle in line, line
+
+
+def test_inspect_prints_what_the_refusal_names(tmp_path, capsys):
+    """The refusal of item 1 says "The checkpoint is ARGS ... (med3dinsight inspect CHECKPOINT lists them)": inspect
+    prints the same ARGS."""
+    path = save_pretrained(tiny_backbone("swin_unetr"), tmp_path / "fs12.safetensors")
+    with pytest.raises(IncompatibleCheckpointError) as info:
+        load_pretrained_encoder(tiny_backbone("swin_unetr", feature_size=24).network, path)
+    named = str(info.value).split("The checkpoint is ", 1)[1].split("): build", 1)[0] + ")"
+    code, out, _ = _cli(capsys, "inspect", path)
+    assert code == 0 and f"  architecture  {named}\n" in out, (named, out)
