@@ -229,8 +229,8 @@ class Med3DInsightLoss(nn.Module):
                 :func:`reconstruction_loss`).
             z_text: (P, text_dim) PSAT's text-head predictions; required when the text space is separate
                 (``text_dim`` set), ignored otherwise.
-            dense: ``(pred, target, valid)`` of dense distillation (see :func:`~med3dinsight_plugin.dense.dense_loss`)
-                or ``None`` to skip that term.
+            dense: ``(pred, target, valid)`` or ``(pred, target, valid, count)`` of dense distillation (see
+                :func:`~med3dinsight_plugin.dense.dense_loss`) or ``None`` to skip that term.
 
         Returns:
             ``{"loss", "image", "text", "reconstruction", "dense"}`` -- the weighted total and each unweighted term
@@ -266,7 +266,7 @@ class Med3DInsightLoss(nn.Module):
         if dense is not None and self.weights["dense"]:
             from .dense import dense_loss
 
-            terms["dense"] = dense_loss(*dense, kind=self.dense_kind)
+            terms["dense"] = dense_loss(*dense[:3], kind=self.dense_kind, count=dense[3] if len(dense) > 3 else None)
         if not terms:
             raise ValueError("no loss term to compute: pass image_emb, text_emb or a reconstruction with a "
                              "non-zero weight")

@@ -134,7 +134,7 @@ class DenseHead(nn.Module):
 
 
 def dense_loss(pred: torch.Tensor, target: torch.Tensor, valid: Optional[torch.Tensor] = None,
-               kind: str = "cosine") -> torch.Tensor:
+               kind: str = "cosine", count: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-location distance between predicted and teacher features, averaged over the valid locations.
 
     Args:
@@ -142,6 +142,9 @@ def dense_loss(pred: torch.Tensor, target: torch.Tensor, valid: Optional[torch.T
         target: (..., C, R, R) teacher features (:func:`crop_map_target`, batched).
         valid: (..., R, R) bool, or ``None`` for all; an all-False mask gives 0.
         kind: ``"cosine"``: 1 - cosine similarity per location; ``"mse"``: mean squared error over the channels.
+        count: the number of valid locations to average over, instead of this call's own (under DDP: the global
+            count over the ranks divided by their number, so that DDP's averaging of the ranks' gradients gives
+            exactly the mean over the global batch).
 
     Returns:
         Scalar float32 loss.
@@ -160,4 +163,4 @@ def dense_loss(pred: torch.Tensor, target: torch.Tensor, valid: Optional[torch.T
     if valid is None:
         return per.mean()
     valid = valid.bool()
-    return torch.where(valid, per, 0.0).sum() / valid.sum().clamp_min(1)
+    return torch.where(valid, per, 0.0).sum() / (valid.sum() if count is None else count).clamp_min(1)

@@ -248,8 +248,8 @@ class Med3DInsightModel(nn.Module):
                        reconstruction: Union[torch.Tensor, MaskedReconstruction],
                        volume: torch.Tensor, image_emb: Optional[torch.Tensor] = None,
                        text_emb: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                       map_target: Optional[torch.Tensor] = None,
-                       map_valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                       map_target: Optional[torch.Tensor] = None, map_valid: Optional[torch.Tensor] = None,
+                       map_count: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """The losses of :meth:`forward` from the outputs of :meth:`encode` (all B*K pairs aligned together).
 
         Args:
@@ -260,6 +260,8 @@ class Med3DInsightModel(nn.Module):
             image_emb, text_emb, mask: as in :meth:`forward` (matching the predictions' leading shape).
             map_target, map_valid: as in :meth:`forward`, for this rank's dense predictions; ``mask`` is not applied
                 to them here: padding slices must already be False in ``map_valid`` (:meth:`forward` does that).
+            map_count: the valid locations dense distillation averages over (see
+                :func:`~med3dinsight_plugin.dense.dense_loss`); ``None``: those of ``map_valid``.
 
         Returns:
             ``{"loss", "image", "text", "reconstruction", "dense"}`` (the terms present).
@@ -286,7 +288,7 @@ class Med3DInsightModel(nn.Module):
             return t if keep is None else t[keep]
         dense = None
         if outputs.dense is not None and map_target is not None:
-            dense = (outputs.dense, map_target, map_valid)
+            dense = (outputs.dense, map_target, map_valid, map_count)
         return self.loss(flat(image), flat(image_emb), flat(text_emb), reconstruction, volume, voxel_mask,
                          z_text=flat(outputs.text), dense=dense)
 

@@ -74,6 +74,7 @@ class ToyDataset:
             both = torch.stack([pooled, torch.ones_like(pooled)], -1)  # (K, S, S, 2)
             item["map_target"] = (both @ self.map_proj.T).permute(0, 3, 1, 2).contiguous()  # (K, C, S, S)
             item["map_valid"] = torch.ones(self.k, s, s, dtype=torch.bool)
+            item["map_valid"][:, 0] = int(i) % 2 == 0  # odd items: the first row outside the volume (unequal counts)
         return item
 
 

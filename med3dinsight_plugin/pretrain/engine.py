@@ -125,6 +125,11 @@ class _Step(nn.Module):
         z3d, reconstruction = self.model.encode(volume, plane, position)
         if map_valid is not None and mask is not None:  # dense distillation stays per rank, like reconstruction
             map_valid = map_valid & mask[..., None, None].bool()
+        map_count = None
+        if self.world > 1 and map_valid is not None:  # ... averaged over the global batch's valid locations
+            map_count = map_valid.sum().float()
+            dist.all_reduce(map_count)
+            map_count = map_count / self.world
         if self.world > 1:
             from torch.distributed.nn.functional import all_gather
 
@@ -135,7 +140,7 @@ class _Step(nn.Module):
             image_emb, text_emb = _gather_plain(image_emb, self.world), _gather_plain(text_emb, self.world)
             mask = None if mask is None else _gather_plain(mask.to(torch.uint8), self.world).bool()
         return self.model.compute_losses(z3d, reconstruction, volume, image_emb, text_emb, mask, map_target,
-                                          map_valid)
+                                          map_valid, map_count)
 
 
 def _gather_plain(t: Optional[torch.Tensor], world: int) -> Optional[torch.Tensor]:
