@@ -19,10 +19,11 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..distributed import init_distributed
-from ..errors import first_line
+from ..errors import Med3DInsightError, first_line
 from ..fileio import diff_keys, sha256_file
 from ..planes import plane_id
 from ..results import Result
+from ..runlock import RunLock
 from ..slices import RenderSettings, SlicePolicy, feature_map_grid, volume_slices
 from .cache import (
     MANIFEST,
@@ -157,44 +158,66 @@ def embed_dataset(source, out, teacher, policy: Optional[SlicePolicy] = None,
     out = Path(out)
     with init_distributed(str(teacher.device), option="--device") as ctx:  # joins the caller's group if any
         rank, world = ctx.rank, ctx.world_size
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-        ctx.barrier()
-        if (out / MANIFEST).is_file():
-            old = read_manifest(out)["settings"]
-            if old != settings:
-                differ = ", ".join(diff_keys(old, settings)[:4])
-                raise StaleCacheError(f"{out} holds a cache made with other settings ({differ} differ); embed into a "
-                                      f"new folder")
-        cases = source.cases
-        shard_cases = {k: cases[i:i + cases_per_shard] for k, i in enumerate(range(0, len(cases), cases_per_shard))}
-        mine = [k for k in shard_cases if k % world == rank]
-        start, written, kept, n_slices = time.perf_counter(), 0, 0, 0
-        bar = _progress(sum(len(shard_cases[k]) for k in mine), progress and rank == 0)
+        # one embed run per cache folder (rank 0 holds the lock, which creates the folder); a held lock stops every
+        # rank, so that none waits for the others
+        lock = _on_rank0(ctx, lambda: RunLock(out, what=f"the teacher cache {out}").acquire())
         try:
-            for k in mine:
-                path = out / shard_name(k)
-                if _keep_shard(path, digest):
-                    kept += 1
-                    bar.update(len(shard_cases[k]))
-                    continue
-                rows, shapes, prints = _embed_cases(source, shard_cases[k], teacher, policy, render, texts, batch_size,
-                                                    bar, feature_maps)
-                write_shard(out, k, shard_cases[k], shapes, rows, digest, fingerprints=prints, format_version=version)
-                written += 1
-                n_slices += len(rows["plane"])
+            if (out / MANIFEST).is_file():
+                old = read_manifest(out)["settings"]
+                if old != settings:
+                    differ = ", ".join(diff_keys(old, settings)[:4])
+                    raise StaleCacheError(f"{out} holds a cache made with other settings ({differ} differ); embed "
+                                          f"into a new folder")
+            cases = source.cases
+            shard_cases = {k: cases[i:i + cases_per_shard] for k, i in enumerate(range(0, len(cases), cases_per_shard))}
+            mine = [k for k in shard_cases if k % world == rank]
+            start, written, kept, n_slices = time.perf_counter(), 0, 0, 0
+            bar = _progress(sum(len(shard_cases[k]) for k in mine), progress and rank == 0)
+            try:
+                for k in mine:
+                    path = out / shard_name(k)
+                    if _keep_shard(path, digest):
+                        kept += 1
+                        bar.update(len(shard_cases[k]))
+                        continue
+                    rows, shapes, prints = _embed_cases(source, shard_cases[k], teacher, policy, render, texts,
+                                                        batch_size, bar, feature_maps)
+                    write_shard(out, k, shard_cases[k], shapes, rows, digest, fingerprints=prints,
+                                format_version=version)
+                    written += 1
+                    n_slices += len(rows["plane"])
+            finally:
+                bar.close()  # before any error message, so that the message is the last line
+            ctx.barrier()
+            if rank == 0:
+                missing = [shard_name(k) for k in shard_cases if not (out / shard_name(k)).is_file()]
+                if missing:
+                    raise CacheError(f"{out} lacks {len(missing)} shard(s) ({missing[0]}, ...) after embedding; rerun "
+                                     f"the same command to finish them")
+                write_manifest(out, settings, shard_cases)
+            ctx.barrier()
+            return EmbedResult(folder=str(out), cases=len(cases), slices_embedded_here=n_slices, shards_written=written,
+                               shards_kept=kept, seconds=round(time.perf_counter() - start, 2), rank=rank, world=world)
         finally:
-            bar.close()  # before any error message, so that the message is the last line
-        ctx.barrier()
-        if rank == 0:
-            missing = [shard_name(k) for k in shard_cases if not (out / shard_name(k)).is_file()]
-            if missing:
-                raise CacheError(f"{out} lacks {len(missing)} shard(s) ({missing[0]}, ...) after embedding; rerun the "
-                                 f"same command to finish them")
-            write_manifest(out, settings, shard_cases)
-        ctx.barrier()
-        return EmbedResult(folder=str(out), cases=len(cases), slices_embedded_here=n_slices, shards_written=written,
-                           shards_kept=kept, seconds=round(time.perf_counter() - start, 2), rank=rank, world=world)
+            if lock is not None:
+                lock.release()
+
+
+def _on_rank0(ctx, fn):
+    """``fn()`` on rank 0 (``None`` elsewhere); a user error there is raised on every rank."""
+    result, error = None, None
+    if ctx.rank == 0:
+        try:
+            result = fn()
+        except Med3DInsightError as e:
+            error = e
+    if ctx.world_size > 1:
+        message = ctx.broadcast_object(None if error is None else first_line(error))
+        if error is None and message is not None:
+            raise CacheError(message)
+    if error is not None:
+        raise error
+    return result
 
 
 def _keep_shard(path: Path, digest: str) -> bool:
