@@ -19,14 +19,35 @@ from .errors import Med3DInsightError, first_line, short_repr
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .backbones import backbone_family, list_backbones
-    from .summary import summarize
+    from .distributed import resolve_device
+    from .summary import is_out_of_memory, summarize
 
+    for option, value, what in (("--batch", args.batch, "volumes per forward pass"),
+                                ("--slices", args.slices, "slices aligned per volume")):
+        if value < 1:
+            raise Med3DInsightError(f"{option} {value}: pass a positive number of {what} (default "
+                                    f"{2 if option == '--batch' else 4})")
+    if args.batch * args.slices < 2:
+        raise Med3DInsightError(f"--batch {args.batch} --slices {args.slices}: the alignment needs at least 2 slice "
+                                f"pairs (the other pairs are its negatives); raise --batch or --slices")
+    if any(p < 1 for p in args.patch_size):
+        raise Med3DInsightError(f"--patch-size {' '.join(map(str, args.patch_size))}: pass three positive sizes in "
+                                f"voxels, e.g. --patch-size 64 64 64")
+    device = str(resolve_device(args.device, option="--device"))
     # builders that need a plans file cannot run on random data alone
     names = args.backbones or [n for n in list_backbones() if n not in backbone_family(n).plans_builders]
     print(f"Med3DInsight models on random data: batch {args.batch}, {args.slices} slices per volume, "
-          f"patch {tuple(args.patch_size)}, PSAT preset {args.psat!r}, device {args.device}")
+          f"patch {tuple(args.patch_size)}, PSAT preset {args.psat!r}, device {device}")
     for name in names:
-        s = summarize(name, args.patch_size, args.batch, args.slices, args.device, psat=args.psat)
+        try:
+            s = summarize(name, args.patch_size, args.batch, args.slices, device, psat=args.psat)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one too
+            if not is_out_of_memory(e):
+                raise
+            raise Med3DInsightError(f"{name} at --batch {args.batch}, --slices {args.slices}, --patch-size "
+                                    f"{' '.join(map(str, args.patch_size))} does not fit in the memory of {device} "
+                                    f"(torch could not allocate it); use a smaller --batch, --slices or "
+                                    f"--patch-size") from None
         print(f"\n{name} ({s['network']})")
         print(f"  parameters   network {s['network_params'] / 1e6:.2f}M, PSAT {s['psat_params'] / 1e6:.2f}M, "
               f"total {s['total_params'] / 1e6:.2f}M")
@@ -505,8 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--slices", type=int, default=4, help="slices aligned per volume (K)")
     p.add_argument("--psat", default="paper", help="PSAT preset: paper (the authors' configuration) or small")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.set_defaults(func=_cmd_models)
+    _one_line_usage_errors(p)
     return parser
 
 

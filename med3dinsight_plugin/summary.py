@@ -6,7 +6,7 @@ from typing import Any, Dict, Sequence
 
 import torch
 
-from .errors import Med3DInsightError
+from .errors import Med3DInsightError, short_repr
 from .model import build_model
 
 
@@ -35,11 +35,20 @@ def summarize(name: str, patch_size: Sequence[int] = (64, 64, 64), batch: int = 
         loss terms and the forward time in seconds.
 
     Raises:
-        Med3DInsightError: an unknown backbone; ConfigError: an unknown PSAT preset or backbone argument.
+        Med3DInsightError: an unknown backbone, a batch or slice count below 1 (or a single slice pair), a device
+            other than cpu/cuda; ConfigError: an unknown PSAT preset or backbone argument.
     """
     from .backbones import list_backbones
+    from .distributed import resolve_device
     from .pretrain.config import PretrainConfig
 
+    for arg, value in (("batch", batch), ("slices", slices)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise Med3DInsightError(f"summarize(): {arg} must be a positive integer, got {short_repr(value)}")
+    if batch * slices < 2:
+        raise Med3DInsightError(f"summarize(): batch {batch} x slices {slices} gives {batch * slices} slice pair; the "
+                                f"alignment needs at least 2 (the other pairs are its negatives)")
+    device = str(resolve_device(str(device), option="device"))
     if name not in list_backbones():  # said as the backbone registry says it, not as a configuration key
         raise Med3DInsightError(f"unknown backbone {name!r}: expected one of {list_backbones()}")
     config = PretrainConfig.from_dict({"model": {"backbone": name, "patch_size": list(patch_size), "psat": psat,
@@ -69,3 +78,13 @@ def summarize(name: str, patch_size: Sequence[int] = (64, 64, 64), batch: int = 
         "losses": {k: round(float(v), 4) for k, v in losses.items()},
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is torch failing to allocate (CPU or GPU memory): a size the user chose, not a bug."""
+    import torch
+
+    if isinstance(error, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):  # torch.* from 2.5 on
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)

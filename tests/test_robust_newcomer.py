@@ -9,7 +9,10 @@ from med3dinsight_plugin.cli import main
 
 
 def _cli(capsys, *args):
-    code = main([str(a) for a in args])
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's usage errors exit
+        code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err.strip().splitlines()
 
@@ -91,3 +94,46 @@ def test_inspect_prints_what_the_refusal_names(tmp_path, capsys):
     named = str(info.value).split("The checkpoint is ", 1)[1].split("): build", 1)[0] + ")"
     code, out, _ = _cli(capsys, "inspect", path)
     assert code == 0 and f"  architecture  {named}\n" in out, (named, out)
+
+
+# ---------------------------------------------------------------------- 6. bad numbers of `models`: one line each
+
+@pytest.mark.parametrize("args, needle", [
+    (["--batch", "-1"], "--batch -1"),
+    (["--batch", "0"], "--batch 0"),
+    (["--slices", "0"], "--slices 0"),
+    (["--slices", "-2"], "--slices -2"),
+    (["--batch", "1", "--slices", "1"], "--batch 1 --slices 1"),
+    (["--patch-size", "0", "32", "32"], "--patch-size 0 32 32"),
+    (["--patch-size", "-32", "32", "32"], "--patch-size -32 32 32"),
+    (["--batch", "two"], "argument --batch"),
+    (["--device", "bogus"], "'--device'"),
+    (["--device", "meta"], "'--device'"),
+    (["--batch", str(10 ** 9)], "--batch 1000000000"),  # 10^15 bytes of input: more than any address space
+])
+def test_models_refuses_bad_numbers_in_one_line(capsys, args, needle):
+    from helpers import one_line_failure
+
+    code, _, err = _cli(capsys, "models", "--backbones", "plain_conv_unet", "--patch-size", "32", "32", "32",
+                        "--psat", "small", *args)
+    one_line_failure(code, err, "med3dinsight models: error: ", needle)
+
+
+def test_models_device_cuda_without_cuda_is_one_line(capsys):
+    from helpers import one_line_failure
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, _, err = _cli(capsys, "models", "--device", "cuda")
+    one_line_failure(code, err, "'--device' is 'cuda' but CUDA is not available")
+
+
+def test_summarize_refuses_bad_numbers():
+    from med3dinsight_plugin.errors import Med3DInsightError
+    from med3dinsight_plugin.summary import summarize
+
+    for kwargs, needle in ((dict(batch=-1), "batch must be a positive integer"),
+                           (dict(slices=0), "slices must be a positive integer"),
+                           (dict(batch=1, slices=1), "at least 2")):
+        with pytest.raises(Med3DInsightError, match=needle):
+            summarize("plain_conv_unet", (32, 32, 32), **{"batch": 2, "slices": 4, **kwargs})
