@@ -62,6 +62,12 @@ def test_loss_balance_sets_the_weights_from_the_first_batch_and_a_resume_keeps_t
     assert final_weights(tmp_path / "whole").metadata["alignment"]["weights"]["image"] == pytest.approx(w["image"])
     logged = [r for r in records if "encoder_grad/image" in r]
     assert len(logged) == 4 and all(r["encoder_grad/reconstruction"] > 0 for r in logged)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "whole" / "tensorboard")).Reload()  # the same scalars in TensorBoard
+    tags = set(events.Tags()["scalars"])
+    assert {"encoder_grad/image", "encoder_grad/text", "encoder_grad/reconstruction", "loss_weight/image"} <= tags
+    assert len(events.Scalars("encoder_grad/image")) == 4
 
     # a run stopped after 2 steps and resumed ends with the same weights, bit for bit: the balanced weights come
     # back from the training state (the config alone would give the weights 1)
