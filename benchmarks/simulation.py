@@ -41,6 +41,7 @@ about 20x a ``small`` step on this CPU, beyond the budget (run ``med3dinsight st
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -252,6 +253,20 @@ class SimulationTeacher:
         return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1)
 
 
+def random_image_tower(out: Path) -> Path:
+    """``out/teacher_image_tower``: the tiny RANDOM open_clip ViT (64 px, 8 px patches, 2 layers, average-pooled,
+    384-d, seed 0) whose embeddings are random features of the rendered slice; written once."""
+    from med3dinsight_plugin.teacher.tiny import TINY_CLIP_CONFIG, save_tiny_open_clip
+
+    clip_folder = out / "teacher_image_tower"
+    if not (clip_folder / "open_clip_model.safetensors").is_file():
+        cfg = _merge(TINY_CLIP_CONFIG, {"embed_dim": 384, "vision_cfg": {"image_size": 64, "patch_size": 8,
+                                                                          "width": 64, "layers": 2, "head_width": 32,
+                                                                          "pool_type": "avg"}})
+        save_tiny_open_clip(clip_folder, config=cfg, seed=0)
+    return clip_folder
+
+
 def build_teacher_cache(out: Path, folders: Dict[str, Path], protocol: Dict[str, Any], log=print,
                         crops=None) -> Path:
     """Captions from the pretraining subjects' labels, then the teacher cache; both resumable. ``crops``
@@ -259,7 +274,6 @@ def build_teacher_cache(out: Path, folders: Dict[str, Path], protocol: Dict[str,
     from med3dinsight_plugin.slices import RenderSettings, SlicePolicy
     from med3dinsight_plugin.teacher.embed import embed_dataset
     from med3dinsight_plugin.teacher.label_captions import caption_from_labels
-    from med3dinsight_plugin.teacher.tiny import TINY_CLIP_CONFIG, save_tiny_open_clip
     from med3dinsight_plugin.volumes import open_source
 
     source = open_source(str(folders["pretrain"] / "images"), modality="ct")
@@ -272,12 +286,7 @@ def build_teacher_cache(out: Path, folders: Dict[str, Path], protocol: Dict[str,
     captions = out / f"captions{suffix}.jsonl"
     caption_from_labels(source, folders["pretrain"] / "labels", captions, policy, render,
                         class_names=DATA / "example_seg.labels.json", progress=False)
-    clip_folder = out / "teacher_image_tower"
-    if not (clip_folder / "open_clip_model.safetensors").is_file():
-        cfg = _merge(TINY_CLIP_CONFIG, {"embed_dim": 384, "vision_cfg": {"image_size": 64, "patch_size": 8,
-                                                                          "width": 64, "layers": 2, "head_width": 32,
-                                                                          "pool_type": "avg"}})
-        save_tiny_open_clip(clip_folder, config=cfg, seed=0)
+    clip_folder = random_image_tower(out)
     cache = out / f"cache{suffix}"
     r = embed_dataset(source, cache, SimulationTeacher(clip_folder), policy, render, captions=str(captions),
                       progress=False)
@@ -391,19 +400,36 @@ def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -
 
 
 def finetune(init: str, checkpoint, train_x, train_y, test_x, test_y, protocol: Dict[str, Any], seed: int,
-             num_classes: int) -> Dict[str, Any]:
-    """Train the downstream network from ``checkpoint`` (None: scratch) on the labelled subjects; test Dice."""
+             num_classes: int, frozen_encoder: bool = False, encoder_seed=None) -> Dict[str, Any]:
+    """Train the downstream network from ``checkpoint`` (None: scratch) on the labelled subjects; test Dice.
+
+    ``frozen_encoder``: the pretrained encoder is not trained (only decoder and head: a frozen-encoder readout).
+    ``encoder_seed``: for scratch, the random encoder comes from this seed instead of ``seed`` (the rest, decoder
+    and head included, from ``seed`` as always), so scratch encoders can be replicated like pretraining runs."""
     from monai.losses import DiceCELoss
 
+    from med3dinsight_plugin.backbones import network_spec
     from med3dinsight_plugin.finetune import apply_finetune_lr, finetune_optimizer, finetune_param_groups
     from med3dinsight_plugin.loading import load_pretrained_encoder
 
     f = protocol["finetune"]
     torch.manual_seed(seed)
     net = downstream_network(protocol, num_classes)
+    prefixes = tuple(network_spec(net).encoder_prefixes)
+    if encoder_seed is not None:
+        torch.manual_seed(10_000 + int(encoder_seed))
+        other = dict(downstream_network(protocol, num_classes).named_parameters())
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if name.startswith(prefixes):
+                    p.copy_(other[name])
     loaded = 0
     if checkpoint is not None:
         loaded = load_pretrained_encoder(net, checkpoint).loaded
+    if frozen_encoder:
+        for name, p in net.named_parameters():
+            if name.startswith(prefixes):
+                p.requires_grad_(False)
     optimizer = finetune_optimizer(finetune_param_groups(net, f["lr"]), f["optimizer"], f["lr"], f["weight_decay"])
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     g = torch.Generator().manual_seed(seed)
@@ -454,16 +480,63 @@ def retrieval_markdown(pretrained: Dict[str, Any]) -> str:
 
 
 def comparisons_markdown(rows: List[Dict[str, Any]], pairs: Sequence[Sequence[str]]) -> str:
-    """Paired differences ``a - b`` (same seed and labelled count) with 95 % bootstrap intervals."""
-    from nnunet_trainers.study import bootstrap_interval, paired_differences
+    """Paired differences ``a - b`` (same seed and labelled count), with the study's statistics
+    (:mod:`med3dinsight_plugin.stats`: a t interval over seeds only from 5 seeds on, sign-flip p, Holm)."""
+    from nnunet_trainers.study import _comparison_lines
 
-    lines = ["## Paired differences between pretrainings (same seed and labelled count)", "",
-             "| comparison | labelled | mean difference | 95 % interval | n |", "|---|---|---|---|---|"]
-    for a, b in pairs:
-        for labelled, diffs in paired_differences(rows, a, baseline=b).items():
-            mean, low, high = bootstrap_interval(diffs)
-            lines.append(f"| {a} - {b} | {labelled} | {mean:.4f} | [{low:.4f}, {high:.4f}] | {len(diffs)} |")
+    lines = _comparison_lines(rows, [tuple(p) for p in pairs])
+    lines[0] = "## Paired differences between pretrainings (same seed and labelled count)"
     return "\n".join(lines) + "\n"
+
+
+_REPLICATION = ("The seeds replicate the fine-tuning only: each pretraining variant is ONE pretraining run (seed 0), "
+                "so no interval here covers the variation between pretraining runs, and 3 seeds are too few for a "
+                "95 % interval at all (benchmarks/teacher_study.py replicates the pretraining).")
+
+
+def summary_text(rows: List[Dict[str, Any]], protocol: Dict[str, Any], names: List[str], n_test: int,
+                 quick: bool = False) -> str:
+    """``summary.md`` of a protocol's fine-tuning rows (also what ``--reanalyse`` rewrites from a results.csv)."""
+    from nnunet_trainers.study import summary_markdown
+
+    header = ["# Simulation: does Med3DInsight pretraining help? (benchmarks/simulation.py"
+              + (" --quick)" if quick else ")"), "",
+              f"Mean Dice over {', '.join(TARGET_CLASSES)} on the same {n_test} held-out test subjects after "
+              f"{protocol['finetune']['steps']} fine-tuning steps; pretraining {protocol['pretrain']['steps']} "
+              f"steps on "
+              f"{protocol['subjects']['pretrain']} unlabelled subjects. Image teacher: {protocol['teacher']['image']}; "
+              f"text teacher: {protocol['teacher']['text']} on label-derived captions. mean +- sd over seeds. "
+              + _REPLICATION]
+    summary = summary_markdown(rows, names, n_test, 0, "simulation", None, None, header=header)
+    return summary + "\n" + comparisons_markdown(rows, [c for c in protocol["comparisons"] if set(c) <= set(names)])
+
+
+def reanalyse(results: Path = HERE / "results", log=print) -> List[Path]:
+    """Rewrite each stored protocol's summary (``results/simulation[_NAME]_summary.md``) from its results.csv with
+    the current statistics; nothing is trained."""
+    written = []
+    for name, protocol in PROTOCOLS.items():
+        stem = "simulation" if name == "main" else f"simulation_{name}"
+        path = results / f"{stem}_results.csv"
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        names = ["scratch"] + [n for n in protocol["variants"] if any(r["init"] == n for r in rows)]
+        out = results / f"{stem}_summary.md"
+        out.write_text(summary_text(rows, protocol, names, protocol["subjects"]["test"]))
+        written.append(out)
+        log(f"re-analysed {path.name} -> {out.name}")
+    return written
+
+
+def _number(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def run(out: Path, quick: bool = False, log=print, protocol_name: str = "main") -> Dict[str, Path]:
@@ -475,7 +548,7 @@ def run(out: Path, quick: bool = False, log=print, protocol_name: str = "main") 
     """
     from med3dinsight_plugin.pretrain.data import compute_normalization
     from med3dinsight_plugin.volumes import open_source
-    from nnunet_trainers.study import _write_csv, plot_label_efficiency, summary_markdown
+    from nnunet_trainers.study import _write_csv, plot_label_efficiency
 
     base = PROTOCOLS[protocol_name]
     protocol = _merge(base, QUICK) if quick else base
@@ -532,15 +605,7 @@ def run(out: Path, quick: bool = False, log=print, protocol_name: str = "main") 
     rows = [done[k] for k in sorted(done, key=lambda k: (list(inits).index(k[0]), k[1], k[2]))]
     names = list(inits)
     _write_csv(out / "results.csv", rows)
-    header = ["# Simulation: does Med3DInsight pretraining help? (benchmarks/simulation.py"
-              + (" --quick)" if quick else ")"), "",
-              f"Mean Dice over {', '.join(TARGET_CLASSES)} on the same {len(test_x)} held-out test subjects after "
-              f"{protocol['finetune']['steps']} fine-tuning steps; pretraining {protocol['pretrain']['steps']} "
-              f"steps on "
-              f"{protocol['subjects']['pretrain']} unlabelled subjects. Image teacher: {protocol['teacher']['image']}; "
-              f"text teacher: {protocol['teacher']['text']} on label-derived captions. mean +- sd over seeds."]
-    summary = summary_markdown(rows, names, len(test_x), 0, "simulation", None, None, header=header)
-    summary += "\n" + comparisons_markdown(rows, [c for c in protocol["comparisons"] if set(c) <= set(names)])
+    summary = summary_text(rows, protocol, names, len(test_x), quick)
     retrieval = retrieval_markdown(pretrained)
     (out / "summary.md").write_text(summary)
     (out / "retrieval.md").write_text(retrieval)
@@ -554,16 +619,31 @@ def run(out: Path, quick: bool = False, log=print, protocol_name: str = "main") 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-o", "--output", required=True, help="output folder (a rerun resumes)")
+    parser.add_argument("-o", "--output", help="output folder (a rerun resumes)")
+    parser.add_argument("--reanalyse", action="store_true",
+                        help="rewrite benchmarks/results/simulation*_summary.md from the stored results.csv files with "
+                             "the current statistics (trains nothing)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the result")
-    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="main",
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS) + ["teacher"], default="main",
                         help="main (default): which pretraining helps, subjects = patch; views: crop vs volume view, "
                              "subjects twice the patch; crops: views plus crops as cases; masked: crops plus masked "
-                             "reconstruction in the crop view")
+                             "reconstruction in the crop view; teacher: [evidence] a real image teacher, dense "
+                             "distillation and text, replicated pretraining (benchmarks/teacher_study.py)")
     args = parser.parse_args(argv)
+    if args.reanalyse:
+        reanalyse()
+        return 0
+    if not args.output:
+        parser.error("-o/--output is required (except with --reanalyse)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
-    run(Path(args.output), quick=args.quick, log=lambda line: print(line, flush=True), protocol_name=args.protocol)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if args.protocol == "teacher":
+        import teacher_study
+
+        teacher_study.run(Path(args.output), quick=args.quick, log=log)
+        return 0
+    run(Path(args.output), quick=args.quick, log=log, protocol_name=args.protocol)
     return 0
 
 
