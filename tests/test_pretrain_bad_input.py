@@ -210,3 +210,96 @@ def test_configs_that_are_not_text_or_nest_too_deeply(base, tmp_path, capsys, co
     code, err = _pretrain(capsys, "--config", config, "--data", base / "vols", "--cache", base / "cache", "-o", out,
                           *TINY)
     _assert_clean_failure(code, err, needle, out=out)
+
+
+# ------------------------------------- a run that fails before its first step leaves the output as it found it
+
+def _nan_cache(base, tmp_path):
+    """A copy of the teacher cache whose first image embedding is NaN (found when pretraining reads it)."""
+    import json
+    import struct
+
+    cache = Path(shutil.copytree(base / "cache", tmp_path / "nan_cache"))
+    shard = cache / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    data[8 + n + json.loads(data[8:8 + n])["image"]["data_offsets"][0] + 1] = 0x7E  # float16 NaN
+    shard.write_bytes(bytes(data))
+    return cache
+
+
+# each discovered after the run folder exists: by the cache check, while preparing the volumes, or when the
+# first batch's loss weights are set (after config.yaml and checkpoints/ are written)
+LATE_FAILURES = {
+    "not a cache": (lambda base, tmp: ["--cache", base / "vols"], [], "not a finished teacher cache"),
+    "damaged cache": (lambda base, tmp: ["--cache", _nan_cache(base, tmp)], [], "not finite"),
+    "device": (lambda base, tmp: ["--cache", base / "cache"], ["train.device=meta"], "train.device"),
+    "refused loss balance": (lambda base, tmp: ["--cache", base / "cache"],
+                             ["model.loss_balance.image=1", "model.loss_weights.reconstruction=0"],
+                             "model.loss_balance"),
+}
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in Path(folder).rglob("*")}
+
+
+@pytest.mark.parametrize("kind", sorted(LATE_FAILURES))
+def test_a_failed_run_leaves_no_folder_it_created(base, tmp_path, capsys, kind):
+    from helpers import one_line_failure
+
+    cache, settings, needle = LATE_FAILURES[kind]
+    out = tmp_path / "runs" / "abdomen"  # neither folder exists yet
+    code, err = _pretrain(capsys, "--data", base / "vols", *cache(base, tmp_path), "-o", out, *TINY, *settings)
+    one_line_failure(code, err, needle)
+    assert not (tmp_path / "runs").exists(), _tree(tmp_path / "runs")
+
+
+def test_a_failed_run_leaves_a_folder_the_user_made_as_it_was(base, tmp_path, capsys):
+    from helpers import one_line_failure
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    code, err = _pretrain(capsys, "--data", base / "vols", "--cache", base / "cache", "-o", out, *TINY,
+                          *LATE_FAILURES["refused loss balance"][1])
+    one_line_failure(code, err, "model.loss_balance")
+    assert _tree(out) == {"notes.txt": b"my notes"}
+
+
+def test_a_resumed_run_failing_before_its_first_step_leaves_its_files_untouched(base, tmp_path, capsys,
+                                                                               monkeypatch):
+    """A run resumed with more steps (config.yaml rewritten, metrics.jsonl rewound, a new TensorBoard file) that
+    fails before its first step: every file as it was, nothing added. One that fails after a step keeps its files."""
+    from helpers import one_line_failure
+    from med3dinsight_plugin.errors import Med3DInsightError
+    from med3dinsight_plugin.pretrain import engine
+
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(base / "vols"), "--cache", str(base / "cache"), "-o", str(out),
+                 *TINY]) == 0
+    capsys.readouterr()
+    before = _tree(out)
+    step = engine._train_step
+    calls = []
+
+    def failing_step(run, batch):
+        calls.append(run.step)
+        if len(calls) > allowed:
+            raise Med3DInsightError("refused at the first batch")
+        return step(run, batch)
+
+    monkeypatch.setattr(engine, "_train_step", failing_step)
+    allowed = 0
+    code, err = _pretrain(capsys, "--data", base / "vols", "--cache", base / "cache", "-o", out, *TINY,
+                          "train.steps=3")
+    one_line_failure(code, [line for line in err if line.strip()], "refused at the first batch")  # bar: blank
+    assert calls == [1]  # resumed at step 1, failed in its first step
+    assert _tree(out) == before
+    allowed = 1  # now one step runs, then the run fails: what it wrote stays
+    calls.clear()
+    code, err = _pretrain(capsys, "--data", base / "vols", "--cache", base / "cache", "-o", out, *TINY,
+                          "train.steps=3")
+    one_line_failure(code, [line for line in err if line.strip()], "refused at the first batch")  # bar: blank
+    assert calls == [1, 2]
+    assert "\n  steps: 3\n" in (out / "config.yaml").read_text() and _tree(out) != before

@@ -117,6 +117,9 @@ def run_pretraining(config: PretrainConfig, resume: bool = True, progress: bool 
     Raises:
         ConfigError, VolumeError, CacheError: bad configuration or data, before any training step.
         RunLockedError: another process is pretraining into the same output folder.
+
+    A run that fails before its first optimizer step leaves the output folder as it found it: folders it created are
+    removed, a folder that existed keeps only what was there (a resumable run's files unchanged).
     """
     d = config.data
     for key in ("source", "cache"):
@@ -126,12 +129,72 @@ def run_pretraining(config: PretrainConfig, resume: bool = True, progress: bool 
         raise ConfigError("output is not set; pass -o/--output or set it in the config")
     check_backbone_kwargs(config.model)  # before any data is read: a typo must not cost a preparation pass
     rank = int(os.environ.get("RANK", "0"))
-    lock = RunLock(config.output).acquire() if rank == 0 else None
+    folder = _RunFolder(Path(config.output)) if rank == 0 else None  # before the lock creates anything
+    # tidy: on release, the folders the lock created go again if they are empty then (a run that failed early)
+    lock = RunLock(config.output, tidy=True).acquire() if rank == 0 else None
     try:
-        return _run_locked(config, resume, progress)
+        return _run_locked(config, resume, progress, folder)
+    except Exception:
+        if folder is not None:
+            folder.remove_ours()  # before its first step only; the lock and the folders it created go at release
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+class _RunFolder:
+    """What a run adds to its output folder before its first optimizer step, so that a run failing before then
+    leaves the folder as it found it: no folder it created (the lock's ``tidy`` removes those once empty), nothing of
+    its own in a folder the user made, and a resumable run's files as they were (new files in its ``checkpoints/``,
+    ``tensorboard/`` and ``prepared/`` removed; ``config.yaml`` and ``metrics.jsonl``, which the start rewrites, put
+    back). Once a step has run, the run's files stay (its metrics and checkpoints tell what happened).
+    """
+
+    REWRITTEN = ("config.yaml", "metrics.jsonl")  # existing files the start of a run rewrites
+    SUBFOLDERS = ("checkpoints", "tensorboard", "prepared")  # the run's own folders, one level deep
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.before = self._entries()
+        self.kept = {name: (out / name).read_bytes() for name in self.REWRITTEN if (out / name).is_file()}
+        self.stepped = False
+
+    def _entries(self) -> set:
+        """The paths (relative, ``/``-joined) of the folder's entries and of those in the run's own subfolders."""
+        if not self.out.is_dir():
+            return set()
+        names = set(os.listdir(self.out))
+        for sub in self.SUBFOLDERS:
+            if sub in names and (self.out / sub).is_dir() and not (self.out / sub).is_symlink():
+                names |= {f"{sub}/{name}" for name in os.listdir(self.out / sub)}
+        return names
+
+    def watch(self, model) -> None:
+        """Note the first optimizer step of ``model`` (the loop calls ``after_optimizer_step`` after each)."""
+        after = model.after_optimizer_step
+
+        def after_optimizer_step():
+            self.stepped = True
+            return after()
+        model.after_optimizer_step = after_optimizer_step
+
+    def remove_ours(self) -> None:
+        """Remove what this run added (unless it has taken a step) and put back the files it rewrote."""
+        import shutil
+
+        if self.stepped:
+            return
+        for name in sorted(self._entries() - self.before - {".lock"}):  # .lock: the lock's own, at release
+            path = self.out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)  # a new subfolder: its entries with it
+            elif path.exists() or path.is_symlink():
+                path.unlink(missing_ok=True)
+        for name, data in self.kept.items():
+            path = self.out / name
+            if not path.is_file() or path.read_bytes() != data:
+                atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
 
 
 def target_spacing(data, source) -> Optional[List[float]]:
@@ -153,7 +216,8 @@ def teacher_spaces(cache) -> Dict[str, Any]:
             "map_shape": tuple(cache.map_shape) if getattr(cache, "has_maps", False) else None}
 
 
-def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> PretrainResult:
+def _run_locked(config: PretrainConfig, resume: bool, progress: bool, folder: Optional[_RunFolder]
+                ) -> PretrainResult:
     from ..volumes import open_source
     from .engine import build_model, pretrain
 
@@ -181,6 +245,8 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool) -> Pretrai
     # below); the engine trains in the same context.
     with init_distributed(config.train.device, option="train.device") as ctx:
         model = build_model(config, cache.embed_dim, **teacher_spaces(cache))  # first: the volume view resamples
+        if folder is not None:
+            folder.watch(model)
         patch = model.backbone.patch_size
         prepared = Path(config.output) / "prepared"
         payload, failure = [None, None, None, None], None
