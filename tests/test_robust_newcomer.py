@@ -137,3 +137,71 @@ def test_summarize_refuses_bad_numbers():
                            (dict(batch=1, slices=1), "at least 2")):
         with pytest.raises(Med3DInsightError, match=needle):
             summarize("plain_conv_unet", (32, 32, 32), **{"batch": 2, "slices": 4, **kwargs})
+
+
+# ------------------------------------- 4. a run that never leaves its warm-up; 5. only the outputs that exist listed
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A newcomer's short run (train.steps=2 with the default 500 warm-up steps) without TensorBoard installed,
+    through the command line; returns (run folder, exit code, stdout lines, stderr lines)."""
+    import contextlib
+    import io
+    import sys
+
+    from helpers import FAST_PRETRAIN, ct_world
+
+    root = ct_world(tmp_path_factory.mktemp("short"))
+    out, stdout, stderr = root / "run", io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        mp.setitem(sys.modules, "torch.utils.tensorboard", None)  # import torch.utils.tensorboard: ImportError
+        code = main(["pretrain", "--data", str(root / "vols"), "--cache", str(root / "cache"), "-o", str(out),
+                     "--set", *FAST_PRETRAIN])
+    return out, code, stdout.getvalue().splitlines(), stderr.getvalue().splitlines()
+
+
+def test_a_run_inside_its_warm_up_is_noted_once(short_run):
+    _, code, _, err = short_run
+    assert code == 0, err
+    notes = [line for line in err if "warm" in line]
+    assert len(notes) == 1, err
+    assert notes[0].startswith("note: train.steps=2 < train.warmup_steps=500"), notes
+    assert "4e-08" in notes[0] and "train.warmup_steps=0" in notes[0], notes  # what it reaches, and the fix
+
+
+def test_warm_up_rule():
+    from med3dinsight_plugin.pretrain.config import PretrainConfig
+    from med3dinsight_plugin.pretrain.engine import warmup_note
+
+    def note(steps, warmup, start=0, lr=1e-5):
+        return warmup_note(PretrainConfig.from_dict({"train": {"steps": steps, "warmup_steps": warmup,
+                                                               "lr": lr}}).train, start)
+    assert "never leaves its warm-up" in note(4, 500) and "train.warmup_steps=0" in note(4, 500)
+    assert "takes 5 of the run's 10 steps" in note(10, 5) and "train.warmup_steps=1" in note(10, 5)
+    assert "takes 10 of the run's 10 steps" in note(10, 10)
+    assert note(10, 4) is None and note(10000, 500) is None and note(12, 2) is None  # under half: no note
+    assert note(0, 500) is None and note(10, 0) is None  # nothing to train, no warm-up
+    assert note(1000, 600, start=600) is None  # resumed past the warm-up
+
+
+def test_metrics_png_of_a_short_run_shows_its_points(short_run):
+    """A short run logs one point: the plot marks it (a line through one point draws nothing), shows the learning
+    rate it reached, and says why the retrieval panel is empty."""
+    import json
+
+    from med3dinsight_plugin.pretrain.diagnostics import metrics_figure
+
+    out, code, _, err = short_run
+    assert code == 0 and (out / "metrics.png").is_file(), err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2]  # one logged point
+    fig = metrics_figure(records)
+    ax_loss, ax_lr, ax_ret = fig.axes
+    lines = {line.get_label(): line for line in ax_loss.get_lines()}
+    assert {"loss", "reconstruction"} <= set(lines)
+    assert all(line.get_marker() not in (None, "", "None", " ") for line in lines.values())
+    (lr,) = ax_lr.get_lines()
+    assert lr.get_marker() not in (None, "", "None", " ") and lr.get_ydata()[0] == pytest.approx(4e-08)
+    assert any("no held-out evaluation" in t.get_text() for t in ax_ret.texts)
+    assert all(tick == int(tick) for tick in ax_loss.get_xticks())  # whole steps
+

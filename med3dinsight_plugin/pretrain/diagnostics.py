@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..model import SliceOutputs
 
-__all__ = ["MetricsLog", "caption_warning", "evaluate", "plot_metrics", "retrieval_metrics"]
+__all__ = ["MetricsLog", "caption_warning", "evaluate", "metrics_figure", "plot_metrics", "retrieval_metrics"]
 
 
 def retrieval_metrics(z3d: torch.Tensor, image_emb: torch.Tensor, text_emb: Optional[torch.Tensor] = None,
@@ -137,6 +137,9 @@ _LOSS_KEYS = ("loss", "image", "text", "reconstruction")
 _EVAL_KEYS = ("image_top1", "image_top5", "text_top1", "text_top5")
 
 
+MARKER_POINTS = 50  # curves of at most this many points get a marker on each (a short run logs a few, or one)
+
+
 def plot_metrics(metrics_jsonl: str | Path, png_path: str | Path) -> Path:
     """Plot training losses and held-out retrieval accuracy against the step (PNG via Agg, written atomically).
 
@@ -147,8 +150,6 @@ def plot_metrics(metrics_jsonl: str | Path, png_path: str | Path) -> Path:
     Returns:
         The path written.
     """
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no GUI backend touched
-
     from ..fileio import atomic_write
 
     records = []
@@ -157,15 +158,49 @@ def plot_metrics(metrics_jsonl: str | Path, png_path: str | Path) -> Path:
             records.append(json.loads(line))
         except ValueError:
             continue  # a line cut short by a killed run
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    ax_loss, ax_ret = fig.subplots(1, 2)
+    fig = metrics_figure(records)
+    path = Path(png_path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return path
+
+
+def metrics_figure(records):
+    """The figure :func:`plot_metrics` writes, from the records of ``metrics.jsonl``: training losses, the learning
+    rate (log scale: a run still in its warm-up shows why its losses barely move) and held-out retrieval against the
+    step. A curve of few points (a short run logs one or a few) shows a marker on each, so that a single point is
+    seen; a panel without data says why."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no GUI backend touched
+    from matplotlib.ticker import MaxNLocator
+
+    def curve(ax, points, **style):
+        if len(points) <= MARKER_POINTS:
+            style.setdefault("marker", "o")
+            style.setdefault("markersize", 4 if len(points) > 10 else 6)
+        return ax.plot(*zip(*points), **style)
+
+    def empty(ax, text):
+        ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize="medium", color="grey",
+                wrap=True)
+
+    fig = Figure(figsize=(15, 4), layout="constrained")
+    ax_loss, ax_lr, ax_ret = fig.subplots(1, 3, width_ratios=(4, 3, 4))
     for key in _LOSS_KEYS:
-        points = [(r["step"], r[key]) for r in records if key in r]
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
-            ax_loss.plot(*zip(*points), label=key)
+            curve(ax_loss, points, label=key)
+    if not ax_loss.get_legend_handles_labels()[0]:
+        empty(ax_loss, "no training loss logged yet")
+    lr = [(r["step"], r["lr"]) for r in records if isinstance(r.get("lr"), (int, float)) and r["lr"] > 0]
+    if lr:  # a run still in its warm-up shows here why its losses barely move
+        curve(ax_lr, lr, color="grey", label=f"last {lr[-1][1]:.2g}")
+        ax_lr.set_yscale("log")
+        ax_lr.legend(fontsize="small")
+    else:
+        empty(ax_lr, "no learning rate logged yet")
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate (warm-up, decay)")
     ax_loss.set(xlabel="step", ylabel="training loss", title="losses")
     for key in _EVAL_KEYS:
-        points = [(r["step"], r[f"eval/{key}"]) for r in records if f"eval/{key}" in r]
+        points = [(r["step"], r[f"eval/{key}"]) for r in records if r.get(f"eval/{key}") is not None]
         if points:
             ax_ret.plot(*zip(*points), marker="o", label=key)
     # image chance assumes distinct slices; text chance counts repeated captions as the own one (all identical
@@ -175,13 +210,18 @@ def plot_metrics(metrics_jsonl: str | Path, png_path: str | Path) -> Path:
         chance = [r[f"eval/{key}"] for r in records if r.get(f"eval/{key}") is not None]
         if chance:
             ax_ret.axhline(chance[-1], color=color, linestyle=":" if key.endswith("top1") else "--", label=key)
+    if not ax_ret.get_legend_handles_labels()[0]:
+        empty(ax_ret, "no held-out evaluation in this run\n(data.eval_cases: 0, or no evaluation step yet)")
     ax_ret.set(xlabel="step", ylabel="held-out retrieval accuracy", title="3D -> 2D slice retrieval", ylim=(0, 1.02))
+    steps = [r["step"] for r in records if isinstance(r.get("step"), (int, float))]
+    for ax in (ax_loss, ax_lr, ax_ret):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 3.8, 4.0, 4.2 around a single point
+        if steps and max(steps) - min(steps) < 2:
+            ax.set_xlim(min(steps) - 1, max(steps) + 1)
     for ax in (ax_loss, ax_ret):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-    path = Path(png_path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return path
+    return fig
 
 
 DISTINCT_CAPTIONS_WARNING = 0.1  # below this fraction of distinct held-out captions, text retrieval says little

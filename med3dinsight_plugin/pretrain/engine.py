@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -90,6 +91,22 @@ def lr_factor(step: int, train: TrainConfig) -> float:
     progress = min(1.0, (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if train.schedule == "cosine" else (1 - progress) ** 0.9
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * shape
+
+
+def warmup_note(train: TrainConfig, start: int = 0) -> Optional[str]:
+    """A ``note:`` line when the warm-up takes at least half of the run (``2 * warmup_steps >= steps``) and the run
+    starts inside it, else ``None``: a short run with the default 500 warm-up steps trains at a tiny learning rate
+    (4 steps: 8e-08) and its losses barely move."""
+    w, n = train.warmup_steps, train.steps
+    if n <= 0 or w <= 0 or 2 * w < n or start >= min(w, n):
+        return None
+    fix = f"set train.warmup_steps to about a tenth of train.steps (train.warmup_steps={n // 10})"
+    if n < w:
+        return (f"note: train.steps={n} < train.warmup_steps={w}: the run never leaves its warm-up and its learning "
+                f"rate reaches only {train.lr * lr_factor(n - 1, train):.2g} (train.lr {train.lr:g} x {n}/{w}); "
+                f"{fix}")
+    return (f"note: the warm-up takes {w} of the run's {n} steps (train.warmup_steps={w}, train.steps={n}): half "
+            f"of the run or more trains below train.lr; {fix}")
 
 
 class _StepSampler(Sampler):
@@ -296,6 +313,9 @@ def _run(config: PretrainConfig, model: nn.Module, train_set, eval_set, metadata
         The :class:`PretrainResult` (:func:`_summary`).
     """
     run = _open_run(config, model, ctx, eval_set, resume)
+    note = warmup_note(run.tc, run.start) if run.rank == 0 else None
+    if note:
+        print(note, file=sys.stderr, flush=True)
     _prepare_model(run, on_start)
     _prepare_optimization(run)
     balanced = _balance_loss_weights(run, train_set) if run.start == 0 else None
