@@ -11,6 +11,7 @@ import contextlib
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
@@ -303,7 +304,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     result = run_pretraining(config, resume=not args.no_resume)
     if result.checkpoint:
         print(f"pretrained checkpoint: {result.checkpoint}")
-        print(f"run folder: {result.output} (config.yaml, metrics.jsonl, metrics.png, tensorboard/, checkpoints/)")
+        out = Path(result.output)  # what this run wrote (tensorboard/ only with TensorBoard installed)
+        names = ("config.yaml", "metrics.jsonl", "metrics.png", "tensorboard", "checkpoints")
+        written = [name + "/" * (out / name).is_dir() for name in names if (out / name).exists()]
+        print(f"run folder: {result.output} ({', '.join(written)})")
         if result.eval:
             e = result.eval
             print("held-out retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in e.items() if k.endswith(("top1",

@@ -205,3 +205,11 @@ def test_metrics_png_of_a_short_run_shows_its_points(short_run):
     assert any("no held-out evaluation" in t.get_text() for t in ax_ret.texts)
     assert all(tick == int(tick) for tick in ax_loss.get_xticks())  # whole steps
 
+
+def test_the_run_folder_summary_lists_only_what_exists(short_run):
+    out, code, stdout, err = short_run
+    assert code == 0, err
+    assert not (out / "tensorboard").exists()
+    (line,) = [row for row in stdout if row.startswith("run folder:")]
+    assert "tensorboard" not in line, line
+    assert line == f"run folder: {out} (config.yaml, metrics.jsonl, metrics.png, checkpoints/)", line
