@@ -303,3 +303,22 @@ def test_a_resumed_run_failing_before_its_first_step_leaves_its_files_untouched(
     one_line_failure(code, [line for line in err if line.strip()], "refused at the first batch")  # bar: blank
     assert calls == [1, 2]
     assert "\n  steps: 3\n" in (out / "config.yaml").read_text() and _tree(out) != before
+
+
+@pytest.mark.parametrize("view, needle", [("volume", "body box"), ("crop", "less than half the patch")])
+def test_a_two_slice_volume_is_refused_by_both_views(tmp_path, capsys, view, needle):
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    for i in range(2):
+        _nifti(vols / f"case{i}.nii.gz", _good(seed=i))
+    thin = _good(seed=5, shape=(32, 32, 2))
+    thin[:4] = -1000
+    _nifti(vols / "thin.nii.gz", thin)
+    clip = save_tiny_open_clip(tmp_path / "clip")
+    assert main(["embed", str(vols), "-o", str(tmp_path / "cache"), "--clip-model", str(clip), "--per-plane", "2",
+                 "--modality", "ct", "--min-foreground", "0"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "r"
+    code, err = _pretrain(capsys, "--data", vols, "--cache", tmp_path / "cache", "-o", out, *TINY,
+                          f"data.view={view}")
+    _assert_clean_failure(code, err, "thin", needle, out=out)

@@ -152,6 +152,9 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequ
     return [max(1, int(round(n * float(s) / float(t)))) for n, s, t in zip(shape, spacing, target)]
 
 
+MIN_BOX_VOXELS = 4  # the volume view refuses body boxes thinner than this (a 2-slice scan is no 3D field of view)
+
+
 def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[str, Any],
                     cache: Optional[TeacherCache] = None, view: str = "crop",
                     patch_size: Optional[Sequence[int]] = None,
@@ -207,6 +210,13 @@ def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[st
                               f"dataset")
         if view == "volume":
             boxes[case] = body_box(volume)
+            thin = [a for a, (lo, hi) in enumerate(boxes[case]) if hi - lo < MIN_BOX_VOXELS]
+            if thin:  # the crop view refuses such a volume too (less than half the patch)
+                extent = [hi - lo for lo, hi in boxes[case]]
+                raise Med3DInsightError(f"{_files(volume, case)}: its body box is {'x'.join(map(str, extent))} voxels, "
+                                        f"fewer than {MIN_BOX_VOXELS} along axis {thin[0]}; resampling it to the "
+                                        f"{'x'.join(map(str, patch_size))} patch would invent the anatomy between "
+                                        f"its slices: leave the case out of the dataset")
             data = resample_box(data, boxes[case], volume.spacing, patch_size)
         elif spacing is not None and not np.allclose(volume.spacing, spacing, rtol=1e-4, atol=0):
             data = _resample(data, volume.spacing, resampled_shape(volume.shape, volume.spacing, spacing))
