@@ -136,15 +136,23 @@ def test_dense_needs_teacher_maps_and_is_off_by_default():
         build_model(config, EMBED)
 
 
-def test_dense_pretraining_logs_the_term_and_resumes_exactly(tmp_path):
-    common = dict(schedule="constant", warmup_steps=0, checkpoint_every=2, log_every=1, eval_every=0)
+@pytest.mark.parametrize("backbone", sorted(TINY_BACKBONES))
+def test_dense_pretraining_logs_the_term_and_resumes_exactly(tmp_path, backbone):
+    """Every family trains with dense distillation through the engine, logs the term and its encoder gradient, and
+    a run stopped after one step and resumed ends with the weights of one never stopped, bit for bit."""
+    common = dict(schedule="constant", warmup_steps=0, checkpoint_every=1, log_every=1, eval_every=0)
     extra = ["model.loss_weights.dense=0.5"]
-    run_in_process(toy_overrides(tmp_path / "whole", steps=4, **common) + extra, eval_cases=0, maps=(6, 4))
-    run_in_process(toy_overrides(tmp_path / "split", steps=2, **common) + extra, eval_cases=0, maps=(6, 4))
-    _, _, summary = run_in_process(toy_overrides(tmp_path / "split", steps=4, **common) + extra, eval_cases=0,
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_in_process(toy_overrides(whole, backbone, steps=2, **common) + extra, eval_cases=0, maps=(6, 4))
+    run_in_process(toy_overrides(split, backbone, steps=1, **common) + extra, eval_cases=0, maps=(6, 4))
+    _, _, summary = run_in_process(toy_overrides(split, backbone, steps=2, **common) + extra, eval_cases=0,
                                    maps=(6, 4))
-    assert summary.start_step == 2
-    assert_same_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "split"))
-    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert summary.start_step == 1
+    # nnU-Net's conv nets resume bit for bit on the CPU; MONAI's transformers differ by float rounding (~1e-5), with
+    # or without dense distillation (some of their CPU kernels do not add in a fixed order)
+    exact = backbone in ("plain_conv_unet", "resenc_unet")
+    assert_same_weights(final_weights(whole), final_weights(split), exact=exact, atol=1e-4)
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "dense" in r]
-    assert len(logged) == 4 and all(r["dense"] > 0 and r["encoder_grad/dense"] > 0 for r in logged)
+    assert len(logged) == 2 and all(r["dense"] > 0 and r["encoder_grad/dense"] > 0 for r in logged)
+    assert final_weights(whole).metadata["alignment"]["dense"] == {"loss": "cosine", "channels": 6, "size": 4}
