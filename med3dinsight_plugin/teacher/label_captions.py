@@ -490,8 +490,9 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
             choice is refused.
 
     Returns:
-        A :class:`LabelCaptionResult`: ``written`` (captions written now), ``skipped`` (already in the file) and
-        ``path``.
+        A :class:`LabelCaptionResult`: ``written`` (captions written now), ``skipped`` (already in the file),
+        ``path``, ``relabelled`` (the cases whose label file changed since they were captioned, captioned again now)
+        and ``replaced`` (their old captions, removed from the file).
 
     Raises:
         LabelCaptionError: missing label folder or file, label file off its image's grid or with values that are
