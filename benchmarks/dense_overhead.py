@@ -2,7 +2,7 @@
 
 Run: python benchmarks/dense_overhead.py [--backbones plain_conv_unet swin_unetr] [--patch 64] [--batch 2]
                                          [--slices 8] [--channels 1280] [--map 7] [--repeats 5] [--psat small]
-                                         [--device cpu] [--amp off|bf16|fp16]
+                                         [--device cpu] [--amp off|bf16|fp16] [--backbone-kwargs JSON]
 
 Three training steps of the same model, timed alternately in one process (medians):
   paper    backbone + PSAT on K slices + image/text partial-OT alignment + reconstruction, backward
@@ -13,6 +13,7 @@ Also the data loader's side of dense distillation: resampling a sample's K cache
 (``crop_map_target``), per sample, which runs in the loader's workers.
 """
 import argparse
+import json
 import time
 
 import numpy as np
@@ -83,6 +84,8 @@ def main():
     parser.add_argument("--psat", default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    parser.add_argument("--backbone-kwargs", type=json.loads, default={},
+                        help='JSON of build_backbone arguments, e.g. \'{"feature_size": 12}\' for a small SwinUNETR')
     args = parser.parse_args()
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; patch {args.patch}^3, "
           f"batch {args.batch}, K={args.slices}, PSAT {args.psat}, teacher maps {args.channels} x {args.map} x "
@@ -90,7 +93,7 @@ def main():
     print(f"{'backbone':>16} {'paper s':>8} {'dense s':>8} {'logged s':>9} {'dense/paper':>12} {'logged/paper':>13}")
     for name in args.backbones:
         r = measure(name, args.psat, args.patch, args.batch, args.slices, args.channels, args.map, args.repeats,
-                    args.device, args.amp)
+                    args.device, args.amp, args.backbone_kwargs)
         print(f"{name:>16} {r['paper_s']:>8.3f} {r['dense_s']:>8.3f} {r['logged_s']:>9.3f} {r['dense_ratio']:>12.2f} "
               f"{r['logged_ratio']:>13.2f}")
     print(f"loader: crop_map_target for {args.slices} maps: {loader_cost(args.slices, args.channels, args.map):.2f} ms "
