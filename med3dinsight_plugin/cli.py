@@ -582,13 +582,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"med3dinsight {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        _say(f"med3dinsight {args.command}: interrupted; run the same command again to resume")
         return 130
     except (Med3DInsightError, OSError) as e:  # a user error; anything else is a bug and keeps its traceback
         if debug:
             raise
-        print(f"med3dinsight {args.command}: error: {first_line(e)}", file=sys.stderr)
+        _say(f"med3dinsight {args.command}: error: {first_line(e)}")
         return 2
+
+
+def _say(line: str) -> None:
+    """One line to stderr in ONE write: under torchrun every rank may report the same error at the same moment, and
+    ``print``'s separate write of the newline lets their lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
