@@ -322,3 +322,11 @@ def test_a_two_slice_volume_is_refused_by_both_views(tmp_path, capsys, view, nee
     code, err = _pretrain(capsys, "--data", vols, "--cache", tmp_path / "cache", "-o", out, *TINY,
                           f"data.view={view}")
     _assert_clean_failure(code, err, "thin", needle, out=out)
+
+
+@pytest.mark.parametrize("setting, needle", [("data.crop_mm=[40,40,40]", "data.crop_mm"),
+                                             ("data.crop_seed=3", "data.crop_seed")])
+def test_crop_settings_without_crops_are_refused(base, tmp_path, capsys, setting, needle):
+    out = tmp_path / "r"
+    code, err = _pretrain(capsys, "--data", base / "vols", "--cache", base / "cache", "-o", out, *TINY, setting)
+    _assert_clean_failure(code, err, needle, "data.crops is 0", out=out)

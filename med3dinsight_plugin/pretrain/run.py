@@ -229,6 +229,10 @@ def _run_locked(config: PretrainConfig, resume: bool, progress: bool, folder: Op
         if d.crop_mm is None:
             raise ConfigError("data.crops needs data.crop_mm (the crops' size in mm, as given to embed --crop-mm)")
         source = CropSource(source, d.crops, d.crop_mm, d.crop_seed)
+    elif d.crop_mm is not None or d.crop_seed:
+        raise ConfigError(f"data.{'crop_mm' if d.crop_mm is not None else 'crop_seed'} is set but data.crops is 0 "
+                          f"(whole volumes): set data.crops to the crops per volume the cache was embedded with "
+                          f"(embed --crops N), or remove data.crop_mm / data.crop_seed")
     if source.num_channels != config.model.in_channels:
         raise ConfigError(f"{d.source} has {source.num_channels} channel(s) but model.in_channels is "
                           f"{config.model.in_channels}; set model.in_channels={source.num_channels}")
