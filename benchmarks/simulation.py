@@ -629,6 +629,14 @@ def main(argv=None) -> int:
                              "subjects twice the patch; crops: views plus crops as cases; masked: crops plus masked "
                              "reconstruction in the crop view; teacher: [evidence] a real image teacher, dense "
                              "distillation and text, replicated pretraining (benchmarks/teacher_study.py)")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                        help="teacher protocol: run only these pretraining seeds (to share the work between processes "
+                             "once seed 0 is done); a run without --seeds writes the outputs")
+    parser.add_argument("--progress", metavar="DIR",
+                        help="teacher protocol: keep in DIR what a run on another machine needs to go on (commit it); "
+                             "an -o without that progress starts from DIR")
+    parser.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 8)),
+                        help="torch CPU threads (default: the cores, at most 8)")
     args = parser.parse_args(argv)
     if args.reanalyse:
         reanalyse()
@@ -636,12 +644,17 @@ def main(argv=None) -> int:
     if not args.output:
         parser.error("-o/--output is required (except with --reanalyse)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, not {args.threads}")
+    if (args.seeds or args.progress) and args.protocol != "teacher":
+        parser.error("--seeds and --progress belong to --protocol teacher")
+    torch.set_num_threads(args.threads)
     log = lambda line: print(line, flush=True)  # noqa: E731
     if args.protocol == "teacher":
         import teacher_study
 
-        teacher_study.run(Path(args.output), quick=args.quick, log=log)
+        teacher_study.run(Path(args.output), quick=args.quick, log=log, seeds=args.seeds,
+                          progress=Path(args.progress) if args.progress else None)
         return 0
     run(Path(args.output), quick=args.quick, log=log, protocol_name=args.protocol)
     return 0

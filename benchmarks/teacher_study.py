@@ -38,15 +38,23 @@ protocol's (benchmarks/simulation.py: 24 pretraining subjects incl. 4 held out f
 * Output in -o: teacher_results.csv (one row per arm, pretrain_seed, finetune_seed, readout, labelled: mean and
   per-organ Dice), teacher_pretraining.csv, teacher_summary.md (table, contrasts, ``Decision <contrast>: ...``),
   teacher_protocol.json, teacher_plot.png. A rerun resumes: finished pretraining runs and fine-tunings are kept.
+
+Across machines (the protocol takes longer than one session here): ``--progress DIR`` keeps in DIR what a later run
+needs to go on: the fine-tuning rows, the validity record and the metrics.jsonl of each pretraining run whose
+fine-tunings are all done (a run with fine-tunings still to do is redone; checkpoints are ~46 MB and stay out). A run
+whose -o lacks them starts from DIR; commit DIR.
+``--seeds 1 3 5`` runs only those seeds (scratch and every arm), so that two processes of one thread each can share
+the work once seed 0 (the balancing seed) is done; a final run without ``--seeds`` writes the outputs. Neither
+changes what is computed.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -157,6 +165,11 @@ def teacher_validity(cache: Path, limit: float) -> Dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------------- pretraining
+
+def _logged_last_step(run: Path, steps: int) -> bool:
+    """A pretraining run whose metrics.jsonl logged its last step (its checkpoint may be gone once it was used)."""
+    return steps in [r.get("step") for r in _metrics(run)]
+
 
 def _metrics(run: Path) -> List[Dict[str, Any]]:
     path = run / "metrics.jsonl"
@@ -363,28 +376,24 @@ def plot(rows, protocol, path: Path) -> Optional[Path]:
     return path
 
 
-def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
-    keys: List[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-
-
 # --------------------------------------------------------------------------------------------------------- run
 
-def run(out: Path, quick: bool = False, log=print) -> Dict[str, Path]:
-    """The whole protocol into ``out``, resumable; returns the output files."""
+def run(out: Path, quick: bool = False, log=print, seeds: Optional[Sequence[int]] = None,
+        progress: Optional[Path] = None) -> Dict[str, Path]:
+    """The whole protocol into ``out``, resumable; returns the output files (none when ``seeds`` picks a part).
+
+    Args:
+        seeds: run only these pretraining/init seeds (their scratch, every arm); None runs all and writes the outputs.
+        progress: a folder that keeps what a run on another machine needs to go on (see the module docstring).
+    """
     from med3dinsight_plugin.pretrain.data import compute_normalization
     from med3dinsight_plugin.volumes import open_source
 
     protocol = sim._merge(TEACHER_PROTOCOL, QUICK) if quick else TEACHER_PROTOCOL
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if progress is not None:
+        restore_progress(Path(progress), out, log)
     (out / "teacher_protocol.json").write_text(json.dumps(protocol, indent=1))
     t0 = time.perf_counter()
     folders = sim.write_subjects(out, protocol, log)
@@ -436,16 +445,76 @@ def run(out: Path, quick: bool = False, log=print) -> Dict[str, Path]:
                     f.write(json.dumps(row) + "\n")
                 log(f"{arm} seed {seed}, {readout}, fine-tune seed {fseed}: mean Dice {row['mean_dice']:.4f}")
 
-    seeds = sorted({s for v in protocol["pretrain_seeds"].values() for s in v} | set(protocol["scratch_seeds"]))
-    for seed in seeds:  # seed by seed, every arm, so that partial results stay paired
+    def save():
+        if progress is not None:
+            save_progress(out, Path(progress), protocol, done)
+
+    everything = sorted({s for v in protocol["pretrain_seeds"].values() for s in v} | set(protocol["scratch_seeds"]))
+    for seed in (everything if seeds is None else [s for s in everything if s in set(seeds)]):
+        # seed by seed, every arm, so that partial results stay paired
         if seed in protocol["scratch_seeds"]:
             finetune_all("scratch", seed, None)
+            save()
         for arm in protocol["arms"]:
-            if seed in protocol["pretrain_seeds"][arm]:
+            if seed in protocol["pretrain_seeds"][arm] and not _all_done(out, protocol, done, arm, seed):
                 finetune_all(arm, seed, pretrain_arm(out, arm, seed, caches, folders, protocol, log))
-        write_outputs(out, protocol, done, validity, quick)
+                save()
+        if seeds is None:
+            write_outputs(out, protocol, done, validity, quick)
+    if seeds is not None:
+        log(f"teacher protocol: seeds {list(seeds)} done in {time.perf_counter() - t0:.0f} s; a run without --seeds "
+            f"writes the outputs")
+        return {}
     log(f"teacher protocol finished in {time.perf_counter() - t0:.0f} s; outputs in {out}")
     return write_outputs(out, protocol, done, validity, quick)
+
+
+def _finetune_keys(protocol, arm: str, seed: int):
+    return [(arm, seed, fseed, readout) for readout, spec in protocol["readouts"].items()
+            for fseed in spec["finetune_seeds"]]
+
+
+def _all_done(out: Path, protocol, done, arm: str, seed: int) -> bool:
+    """Every fine-tuning of this pretraining run is recorded and the run logged its last step."""
+    return (all(k in done for k in _finetune_keys(protocol, arm, seed))
+            and _logged_last_step(out / "pretrain" / f"{arm}_seed{seed}", protocol["pretrain"]["steps"]))
+
+
+_KEPT = ("teacher_runs.jsonl", "teacher_validity.json")
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{time.time_ns()}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def save_progress(out: Path, dest: Path, protocol, done) -> None:
+    """Copy into ``dest`` what a run on another machine needs to go on from ``out`` (see the module docstring)."""
+    for name in _KEPT:
+        if (out / name).is_file():
+            _copy(out / name, dest / name)
+    for run_dir in sorted((out / "pretrain").glob("*_seed*")) if (out / "pretrain").is_dir() else []:
+        arm, seed = run_dir.name.rsplit("_seed", 1)
+        if arm not in protocol["arms"] or not _logged_last_step(run_dir, protocol["pretrain"]["steps"]):
+            continue
+        if all(k in done for k in _finetune_keys(protocol, arm, int(seed))):  # else it is redone: its checkpoint
+            _copy(run_dir / "metrics.jsonl", dest / "pretrain" / run_dir.name / "metrics.jsonl")  # is ~46 MB
+
+
+def restore_progress(src: Path, out: Path, log=print) -> None:
+    """Start ``out`` from a progress folder: copy in the files ``out`` does not have yet."""
+    if not src.is_dir():
+        return
+    copied = 0
+    for f in sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        target = out / f.relative_to(src)
+        if not target.exists():
+            _copy(f, target)
+            copied += 1
+    if copied:
+        log(f"teacher protocol: {copied} files of earlier progress copied from {src}")
 
 
 def _train_cases(source, protocol, seed):
@@ -455,9 +524,11 @@ def _train_cases(source, protocol, seed):
 
 
 def write_outputs(out: Path, protocol, done, validity, quick) -> Dict[str, Path]:
+    from nnunet_trainers.study import _write_csv  # atomic
+
     rows = [done[k] for k in sorted(done, key=lambda k: (str(k[0]), k[1], k[3], k[2]))]
     pre_rows = [pretraining_record(out, arm, s) for arm in protocol["arms"] for s in protocol["pretrain_seeds"][arm]
-                if sim._finished(out / "pretrain" / f"{arm}_seed{s}", protocol["pretrain"]["steps"])]
+                if _logged_last_step(out / "pretrain" / f"{arm}_seed{s}", protocol["pretrain"]["steps"])]
     files = {"results": out / "teacher_results.csv", "pretraining": out / "teacher_pretraining.csv",
              "summary": out / "teacher_summary.md", "plot": out / "teacher_plot.png"}
     _write_csv(files["results"], rows)

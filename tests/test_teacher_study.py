@@ -69,3 +69,38 @@ def test_holm_step_down_stops_at_the_first_contrast_that_fails():
 def test_an_unfinished_protocol_is_pending():
     d = _decisions(_rows({"G": 0.05}, n_seed=3))
     assert all(c["decision"].startswith("pending (3 of 8") for c in d.values())
+
+
+def _fake_run(out, name, last_step):
+    run = out / "pretrain" / name
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in (20, last_step)))
+    (run / "med3dinsight.safetensors").write_bytes(b"not needed once fine-tuned")
+    return run
+
+
+def _keys(arm, seed):
+    return teacher_study._finetune_keys(PROTOCOL, arm, seed)
+
+
+def test_progress_keeps_only_what_another_machine_needs_to_go_on(tmp_path):
+    out, dest = tmp_path / "out", tmp_path / "progress"
+    steps = PROTOCOL["pretrain"]["steps"]
+    _fake_run(out, "R_seed0", steps)   # finished, all its fine-tunings recorded: kept (metrics only)
+    _fake_run(out, "G_seed0", steps)   # finished, fine-tunings still to do: redone elsewhere, not kept
+    _fake_run(out, "D_seed0", 200)     # unfinished: not kept
+    (out / "teacher_runs.jsonl").write_text('{"arm": "R"}\n')
+    done = {k: {} for k in _keys("R", 0) + _keys("G", 0)[:1]}
+    teacher_study.save_progress(out, dest, PROTOCOL, done)
+    kept = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert kept == ["pretrain/R_seed0/metrics.jsonl", "teacher_runs.jsonl"]
+    assert teacher_study._all_done(out, PROTOCOL, done, "R", 0)
+    assert not teacher_study._all_done(out, PROTOCOL, done, "G", 0)
+
+    fresh = tmp_path / "fresh"  # another machine: its -o starts from the progress folder, without the checkpoint
+    (fresh / "pretrain" / "G_seed0").mkdir(parents=True)
+    (fresh / "teacher_runs.jsonl").write_text('{"arm": "R"}\n{"arm": "G"}\n')  # its own newer rows win
+    teacher_study.restore_progress(dest, fresh, log=lambda line: None)
+    assert (fresh / "teacher_runs.jsonl").read_text().count("\n") == 2
+    assert teacher_study._all_done(fresh, PROTOCOL, done, "R", 0)  # counts as finished by its log alone
+    assert teacher_study.pretraining_record(fresh, "R", 0)["arm"] == "R"
