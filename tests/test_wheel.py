@@ -99,11 +99,14 @@ def test_wheel_installs_into_a_fresh_venv_and_nnunet_finds_its_trainers(tmp_path
     _copy_sources(src)
     sdist, wheel = _build(src, out)
 
-    # what a release ships: the license in both archives, the citation file in the sdist, every module and every
-    # non-Python file of the two packages in the wheel (a subpackage find: misses, or data nobody declared, fails here)
+    # what a release ships: the license in both archives, the citation file and the docs/ pages in the sdist, every
+    # module and every non-Python file of the two packages in the wheel (a subpackage find: misses, or data nobody
+    # declared, fails here)
     with tarfile.open(sdist) as archive:
         in_sdist = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     assert {"LICENSE", "CITATION.cff", "README.md", "setup.cfg", "pyproject.toml"} <= in_sdist
+    docs = {p.relative_to(src).as_posix() for p in (src / "docs").glob("*.md")}  # the pages the README links to
+    assert "docs/README.md" in docs and docs <= in_sdist, sorted(docs - in_sdist)
     with zipfile.ZipFile(wheel) as archive:
         in_wheel = set(archive.namelist())
         dist_info = next(n.split("/")[0] for n in in_wheel if n.split("/")[0].endswith(".dist-info"))
