@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -127,6 +128,13 @@ def _cmd_nnunet_env(args: argparse.Namespace) -> int:
 def _cmd_nnunet_attach(args: argparse.Namespace) -> int:
     from nnunet_trainers.attach import attach_checkpoint
 
+    if args.checkpoint is None:  # -c was the checkpoint before it became the configuration, as in nnU-Net
+        c = args.configuration
+        was_checkpoint = c.startswith("hf-hub:") or c.endswith((".safetensors", ".pt", ".pth")) or Path(c).is_file()
+        raise Med3DInsightError("--checkpoint is required" + (
+            f" (-c {short_repr(c, 400)} looks like a checkpoint, but -c is nnU-Net's configuration as in "
+            f"nnUNetv2_train; pass the checkpoint as --checkpoint {short_repr(c, 400)})" if was_checkpoint else
+            ": the pretrained checkpoint, a file or hf-hub:ORG/REPO[@REVISION]"))
     result = attach_checkpoint(args.dataset, args.plans, args.checkpoint, name=args.name,
                                configuration=args.configuration, adapt_architecture=args.adapt_architecture,
                                overwrite=args.overwrite)
@@ -322,11 +330,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEVICES = "auto, cpu, cuda or cuda:N"
+
+
+def _device_name(value: str) -> str:
+    """argparse type of every ``--device``: the same names in every command (checked against the machine when the
+    command runs, not while parsing: probing CUDA imports torch)."""
+    if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise argparse.ArgumentTypeError(f"must be {_DEVICES}, got {short_repr(value)}")
+
+
+def _add_device(p: argparse.ArgumentParser, default: Optional[str] = "auto", what: str = "") -> None:
+    shown = "the configuration's train.device (default auto)" if default is None else default
+    p.add_argument("--device", type=_device_name, default=default, metavar="DEVICE",
+                   help=f"{_DEVICES}; auto = cuda when available (default: {shown}){what}")
+
+
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The volumes and the slices of them the teacher sees: shared by slices, caption and embed."""
     p.add_argument("data", help="a folder of NIfTI volumes, an nnU-Net raw dataset or an nnU-Net preprocessed dataset")
-    p.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"])
-    p.add_argument("--configuration", default="3d_fullres", help="nnU-Net preprocessed data: configuration")
-    p.add_argument("--plans", default="nnUNetPlans", help="nnU-Net preprocessed data: plans name")
+    p.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"],
+                   help="how slices are windowed: ct (Hounsfield window), mri (percentiles); auto reads nnU-Net's "
+                        "dataset.json channel name, else guesses from the intensities (default auto)")
+    p.add_argument("-c", "--configuration", default="3d_fullres",
+                   help="nnU-Net preprocessed data: the configuration (default 3d_fullres)")
+    p.add_argument("--plans", default="nnUNetPlans", help="nnU-Net preprocessed data: plans name (default nnUNetPlans)")
     p.add_argument("--raw", help="nnU-Net preprocessed data: the raw dataset it was made from, whose Hounsfield units "
                                  "the teacher sees (default $nnUNet_raw/<dataset_name> when it exists)")
     p.add_argument("--crops", type=int, default=0, metavar="N",
@@ -336,12 +365,14 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --crops: the crops' size in mm (superior, posterior, left), e.g. the patch x spacing")
     p.add_argument("--crop-seed", type=int, default=0, help="with --crops: the seed that places the crops")
     p.add_argument("--per-plane", type=int, default=16, help="slices per plane and volume (default 16)")
-    p.add_argument("--planes", nargs="+", default=["axial", "coronal", "sagittal"])
+    p.add_argument("--planes", nargs="+", default=["axial", "coronal", "sagittal"], metavar="PLANE",
+                   help="planes to slice: axial, coronal, sagittal (default all three)")
     p.add_argument("--min-foreground", type=float, default=0.05,
                    help="skip slices with less body than this fraction (default 0.05)")
     p.add_argument("--ct-window", nargs=2, type=float, default=[40.0, 400.0], metavar=("CENTRE", "WIDTH"),
                    help="CT window in HU (default soft tissue: 40 400)")
-    p.add_argument("--mri-percentiles", nargs=2, type=float, default=[0.5, 99.5], metavar=("LOW", "HIGH"))
+    p.add_argument("--mri-percentiles", nargs=2, type=float, default=[0.5, 99.5], metavar=("LOW", "HIGH"),
+                   help="MRI: the intensity percentiles mapped to black and white (default 0.5 99.5)")
     p.add_argument("--channel", type=int, default=0, help="input channel to render (default 0)")
 
 
@@ -349,36 +380,43 @@ _SHOWN = {"format", "format_version", "backbone", "network_class", "in_channels"
           "adaptation_plan", "aliases"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="med3dinsight", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Med3DInsight: pretrain a 3D encoder (nnU-Net, SwinUNETR, UNETR) without labels from what 2D\n"
-                    "image/text teachers say about its slices, then fine-tune it in nnU-Net or MONAI.\n\n"
-                    "The commands in the order you run them: demo (everything on generated data); slices, caption,\n"
-                    "embed, cache (the teacher cache of your volumes); pretrain; export, inspect, push (the\n"
-                    "checkpoint; push publishes it on the Hugging Face Hub); nnunet-env, nnunet-attach, study\n"
-                    "(fine-tuning with nnU-Net); models (sizes of the networks). Wherever a checkpoint is asked\n"
-                    "for, hf-hub:ORG/REPO[@REVISION] reads one from the Hub through the Hugging Face cache\n"
-                    "(HF_HUB_OFFLINE=1: from the cache only).",
-        epilog="A user error ends with one line and exit code 2; MED3DINSIGHT_DEBUG=1 shows its traceback.")
-    parser.add_argument("--version", action="version", version=f"med3dinsight {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _command(sub, name: str, func, help: str, description: str = "") -> argparse.ArgumentParser:
+    """One sub-command: its one-line ``help`` (in the command list) and its ``description`` (its own --help, which
+    starts with the help line); usage errors are one line and exit code 2 like every other error."""
+    p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + "." + (f"\n\n{description}"
+                                                                                          if description else ""),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    _one_line_usage_errors(p)
+    return p
 
-    p = sub.add_parser("demo", help="the whole method on generated data with tiny local teachers (CPU: minutes)")
+
+def _parser_demo(sub) -> None:
+    p = _command(sub, "demo", _cmd_demo, "the whole method on generated data with tiny local teachers (CPU: minutes)",
+                 "Generates CT-like volumes and tiny random teachers (no download), then captions, embeds, pretrains\n"
+                 "an nnU-Net PlainConvUNet and a MONAI SwinUNETR, exports, and fine-tunes with nnUNetv2_train\n"
+                 "-tr Med3DInsightTrainer_smoke and a MONAI loop; prints each load report and where outputs went.")
     p.add_argument("-o", "--output", default="med3dinsight_demo", help="a new folder (default ./med3dinsight_demo)")
-    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda")
+    _add_device(p)
     p.add_argument("--steps", type=int, default=12, help="pretraining steps (default 12)")
-    p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("slices", help="write PNGs of the slices the teacher will see, to check orientation/window")
+
+def _parser_slices(sub) -> None:
+    p = _command(sub, "slices", _cmd_slices, "write PNGs of the slices the teacher will see, to check "
+                 "orientation/window",
+                 "Axial: anterior up; coronal/sagittal: head up; the patient's left on the image's right; physical\n"
+                 "aspect ratio; CT window or MRI percentiles as caption and embed will use them.")
     _add_data_arguments(p)
     p.add_argument("-o", "--output", required=True, help="folder for the PNGs")
     p.add_argument("--cases", type=int, default=3, help="how many cases (default 3)")
     p.add_argument("--size", type=int, default=224, help="image size in pixels (default 224)")
-    p.set_defaults(func=_cmd_slices)
 
-    p = sub.add_parser("caption", help="caption slices with a Hugging Face vision-language model (torchrun-"
-                                       "shardable), or from label masks (resumable JSONL)")
+
+def _parser_caption(sub) -> None:
+    p = _command(sub, "caption", _cmd_caption, "caption slices with a Hugging Face vision-language model "
+                 "(torchrun-shardable), or from label masks (resumable JSONL)",
+                 "One caption per selected slice into a JSONL file; a rerun resumes; under torchrun each process\n"
+                 "captions its share on its own GPU.")
     _add_data_arguments(p)
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--vlm", help="hub id or local folder of an image-text-to-text model")
@@ -396,17 +434,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "midline); the pretraining model is given the position anyway")
     p.add_argument("-o", "--output", required=True, help="captions .jsonl (resumed if it exists)")
     p.add_argument("--prompts", help="JSON/YAML file of prompt templates (keys like 'ct.axial', 'mri.*', '*')")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=8, help="slices per generate() call (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="longest caption in tokens (default 96)")
     p.add_argument("--size", type=int, default=448, help="rendered image size for the VLM (default 448)")
-    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:N")
+    _add_device(p, what="; under torchrun each process takes its local GPU")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: bf16 on CUDA)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
-    p.set_defaults(func=_cmd_caption)
-    _one_line_usage_errors(p)
 
-    p = sub.add_parser("embed", help="embed slices (and captions) with a teacher (open_clip, or a timm image model "
-                                     "and a text encoder) into a cache (torchrun-shardable, resumable)")
+
+def _parser_embed(sub) -> None:
+    p = _command(sub, "embed", _cmd_embed, "embed slices (and captions) with a teacher (open_clip, or a timm image "
+                 "model and a text encoder) into a cache (torchrun-shardable, resumable)",
+                 "The teacher cache pretraining reads: one image embedding (and text embedding of its caption, and\n"
+                 "on request a spatial feature map) per slice, in shards; the same files for any number of\n"
+                 "processes; a rerun keeps finished shards.")
     _add_data_arguments(p)
     p.add_argument("-o", "--output", required=True, help="cache folder")
     p.add_argument("--clip-model", help="open_clip model: hf-hub:ID, a local open_clip folder, or an architecture name "
@@ -427,47 +468,66 @@ def build_parser() -> argparse.ArgumentParser:
                         "ViT teachers; S <= 32; C*S*S*2 bytes per slice, 125 KB for EfficientNet-Lite0 at 7); "
                         "default: none")
     p.add_argument("--captions", help="caption JSONL from med3dinsight caption (omit for image embeddings only)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--cases-per-shard", type=int, default=32)
-    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=64, help="slices per teacher forward pass (default 64)")
+    p.add_argument("--cases-per-shard", type=int, default=32, help="cases per cache shard file (default 32)")
+    _add_device(p, what="; under torchrun each process takes its local GPU")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: bf16 on CUDA, else fp32")
-    p.set_defaults(func=_cmd_embed)
-    _one_line_usage_errors(p)
 
-    p = sub.add_parser("cache", help="teacher cache tools")
-    cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
-    q = cache_sub.add_parser("verify", help="check every shard of a teacher cache")
-    q.add_argument("cache")
-    q.set_defaults(func=_cmd_cache_verify)
 
-    p = sub.add_parser("pretrain", help="pretrain a backbone on your volumes with a teacher cache (torchrun for "
-                                        "several GPUs; resumes a run folder)")
+def _parser_cache(sub) -> None:
+    p = _command(sub, "cache", None, "teacher cache tools",
+                 "verify: check every shard of a cache med3dinsight embed wrote.")
+    actions = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    q = _command(actions, "verify", _cmd_cache_verify, "check every shard of a teacher cache",
+                 "Reads every shard against the manifest's checksums and shapes; one line per problem, exit 2.")
+    q.add_argument("cache", help="the cache folder med3dinsight embed wrote")
+
+
+def _parser_pretrain(sub) -> None:
+    p = _command(sub, "pretrain", _cmd_pretrain, "pretrain a backbone on your volumes with a teacher cache "
+                 "(torchrun for several GPUs; resumes a run folder)",
+                 "Settings come from --config (YAML with sections data, model, train, output), then --set, then the\n"
+                 "shortcut options below, later ones winning. A list value in --set is YAML: model.patch_size=\n"
+                 "[96,96,96]. Rerunning the same command resumes the run folder.")
     p.add_argument("--config", help="YAML configuration (sections data, model, train, output)")
-    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override config keys, e.g. train.lr=3e-4")
+    p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="override config keys, e.g. train.lr=3e-4 model.patch_size=[96,96,96] (repeatable; a later "
+                        "value of the same key wins)")
     p.add_argument("--data", help="= data.source: NIfTI folder, nnU-Net raw or preprocessed dataset")
     p.add_argument("--cache", help="= data.cache: the teacher cache from med3dinsight embed")
     p.add_argument("-o", "--output", help="= output: the run folder")
     p.add_argument("--backbone", help="= model.backbone: swin_unetr, unetr, nnunet, plain_conv_unet, resenc_unet")
     p.add_argument("--steps", type=int, help="= train.steps")
-    p.add_argument("--device", help="= train.device (auto, cpu, cuda)")
+    _add_device(p, default=None, what="; = train.device")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
-    p.set_defaults(func=_cmd_pretrain)
 
-    p = sub.add_parser("export", help="write a checkpoint in the format nnU-Net, MONAI or nnssl loads unmodified")
+
+def _parser_export(sub) -> None:
+    p = _command(sub, "export", _cmd_export, "write a checkpoint in the format nnU-Net, MONAI or nnssl loads "
+                 "unmodified",
+                 "nnunet: a file for nnUNetv2_train -pretrained_weights; monai: a state dict for the MONAI network's\n"
+                 "load_state_dict; nnssl: an nnssl checkpoint with its adaptation plan.")
     p.add_argument("checkpoint", help="a med3dinsight .safetensors checkpoint, or hf-hub:ORG/REPO[@REVISION]")
-    p.add_argument("--to", required=True, choices=["nnunet", "monai", "nnssl"])
+    p.add_argument("--to", required=True, choices=["nnunet", "monai", "nnssl"], help="the target format")
     p.add_argument("-o", "--output", required=True, help="file to write")
     p.add_argument("--plans", help="nnunet: the target dataset's plans.json, to check the export fits it")
-    p.add_argument("--configuration", default="3d_fullres", help="nnunet: configuration in --plans")
-    p.set_defaults(func=_cmd_export)
+    p.add_argument("-c", "--configuration", default="3d_fullres",
+                   help="nnunet: the configuration in --plans (default 3d_fullres)")
 
-    p = sub.add_parser("inspect", help="print what a checkpoint holds (any supported format)")
+
+def _parser_inspect(sub) -> None:
+    p = _command(sub, "inspect", _cmd_inspect, "print what a checkpoint holds (any supported format)",
+                 "Reads the header and tensor shapes only (no tensor data): format, backbone, architecture,\n"
+                 "encoder prefixes and the pretraining metadata.")
     p.add_argument("checkpoint", help="a checkpoint file, or hf-hub:ORG/REPO[@REVISION]")
-    p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("push", help="publish a checkpoint on the Hugging Face Hub with a model card "
-                                    "(load it as hf-hub:ORG/REPO)")
+
+def _parser_push(sub) -> None:
+    p = _command(sub, "push", _cmd_push, "publish a checkpoint on the Hugging Face Hub with a model card "
+                 "(load it as hf-hub:ORG/REPO)",
+                 "Uploads med3dinsight.safetensors and a README.md model card; local paths in the metadata are\n"
+                 "published as their last component unless --keep-paths.")
     p.add_argument("checkpoint", help="a med3dinsight .safetensors checkpoint")
     p.add_argument("repo", metavar="ORG/REPO", help="the Hub model repository (created if missing)")
     p.add_argument("--revision", help="branch to commit to (created if missing; default the main branch)")
@@ -479,30 +539,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="publish the local paths of the checkpoint's metadata (data.root, the run's data and output "
                         "folders, a local teacher) as they are; by default the card and the uploaded file carry only "
                         "their last component")
-    p.set_defaults(func=_cmd_push)
 
-    p = sub.add_parser("nnunet-env", help="print the export line that lets nnU-Net find the Med3DInsight trainers "
-                                          "(use: eval \"$(med3dinsight nnunet-env)\")")
-    p.set_defaults(func=_cmd_nnunet_env)
 
-    p = sub.add_parser("nnunet-attach", help="write nnU-Net plans that carry a pretrained checkpoint")
+def _parser_nnunet_env(sub) -> None:
+    _command(sub, "nnunet-env", _cmd_nnunet_env, "print the export line that lets nnU-Net find the Med3DInsight "
+             "trainers (use: eval \"$(med3dinsight nnunet-env)\")",
+             "nnU-Net 2.8 finds trainers outside its package through nnUNet_extTrainer; the line adds this\n"
+             "package's trainer folder to what the variable already holds.")
+
+
+def _parser_nnunet_attach(sub) -> None:
+    p = _command(sub, "nnunet-attach", _cmd_nnunet_attach, "write nnU-Net plans that carry a pretrained checkpoint",
+                 "Test-loads the checkpoint into the network the plans build, then writes PLANS__med3dinsight next\n"
+                 "to them; train with nnUNetv2_train DATASET CONFIGURATION FOLD -tr Med3DInsightTrainer -p NAME.")
     p.add_argument("-d", "--dataset", required=True, help="nnU-Net dataset id or name")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans to start from (default nnUNetPlans)")
-    p.add_argument("-c", "--checkpoint", required=True,
-                   help="the pretrained checkpoint: a file, or hf-hub:ORG/REPO[@REVISION]")
+    p.add_argument("--checkpoint", help="the pretrained checkpoint: a file, or hf-hub:ORG/REPO[@REVISION] (required)")
     p.add_argument("-n", "--name", help="name of the new plans (default PLANS__med3dinsight)")
-    p.add_argument("--configuration", default="3d_fullres")
+    p.add_argument("-c", "--configuration", default="3d_fullres",
+                   help="the nnU-Net configuration the checkpoint is for (default 3d_fullres)")
     p.add_argument("--adapt-architecture", action="store_true",
                    help="train the checkpoint's architecture (required for SwinUNETR / UNETR checkpoints)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing plans file of that name (the plans you start from are never replaced; "
                         "plans an earlier nnunet-attach wrote from the same -p are replaced without it)")
-    p.set_defaults(func=_cmd_nnunet_attach)
 
-    p = sub.add_parser("study", help="compare initialisations (scratch, checkpoints) with nnUNetv2_train on nested "
-                                     "labelled subsets of an nnU-Net dataset")
+
+def _parser_study(sub) -> None:
+    p = _command(sub, "study", _cmd_study, "compare initialisations (scratch, checkpoints) with nnUNetv2_train on "
+                 "nested labelled subsets of an nnU-Net dataset",
+                 "Trains every init x labelled count x seed with nnUNetv2_train and compares them on the held-out\n"
+                 "fold's per-case Dice: paired differences, intervals that state their n (none from fewer than 5\n"
+                 "units), Holm-corrected p values; resumable.")
     p.add_argument("-d", "--dataset", required=True, help="nnU-Net dataset id or name (planned and preprocessed)")
-    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration (default 3d_fullres)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans to start from (default nnUNetPlans)")
     p.add_argument("--init", action="append", metavar="scratch|NAME=CHECKPOINT",
                    help="an initialisation to compare (repeat): scratch, or NAME=CHECKPOINT")
@@ -515,24 +585,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs per run (default: the trainer's 1000)")
     p.add_argument("--iterations", type=int,
                    help="training iterations per epoch (default 250; validation scaled alike)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"],
-                   help="auto: cuda when available (default)")
+    _add_device(p, what="; cuda:N trains on GPU N")
     p.add_argument("-o", "--output", required=True, help="study folder (resumable: finished runs are skipped)")
     p.add_argument("--dry-run", action="store_true", help="check the checkpoints, write the runs' plans, list the "
                                                           "runs; train nothing")
-    p.set_defaults(func=_cmd_study)
-    _one_line_usage_errors(p)
 
-    p = sub.add_parser("models", help="build each backbone + PSAT on random data; print shapes and parameter counts")
+
+def _parser_models(sub) -> None:
+    p = _command(sub, "models", _cmd_models, "build each backbone + PSAT on random data; print shapes and parameter "
+                 "counts",
+                 "A dry run of the networks: input -> tokens -> PSAT prediction and the reconstruction, with their\n"
+                 "parameter counts and the time of one forward/backward pass.")
     p.add_argument("--backbones", nargs="+", metavar="NAME",
                    help="backbones to build (default: swin_unetr unetr plain_conv_unet resenc_unet)")
-    p.add_argument("--patch-size", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--patch-size", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"),
+                   help="input patch in voxels (default 64 64 64)")
+    p.add_argument("--batch", type=int, default=2, help="volumes per forward pass (default 2)")
     p.add_argument("--slices", type=int, default=4, help="slices aligned per volume (K)")
     p.add_argument("--psat", default="paper", help="PSAT preset: paper (the authors' configuration) or small")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    p.set_defaults(func=_cmd_models)
-    _one_line_usage_errors(p)
+    _add_device(p)
+
+
+# in the order a user runs them (the command list of --help shows them so)
+_PARSERS = (_parser_demo, _parser_slices, _parser_caption, _parser_embed, _parser_cache, _parser_pretrain,
+            _parser_export, _parser_inspect, _parser_push, _parser_nnunet_env, _parser_nnunet_attach, _parser_study,
+            _parser_models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="med3dinsight", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Med3DInsight: pretrain a 3D encoder (nnU-Net, SwinUNETR, UNETR) without labels from what 2D\n"
+                    "image/text teachers say about its slices, then fine-tune it in nnU-Net or MONAI.\n\n"
+                    "The commands in the order you run them: demo (everything on generated data); slices, caption,\n"
+                    "embed, cache (the teacher cache of your volumes); pretrain; export, inspect, push (the\n"
+                    "checkpoint; push publishes it on the Hugging Face Hub); nnunet-env, nnunet-attach, study\n"
+                    "(fine-tuning with nnU-Net); models (sizes of the networks). Wherever a checkpoint is asked\n"
+                    "for, hf-hub:ORG/REPO[@REVISION] reads one from the Hub through the Hugging Face cache\n"
+                    "(HF_HUB_OFFLINE=1: from the cache only). As in nnU-Net, -c is the configuration everywhere;\n"
+                    f"--device takes {_DEVICES} in every command.",
+        epilog="A user error ends with one line and exit code 2; MED3DINSIGHT_DEBUG=1 shows its traceback.")
+    parser.add_argument("--version", action="version", version=f"med3dinsight {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _PARSERS:
+        add(sub)
     return parser
 
 

@@ -91,7 +91,7 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
         RuntimeError: one of nnU-Net's tools failed (the message names its log).
     """
     from nnunet_trainers.attach import attach_checkpoint
-    from nnunet_trainers.shim import with_shim
+    from nnunet_trainers.shim import nnunet_device, with_shim
 
     from .distributed import resolve_device
     from .export import export_checkpoint
@@ -190,9 +190,10 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
         attached = attach_checkpoint(DATASET, "nnUNetPlans", result.checkpoint)
     print("   " + str(attached.report).replace("\n", "\n   "))
     print(f"   wrote {attached.plans_file}")
-    train_env = with_shim({**env, "nnUNet_n_proc_DA": "0"})  # nnU-Net finds the trainers through the shim
+    # nnU-Net finds the trainers through the shim; cuda:N is GPU N; augmentation in this process (tiny data)
+    nnunet_dev, train_env = nnunet_device(device, with_shim({**env, "nnUNet_n_proc_DA": "0"}))
     _run([bindir / "nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", "Med3DInsightTrainer_smoke", "-p",
-          attached.plans_name, "-device", device.split(":")[0]], train_env, out / "nnunet_train.log")
+          attached.plans_name, "-device", nnunet_dev], train_env, out / "nnunet_train.log")
     fold = folders["nnUNet_results"] / DATASET / \
         f"Med3DInsightTrainer_smoke__{attached.plans_name}__3d_fullres" / "fold_0"
     report = json.loads((fold / "pretrained_load_report.json").read_text())

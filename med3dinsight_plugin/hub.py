@@ -648,12 +648,12 @@ def model_card(meta: Dict[str, Any], spec: Union[HubSpec, str]) -> str:
     table = "\n".join(f"| {label} | {_cell(value)} |" for label, value in rows)
     trainer = family.nnunet_trainer
     if not family.plans_native:  # nnU-Net's plans never build these: the plans must take the checkpoint's network
-        attach = (f"med3dinsight nnunet-attach -d DATASET -p nnUNetPlans -c {ref} --adapt-architecture\n"
+        attach = (f"med3dinsight nnunet-attach -d DATASET -p nnUNetPlans --checkpoint {ref} --adapt-architecture\n"
                   f"nnUNetv2_train DATASET 3d_fullres FOLD -p nnUNetPlans__med3dinsight -tr {trainer}\n"
                   f"# or, with plans that already build this network (as nnunet-attach --adapt-architecture writes):\n"
                   f"MED3DINSIGHT_CHECKPOINT={ref} nnUNetv2_train DATASET 3d_fullres FOLD -p PLANS -tr {trainer}")
     else:
-        attach = (f"med3dinsight nnunet-attach -d DATASET -p nnUNetPlans -c {ref}   # + --adapt-architecture "
+        attach = (f"med3dinsight nnunet-attach -d DATASET -p nnUNetPlans --checkpoint {ref}   # + --adapt-architecture "
                   f"unless your plans build this network\n"
                   f"nnUNetv2_train DATASET 3d_fullres FOLD -p nnUNetPlans__med3dinsight -tr {trainer}\n"
                   f"# or, without new plans:\n"

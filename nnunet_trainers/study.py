@@ -52,6 +52,7 @@ from med3dinsight_plugin.stats import paired_differences as paired_by_key
 
 from .attach import _read_json, attached_plans
 from .contract import ENV_CHECKPOINT, NNUNET_FAMILY, PLANS_KEY, FamilyTable, checkpoint_family
+from .shim import nnunet_device, with_shim
 
 __all__ = ["Comparison", "StudyError", "StudyResult", "StudyRun", "bootstrap_interval", "compare",
            "paired_differences", "run_study", "summary_markdown"]
@@ -159,7 +160,7 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
         plans: the plans to start from.
         epochs: epochs per run (default: the trainer's, 1000).
         iterations: training iterations per epoch (default 250); validation iterations are scaled alike (50/250).
-        device: ``cuda``, ``cpu`` (default cuda when available).
+        device: ``cuda``, ``cuda:N``, ``cpu`` (default cuda when available).
         reference: add nnU-Net's default nnUNetTrainer recipe as the init ``nnunet``.
         log: where progress lines go.
         dry_run: check the checkpoints and write the runs' plans, list the runs, train nothing (no outputs).
@@ -170,8 +171,8 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
     """
     output = Path(output)
     device = device or _default_device()
-    if device not in ("cuda", "cpu", "mps"):
-        raise StudyError(f"--device {device!r}: use cuda, cpu or mps")
+    if device not in ("cuda", "cpu") and not re.fullmatch(r"cuda:\d+", device):
+        raise StudyError(f"--device {device!r}: use cuda, cuda:N or cpu")
     if not inits and not reference:
         raise StudyError("no initialisation to compare: pass --init scratch and/or --init NAME=CHECKPOINT")
     if epochs is not None and epochs < 1 or iterations is not None and iterations < 1:
@@ -282,7 +283,7 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
             f"({len(todo) - i} left after this)")
         log_file = logs / f"{run.plans_name}.log"
         command = [_nnunet_train(), str(folder.name), configuration, str(fold), "-p", run.plans_name, "-tr",
-                   run.trainer, "-device", device, "--c"]
+                   run.trainer, "-device", nnunet_device(device, env)[0], "--c"]
         start = time.perf_counter()
         code = _launch(command, env, log_file)
         wall = time.perf_counter() - start
@@ -454,15 +455,10 @@ def _link_preprocessed(source: Path, target: Path, own: set) -> None:
 
 
 def _environment(pre: Path, results: Path, device: str) -> Dict[str, str]:
-    from .shim import with_shim
-
-    env = with_shim(os.environ)
+    _, env = nnunet_device(device, with_shim(os.environ))
     env.pop(ENV_CHECKPOINT, None)  # the plans say which weights; scratch must stay scratch
     env["nnUNet_preprocessed"] = str(pre.resolve())
     env["nnUNet_results"] = str(results.resolve())
-    if device == "cpu":
-        env.setdefault("nnUNet_n_proc_DA", "0")
-        env.setdefault("nnUNet_def_n_proc", "1")
     return env
 
 

@@ -263,11 +263,65 @@ class nnUNetTrainer_med3dinsightStudy(nnUNetTrainer):
         return _study_split(self)
 
 
-# Every backbone family's trainer and its variants, from the family descriptors (nnU-Net finds trainers by class
-# name in this module, through the ext/ shim). Med3DInsightTrainer trains the plans-native family (nnU-Net's CNNs);
-# a family whose network nnU-Net builds through nnunet_trainers.networks (MONAI transformers) gets
-# ``<its trainer>(_MonaiTrainerMixin, Med3DInsightTrainer)``. Variants: <trainer>_100epochs, _250epochs,
-# _frozenEncoder, _smoke, _study.
+# The built-in trainers, written out so that a ``-tr NAME`` can be found with grep. nnU-Net finds trainers by class
+# name in this module (through the ext/ shim). Med3DInsightTrainer trains the plans-native family (nnU-Net's CNNs);
+# a family whose network nnU-Net builds through nnunet_trainers.networks (the MONAI transformers) trains with
+# ``<its trainer>(_MonaiTrainerMixin, Med3DInsightTrainer)``. Each has the variants _100epochs, _250epochs,
+# _frozenEncoder, _smoke and _study (one hook each). A backbone family registered by a plug-in gets the same set,
+# defined by define_family_trainers below; tests/test_families.py checks that the classes written
+# here are exactly the set the built-in families' descriptors ask for.
+
+class Med3DInsightTrainer_100epochs(_Epochs100, Med3DInsightTrainer):
+    """Med3DInsightTrainer for 100 epochs."""
+
+class Med3DInsightTrainer_250epochs(_Epochs250, Med3DInsightTrainer):
+    """Med3DInsightTrainer for 250 epochs."""
+
+class Med3DInsightTrainer_frozenEncoder(_FrozenEncoder, Med3DInsightTrainer):
+    """Med3DInsightTrainer with the encoder frozen for the first 50 epochs, then warmed up."""
+
+class Med3DInsightTrainer_smoke(_Smoke, Med3DInsightTrainer):
+    """Med3DInsightTrainer for 1 epoch of 2 training and 1 validation iterations (a first try, tests)."""
+
+class Med3DInsightTrainer_study(_Study, Med3DInsightTrainer):
+    """Med3DInsightTrainer on `med3dinsight study`'s subset, held-out cases, schedule and seed."""
+
+class Med3DInsightTrainer_SwinUNETR(_MonaiTrainerMixin, Med3DInsightTrainer):
+    """Fine-tunes a MONAI SwinUNETR described in the plans (``nnunet-attach --adapt-architecture``)."""
+
+class Med3DInsightTrainer_SwinUNETR_100epochs(_Epochs100, Med3DInsightTrainer_SwinUNETR):
+    """Med3DInsightTrainer_SwinUNETR for 100 epochs."""
+
+class Med3DInsightTrainer_SwinUNETR_250epochs(_Epochs250, Med3DInsightTrainer_SwinUNETR):
+    """Med3DInsightTrainer_SwinUNETR for 250 epochs."""
+
+class Med3DInsightTrainer_SwinUNETR_frozenEncoder(_FrozenEncoder, Med3DInsightTrainer_SwinUNETR):
+    """Med3DInsightTrainer_SwinUNETR with the encoder frozen for the first 50 epochs, then warmed up."""
+
+class Med3DInsightTrainer_SwinUNETR_smoke(_Smoke, Med3DInsightTrainer_SwinUNETR):
+    """Med3DInsightTrainer_SwinUNETR for 1 epoch of 2 training and 1 validation iterations (a first try, tests)."""
+
+class Med3DInsightTrainer_SwinUNETR_study(_Study, Med3DInsightTrainer_SwinUNETR):
+    """Med3DInsightTrainer_SwinUNETR on `med3dinsight study`'s subset, held-out cases, schedule and seed."""
+
+class Med3DInsightTrainer_UNETR(_MonaiTrainerMixin, Med3DInsightTrainer):
+    """Fine-tunes a MONAI UNETR described in the plans (``nnunet-attach --adapt-architecture``)."""
+
+class Med3DInsightTrainer_UNETR_100epochs(_Epochs100, Med3DInsightTrainer_UNETR):
+    """Med3DInsightTrainer_UNETR for 100 epochs."""
+
+class Med3DInsightTrainer_UNETR_250epochs(_Epochs250, Med3DInsightTrainer_UNETR):
+    """Med3DInsightTrainer_UNETR for 250 epochs."""
+
+class Med3DInsightTrainer_UNETR_frozenEncoder(_FrozenEncoder, Med3DInsightTrainer_UNETR):
+    """Med3DInsightTrainer_UNETR with the encoder frozen for the first 50 epochs, then warmed up."""
+
+class Med3DInsightTrainer_UNETR_smoke(_Smoke, Med3DInsightTrainer_UNETR):
+    """Med3DInsightTrainer_UNETR for 1 epoch of 2 training and 1 validation iterations (a first try, tests)."""
+
+class Med3DInsightTrainer_UNETR_study(_Study, Med3DInsightTrainer_UNETR):
+    """Med3DInsightTrainer_UNETR on `med3dinsight study`'s subset, held-out cases, schedule and seed."""
+
 
 _VARIANTS = (("100epochs", _Epochs100), ("250epochs", _Epochs250), ("frozenEncoder", _FrozenEncoder),
              ("smoke", _Smoke), ("study", _Study))
@@ -288,12 +342,14 @@ def define_family_trainers(family) -> list:
             raise Med3DInsightError(f"backbone family {family.name!r}: nnunet_trainer {family.nnunet_trainer!r} "
                                     f"must be Med3DInsightTrainer (plans-native families train with it)")
         base = type(family.nnunet_trainer, (_MonaiTrainerMixin, Med3DInsightTrainer), {
-            "__module__": __name__, "architectures": family.nnunet_network_names,
+            "__module__": __name__,
             "__doc__": f"Fine-tunes a {family.network_classes[0]} described in the plans (``nnunet-attach "
                        f"--adapt-architecture``)."})
         globals()[base.__name__] = base
-    elif base is Med3DInsightTrainer:
+    if base is Med3DInsightTrainer:  # several plans-native families may share it
         base.architectures = tuple(dict.fromkeys(base.architectures + family.nnunet_network_names))
+    else:  # what a family trains is its descriptor's, also for the classes written out above
+        base.architectures = tuple(family.nnunet_network_names)
     names = [base.__name__]
     for suffix, variant in _VARIANTS:
         name = f"{base.__name__}_{suffix}"

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BIN = Path(sys.executable).parent / "med3dinsight"
 
 
@@ -56,8 +58,6 @@ def test_help_lists_the_commands_in_the_order_a_user_runs_them_without_importing
 def test_only_user_errors_become_one_line(monkeypatch, capsys):
     """A Med3DInsightError (or OSError) is one line and exit 2; any other exception is a bug and keeps its
     traceback; MED3DINSIGHT_DEBUG=1 re-raises user errors too."""
-    import pytest
-
     from med3dinsight_plugin import cli
     from med3dinsight_plugin.errors import Med3DInsightError
 
@@ -101,3 +101,66 @@ def test_known_third_party_noise_is_silenced_in_the_cli_only(monkeypatch):
         warnings.simplefilter("always")
         assert cli.main(["models"]) == 0
     assert len(seen) == 2
+
+
+def _subcommands(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                for inner, subsub in _subcommands(sub):
+                    yield f"{name} {inner}", subsub
+
+
+def test_every_command_and_option_is_described_and_the_shared_flags_mean_one_thing():
+    """A description for every sub-command, help for every option; -c is nnU-Net's configuration wherever it exists;
+    --device accepts the same names in every command (auto, cpu, cuda, cuda:N)."""
+    import argparse
+
+    from med3dinsight_plugin.cli import build_parser
+
+    commands = dict(_subcommands(build_parser()))
+    assert {"demo", "pretrain", "nnunet-attach", "study", "cache verify", "models"} <= set(commands)
+    devices = []
+    for name, p in commands.items():
+        assert p.description and len(p.description) > 20, name
+        for action in p._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            if "-c" in action.option_strings:
+                assert action.dest == "configuration", name
+            if "--device" in action.option_strings:
+                devices.append((name, action))
+    assert {n for n, _ in devices} == {"demo", "caption", "embed", "pretrain", "study", "models"}
+    for name, action in devices:
+        for good in ("auto", "cpu", "cuda", "cuda:1"):
+            assert action.type(good) == good, (name, good)
+        for bad in ("mps", "meta", "cuda:", "gpu"):
+            with pytest.raises(argparse.ArgumentTypeError, match="must be auto, cpu, cuda or cuda:N"):
+                action.type(bad)
+
+
+def test_attach_with_a_checkpoint_after_c_says_c_is_the_configuration_now(capsys, tmp_path):
+    from med3dinsight_plugin import cli
+
+    ckpt = tmp_path / "encoder.safetensors"
+    assert cli.main(["nnunet-attach", "-d", "990", "-c", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "-c is nnU-Net's configuration" in err[0] and f"--checkpoint '{ckpt}'" in err[0], err
+    assert cli.main(["nnunet-attach", "-d", "990"]) == 2
+    assert "--checkpoint is required: the pretrained checkpoint" in capsys.readouterr().err
+
+
+def test_nnunet_gets_its_own_device_name_and_gpu_n_through_the_environment():
+    from nnunet_trainers.shim import nnunet_device
+
+    assert nnunet_device("cuda", {}) == ("cuda", {})
+    assert nnunet_device("cuda:1", {}) == ("cuda", {"CUDA_VISIBLE_DEVICES": "1"})
+    assert nnunet_device("cuda:1", {"CUDA_VISIBLE_DEVICES": "4,6"}) == ("cuda", {"CUDA_VISIBLE_DEVICES": "6"})
+    dev, env = nnunet_device("cpu", {"nnUNet_n_proc_DA": "3"})
+    assert dev == "cpu" and env == {"nnUNet_n_proc_DA": "3", "nnUNet_def_n_proc": "1"}
+    with pytest.raises(ValueError, match="not a device for nnU-Net"):
+        nnunet_device("mps", {})

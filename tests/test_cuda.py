@@ -88,8 +88,8 @@ def test_nnunet_train_and_predict_on_cuda_for_each_family(device, nnunet, tmp_pa
     for family, (backbone, trainer, attach_args) in families.items():
         ckpt = save_pretrained(backbone, tmp_path / f"{family}.safetensors")
         plans_name = f"plansCuda_{family}"
-        run(["med3dinsight", "nnunet-attach", "-d", DATASET, "-p", "nnUNetPlans", "-c", ckpt, "-n", plans_name,
-             *attach_args], env)
+        run(["med3dinsight", "nnunet-attach", "-d", DATASET, "-p", "nnUNetPlans", "--checkpoint", ckpt,
+             "-n", plans_name, *attach_args], env)
         log = open(tmp_path / f"train_{family}.log", "w")
         cmd = [str(BIN / "nnUNetv2_train"), DATASET, "3d_fullres", "0", "-p", plans_name, "-tr", trainer, "-device",
                "cuda"]

@@ -90,8 +90,12 @@ def test_pretraining_key_table_gives_the_defaults():
 
 
 def test_what_the_pretraining_page_says_of_a_repeated_set():
-    """docs/pretraining.md warns that a second --set replaces the first; if the CLI ever keeps both, the warning
-    must go (and the other way round)."""
-    kept = build_parser().parse_args(["pretrain", "--set", "train.steps=20", "--set", "model.psat=small"]).set
-    warns = "A second `--set` on the same line replaces" in PRETRAINING.read_text(encoding="utf-8")
-    assert warns == (kept == ["model.psat=small"]), kept
+    """docs/pretraining.md says that every --set counts and a later value of a key wins; the CLI does so."""
+    from med3dinsight_plugin.pretrain.config import load_config
+
+    kept = build_parser().parse_args(["pretrain", "--set", "train.steps=20", "--set", "model.psat=small",
+                                      "train.steps=30"]).set
+    assert kept == ["train.steps=20", "model.psat=small", "train.steps=30"]
+    config = load_config(None, kept)
+    assert (config.train.steps, config.model.psat) == (30, "small")
+    assert "`--set` may be repeated and every one counts" in PRETRAINING.read_text(encoding="utf-8")

@@ -1,6 +1,7 @@
 """Backbone families: every registered family is checked by every consumer of its descriptor, and a new family is
 its own module plus one registration (shown with a dummy family defined here)."""
 import pydoc
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,27 @@ def test_registration_refuses_a_taken_name():
             name="unetr", backbone_class=TinyNetBackbone, builders={"unetr": build_tiny_net},
             build_network=network_of_backbone, nnunet_trainer="X", nnunet_networks=("a.B",), wrapped_network="a.C",
             patch_multiple=(2, 2)))
+
+
+def test_the_built_in_trainers_are_written_out_and_match_the_family_descriptors():
+    """``grep "class Med3DInsightTrainer_UNETR_smoke"`` finds the trainer a user passes to -tr: every trainer of a
+    built-in family is a literal class in nnunet_trainers/trainers.py, and nothing else there is generated."""
+    import ast
+
+    import nnunet_trainers.trainers as trainers
+    from med3dinsight_plugin.backbones import list_families
+
+    tree = ast.parse(Path(trainers.__file__).read_text())
+    written = {node.name for node in tree.body if isinstance(node, ast.ClassDef)
+               and node.name.startswith("Med3DInsightTrainer")}
+    built_in = set(trainers.__all__) - {"nnUNetTrainer_med3dinsightStudy"}  # the families known at its import
+    assert written == built_in and len(built_in) == 18
+    for fam in list_families():
+        names = trainers.define_family_trainers(fam)
+        if fam.nnunet_trainer not in built_in:
+            continue  # a family a test registered later: generated, as a plug-in's is
+        assert set(names) <= written, fam.name
+        base = getattr(trainers, fam.nnunet_trainer)
+        assert set(fam.nnunet_network_names) <= set(base.architectures), fam.name
+        for name in names[1:]:
+            assert issubclass(getattr(trainers, name), base) and getattr(trainers, name).__doc__, name

@@ -283,7 +283,7 @@ def test_push_dry_run_writes_the_file_and_a_model_card(hub, tmp_path, capsys):
                  "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "512-d",
                  "Qwen/Qwen2-VL-2B-Instruct", "Dataset990_Tiny, nifti, modality ct, 12 cases, 1 channel(s)",
                  "steps 300, global batch 8, world size 1",
-                 "med3dinsight nnunet-attach -d DATASET -p nnUNetPlans -c hf-hub:org/published@v2   # + "
+                 "med3dinsight nnunet-attach -d DATASET -p nnUNetPlans --checkpoint hf-hub:org/published@v2   # + "
                  "--adapt-architecture unless your plans build this network\n",
                  "-tr Med3DInsightTrainer\n", "MED3DINSIGHT_CHECKPOINT=hf-hub:org/published@v2 nnUNetv2_train",
                  'load_pretrained_encoder(network, "hf-hub:org/published@v2")',

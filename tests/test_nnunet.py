@@ -44,8 +44,8 @@ def nnunet(tmp_path_factory):
 
 def _train_and_predict(nnunet, ckpt, trainer, plans_name, attach_args=()):
     env, root = nnunet["env"], nnunet["root"]
-    r = run(["med3dinsight", "nnunet-attach", "-d", DATASET, "-p", "nnUNetPlans", "-c", ckpt, "-n", plans_name,
-             *attach_args], env)
+    r = run(["med3dinsight", "nnunet-attach", "-d", DATASET, "-p", "nnUNetPlans", "--checkpoint", ckpt,
+             "-n", plans_name, *attach_args], env)
     assert "(100.0 %)" in r.stdout and f"-p {plans_name} -tr {trainer.replace('_smoke', '')}" in r.stdout
     run(["nnUNetv2_train", DATASET, "3d_fullres", "0", "-p", plans_name, "-tr", trainer, "-device", "cpu"], env)
     fold = root / "res" / "Dataset991_Tiny" / f"{trainer}__{plans_name}__3d_fullres" / "fold_0"
@@ -124,13 +124,13 @@ def test_failures_stop_before_training(nnunet, tmp_path):
                              tmp_path / "plain.safetensors")
     other = save_pretrained(tiny_backbone("resenc_unet"), tmp_path / "resenc.safetensors")
     # another architecture: refused when attaching, with the fix named
-    r = run(["med3dinsight", "nnunet-attach", "-d", DATASET, "-c", other, "-n", "plansBad"], env, check=False)
+    r = run(["med3dinsight", "nnunet-attach", "-d", DATASET, "--checkpoint", other, "-n", "plansBad"], env, check=False)
     assert r.returncode == 2 and "--adapt-architecture" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (nnunet["pre"] / "plansBad.json").exists()
-    r = run(["med3dinsight", "nnunet-attach", "-d", DATASET, "-c", resenc, "--configuration", "3d_lowres"], env,
+    r = run(["med3dinsight", "nnunet-attach", "-d", DATASET, "--checkpoint", resenc, "-c", "3d_lowres"], env,
             check=False)
     assert r.returncode == 2 and "configuration '3d_lowres' is not in" in r.stderr
-    run(["med3dinsight", "nnunet-attach", "-d", DATASET, "-c", resenc, "-n", "plansOk"], env)
+    run(["med3dinsight", "nnunet-attach", "-d", DATASET, "--checkpoint", resenc, "-n", "plansOk"], env)
     results = root / "res" / "Dataset991_Tiny"
     cases = [
         ({}, "nnUNetPlans", "Med3DInsightTrainer_smoke", "has no pretrained checkpoint"),

@@ -96,7 +96,7 @@ def test_attach_never_overwrites_the_source_plans(nnunet_dataset, capsys):
     d = nnunet_dataset
     before = _plans_files(d["folder"])
     for extra in ([], ["--adapt-architecture"]):
-        code, _, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "-p", "nnUNetPlans", "-c", d["ckpt"],
+        code, _, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "-p", "nnUNetPlans", "--checkpoint", d["ckpt"],
                             "-n", "nnUNetPlans", *extra)
         _one_line(code, err, "would overwrite the plans it starts from", d["plans"], "choose another name")
     with pytest.raises(Med3DInsightError, match="would overwrite the plans it starts from"):
@@ -111,13 +111,15 @@ def test_attach_replaces_other_plans_only_with_overwrite(nnunet_dataset, capsys)
     handmade = d["folder"] / "handmade.json"
     handmade.write_text(json.dumps({**json.loads(d["plans"].read_text()), "plans_name": "handmade", "mine": 1}))
     before = _plans_files(d["folder"])
-    code, _, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "-c", d["ckpt"], "-n", "handmade")
+    code, _, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "--checkpoint", d["ckpt"], "-n", "handmade")
     _one_line(code, err, handmade, "--overwrite")
     # nnU-Net's own plans of another planner are just as safe
-    code, _, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "-c", d["ckpt"], "-n", "nnUNetResEncUNetMPlans")
+    code, _, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "--checkpoint", d["ckpt"], "-n",
+                        "nnUNetResEncUNetMPlans")
     _one_line(code, err, "nnUNetResEncUNetMPlans.json", "--overwrite")
     assert _plans_files(d["folder"]) == before
-    code, out, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "-c", d["ckpt"], "-n", "handmade", "--overwrite")
+    code, out, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "--checkpoint", d["ckpt"], "-n", "handmade",
+                          "--overwrite")
     assert code == 0 and f"replaced {handmade}" in out, err
     written = json.loads(handmade.read_text())
     assert PLANS_KEY in written and "mine" not in written
@@ -127,11 +129,11 @@ def test_reattaching_replaces_the_plans_attach_wrote(nnunet_dataset, capsys, tmp
     from nnunet_trainers.attach import attach_checkpoint
 
     d = nnunet_dataset
-    code, out, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "-c", d["ckpt"])
+    code, out, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "--checkpoint", d["ckpt"])
     assert code == 0, err
     torch.manual_seed(1)
     newer = save_pretrained(build_backbone("nnunet", plans=d["plans"]), tmp_path / "newer.safetensors")
-    code, out, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "-c", newer)  # the usual re-run: no flag needed
+    code, out, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "--checkpoint", newer)  # the usual re-run: no flag
     assert code == 0, err
     written = json.loads((d["folder"] / "nnUNetPlans__med3dinsight.json").read_text())
     assert written["med3dinsight"]["checkpoint"] == str(newer.resolve())
@@ -156,7 +158,7 @@ def test_attach_bad_arguments_and_dataset_files(nnunet_dataset, capsys, args, ne
     if args == ["--no-dataset-json"]:
         (d["folder"] / "dataset.json").unlink()
         args = []
-    cmd = {"-d": d["id"], "-c": str(d["ckpt"])}
+    cmd = {"-d": d["id"], "--checkpoint": str(d["ckpt"])}
     cmd.update(dict(zip(args[::2], args[1::2])))
     before = sorted(p.name for p in d["folder"].parent.rglob("*"))
     code, _, err = _cli(capsys, "nnunet-attach", *[x for kv in cmd.items() for x in kv])
@@ -195,7 +197,7 @@ def test_nonfinite_weights_are_refused_by_export_and_attach(nnunet_dataset, caps
     for to in ("nnunet", "nnssl"):
         code, _, err = _cli(capsys, "export", bad, "--to", to, "-o", tmp_path / "out.pth")
         _one_line(code, err, bad, "NaN or Inf", "(5 tensors)", "earlier checkpoint")
-    code, _, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "-c", bad)
+    code, _, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "--checkpoint", bad)
     _one_line(code, err, bad, "NaN or Inf")
     assert not (tmp_path / "out.pth").exists() and _plans_files(d["folder"]) == before
 
@@ -276,7 +278,7 @@ def test_malformed_metadata_through_nnunet_attach(nnunet_dataset, capsys, tmp_pa
     for case, (mutate, needle) in cases.items():
         bad = _rewrite(d["ckpt"], tmp_path / f"{case}.safetensors", meta=mutate(_meta(d["ckpt"])))
         for extra in ([], ["--adapt-architecture"]):
-            code, _, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "-c", bad, *extra)
+            code, _, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "--checkpoint", bad, *extra)
             _one_line(code, err, bad, needle)
     assert _plans_files(d["folder"]) == before
 
@@ -327,10 +329,10 @@ def test_attach_adapting_to_a_claimed_huge_network_is_refused(nnunet_dataset, tm
     good = save_pretrained(tiny_backbone("swin_unetr"), tmp_path / "swin.safetensors")
     bad = _rewrite(good, tmp_path / "claims.safetensors", meta=_claims("swin_unetr", _meta(good)))
     before = _plans_files(d["folder"])
-    code, _, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "-c", bad, "--adapt-architecture")
+    code, _, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "--checkpoint", bad, "--adapt-architecture")
     _one_line(code, err, bad, "far more than the")
     assert _plans_files(d["folder"]) == before
-    code, out, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "-c", good, "--adapt-architecture")
+    code, out, err = _cli(capsys, "nnunet-attach", "-d", d["id"], "--checkpoint", good, "--adapt-architecture")
     assert code == 0 and "(100.0 %)" in out, err
 
 

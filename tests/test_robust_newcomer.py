@@ -107,8 +107,8 @@ def test_inspect_prints_what_the_refusal_names(tmp_path, capsys):
     (["--patch-size", "0", "32", "32"], "--patch-size 0 32 32"),
     (["--patch-size", "-32", "32", "32"], "--patch-size -32 32 32"),
     (["--batch", "two"], "argument --batch"),
-    (["--device", "bogus"], "'--device'"),
-    (["--device", "meta"], "'--device'"),
+    (["--device", "bogus"], "argument --device: must be auto, cpu, cuda or cuda:N, got 'bogus'"),
+    (["--device", "meta"], "argument --device: must be auto, cpu, cuda or cuda:N, got 'meta'"),
     (["--batch", str(10 ** 9)], "--batch 1000000000"),  # 10^15 bytes of input: more than any address space
 ])
 def test_models_refuses_bad_numbers_in_one_line(capsys, args, needle):

@@ -140,7 +140,7 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    """The whole pretraining configuration (see the package README for the meaning of each key)."""
+    """The whole pretraining configuration (docs/pretraining.md gives the meaning and default of each key)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
