@@ -3,11 +3,12 @@
 Run: python benchmarks/gpu_check.py [--device cuda] [--out gpu_check.json] [--timeout 480]
      python benchmarks/gpu_check.py --device cpu --quick     # the same script on the CPU, tiny sizes (~3 minutes)
 
-1. Correctness: ``pytest -m cuda tests`` in a subprocess with MED3DINSIGHT_TEST_DEVICE=DEVICE (tests/test_cuda.py:
-   bf16 autocast and fp16 + GradScaler pretraining steps against fp32, torch.compile against eager, partial OT on
-   the device against float64 on the CPU, ClipTeacher bf16/fp16 against fp32, nnUNetv2_train/predict -device cuda
-   for PlainConvUNet, SwinUNETR and UNETR, ``med3dinsight demo --device cuda``, torchrun pretraining on every GPU
-   then resumed). On CUDA, with pytest-xdist installed, 4 test processes share the GPU.
+1. Correctness: ``pytest -m cuda tests`` in a subprocess with MED3DINSIGHT_TEST_DEVICE=DEVICE
+   (tests/package/test_cuda.py: bf16 autocast and fp16 + GradScaler pretraining steps against fp32, torch.compile
+   against eager, partial OT on the device against float64 on the CPU, ClipTeacher bf16/fp16 against fp32,
+   nnUNetv2_train/predict -device cuda for PlainConvUNet, SwinUNETR and UNETR, ``med3dinsight demo --device cuda``,
+   torchrun pretraining on every GPU then resumed). On CUDA, with pytest-xdist installed, 4 test processes share
+   the GPU.
 2. Speed, each section in its own process with its own time limit (a failure or a timeout is recorded in the JSON
    and the next section runs), reusing the benchmark scripts' functions:
      step_overhead        pretraining step / backbone-only step, paper and small PSAT (step_overhead.py), and the

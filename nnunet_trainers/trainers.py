@@ -268,7 +268,7 @@ class nnUNetTrainer_med3dinsightStudy(nnUNetTrainer):
 # a family whose network nnU-Net builds through nnunet_trainers.networks (the MONAI transformers) trains with
 # ``<its trainer>(_MonaiTrainerMixin, Med3DInsightTrainer)``. Each has the variants _100epochs, _250epochs,
 # _frozenEncoder, _smoke and _study (one hook each). A backbone family registered by a plug-in gets the same set,
-# defined by define_family_trainers below; tests/test_families.py checks that the classes written
+# defined by define_family_trainers below; tests/core/test_families.py checks that the classes written
 # here are exactly the set the built-in families' descriptors ask for.
 
 class Med3DInsightTrainer_100epochs(_Epochs100, Med3DInsightTrainer):

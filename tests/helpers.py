@@ -9,6 +9,7 @@ from med3dinsight_plugin.backbones import list_families
 
 # Tiny but real configurations of every backbone, for tests that run forward and backward passes: each family's
 # descriptor brings its own (BackboneFamily.tiny), so every test parametrised over these checks a new family too.
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: tests/ live in folders below it
 TINY_BACKBONES = {name: dict(kwargs) for family in list_families() for name, kwargs in family.tiny.items()}
 
 EMBED = 16  # teacher embedding width of the toy pretraining data
@@ -265,3 +266,14 @@ def interrupted_captioner_class():
             return super().caption(images, prompts)
 
     return Interrupted
+
+
+NNUNET_E2E_DATASET = "991"  # the id of conftest's ``nnunet`` fixture dataset
+
+
+def carries_pretrained(finetuned, pretrained, prefixes):
+    """The fine-tuned encoder is still the pretrained one (a few small steps away from it)."""
+    keys = [k for k in pretrained if k.startswith(prefixes) and pretrained[k].is_floating_point()]
+    change = sum(float((finetuned[k].float() - pretrained[k].float()).norm() ** 2) for k in keys) ** 0.5
+    size = sum(float(pretrained[k].float().norm() ** 2) for k in keys) ** 0.5
+    assert keys and change / size < 0.05, change / size

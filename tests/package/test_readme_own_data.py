@@ -16,12 +16,13 @@ from pathlib import Path
 
 import yaml
 
+from helpers import REPO_ROOT
 from med3dinsight_plugin.pretrain import load_config
 from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
 from med3dinsight_plugin.teacher.cache import TeacherCache, read_manifest
 from med3dinsight_plugin.teacher.tiny import save_tiny_llava, save_tiny_open_clip
 
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "own_data.md"
+PAGE = REPO_ROOT / "docs" / "own_data.md"
 
 
 def _block(heading: str, language: str = "bash") -> str:

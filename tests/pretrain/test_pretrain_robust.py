@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import FAST_PRETRAIN, ct_like, one_line_failure
+from helpers import FAST_PRETRAIN, REPO_ROOT, ct_like, one_line_failure
 from med3dinsight_plugin import load_checkpoint
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.teacher.tiny import save_tiny_open_clip
 
-REPO = Path(__file__).resolve().parents[1]
-TOTALSEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator"
+REPO = REPO_ROOT
+TOTALSEG = REPO_ROOT.parent / "shared" / "data" / "totalsegmentator"
 BIN = Path(sys.executable).parent
 
 

@@ -4,7 +4,7 @@ Every test here is marked ``cuda`` (``pytest -m cuda`` selects them) and runs on
 ``MED3DINSIGHT_TEST_DEVICE`` names (``cuda``, ``cuda:N`` or ``cpu``); unset, that is CUDA when torch sees a GPU, else
 the CPU. Tests with a meaningful CPU variant run on whichever device that is (CI's plain ``pytest`` runs them on the
 CPU); the CUDA-only ones skip on the CPU and say why. Asking for CUDA where torch sees none fails every test instead
-of skipping. tests/test_benchmarks.py runs the whole check with ``--device cpu --quick``.
+of skipping. tests/benchmarks/test_benchmarks.py runs the whole check with ``--device cpu --quick``.
 """
 import copy
 import json
@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import script, tiny_backbone, tiny_pretrain_batch, tiny_pretrain_config, toy_overrides
+from helpers import NNUNET_E2E_DATASET as DATASET
+from helpers import carries_pretrained, script, tiny_backbone, tiny_pretrain_batch, tiny_pretrain_config, toy_overrides
+from helpers import run_tool as run
 from med3dinsight_plugin import build_backbone, save_pretrained
 from med3dinsight_plugin.checkpoint import load_checkpoint
 from med3dinsight_plugin.pretrain.engine import build_model
-from test_nnunet import DATASET, _carries, nnunet, run  # noqa: F401 -- nnunet is a fixture
 
 BIN = Path(sys.executable).parent
 REQUESTED = os.environ.get("MED3DINSIGHT_TEST_DEVICE", "").strip()
@@ -73,7 +74,7 @@ def _tail(proc_or_text, n=3000):
 # ------------------------------------------------------------------------------------------------ nnU-Net on CUDA
 
 @cuda_only("test_nnunet.py runs the same flow with -device cpu")
-def test_nnunet_train_and_predict_on_cuda_for_each_family(device, nnunet, tmp_path):  # noqa: F811 -- the fixture
+def test_nnunet_train_and_predict_on_cuda_for_each_family(device, nnunet, tmp_path):
     """nnUNetv2_train -device cuda -tr Med3DInsightTrainer*_smoke for PlainConvUNet, SwinUNETR and UNETR (trained at
     the same time: one GPU holds all three), then nnUNetv2_predict -device cuda. nnU-Net compiles the network on
     CUDA by default, so the trainers load into a torch.compile'd network here (never on the CPU)."""
@@ -116,7 +117,7 @@ def test_nnunet_train_and_predict_on_cuda_for_each_family(device, nnunet, tmp_pa
         assert "Pretrained encoder loaded" in log and (fold / "checkpoint_final.pth").is_file(), family
         assert "Learning rates: encoder" in log, family  # the encoder found through the compile wrapper
         weights = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
-        _carries(weights, backbone.network.state_dict(), backbone.encoder_prefixes)
+        carries_pretrained(weights, backbone.network.state_dict(), backbone.encoder_prefixes)
         out = root / f"pred_cuda_{family}"
         cmd = [str(BIN / "nnUNetv2_predict"), "-i", str(nnunet["raw"] / "imagesTs"), "-o", str(out), "-d", DATASET,
                "-c", "3d_fullres", "-f", "0", "-p", plans_name, "-tr", trainer, "-chk", "checkpoint_final.pth",

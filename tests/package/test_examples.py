@@ -1,9 +1,10 @@
 """The examples stay runnable."""
 import subprocess
 import sys
-from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from helpers import REPO_ROOT
+
+EXAMPLES = REPO_ROOT / "examples"
 
 
 def test_pretraining_step_example_trains():

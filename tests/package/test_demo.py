@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import REPO_ROOT
 from med3dinsight_plugin.checkpoint import load_checkpoint
 
 
@@ -38,7 +39,7 @@ def test_the_demo_uses_the_python_api_not_the_cli():
             "assert 'med3dinsight_plugin.cli' not in sys.modules, 'the demo imported the cli'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    tree = ast.parse(Path(__file__).parents[1].joinpath("med3dinsight_plugin", "demo.py").read_text())
+    tree = ast.parse(REPO_ROOT.joinpath("med3dinsight_plugin", "demo.py").read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not {"cli", "med3dinsight_plugin.cli"} & imported
     # os.environ is written only by the context-limited _environment (subprocesses get theirs explicitly)

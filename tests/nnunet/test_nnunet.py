@@ -4,42 +4,18 @@ Runs PyPI's unmodified nnunetv2 in subprocesses, finding the trainers only throu
 ``eval "$(med3dinsight nnunet-env)"`` sets it.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from helpers import NNUNET_E2E_DATASET as DATASET
+from helpers import carries_pretrained, tiny_backbone
 from helpers import run_tool as run
-from helpers import tiny_backbone
 from med3dinsight_plugin import build_backbone, save_pretrained
-from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
 
 BIN = Path(sys.executable).parent
-DATASET = "991"
-
-
-@pytest.fixture(scope="module")
-def nnunet(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nnunet_e2e")
-    folder = write_nnunet_raw_dataset(root / "raw", dataset_id=991, cases=5)  # 5 folds need 5 cases
-    import SimpleITK as sitk
-    (folder / "imagesTs").mkdir()
-    held_out = np.random.default_rng(1).normal(size=(30, 32, 34)).astype(np.float32)
-    sitk.WriteImage(sitk.GetImageFromArray(held_out), str(folder / "imagesTs" / "test000_0000.nii.gz"))
-    env = {**os.environ, "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-           "nnUNet_results": str(root / "res"), "nnUNet_def_n_proc": "1"}
-    env.pop("nnUNet_n_proc_DA", None)  # planning crashes with it
-    env.pop("MED3DINSIGHT_CHECKPOINT", None)
-    run(["nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
-    export = run(["med3dinsight", "nnunet-env"], env).stdout.strip()
-    assert export.startswith("export nnUNet_extTrainer=")
-    env["nnUNet_extTrainer"] = export.split("=", 1)[1].strip("'")
-    env["nnUNet_n_proc_DA"] = "0"  # training only
-    pre = root / "pre" / "Dataset991_Tiny"
-    return {"env": env, "root": root, "pre": pre, "plans": pre / "nnUNetPlans.json", "raw": folder}
 
 
 def _train_and_predict(nnunet, ckpt, trainer, plans_name, attach_args=()):
@@ -63,20 +39,12 @@ def _train_and_predict(nnunet, ckpt, trainer, plans_name, attach_args=()):
     return torch.load(fold / "checkpoint_final.pth", weights_only=False)["network_weights"]
 
 
-def _carries(finetuned, pretrained, prefixes):
-    """The fine-tuned encoder is still the pretrained one (a few small steps away from it)."""
-    keys = [k for k in pretrained if k.startswith(prefixes) and pretrained[k].is_floating_point()]
-    change = sum(float((finetuned[k].float() - pretrained[k].float()).norm() ** 2) for k in keys) ** 0.5
-    size = sum(float(pretrained[k].float().norm() ** 2) for k in keys) ** 0.5
-    assert keys and change / size < 0.05, change / size
-
-
 def test_plain_conv_unet_from_the_datasets_own_plans(nnunet, tmp_path):
     torch.manual_seed(0)
     backbone = build_backbone("nnunet", plans=nnunet["plans"])
     ckpt = save_pretrained(backbone, tmp_path / "plain.safetensors")
     weights = _train_and_predict(nnunet, ckpt, "Med3DInsightTrainer_smoke", "plansPlain")
-    _carries(weights, backbone.network.state_dict(), ("encoder.",))
+    carries_pretrained(weights, backbone.network.state_dict(), ("encoder.",))
     # --val re-initialises the trainer but loads the training checkpoint: the pretrained file is not needed
     env = {**nnunet["env"], "MED3DINSIGHT_CHECKPOINT": str(tmp_path / "moved_away.safetensors")}
     run(["nnUNetv2_train", DATASET, "3d_fullres", "0", "-p", "plansPlain", "-tr", "Med3DInsightTrainer_smoke",
@@ -93,7 +61,7 @@ def test_monai_networks_through_nnunet(nnunet, tmp_path, name, trainer, network,
     backbone = tiny_backbone(name)
     ckpt = save_pretrained(backbone, tmp_path / f"{name}.safetensors")
     weights = _train_and_predict(nnunet, ckpt, trainer, f"plans_{name}", ["--adapt-architecture"])
-    _carries(weights, backbone.network.state_dict(), backbone.encoder_prefixes)
+    carries_pretrained(weights, backbone.network.state_dict(), backbone.encoder_prefixes)
     plans = json.loads((nnunet["pre"] / f"plans_{name}.json").read_text())
     config = plans["configurations"]["3d_fullres"]
     assert config["architecture"]["network_class_name"] == f"nnunet_trainers.networks.{network}"

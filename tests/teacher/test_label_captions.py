@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from nibabel.orientations import axcodes2ornt, ornt_transform
 
-from helpers import run_tool
+from helpers import REPO_ROOT, run_tool
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.slices import SlicePolicy
 from med3dinsight_plugin.teacher.cache import TeacherCache
@@ -29,7 +29,7 @@ from med3dinsight_plugin.teacher.label_captions import (
 from med3dinsight_plugin.teacher.tiny import save_tiny_open_clip
 from med3dinsight_plugin.volumes import open_source
 
-DATA = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "totalsegmentator"
+DATA = REPO_ROOT / "benchmarks" / "data" / "totalsegmentator"
 CT, SEG, NAMES = DATA / "example_ct_sm.nii.gz", DATA / "example_seg.nii.gz", DATA / "example_seg.labels.json"
 POLICY = SlicePolicy(per_plane=8)
 

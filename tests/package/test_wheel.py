@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
 PACKAGES = ("med3dinsight_plugin", "nnunet_trainers")
 NOT_SOURCES = (".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache")
 
@@ -73,6 +75,7 @@ import med3dinsight_plugin, nnunet_trainers
 import nnunetv2
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
 trainer = recursive_find_trainer_class_by_name("Med3DInsightTrainer")  # what nnUNetv2_train -tr calls
 distribution = importlib.metadata.distribution("med3dinsight")
 print(json.dumps({

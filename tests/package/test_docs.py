@@ -1,7 +1,7 @@
 """The documentation holds together: the README is a front page, every relative link and anchor of README.md and
 docs/*.md resolves, and what docs/pretraining.md says about the configuration is what the code does (the YAML and
 ``--set`` examples load, the defaults in its key table are the defaults, and what it says of a repeated ``--set``).
-The own-data examples are run by tests/test_readme_own_data.py."""
+The own-data examples are run by tests/package/test_readme_own_data.py."""
 import ast
 import re
 import shlex
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import yaml
 
+from helpers import REPO_ROOT
 from med3dinsight_plugin.cli import build_parser
 from med3dinsight_plugin.pretrain.config import PretrainConfig, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PRETRAINING = ROOT / "docs" / "pretraining.md"
 

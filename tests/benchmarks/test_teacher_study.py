@@ -1,11 +1,12 @@
 """The [evidence] protocol's decision rule (benchmarks/teacher_study.py) on made-up results with known answers."""
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from helpers import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 import teacher_study  # noqa: E402
 
