@@ -480,7 +480,8 @@ def _parser_cache(sub) -> None:
                  "verify: check every shard of a cache med3dinsight embed wrote.")
     actions = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
     q = _command(actions, "verify", _cmd_cache_verify, "check every shard of a teacher cache",
-                 "Reads every shard against the manifest's checksums and shapes; one line per problem, exit 2.")
+                 "Each shard present, of the manifest's size and checksum, readable, with consistent rows and\n"
+                 "finite unit-norm embeddings; one line per problem and exit code 2, else a summary line.")
     q.add_argument("cache", help="the cache folder med3dinsight embed wrote")
 
 
@@ -506,8 +507,9 @@ def _parser_pretrain(sub) -> None:
 def _parser_export(sub) -> None:
     p = _command(sub, "export", _cmd_export, "write a checkpoint in the format nnU-Net, MONAI or nnssl loads "
                  "unmodified",
-                 "nnunet: a file for nnUNetv2_train -pretrained_weights; monai: a state dict for the MONAI network's\n"
-                 "load_state_dict; nnssl: an nnssl checkpoint with its adaptation plan.")
+                 "nnunet: a file for nnUNetv2_train -pretrained_weights; monai: the SwinUNETR / UNETR state dict\n"
+                 "without the segmentation head, for the MONAI network's load_state_dict; nnssl: an nnssl checkpoint\n"
+                 "with its adaptation plan.")
     p.add_argument("checkpoint", help="a med3dinsight .safetensors checkpoint, or hf-hub:ORG/REPO[@REVISION]")
     p.add_argument("--to", required=True, choices=["nnunet", "monai", "nnssl"], help="the target format")
     p.add_argument("-o", "--output", required=True, help="file to write")
@@ -595,7 +597,7 @@ def _parser_models(sub) -> None:
     p = _command(sub, "models", _cmd_models, "build each backbone + PSAT on random data; print shapes and parameter "
                  "counts",
                  "A dry run of the networks: input -> tokens -> PSAT prediction and the reconstruction, with their\n"
-                 "parameter counts and the time of one forward/backward pass.")
+                 "parameter counts, the loss terms and the time of the forward pass.")
     p.add_argument("--backbones", nargs="+", metavar="NAME",
                    help="backbones to build (default: swin_unetr unetr plain_conv_unet resenc_unet)")
     p.add_argument("--patch-size", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"),
