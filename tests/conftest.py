@@ -62,3 +62,15 @@ def nnunet(tmp_path_factory):
     env["nnUNet_n_proc_DA"] = "0"  # training only
     pre = root / "pre" / "Dataset991_Tiny"
     return {"env": env, "root": root, "pre": pre, "plans": pre / "nnUNetPlans.json", "raw": folder}
+
+
+# fixtures that plan (and preprocess) a dataset with nnU-Net's own command-line tools: their tests are marked nnunet
+NNUNET_FIXTURES = {"nnunet_plans", "nnunet_dataset", "nnunet"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``nnunet`` every test that runs nnU-Net's tools, through one of :data:`NNUNET_FIXTURES` or by living in
+    tests/nnunet/ (the other modules that call them directly carry the marker themselves)."""
+    for item in items:
+        if NNUNET_FIXTURES & set(getattr(item, "fixturenames", ())) or "/nnunet/" in item.nodeid.replace("\\", "/"):
+            item.add_marker(pytest.mark.nnunet)

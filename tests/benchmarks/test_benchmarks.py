@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -15,6 +17,7 @@ def _tail(proc, n=3000):
     return (proc.stdout or "")[-n:] + "\n" + (proc.stderr or "")[-n:]
 
 
+@pytest.mark.slow
 def test_gpu_check_quick_on_the_cpu_writes_every_number(tmp_path):
     """``gpu_check.py --device cpu --quick`` end to end: every section ran and every expected number is finite
     (their values are the check's business, not this test's); exit 0, or 1 exactly when a correctness test
@@ -71,6 +74,7 @@ def test_gpu_check_quick_on_the_cpu_writes_every_number(tmp_path):
     assert "summary" in proc.stdout.lower()
 
 
+@pytest.mark.slow
 def test_simulation_quick_produces_every_output(tmp_path):
     """``benchmarks/simulation.py --quick`` end to end as a user runs it (subjects from the real CT, label captions,
     teacher cache with the real MiniLM text encoder, three pretraining variants, fine-tuning): every output is there

@@ -90,6 +90,7 @@ def _plans_files(folder):
 
 # ------------------------------------------------------------------------- item 3: attach never clobbers plans
 
+@pytest.mark.slow
 def test_attach_never_overwrites_the_source_plans(nnunet_dataset, capsys):
     from nnunet_trainers.attach import attach_checkpoint
 

@@ -74,6 +74,7 @@ def test_nnssl_export_round_trips(tmp_path):
     assert report.source_format == "nnssl" and report.coverage == 100.0
 
 
+@pytest.mark.slow
 def test_cli_export_and_inspect(tmp_path):
     ckpt = save_pretrained(tiny_backbone("unetr"), tmp_path / "u.safetensors", teacher="biomedclip")
     r = subprocess.run([str(BIN / "med3dinsight"), "export", str(ckpt), "--to", "monai", "-o",

@@ -166,6 +166,7 @@ def _export(backbone, tmp_path, **metadata):
     return payload
 
 
+@pytest.mark.slow
 def test_plans_backbone_export_reads_as_nnssl_and_like_nnssl(nnunet_plans, tmp_path):
     plans = json.loads(nnunet_plans["resenc"].read_text())
     torch.manual_seed(0)
@@ -248,6 +249,7 @@ def test_pretrain_plan_tells_what_pretraining_metadata_says(nnunet_plans, tmp_pa
         assert (config.spacing, config.normalization_schemes) == (spacing, schemes), case
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,cls", [("swin_unetr", "SwinUNETR"), ("unetr", "UNETR")])
 def test_cli_refuses_nnssl_export_of_monai_networks(name, cls, tmp_path):
     ckpt = save_pretrained(tiny_backbone(name), tmp_path / "m.safetensors")

@@ -242,6 +242,7 @@ def test_malformed_specs_are_one_line(hub, capsys):
         assert len(err) == 1 and err[0].startswith("med3dinsight inspect: error: ") and what in err[0], err
 
 
+@pytest.mark.slow
 def test_cli_inspect_and_export_from_the_hub_in_a_subprocess(hub, tmp_path):
     r = run_tool(["med3dinsight", "inspect", "hf-hub:org/repo@v1"], hub.env)
     first = r.stdout.splitlines()[0]
@@ -302,7 +303,8 @@ def test_push_card_of_a_swin_unetr_says_how_to_build_it():
             "network_class": "monai.networks.nets.swin_unetr.SwinUNETR", "in_channels": 1,
             "patch_size": [64, 64, 64], "encoder_prefixes": ["swinViT."]}
     card = model_card(meta, "org/swin")
-    assert "-c hf-hub:org/swin --adapt-architecture\n" in card and "-tr Med3DInsightTrainer_SwinUNETR\n" in card
+    assert "--checkpoint hf-hub:org/swin --adapt-architecture\n" in card
+    assert "-tr Med3DInsightTrainer_SwinUNETR\n" in card
     assert "MED3DINSIGHT_CHECKPOINT=hf-hub:org/swin nnUNetv2_train DATASET 3d_fullres FOLD -p PLANS" in card
     assert "- swin_unetr\n- monai\n---" in card
     assert ("network = SwinUNETR(in_channels=1, out_channels=NUM_CLASSES, feature_size=12, depths=(1, 1, 1, 1), "

@@ -47,6 +47,7 @@ def test_term_gradient_norms_equal_each_term_backpropagated_alone():
         torch.testing.assert_close(norms[term], expected, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_loss_balance_sets_the_weights_from_the_first_batch_and_a_resume_keeps_them(tmp_path):
     common = dict(schedule="constant", warmup_steps=0, checkpoint_every=2, log_every=1, eval_every=0)
     balance = ["model.loss_balance.image=0.5", "model.loss_balance.text=0.25", "model.alignment=\"ot\""]

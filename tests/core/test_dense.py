@@ -107,6 +107,7 @@ def test_dense_loss_known_values():
         dense_loss(pred, target, kind="l1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", sorted(TINY_BACKBONES))
 def test_dense_distillation_reaches_the_encoder_of_every_family(backbone):
     config = tiny_pretrain_config(backbone)
@@ -136,6 +137,7 @@ def test_dense_needs_teacher_maps_and_is_off_by_default():
         build_model(config, EMBED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", sorted(TINY_BACKBONES))
 def test_dense_pretraining_logs_the_term_and_resumes_exactly(tmp_path, backbone):
     """Every family trains with dense distillation through the engine, logs the term and its encoder gradient, and

@@ -233,6 +233,7 @@ def test_build_model_passes_the_setting_and_refuses_a_block_as_large_as_the_patc
 
 # ------------------------------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_a_masked_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     # constant schedule: the first leg's shorter train.steps leaves the learning rates unchanged; PSAT dropout on,
     # so the masks and the dropout draws must both continue where the checkpoint left the RNG

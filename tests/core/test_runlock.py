@@ -59,6 +59,7 @@ def _dataset(root: Path):
     return root / "img", root / "lab"
 
 
+@pytest.mark.slow
 def test_a_second_caption_process_fails_naming_the_lock_and_the_holder(tmp_path):
     img, lab = _dataset(tmp_path)
     out = tmp_path / "new" / "captions.jsonl"
@@ -98,6 +99,7 @@ def test_a_failed_caption_run_leaves_neither_lock_nor_the_folders_made_for_it(tm
     assert not (tmp_path / "deep").exists()
 
 
+@pytest.mark.slow
 def test_the_lock_nests_within_a_process_and_only_the_outermost_release_frees_it(tmp_path):
     out = tmp_path / "sub" / "c.jsonl"
     outer = caption_lock(out).acquire()

@@ -39,6 +39,7 @@ def _train_and_predict(nnunet, ckpt, trainer, plans_name, attach_args=()):
     return torch.load(fold / "checkpoint_final.pth", weights_only=False)["network_weights"]
 
 
+@pytest.mark.slow
 def test_plain_conv_unet_from_the_datasets_own_plans(nnunet, tmp_path):
     torch.manual_seed(0)
     backbone = build_backbone("nnunet", plans=nnunet["plans"])
@@ -53,6 +54,7 @@ def test_plain_conv_unet_from_the_datasets_own_plans(nnunet, tmp_path):
     assert any("A training checkpoint is being loaded" in p.read_text() for p in fold.glob("training_log_*.txt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,trainer,network,patch", [
     ("swin_unetr", "Med3DInsightTrainer_SwinUNETR_smoke", "SwinUNETRForNNUNet", [64, 64, 64]),  # 32 -> >= 64
     ("unetr", "Med3DInsightTrainer_UNETR_smoke", "UNETRForNNUNet", [32, 32, 32]),
@@ -86,6 +88,7 @@ def _spoiled(src, dst, poison=False, meta=None):
     return dst
 
 
+@pytest.mark.slow
 def test_failures_stop_before_training(nnunet, tmp_path):
     env, root = nnunet["env"], nnunet["root"]
     resenc = save_pretrained(build_backbone("nnunet", plans=nnunet["pre"] / "nnUNetPlans.json"),

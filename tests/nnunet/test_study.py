@@ -38,6 +38,7 @@ def _plans_of(out):
     return {p.stem: json.loads(p.read_text()) for p in folder.glob("nnUNetPlans__study_*.json")}
 
 
+@pytest.mark.slow
 def test_study_end_to_end(dataset, tmp_path):
     env, pre = dataset["env"], dataset["pre"]
     user_files = sorted(p.name for p in pre.iterdir())
@@ -98,6 +99,7 @@ def test_study_end_to_end(dataset, tmp_path):
     assert list(csv.DictReader((out / "results.csv").open())) == rows
 
 
+@pytest.mark.slow
 def test_study_refuses_before_training(dataset, tmp_path):
     env, pre = dataset["env"], dataset["pre"]
     plain = save_pretrained(build_backbone("nnunet", plans=pre / "nnUNetPlans.json"), tmp_path / "plain.safetensors")
@@ -127,6 +129,7 @@ def _results(out):
     return {r["init"]: r for r in csv.DictReader((out / "results.csv").open())}
 
 
+@pytest.mark.slow
 def test_a_replaced_checkpoint_trains_new_runs_and_keeps_the_old_ones(dataset, tmp_path):
     # issue #22: runs were keyed by the checkpoint's path; a file replaced there reported the old weights' Dice and
     # the plans copy was rewritten to claim the new file's sha256

@@ -12,6 +12,7 @@ def _run(*args):
     return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_models_prints_shapes_and_parameter_counts():
     r = _run("models", "--backbones", "plain_conv_unet", "--patch-size", "32", "32", "32", "--slices", "2")
     assert r.returncode == 0, r.stderr
@@ -21,6 +22,7 @@ def test_models_prints_shapes_and_parameter_counts():
     assert "PSAT 57." in r.stdout  # the paper's configuration, with 256-wide tokens projected
 
 
+@pytest.mark.slow
 def test_bad_arguments_give_one_line_and_exit_code_2():
     for args, message in ((("models", "--backbones", "vnet"), "unknown backbone 'vnet'"),
                           (("models", "--backbones", "swin_unetr", "--patch-size", "48", "64", "64"),
@@ -38,6 +40,7 @@ def test_version_and_help():
     assert r.returncode == 0 and "models" in r.stdout
 
 
+@pytest.mark.slow
 def test_help_lists_the_commands_in_the_order_a_user_runs_them_without_importing_torch():
     """``--help`` builds every parser without probing CUDA or importing torch (it took 5 s when it did); the package's
     public names still load on first use."""

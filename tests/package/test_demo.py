@@ -5,10 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import REPO_ROOT
 from med3dinsight_plugin.checkpoint import load_checkpoint
 
 
+@pytest.mark.slow
+@pytest.mark.nnunet  # nnUNetv2_train of the demo
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}  # the demo sets its own

@@ -7,6 +7,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
 from helpers import REPO_ROOT
@@ -100,3 +101,25 @@ def test_what_the_pretraining_page_says_of_a_repeated_set():
     config = load_config(None, kept)
     assert (config.train.steps, config.model.psat) == (30, "small")
     assert "`--set` may be repeated and every one counts" in PRETRAINING.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_the_readme_monai_example_runs(tmp_path):
+    """The README's MONAI block, run as written on the CPU with a smaller network, volume and schedule: it loads a
+    pretrained SwinUNETR checkpoint into MONAI's own SwinUNETR, prints the load report and trains."""
+    import subprocess
+    import sys
+
+    from med3dinsight_plugin import build_backbone, save_pretrained
+
+    block = next(b for b in _blocks(ROOT / "README.md", "python") if "Med3DInsightSupervisedTrainer" in b)
+    for old, new in (('"cuda"', '"cpu"'), ("max_epochs=100", "max_epochs=1"), ("96, 96, 96", "64, 64, 64"),
+                     ("feature_size=48", "feature_size=12"), ("frozen_encoder_epochs=5", "frozen_encoder_epochs=0")):
+        assert old in block, f"the README's MONAI example no longer contains {old!r}: update this test"
+        block = block.replace(old, new)
+    (tmp_path / "runs" / "swin").mkdir(parents=True)
+    save_pretrained(build_backbone("swin_unetr", patch_size=(64, 64, 64), feature_size=12),
+                    tmp_path / "runs" / "swin" / "med3dinsight.safetensors")
+    r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "100.0 %" in r.stdout or "loaded" in r.stdout, r.stdout

@@ -2,11 +2,14 @@
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO_ROOT
 
 EXAMPLES = REPO_ROOT / "examples"
 
 
+@pytest.mark.slow
 def test_pretraining_step_example_trains():
     r = subprocess.run([sys.executable, str(EXAMPLES / "pretraining_step.py"), "--steps", "2"],
                        capture_output=True, text=True, timeout=600)
@@ -16,6 +19,7 @@ def test_pretraining_step_example_trains():
     assert "PlainConvUNet: 188 tensors ready for fine-tuning" in r.stdout
 
 
+@pytest.mark.slow
 def test_monai_swin_unetr_finetune_example():
     r = subprocess.run([sys.executable, str(EXAMPLES / "monai_swin_unetr_finetune.py"), "--epochs", "1",
                         "--device", "cpu"], capture_output=True, text=True, timeout=900)
@@ -24,6 +28,7 @@ def test_monai_swin_unetr_finetune_example():
     assert "input channels 1->2: repeated, scaled 1/2" in r.stdout and "final loss" in r.stdout
 
 
+@pytest.mark.slow
 def test_monai_classification_example():
     r = subprocess.run([sys.executable, str(EXAMPLES / "monai_classification.py"), "--epochs", "2"],
                        capture_output=True, text=True, timeout=900)

@@ -3,11 +3,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import REPO_ROOT
 
 ROOT = REPO_ROOT
 
 
+@pytest.mark.slow
 def test_core_import_pulls_in_no_framework():
     # every module, adapters included, imports its framework only when used
     code = ("import sys, med3dinsight_plugin, nnunet_trainers, med3dinsight_plugin.cli, med3dinsight_plugin.demo, "

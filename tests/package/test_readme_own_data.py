@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from helpers import REPO_ROOT
@@ -50,6 +51,8 @@ def _run_bash(script: str, cwd: Path) -> None:
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
 
 
+@pytest.mark.slow
+@pytest.mark.nnunet
 def test_readme_own_data_example_runs_as_written(tmp_path):
     vlm = save_tiny_llava(tmp_path / "vlm")
     clip = save_tiny_open_clip(tmp_path / "clip")
@@ -86,6 +89,8 @@ def test_own_data_run_yaml_is_the_commands_configuration():
     assert f"train.steps={config.train.steps}" in command and f"train.batch_size={config.train.batch_size}" in command
 
 
+@pytest.mark.slow
+@pytest.mark.nnunet
 def test_own_data_cpu_offline_route_runs_as_written(tmp_path):
     """The CPU/offline first run on a folder of NIfTI volumes: the tiny teachers it builds, every command's output."""
     images = write_nnunet_raw_dataset(tmp_path / "raw", dataset_id=7, name="MyCT", cases=3, shape=(48, 48, 48),

@@ -94,6 +94,8 @@ def _inside(path, folder) -> bool:
     return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
+@pytest.mark.slow
+@pytest.mark.nnunet  # nnU-Net's own trainer lookup in a fresh venv
 def test_wheel_installs_into_a_fresh_venv_and_nnunet_finds_its_trainers(tmp_path):
     if importlib.util.find_spec("build") is None:
         pytest.skip("the `build` package is not installed (it is in the test extra: pip install -e '.[test]')")

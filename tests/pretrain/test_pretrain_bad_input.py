@@ -179,6 +179,7 @@ def test_resume_with_a_changed_config(base, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "train.lr" in err[0]
 
 
+@pytest.mark.slow
 def test_errors_from_the_installed_command_are_one_line(base, tmp_path):
     proc = subprocess.run([str(Path(sys.executable).parent / "med3dinsight"), "pretrain", "--data",
                            str(tmp_path / "nope"), "--cache", str(base / "cache"), "-o", str(tmp_path / "r")],
@@ -267,6 +268,7 @@ def test_a_failed_run_leaves_a_folder_the_user_made_as_it_was(base, tmp_path, ca
     assert _tree(out) == {"notes.txt": b"my notes"}
 
 
+@pytest.mark.slow
 def test_a_resumed_run_failing_before_its_first_step_leaves_its_files_untouched(base, tmp_path, capsys,
                                                                                monkeypatch):
     """A run resumed with more steps (config.yaml rewritten, metrics.jsonl rewound, a new TensorBoard file) that

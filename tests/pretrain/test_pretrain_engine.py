@@ -46,6 +46,7 @@ def toy_run(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------- correctness
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
     """2 ranks x batch 1 (gloo) against 1 process x batch 2, three steps from the same initialisation.
 
@@ -116,6 +117,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     assert (ungathered - model.psat.head.weight.grad).abs().max() > 100 * 2e-6 + 1e-3 * ungathered.abs().max()
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     # PSAT dropout on: the resumed run must continue the random stream where the checkpoint left it
     run = dict(steps=12, checkpoint_every=3, eval_every=6, log_every=1,
@@ -148,6 +150,7 @@ def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert train_steps == list(range(1, 13)) and steps == sorted(steps)
 
 
+@pytest.mark.slow
 def test_the_loss_falls_and_retrieval_rises_above_chance(toy_run):
     records = [json.loads(line) for line in (toy_run["out"] / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -258,6 +261,7 @@ def test_bad_metadata_is_refused_before_anything_runs(tmp_path):
 
 # ----------------------------------------------------------------------------------------- freezing and outputs
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", sorted(TINY_BACKBONES))
 def test_every_trainable_parameter_gets_a_gradient_after_one_step(tmp_path, backbone):
     _, model, _ = run_in_process(toy_overrides(tmp_path, backbone=backbone, steps=1, batch_size=1), eval_cases=0)
@@ -362,6 +366,7 @@ def test_a_state_saved_with_one_parameter_group_resumes_with_the_temperature_in_
     assert steps == {4}  # every parameter's moments were carried over from the 2 saved steps
 
 
+@pytest.mark.slow
 def test_two_process_ddp_averages_dense_distillation_over_the_global_batch(tmp_path):
     """Dense distillation is computed per rank (like reconstruction) but averaged over the global batch's valid
     locations: 2 ranks x batch 1 give the dense head the gradient of 1 process x batch 2, also when the ranks hold

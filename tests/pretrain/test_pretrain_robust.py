@@ -107,6 +107,7 @@ def test_mri_nifti_folder_pretrains(tmp_path, clip, capsys):
     _assert_z_scored(out)
 
 
+@pytest.mark.slow
 def test_mri_nnunet_raw_dataset_pretrains(tmp_path, clip, capsys):
     from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
 
@@ -152,6 +153,7 @@ RESUME = ["data.seed=6", "train.batch_size=2", "train.schedule=constant", "train
           "data.augment=true"]
 
 
+@pytest.mark.slow
 def test_resumed_run_with_loader_workers_equals_uninterrupted_and_single_process_loading(ct, tmp_path, capsys):
     runs = {}
     for name, workers, stops in [("uninterrupted", 2, [4]), ("resumed", 2, [2, 4]), ("in_process", 0, [4])]:
@@ -191,6 +193,7 @@ def test_a_sample_ignores_and_keeps_the_global_random_states(tmp_path):
 
 # ------------------------------------------------------------------------------ 6. divergence, extreme voxels
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alignment, lr", [("clip", 1e4), ("ot", 1e2)])
 def test_a_diverging_run_stops_with_one_line_and_never_saves_non_finite_weights(ct, tmp_path, capsys, alignment,
                                                                                  lr):
@@ -337,6 +340,7 @@ def _limit_memory():
     resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))
 
 
+@pytest.mark.slow
 def test_a_billion_laughs_config_is_refused_in_one_line(tmp_path):
     cfg = tmp_path / "bomb.yaml"
     cfg.write_text(BILLION_LAUGHS)
@@ -350,6 +354,7 @@ def test_a_billion_laughs_config_is_refused_in_one_line(tmp_path):
     assert "bomb.yaml line 4" in err[0] and "alias *a" in err[0] and len(err[0]) < 300
 
 
+@pytest.mark.slow
 def test_aliases_are_refused_and_long_values_are_cut_in_messages(tmp_path):
     from med3dinsight_plugin.pretrain import ConfigError, load_config
 
@@ -497,6 +502,7 @@ def _torchrun(*args, timeout=300):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.slow
 def test_pretrain_under_torchrun_shares_the_prepared_data_through_one_group(ct, tmp_path):
     out = tmp_path / "run"
     done = _torchrun("--data", ct / "vols", "--cache", ct / "cache", "-o", out, "--set", *FAST_PRETRAIN)
@@ -506,6 +512,7 @@ def test_pretrain_under_torchrun_shares_the_prepared_data_through_one_group(ct, 
     assert not (out / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_a_rank_0_data_error_under_torchrun_stops_every_rank(ct, tmp_path):
     """Only rank 0 reads the volumes; a damaged one must stop rank 1 too, which would otherwise wait in the
     broadcast for data that never comes (for gloo's 30-minute timeout)."""

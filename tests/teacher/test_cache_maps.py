@@ -161,6 +161,7 @@ def test_map_size_is_bounded_part_of_the_settings_and_needs_a_teacher_with_maps(
     assert not cache.has_maps and cache.map_shape is None and cache.entries("a").image_map is None
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_map_size_above_the_bound_in_one_line(tmp_path):
     proc = subprocess.run([str(BIN), "embed", str(tmp_path), "-o", str(tmp_path / "c"), "--feature-maps", "64"],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

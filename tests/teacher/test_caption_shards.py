@@ -100,6 +100,7 @@ class _CountingRenderer(SliceRenderer):
 
 # ------------------------------------------------------------------------------------------- 1 vs 2 processes
 
+@pytest.mark.slow
 def test_one_process_writes_what_caption_slices_wrote(world, reference, tmp_path):
     """The merged file of one process is the file the single-process captioner always wrote (same order, same
     sidecar), so caption files from before sharding resume."""
@@ -111,6 +112,7 @@ def test_one_process_writes_what_caption_slices_wrote(world, reference, tmp_path
     assert Path(f"{old}.meta.json").read_bytes() == reference[1]
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_write_the_same_bytes_as_one(world, reference, tmp_path):
     out = tmp_path / "two" / "captions.jsonl"
     stdout = _torchrun(world, out)
@@ -121,6 +123,7 @@ def test_two_torchrun_processes_write_the_same_bytes_as_one(world, reference, tm
     assert sorted(p.name for p in out.parent.iterdir()) == ["captions.jsonl", "captions.jsonl.meta.json"]
 
 
+@pytest.mark.slow
 def test_a_run_interrupted_in_one_process_resumes_in_two(world, reference, tmp_path):
     out = tmp_path / "captions.jsonl"
     with pytest.raises(KeyboardInterrupt):
@@ -198,6 +201,7 @@ def test_identical_duplicates_in_two_shards_merge_silently(reference, tmp_path):
     assert out.read_bytes() == reference[0]
 
 
+@pytest.mark.slow
 def test_shards_that_disagree_or_hold_a_foreign_case_are_refused_before_captioning(world, reference, tmp_path,
                                                                                     capsys):
     args = ["caption", world["data"], "--vlm", world["folder"], *CLI_ARGS]
@@ -244,6 +248,7 @@ lock.release()
 """
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_file_fails_on_every_rank_before_the_model_loads(world, tmp_path):
     from med3dinsight_plugin.runlock import RunLockedError
 
@@ -282,6 +287,7 @@ def _one_line(code, err, *needles):
         assert n in err[0], err[0]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(world, reference, tmp_path, capsys):
     args = ["caption", world["data"], "--vlm", world["folder"], *CLI_ARGS]
     folder = tmp_path / "a_folder"

@@ -302,6 +302,7 @@ def test_class_name_layouts(tmp_path):
         assert str(ds) in str(e.value)
 
 
+@pytest.mark.slow
 def test_nnunet_raw_layout_through_the_cli_then_embed(tmp_path):
     raw = tmp_path / "Dataset777_Abdomen"
     (raw / "imagesTr").mkdir(parents=True)

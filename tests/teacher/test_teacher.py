@@ -113,6 +113,7 @@ def test_embedding_resumes_after_a_crash_and_rewrites_only_what_is_missing(world
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if not p.name.startswith(".")} == files
 
 
+@pytest.mark.slow
 def test_verify_catches_a_corrupted_shard(world, tmp_path):
     _embed(world, tmp_path / "c", captions=None)
     ok = subprocess.run([str(BIN), "cache", "verify", str(tmp_path / "c")], capture_output=True, text=True)
@@ -152,6 +153,7 @@ def test_captions_must_cover_every_slice_and_match_the_slice_settings(world, tmp
                       captions=world["captions"], progress=False)
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_write_the_same_cache_as_one(world, tmp_path):
     args = [str(world["data"]), "--clip-model", str(world["clip"]), "--captions", str(world["captions"]),
             "--per-plane", "3", "--cases-per-shard", "1", "--batch-size", "5"]
@@ -169,6 +171,7 @@ def test_two_torchrun_processes_write_the_same_cache_as_one(world, tmp_path):
         assert (tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes(), n
 
 
+@pytest.mark.slow
 def test_a_full_disk_leaves_no_half_written_shard(world, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()

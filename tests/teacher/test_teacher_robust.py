@@ -406,6 +406,7 @@ def test_a_cache_rendered_as_mri_is_refused_for_ct_pretraining(mri, tmp_path, ca
     _one_line(code, err, "source.modality")
 
 
+@pytest.mark.slow
 def test_nnunet_channel_names_and_mixed_folders(tmp_path):
     from med3dinsight_plugin.synthetic import write_nnunet_raw_dataset
 

@@ -16,6 +16,8 @@ import pytest
 from helpers import run_tool, write_nifti
 from med3dinsight_plugin.volumes import VolumeError, open_source
 
+pytestmark = pytest.mark.nnunet  # every test here reads data nnUNetv2_plan_and_preprocess wrote
+
 SHAPE = (24, 20, 10)  # file index axes i (R->L... see AFFINE), j, k
 BORDER = 3  # zero voxels on the low side of every axis: nnU-Net's crop to non-zero removes them
 SPACINGS = {"thin": 2.0, "thick": 3.0}  # slice spacing (k) per case; nnU-Net resamples both to their median 2.5
@@ -86,6 +88,7 @@ def _expected(case, shape):
     return _hu(np.stack([left, post, sup], axis=-1))
 
 
+@pytest.mark.slow
 def test_preprocessed_ct_renders_from_raw_hounsfield_units(dataset, monkeypatch):
     root, raw, pre = dataset
     monkeypatch.setenv("nnUNet_raw", str(root / "raw"))
@@ -118,6 +121,7 @@ def test_raw_dataset_given_explicitly(dataset, monkeypatch):
                                _expected("thick", source.read("thick").shape)[2:-2, 2:-2, 2:-2], atol=3.0)
 
 
+@pytest.mark.slow
 def test_other_raw_images_are_refused(dataset, tmp_path, monkeypatch):
     root, raw, pre = dataset
     other = tmp_path / raw.name

@@ -188,6 +188,7 @@ def test_wrong_weights_and_names_are_refused_in_one_line(tmp_path):
         build_teacher("timm:test_efficientnet", WHEEL, clip_model="ViT-B-16")
 
 
+@pytest.mark.slow
 def test_the_cli_says_which_file_is_not_which_architecture(tmp_path):
     data = write_nnunet_raw_dataset(tmp_path / "raw", cases=1, shape=(16, 16, 16))
     proc = subprocess.run([str(BIN), "embed", str(data), "-o", str(tmp_path / "c"), "--image-model",
@@ -237,6 +238,7 @@ def test_factory_pairs_open_clip_or_timm_with_a_text_model(tmp_path):
         [np.zeros((32, 32, 3), np.uint8)]).shape == (1, 32)
 
 
+@pytest.mark.slow
 def test_a_timm_and_minilm_cache_from_the_command_line(tmp_path):
     data = write_nnunet_raw_dataset(tmp_path / "raw", cases=2, shape=(20, 24, 28))
     torch.manual_seed(5)

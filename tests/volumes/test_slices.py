@@ -112,6 +112,7 @@ def test_slices_cli_writes_pngs(tmp_path):
     assert not [p for p in (tmp_path / "png").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["truncated", "4d", "2d", "nan", "constant", "not_nifti"])
 def test_bad_volumes_give_one_line_errors_naming_the_file(tmp_path, case):
     import SimpleITK as sitk
@@ -143,6 +144,8 @@ def test_bad_volumes_give_one_line_errors_naming_the_file(tmp_path, case):
     assert not (tmp_path / "png").exists() or not list((tmp_path / "png").iterdir())
 
 
+@pytest.mark.slow
+@pytest.mark.nnunet
 def test_nnunet_preprocessed_cases_read_like_their_raw_images(tmp_path):
     """nnU-Net transposes (thick axis first), crops and normalises; reading a preprocessed case undoes the axis
     order and the file's orientation, and native() recovers the (clipped) Hounsfield units."""

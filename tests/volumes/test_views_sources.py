@@ -18,6 +18,8 @@ from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.teacher.tiny import save_tiny_open_clip
 from med3dinsight_plugin.volumes import open_source
 
+pytestmark = pytest.mark.nnunet  # every test here reads data nnUNetv2_plan_and_preprocess wrote
+
 IN_PLANE = 1.5  # mm, i (toward the patient's left) and j (toward posterior)
 SLICES = {"thin": (2.0, 30), "mid": (2.5, 24), "thick": (3.0, 20)}  # slice spacing (k, superior) and count: 60 mm
 NX, NY = 28, 24  # i, j
@@ -99,6 +101,7 @@ def _bone_centre(array):
                       / a.shape[axis]).mean() for axis in range(3)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("view", ["crop", "volume"])
 def test_both_views_pretrain_with_masked_reconstruction_on_every_source(world, tmp_path, capsys, view):
     centres, shapes = {}, {}

@@ -14,6 +14,8 @@ import pytest
 from helpers import run_tool, write_nifti
 from med3dinsight_plugin.volumes import VolumeError, open_source
 
+pytestmark = pytest.mark.nnunet  # every test here reads data nnUNetv2_plan_and_preprocess wrote
+
 SHAPE = (8, 18, 22)  # file index axes i, j, k
 SPACING = (3.0, 1.0, 1.0)  # i is thick (and runs left-right in every case): nnU-Net transposes it first, no resampling
 WEIGHT = {"L": 100.0, "P": 10.0, "S": 1.0}  # intensity per mm toward the patient's left, posterior, superior
@@ -73,6 +75,7 @@ def _z(a):
     return (a - a.mean()) / a.std()
 
 
+@pytest.mark.slow
 def test_raw_nifti_cases_are_canonical(datasets):
     raw = open_source(datasets["SimpleITKIO"][0])
     for case in ORIENTATIONS:
