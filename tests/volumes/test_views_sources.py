@@ -148,6 +148,7 @@ def test_volume_view_refuses_a_cache_chosen_in_other_scanner_units(world, tmp_pa
     monkeypatch.delenv("nnUNet_raw", raising=False)
     data, _ = world["sources"]["preprocessed_sitk"]
     cache = _cache(world, "preprocessed_sitk")
+    capsys.readouterr()  # embed's own lines when this test made the cache (run alone, e.g. in the fast subset)
     common = ["pretrain", "--data", str(data), "--cache", str(cache), "--set", *FAST]
     code = main([*common[:5], "-o", str(tmp_path / "volume"), *common[5:], "data.view=volume"])
     one_line_failure(code, capsys.readouterr().err.strip().splitlines(), str(cache), "data.raw", "raw scanner units")
