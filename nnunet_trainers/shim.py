@@ -66,8 +66,8 @@ def nnunet_device(device: str, env: Mapping[str, str]) -> Tuple[str, Dict[str, s
         ``(device for -device, the new environment)``.
     """
     env = dict(env)
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+    kind, colon, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (colon and not (kind == "cuda" and index.isdigit())):
         raise ValueError(f"not a device for nnU-Net: {device!r} (cpu, cuda or cuda:N)")
     if index:
         visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]

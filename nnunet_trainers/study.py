@@ -171,8 +171,10 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
     """
     output = Path(output)
     device = device or _default_device()
-    if device not in ("cuda", "cpu") and not re.fullmatch(r"cuda:\d+", device):
-        raise StudyError(f"--device {device!r}: use cuda, cuda:N or cpu")
+    try:  # nnU-Net's -device and the environment that picks GPU N: checked before anything is written
+        nnunet_dev, device_env = nnunet_device(device, with_shim(os.environ))
+    except ValueError:
+        raise StudyError(f"--device {device!r}: use cuda, cuda:N or cpu") from None
     if not inits and not reference:
         raise StudyError("no initialisation to compare: pass --init scratch and/or --init NAME=CHECKPOINT")
     if epochs is not None and epochs < 1 or iterations is not None and iterations < 1:
@@ -265,7 +267,7 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
                                  f"iterations, cases or checkpoint); use another -o for the new settings")
         atomic_write(target, lambda tmp, p=run.plans: Path(tmp).write_text(json.dumps(p, indent=2)))
 
-    env = _environment(pre=output / "nnUNet_preprocessed", results=results_root, device=device)
+    env = _environment(device_env, pre=output / "nnUNet_preprocessed", results=results_root)
     todo = [r for r in runs if not r.done]
     if dry_run:
         for run in runs:
@@ -283,7 +285,7 @@ def run_study(dataset: str, inits: Sequence[Tuple[str, Optional[os.PathLike]]], 
             f"({len(todo) - i} left after this)")
         log_file = logs / f"{run.plans_name}.log"
         command = [_nnunet_train(), str(folder.name), configuration, str(fold), "-p", run.plans_name, "-tr",
-                   run.trainer, "-device", nnunet_device(device, env)[0], "--c"]
+                   run.trainer, "-device", nnunet_dev, "--c"]
         start = time.perf_counter()
         code = _launch(command, env, log_file)
         wall = time.perf_counter() - start
@@ -454,8 +456,8 @@ def _link_preprocessed(source: Path, target: Path, own: set) -> None:
         link.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
 
 
-def _environment(pre: Path, results: Path, device: str) -> Dict[str, str]:
-    _, env = nnunet_device(device, with_shim(os.environ))
+def _environment(base: Mapping[str, str], pre: Path, results: Path) -> Dict[str, str]:
+    env = dict(base)
     env.pop(ENV_CHECKPOINT, None)  # the plans say which weights; scratch must stay scratch
     env["nnUNet_preprocessed"] = str(pre.resolve())
     env["nnUNet_results"] = str(results.resolve())

@@ -274,50 +274,66 @@ class nnUNetTrainer_med3dinsightStudy(nnUNetTrainer):
 class Med3DInsightTrainer_100epochs(_Epochs100, Med3DInsightTrainer):
     """Med3DInsightTrainer for 100 epochs."""
 
+
 class Med3DInsightTrainer_250epochs(_Epochs250, Med3DInsightTrainer):
     """Med3DInsightTrainer for 250 epochs."""
+
 
 class Med3DInsightTrainer_frozenEncoder(_FrozenEncoder, Med3DInsightTrainer):
     """Med3DInsightTrainer with the encoder frozen for the first 50 epochs, then warmed up."""
 
+
 class Med3DInsightTrainer_smoke(_Smoke, Med3DInsightTrainer):
     """Med3DInsightTrainer for 1 epoch of 2 training and 1 validation iterations (a first try, tests)."""
+
 
 class Med3DInsightTrainer_study(_Study, Med3DInsightTrainer):
     """Med3DInsightTrainer on `med3dinsight study`'s subset, held-out cases, schedule and seed."""
 
+
 class Med3DInsightTrainer_SwinUNETR(_MonaiTrainerMixin, Med3DInsightTrainer):
     """Fine-tunes a MONAI SwinUNETR described in the plans (``nnunet-attach --adapt-architecture``)."""
+
 
 class Med3DInsightTrainer_SwinUNETR_100epochs(_Epochs100, Med3DInsightTrainer_SwinUNETR):
     """Med3DInsightTrainer_SwinUNETR for 100 epochs."""
 
+
 class Med3DInsightTrainer_SwinUNETR_250epochs(_Epochs250, Med3DInsightTrainer_SwinUNETR):
     """Med3DInsightTrainer_SwinUNETR for 250 epochs."""
+
 
 class Med3DInsightTrainer_SwinUNETR_frozenEncoder(_FrozenEncoder, Med3DInsightTrainer_SwinUNETR):
     """Med3DInsightTrainer_SwinUNETR with the encoder frozen for the first 50 epochs, then warmed up."""
 
+
 class Med3DInsightTrainer_SwinUNETR_smoke(_Smoke, Med3DInsightTrainer_SwinUNETR):
     """Med3DInsightTrainer_SwinUNETR for 1 epoch of 2 training and 1 validation iterations (a first try, tests)."""
+
 
 class Med3DInsightTrainer_SwinUNETR_study(_Study, Med3DInsightTrainer_SwinUNETR):
     """Med3DInsightTrainer_SwinUNETR on `med3dinsight study`'s subset, held-out cases, schedule and seed."""
 
+
 class Med3DInsightTrainer_UNETR(_MonaiTrainerMixin, Med3DInsightTrainer):
     """Fine-tunes a MONAI UNETR described in the plans (``nnunet-attach --adapt-architecture``)."""
+
 
 class Med3DInsightTrainer_UNETR_100epochs(_Epochs100, Med3DInsightTrainer_UNETR):
     """Med3DInsightTrainer_UNETR for 100 epochs."""
 
+
 class Med3DInsightTrainer_UNETR_250epochs(_Epochs250, Med3DInsightTrainer_UNETR):
     """Med3DInsightTrainer_UNETR for 250 epochs."""
+
 
 class Med3DInsightTrainer_UNETR_frozenEncoder(_FrozenEncoder, Med3DInsightTrainer_UNETR):
     """Med3DInsightTrainer_UNETR with the encoder frozen for the first 50 epochs, then warmed up."""
 
+
 class Med3DInsightTrainer_UNETR_smoke(_Smoke, Med3DInsightTrainer_UNETR):
     """Med3DInsightTrainer_UNETR for 1 epoch of 2 training and 1 validation iterations (a first try, tests)."""
+
 
 class Med3DInsightTrainer_UNETR_study(_Study, Med3DInsightTrainer_UNETR):
     """Med3DInsightTrainer_UNETR on `med3dinsight study`'s subset, held-out cases, schedule and seed."""

@@ -387,3 +387,12 @@ def test_identical_captions_warn_once_and_the_plot_shows_text_chance(tmp_path, c
                                for r in records))
     with_png = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "with.png").read_bytes()
     assert with_png != plot_metrics(without, tmp_path / "without.png").read_bytes()
+
+
+def test_a_device_nnunet_cannot_take_is_refused_before_anything_is_written(tmp_path):
+    from nnunet_trainers.study import StudyError, run_study
+
+    for bad in ("mps", "cuda:", "cpu:0"):
+        with pytest.raises(StudyError, match=f"--device '{bad}': use cuda, cuda:N or cpu"):
+            run_study("990", [("scratch", None)], tmp_path / "study", device=bad)
+    assert not (tmp_path / "study").exists()

@@ -165,5 +165,6 @@ def test_nnunet_gets_its_own_device_name_and_gpu_n_through_the_environment():
     assert nnunet_device("cuda:1", {"CUDA_VISIBLE_DEVICES": "4,6"}) == ("cuda", {"CUDA_VISIBLE_DEVICES": "6"})
     dev, env = nnunet_device("cpu", {"nnUNet_n_proc_DA": "3"})
     assert dev == "cpu" and env == {"nnUNet_n_proc_DA": "3", "nnUNet_def_n_proc": "1"}
-    with pytest.raises(ValueError, match="not a device for nnU-Net"):
-        nnunet_device("mps", {})
+    for bad in ("mps", "cuda:", "cpu:0", "cuda:x", "auto"):
+        with pytest.raises(ValueError, match="not a device for nnU-Net"):
+            nnunet_device(bad, {})
