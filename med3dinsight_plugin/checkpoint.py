@@ -35,8 +35,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import Med3DInsightError, short_repr
+from ._version import __version__
+from .backbones import Backbone, backbone_family, list_backbones
+from .errors import CheckpointError, short_repr
 from .fileio import OutputError, atomic_write, storage_id, unwrap
+from .hub import download_checkpoint, is_hub_spec
+from .model import Med3DInsightModel
 
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointInfo", "allocation_guard", "check_finite",
            "load_checkpoint", "read_checkpoint_info", "resolve_checkpoint", "save_pretrained", "RESERVED_METADATA",
@@ -49,10 +53,6 @@ RESERVED_METADATA = ("format", "format_version", "package_version", "backbone", 
                      "patch_size", "encoder_prefixes", "adaptation_plan", "aliases", "psat", "alignment")
 DEFAULT_FILENAME = "med3dinsight.safetensors"
 PathLike = Union[str, os.PathLike]
-
-
-class CheckpointError(Med3DInsightError):
-    """A checkpoint file that cannot be read or used; the message names the file and what to do."""
 
 
 @dataclass
@@ -93,9 +93,6 @@ def save_pretrained(backbone_or_model: nn.Module, path: PathLike, **metadata: An
     Returns:
         The path written.
     """
-    from . import __version__
-    from .backbones import Backbone
-    from .model import Med3DInsightModel
 
     module = unwrap(backbone_or_model)
     model = module if isinstance(module, Med3DInsightModel) else None
@@ -319,7 +316,6 @@ def resolve_checkpoint(spec: PathLike) -> Path:
         CheckpointError: one line: a missing, empty or ambiguous path; a malformed ``hf-hub:`` reference; a Hub file
             that is not in the cache offline (with the ``hf download`` command that fetches it) or not on the Hub.
     """
-    from .hub import download_checkpoint, is_hub_spec
 
     path = download_checkpoint(spec) if is_hub_spec(spec) else Path(spec)
     if path.is_dir():
@@ -494,8 +490,6 @@ def validate_metadata(meta: Any, path: Any, stored_keys) -> Dict[str, Any]:
 
 def _check_backbone(cfg: Dict[str, Any]) -> None:
     import inspect
-
-    from .backbones import backbone_family, list_backbones
 
     w, names = "backbone.", list_backbones()
     _need(cfg, "name", w, lambda v: isinstance(v, str) and v in names, f"one of {names}")

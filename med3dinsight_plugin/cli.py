@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
+from ._version import __version__
 from .errors import Med3DInsightError, first_line, short_repr
 
 
@@ -97,7 +97,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_checkpoint
+    from .publish import push_checkpoint
 
     result = push_checkpoint(args.checkpoint, args.repo, revision=args.revision, private=args.private,
                              dry_run=args.dry_run, keep_paths=args.keep_paths)

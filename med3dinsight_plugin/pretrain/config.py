@@ -15,7 +15,9 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 
+from ..backbones import backbone_family, list_backbones
 from ..errors import Med3DInsightError, short_repr
+from ..fileio import atomic_write, diff_keys
 from ..psat import PSAT_PRESETS
 
 __all__ = ["ConfigError", "DataConfig", "LossBalance", "LossWeights", "ModelConfig", "PretrainConfig", "TrainConfig",
@@ -273,8 +275,6 @@ def backbone_arguments(name: str) -> Optional[Dict[str, Any]]:
     """
     import importlib
 
-    from ..backbones import backbone_family, list_backbones
-
     if name not in list_backbones():
         raise ConfigError(f"unknown model.backbone {short_repr(name)}; expected one of {', '.join(list_backbones())}")
     family = backbone_family(name)
@@ -322,7 +322,6 @@ def check_backbone_kwargs(model: "ModelConfig") -> None:
 
 def save_config(config: PretrainConfig, path: str | Path) -> Path:
     """Write ``config`` as YAML, atomically (a crash leaves the old file or none)."""
-    from ..fileio import atomic_write
 
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     path = Path(path)
@@ -332,7 +331,6 @@ def save_config(config: PretrainConfig, path: str | Path) -> Path:
 
 def diff_configs(old: Dict[str, Any], new: Dict[str, Any], ignore: Iterable[str] = RESUMABLE_CHANGES) -> List[str]:
     """Dotted keys whose values differ between two ``to_dict()`` configs, except ``ignore``."""
-    from ..fileio import diff_keys
 
     ignored = set(ignore)
     return [k for k in diff_keys(old, new, leaves=_WHOLE_VALUES) if k not in ignored]

@@ -36,13 +36,13 @@ from ..checkpoint import RESERVED_METADATA, CheckpointError, save_pretrained
 from ..distributed import DistributedContext, init_distributed
 from ..errors import Med3DInsightError, first_line
 from ..fileio import atomic_write, freeze
-from ..model import SliceOutputs, build_model
+from ..model import SliceOutputs
 from ..ot import NonFiniteCostError
 from ..results import Result
 from .config import RESUMABLE_CHANGES, ConfigError, PretrainConfig, TrainConfig, diff_configs, save_config
 from .diagnostics import MetricsLog, evaluate, plot_metrics
 
-__all__ = ["NonFiniteError", "PretrainResult", "build_model", "lr_factor", "pretrain", "STATE_FORMAT"]
+__all__ = ["NonFiniteError", "PretrainResult", "lr_factor", "pretrain", "STATE_FORMAT"]
 
 STATE_FORMAT = "med3dinsight-pretrain-state"
 # Metadata keys the checkpoint format and this loop write themselves: checked before training, not after it.

@@ -36,7 +36,7 @@ from .headers import (  # noqa: F401
     check_claimed_size,
     check_file_size,
 )
-from .image import MIN_VOXELS, Volume, _read_nifti, _read_sitk, _to_canonical, canonical_axes, read_image  # noqa: F401
+from .image import MIN_VOXELS, Volume, canonical_axes, read_image  # noqa: F401
 from .preprocessed import safe_load_pickle
 from .source import VolumeSource
 

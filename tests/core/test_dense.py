@@ -17,7 +17,8 @@ from helpers import (
 )
 from med3dinsight_plugin.dense import DenseHead, crop_map_target, dense_loss, sample_slice_features, slice_grid
 from med3dinsight_plugin.errors import Med3DInsightError
-from med3dinsight_plugin.model import SliceOutputs, build_model
+from med3dinsight_plugin.model import SliceOutputs
+from med3dinsight_plugin.pretrain import build_model
 from med3dinsight_plugin.pretrain.config import ConfigError
 
 
