@@ -9,7 +9,7 @@ from torch import nn
 
 from .alignment import ClipAlignment, Med3DInsightLoss
 from .backbones import Backbone
-from .dense import DenseHead
+from .dense import DenseHead, real_slice_points
 from .errors import Med3DInsightError
 from .psat import PlaneSliceAwareTransformer
 
@@ -237,8 +237,7 @@ class Med3DInsightModel(nn.Module):
             (unmasked) B*K pairs.
         """
         z3d, reconstruction = self.encode(volume, plane, position)
-        if map_valid is not None and mask is not None:
-            map_valid = map_valid & mask.reshape(map_valid.shape[:2])[..., None, None].bool()
+        map_valid = real_slice_points(map_valid, mask)
         return self.compute_losses(z3d, reconstruction, volume, image_emb, text_emb, mask, map_target, map_valid)
 
     def compute_losses(self, z3d: Union[torch.Tensor, SliceOutputs],

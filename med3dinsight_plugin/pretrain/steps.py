@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from ..dense import real_slice_points
 from ..errors import Med3DInsightError
 from ..model import SliceOutputs
 
@@ -48,8 +49,7 @@ class _Step(nn.Module):
     def forward(self, volume, plane, position, image_emb=None, text_emb=None, mask=None, map_target=None,
                 map_valid=None) -> Dict[str, torch.Tensor]:
         z3d, reconstruction = self.model.encode(volume, plane, position)
-        if map_valid is not None and mask is not None:  # dense distillation stays per rank, like reconstruction
-            map_valid = map_valid & mask[..., None, None].bool()
+        map_valid = real_slice_points(map_valid, mask)  # dense distillation stays per rank, like reconstruction
         map_count = None
         if self.world > 1 and map_valid is not None:  # ... averaged over the global batch's valid locations
             map_count = map_valid.sum().float()
