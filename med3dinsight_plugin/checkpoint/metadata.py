@@ -1,46 +1,116 @@
-"""Validating a med3dinsight metadata header once, at read, so that every consumer can use its keys."""
+"""Validating a med3dinsight metadata header once, at read, so that every consumer can use its keys.
+
+The header's keys are declared below as schema sections (:mod:`med3dinsight_plugin.schema`): :class:`Header` (the
+top level), :class:`BackboneArguments` (``backbone``), :class:`AdaptationPlan` (``adaptation_plan``) and, for
+nnU-Net architectures stored in the file, :class:`Architecture` and :class:`ArchitectureArguments`. What a schema
+cannot say is checked where the old hand-written checks did it (``check_fields``' ``then``): a format version newer
+than this package reads (first), the arguments the backbone's builder takes, the plans or architecture of an nnU-Net
+backbone, and aliases that must name other stored tensors.
+"""
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+import inspect
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
+from .. import schema
 from ..backbones import backbone_family, list_backbones
 from ..errors import CheckpointError, short_repr
+from ..schema import ABSENT, REQUIRED, Rules, rule, setting
 from .format import FORMAT, FORMAT_VERSION
 
-
-class _Bad(Exception):
-    """A metadata value of the wrong type: ``(key, what it must be, the value)``."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_POSITIVE = "a positive integer"
+_TRIPLE = "three positive integers"
+_OBJECT = "an object"
 
 
-def _need(d: Dict[str, Any], key: str, where: str, check, what: str, required: bool = True) -> None:
-    if key not in d:
-        if required:
-            raise _Bad(f"{where}{key}", what, _MISSING)
-        return
-    if not check(d[key]):
-        raise _Bad(f"{where}{key}", what, d[key])
+@dataclass
+class BackboneArguments:
+    """``backbone``: the arguments ``build_backbone`` is called with (a builder's other arguments are checked against
+    its signature; nnU-Net backbones also carry ``plans`` + ``configuration`` or ``architecture``)."""
+    name: str = setting(REQUIRED, "the registered backbone", kind="str", expected="one of the registered backbones")
+    in_channels: int = setting(REQUIRED, "input channels", kind="int", min=1, expected=_POSITIVE)
+    patch_size: Optional[List[int]] = setting(None, "the patch size the network was built for", kind="ints",
+                                              length=3, min=1, expected=_TRIPLE)
+    network_kwargs: Optional[Dict[str, Any]] = setting(None, "arguments of the network's constructor", kind="dict",
+                                                       expected=_OBJECT)
+    num_classes: Optional[int] = setting(None, "output classes of the segmentation head", kind="int", min=1,
+                                         expected=_POSITIVE)
+    base_features: Optional[int] = setting(None, "features of the first stage", kind="int", min=1,
+                                           expected=_POSITIVE)
+    max_features: Optional[int] = setting(None, "most features of any stage", kind="int", min=1, expected=_POSITIVE)
+    spacing: Optional[List[float]] = setting(None, "voxel spacing in mm", kind="floats", length=3, above=0,
+                                             expected="three positive numbers")
 
 
-_MISSING = object()
+@dataclass
+class AdaptationPlan:
+    """``adaptation_plan``: what nnssl's fine-tuning needs to adapt the pretrained network."""
+    architecture_plans: Optional[Dict[str, Any]] = setting(None, "the network's nnU-Net architecture", kind="dict",
+                                                           expected=_OBJECT)
+    pretrain_plan: Optional[Dict[str, Any]] = setting(None, "the pretraining plans (or null)", kind="dict",
+                                                      nullable=True, expected="an object or null")
+    pretrain_num_input_channels: Optional[int] = setting(None, "input channels of pretraining", kind="int", min=1,
+                                                         expected=_POSITIVE)
+    recommended_downstream_patchsize: Optional[List[int]] = setting(None, "the patch size to fine-tune with",
+                                                                    kind="ints", length=3, min=1, expected=_TRIPLE)
+    key_to_encoder: Optional[str] = setting(None, "state-dict prefix of the encoder", kind="str", nullable=True,
+                                            expected="a string or null")
+    key_to_stem: Optional[str] = setting(None, "state-dict prefix of the stem", kind="str", nullable=True,
+                                         expected="a string or null")
+    keys_to_in_proj: Optional[List[str]] = setting(None, "state-dict prefixes of the input projection", kind="strs",
+                                                   expected="a list of strings")
+    key_to_lpe: Optional[str] = setting(None, "state-dict key of a learned positional embedding", kind="str",
+                                        nullable=True, expected="a string or null")
 
 
-_pos_int = lambda v: _is_int(v) and v > 0  # noqa: E731
+@dataclass
+class Header:
+    """The med3dinsight metadata header of a checkpoint (the ``format`` key, ``med3dinsight-checkpoint``, is checked
+    before it). Keys it does not declare (``pretraining``, ``teacher``, ...) are free."""
+    format_version: int = setting(REQUIRED, "the header's format version", kind="int", min=1, expected=_POSITIVE)
+    package_version: Optional[str] = setting(None, "the med3dinsight version that wrote the file", kind="str",
+                                             expected="a string")
+    backbone: BackboneArguments = setting(BackboneArguments, "the build_backbone arguments", required=True,
+                                          expected="an object (the build_backbone arguments)")
+    network_class: str = setting(REQUIRED, "the network's class", kind="str", expected="a string")
+    in_channels: int = setting(REQUIRED, "input channels", kind="int", min=1, expected=_POSITIVE)
+    patch_size: List[int] = setting(REQUIRED, "the patch size the network was built for", kind="ints", length=3,
+                                    min=1, expected=_TRIPLE)
+    encoder_prefixes: List[str] = setting(REQUIRED, "state-dict prefixes of the encoder", kind="strs",
+                                          expected="a list of key prefixes (strings)")
+    aliases: Optional[Dict[str, str]] = setting(None, "tensor names not stored, each naming the stored tensor it "
+                                                      "shares", kind="dict", item=Rules("str"),
+                                                expected="an object of strings")
+    adaptation_plan: AdaptationPlan = setting(AdaptationPlan, "nnssl's adaptation plan", expected=_OBJECT)
+    psat: Optional[Dict[str, Any]] = setting(None, "the PSAT that was pretrained with the backbone", kind="dict",
+                                             expected=_OBJECT)
+    alignment: Optional[Dict[str, Any]] = setting(None, "how slices were aligned with the teacher", kind="dict",
+                                                  expected=_OBJECT)
 
 
-_triple = lambda v: isinstance(v, list) and len(v) == 3 and all(_pos_int(x) for x in v)  # noqa: E731
+@dataclass
+class Architecture:
+    """An nnU-Net architecture in the file (``backbone.architecture``, or a configuration's in ``backbone.plans``);
+    nnU-Net resolves its class names with ``pydoc.locate``, which imports modules."""
+    network_class_name: str = setting(REQUIRED, "the network class (one the backbone family builds)", kind="str")
+    arch_kwargs: Dict[str, Any] = setting(REQUIRED, "the network's arguments", kind="dict", expected=_OBJECT)
+    _kw_requires_import: Optional[List[str]] = setting(None, "arch_kwargs that name a class (torch.nn ops)",
+                                                       kind="strs", expected="a list of strings")
 
 
-_str_list = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
+@dataclass
+class ArchitectureArguments:
+    """``arch_kwargs`` of an :class:`Architecture` (those checked; the network checks the rest)."""
+    features_per_stage: List[int] = setting(REQUIRED, "features of each stage", kind="ints", nonempty=True, min=1,
+                                            expected="a list of positive integers")
+    strides: List[Any] = setting(REQUIRED, "each stage's stride", kind="list", nonempty=True,
+                                 item=Rules("either", options=(rule("int", min=1), rule("ints", length=3, min=1))),
+                                 expected="a list of strides (positive integers or three of them)")
 
 
-_opt_str = lambda v: v is None or isinstance(v, str)  # noqa: E731
-
-
-_is_dict = lambda v: isinstance(v, dict)  # noqa: E731
+# A class-valued architecture argument: null, or a torch.nn class (never another module pydoc.locate would import).
+_OP = Rules("str", nullable=True, startswith="torch.nn.", expected="null or a torch.nn class name")
 
 
 def validate_metadata(meta: Any, path: Any, stored_keys) -> Dict[str, Any]:
@@ -51,109 +121,82 @@ def validate_metadata(meta: Any, path: Any, stored_keys) -> Dict[str, Any]:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{path} has a 'med3dinsight' metadata entry that is not a {FORMAT} header (found "
                               f"{short_repr(found, 40)}); re-save the checkpoint with save_pretrained")
-    try:
-        _need(meta, "format_version", "", _pos_int, "a positive integer")
-        if meta["format_version"] > FORMAT_VERSION:
-            raise CheckpointError(f"{path} is {FORMAT} v{meta['format_version']}; this med3dinsight reads up to "
-                                  f"v{FORMAT_VERSION}: upgrade the package")
-        _need(meta, "package_version", "", lambda v: isinstance(v, str), "a string", required=False)
-        _need(meta, "backbone", "", _is_dict, "an object (the build_backbone arguments)")
-        _check_backbone(meta["backbone"])
-        _need(meta, "network_class", "", lambda v: isinstance(v, str), "a string")
-        _need(meta, "in_channels", "", _pos_int, "a positive integer")
-        _need(meta, "patch_size", "", _triple, "three positive integers")
-        _need(meta, "encoder_prefixes", "", _str_list, "a list of key prefixes (strings)")
-        _need(meta, "aliases", "", lambda v: isinstance(v, dict) and all(
-            isinstance(k, str) and isinstance(x, str) for k, x in v.items()), "an object of strings", required=False)
-        stored = set(stored_keys)
-        for alias, key in meta.get("aliases", {}).items():
+    source = schema.Source(str(path), CheckpointError, exact=True, value_limit=60, key_limit=None,
+                           template="{source}: checkpoint metadata '{key}' must be {expected}, {got}; the file was "
+                                    "edited or not written by med3dinsight's save_pretrained: re-save the checkpoint")
+    version = schema.check(meta.get("format_version", ABSENT), schema.rules_of(Header, "format_version"),
+                           "format_version", source)
+    if version > FORMAT_VERSION:  # a newer format may mean other keys: say so before checking them
+        raise CheckpointError(f"{path} is {FORMAT} v{version}; this med3dinsight reads up to v{FORMAT_VERSION}: "
+                              f"upgrade the package")
+    names, stored = list_backbones(), set(stored_keys)
+
+    def aliases_name_stored_tensors(values: Dict[str, Any], source: schema.Source) -> None:
+        for alias, key in values.get("aliases", {}).items():
             if key not in stored or alias in stored:
-                raise _Bad(f"aliases.{alias}", "the name of another stored tensor", key)
-        _need(meta, "adaptation_plan", "", _is_dict, "an object", required=False)
-        plan = meta.get("adaptation_plan", {})
-        for key, check, what in (("architecture_plans", _is_dict, "an object"),
-                                 ("pretrain_plan", lambda v: v is None or isinstance(v, dict), "an object or null"),
-                                 ("pretrain_num_input_channels", _pos_int, "a positive integer"),
-                                 ("recommended_downstream_patchsize", _triple, "three positive integers"),
-                                 ("key_to_encoder", _opt_str, "a string or null"),
-                                 ("key_to_stem", _opt_str, "a string or null"),
-                                 ("keys_to_in_proj", _str_list, "a list of strings"),
-                                 ("key_to_lpe", _opt_str, "a string or null")):
-            _need(plan, key, "adaptation_plan.", check, what, required=False)
-        for key in ("psat", "alignment"):
-            _need(meta, key, "", _is_dict, "an object", required=False)
-    except _Bad as e:
-        key, what, value = e.args
-        got = "it is missing" if value is _MISSING else f"got {short_repr(value, 60)}"
-        raise CheckpointError(f"{path}: checkpoint metadata '{key}' must be {what}, {got}; the file was edited or "
-                              f"not written by med3dinsight's save_pretrained: re-save the checkpoint") from None
+                source.fail(f"aliases.{alias}", "the name of another stored tensor", key)
+
+    schema.check_fields(meta, Header, source,
+                        refine={"backbone.name": {"choices": tuple(names), "expected": f"one of {names}"}},
+                        then={"backbone.num_classes": _builder_takes_them, "backbone": _nnunet_plans_or_architecture,
+                              "aliases": aliases_name_stored_tensors})
     return meta
 
 
-def _check_backbone(cfg: Dict[str, Any]) -> None:
-    import inspect
-
-    w, names = "backbone.", list_backbones()
-    _need(cfg, "name", w, lambda v: isinstance(v, str) and v in names, f"one of {names}")
-    family = backbone_family(cfg["name"])
-    _need(cfg, "in_channels", w, _pos_int, "a positive integer")
-    _need(cfg, "patch_size", w, _triple, "three positive integers", required=False)
-    _need(cfg, "network_kwargs", w, _is_dict, "an object", required=False)
-    _need(cfg, "num_classes", w, _pos_int, "a positive integer", required=False)
-    params = inspect.signature(family.builders[cfg["name"]]).parameters
+def _builder_takes_them(cfg: Dict[str, Any], source: schema.Source) -> None:
+    """The ``backbone`` keys are arguments of its builder (unless it forwards ``**kwargs``)."""
+    params = inspect.signature(backbone_family(cfg["name"]).builders[cfg["name"]]).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         for key in cfg:
             if key not in params and key not in ("name", "network_kwargs"):
-                raise _Bad(f"{w}{key}", f"absent: the {cfg['name']} backbone takes no such argument", cfg[key])
-    for key in ("base_features", "max_features"):
-        _need(cfg, key, w, _pos_int, "a positive integer", required=False)
-    _need(cfg, "spacing", w, lambda v: isinstance(v, list) and len(v) == 3 and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v), "three positive numbers",
-        required=False)
-    if cfg["name"] not in family.plans_builders:  # nnU-Net plans (or their architecture) in the file: nnU-Net
-        return  # resolves their class names with pydoc.locate, so they are checked here
+                source.fail(f"backbone.{key}", f"absent: the {cfg['name']} backbone takes no such argument",
+                            cfg[key])
+
+
+def _nnunet_plans_or_architecture(meta: Dict[str, Any], source: schema.Source) -> None:
+    """An nnU-Net backbone's plans + configuration, or its architecture: nnU-Net resolves their class names with
+    pydoc.locate, so they are checked here."""
+    cfg, w = meta["backbone"], "backbone."
+    family = backbone_family(cfg["name"])
+    if cfg["name"] not in family.plans_builders:
+        return
     classes = family.nnunet_networks
     if ("plans" in cfg) == ("architecture" in cfg):
-        raise _Bad(f"{w}plans", "given, or else backbone.architecture (exactly one of them)",
-                   cfg.get("plans", _MISSING))
+        source.fail(f"{w}plans", "given, or else backbone.architecture (exactly one of them)",
+                    cfg.get("plans", ABSENT))
     if "architecture" in cfg:
-        _check_architecture(cfg["architecture"], f"{w}architecture", classes)
+        _check_architecture(cfg["architecture"], f"{w}architecture", classes, source)
         return
-    _need(cfg, "plans", w, lambda v: isinstance(v, dict) and isinstance(v.get("configurations"), dict),
-          "an nnU-Net plans object with 'configurations'")
-    configurations = cfg["plans"]["configurations"]
-    _need(cfg, "configuration", w, lambda v: isinstance(v, str) and v in configurations,
-          f"one of the plans' configurations {sorted(map(str, configurations))[:6]}")
+    plans = cfg["plans"]
+    if not (isinstance(plans, dict) and isinstance(plans.get("configurations"), dict)):
+        source.fail(f"{w}plans", "an nnU-Net plans object with 'configurations'", plans)
+    configurations = plans["configurations"]
+    schema.check(cfg.get("configuration", ABSENT), rule(
+        "str", required=True, choices=tuple(configurations),
+        expected=f"one of the plans' configurations {sorted(map(str, configurations))[:6]}"),
+        f"{w}configuration", source)
     name = cfg["configuration"]
     for _ in range(len(configurations) + 1):  # follow nnU-Net's inherits_from to the configuration's architecture
         where = f"{w}plans.configurations.{name}"
         config = configurations.get(name)
         if not isinstance(config, dict):
-            raise _Bad(where, "an object", config)
+            source.fail(where, _OBJECT, config)
         if "architecture" in config:
-            _check_architecture(config["architecture"], f"{where}.architecture", classes)
+            _check_architecture(config["architecture"], f"{where}.architecture", classes, source)
             return
         name = config.get("inherits_from")
         if name is None:
-            raise _Bad(f"{where}.architecture", "an nnU-Net v2.4+ architecture object", _MISSING)
-    raise _Bad(f"{w}plans.configurations", "free of inherits_from cycles", cfg["configuration"])
+            source.fail(f"{where}.architecture", "an nnU-Net v2.4+ architecture object")
+    source.fail(f"{w}plans.configurations", "free of inherits_from cycles", cfg["configuration"])
 
 
-def _check_architecture(arch: Any, where: str, classes: Tuple[str, ...]) -> None:
-    """nnU-Net resolves class names of an architecture with pydoc.locate, which imports modules: only the networks
-    the family builds (``classes``: its ``nnunet_networks``), and torch.nn classes for the ops, are accepted from a
-    file."""
+def _check_architecture(arch: Any, where: str, classes: Tuple[str, ...], source: schema.Source) -> None:
+    """An :class:`Architecture`: only the networks the family builds (``classes``: its ``nnunet_networks``), and
+    torch.nn classes for the ops, are accepted from a file."""
     if not isinstance(arch, dict):
-        raise _Bad(where, "an object", arch)
-    _need(arch, "network_class_name", f"{where}.", lambda v: v in classes, f"one of {list(classes)}")
-    _need(arch, "arch_kwargs", f"{where}.", _is_dict, "an object")
-    _need(arch, "_kw_requires_import", f"{where}.", _str_list, "a list of strings", required=False)
-    kwargs, w = arch["arch_kwargs"], f"{where}.arch_kwargs."
-    _need(kwargs, "features_per_stage", w, lambda v: isinstance(v, list) and v and all(_pos_int(x) for x in v),
-          "a list of positive integers")
-    _need(kwargs, "strides", w, lambda v: isinstance(v, list) and v and all(
-        _pos_int(x) or (isinstance(x, list) and len(x) == 3 and all(_pos_int(y) for y in x)) for x in v),
-        "a list of strides (positive integers or three of them)")
+        source.fail(where, _OBJECT, arch)
+    schema.check_fields(arch, Architecture, source, f"{where}.", refine={
+        f"{where}.network_class_name": {"choices": classes, "expected": f"one of {list(classes)}"}})
+    schema.check_fields(arch["arch_kwargs"], ArchitectureArguments, source, f"{where}.arch_kwargs.")
     for key in arch.get("_kw_requires_import", []):
-        _need(arch["arch_kwargs"], key, f"{where}.arch_kwargs.", lambda v: v is None or (
-            isinstance(v, str) and v.startswith("torch.nn.")), "null or a torch.nn class name", required=False)
+        schema.check(arch["arch_kwargs"].get(key, ABSENT), _OP, f"{where}.arch_kwargs.{key}", source)
