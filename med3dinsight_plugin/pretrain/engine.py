@@ -38,7 +38,7 @@ from ..ot import NonFiniteCostError
 from ..results import Result
 from .config import ConfigError, PretrainConfig, TrainConfig, save_config
 from .diagnostics import MetricsLog, evaluate, plot_metrics
-from .optim import _optimizer, _regrouped, lr_factor, warmup_note
+from .optim import SCHEDULE_WARNINGS, _optimizer, _regrouped, lr_factor, lr_scheduler, warmup_note
 from .state import STATE_FORMAT, _seed_all, _set_rng, _States
 from .steps import (
     NonFiniteError,
@@ -179,7 +179,7 @@ class _RunContext:
     params: List[nn.Parameter] = field(default_factory=list)  # the trainable parameters
     encoder_params: List[nn.Parameter] = field(default_factory=list)  # those of the pretrained encoder
     optimizer: Optional[torch.optim.Optimizer] = None
-    scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
     scaler: Optional[torch.amp.GradScaler] = None
     step_module: Optional[nn.Module] = None  # _Step around the model, DDP-wrapped with several processes
     log: Optional[MetricsLog] = None  # rank 0 only
@@ -309,15 +309,9 @@ def _prepare_optimization(run: _RunContext) -> None:
     run.params = [p for p in run.model.parameters() if p.requires_grad]
     run.encoder_params = encoder_parameters(run.model)
     run.optimizer = _optimizer(run.model.param_groups(), tc)
-    # A plain function (not a picklable object) so the scheduler's state holds no callable, and a resumed run with a
-    # changed train.steps follows the new schedule.
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: lr_factor(s, tc))
     run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
     if state:
-        optimizer_state, scheduler_state = _regrouped(state["optimizer"], state["scheduler"], run.optimizer,
-                                                      run.params)
-        run.optimizer.load_state_dict(optimizer_state)
-        run.scheduler.load_state_dict(scheduler_state)
+        run.optimizer.load_state_dict(_regrouped(state["optimizer"], run.optimizer, run.params))
         run.scaler.load_state_dict(state["scaler"])
         if len(state["rng"]) == run.world:
             _set_rng(state["rng"][run.rank], run.device)
@@ -327,6 +321,9 @@ def _prepare_optimization(run: _RunContext) -> None:
             _seed_all(tc.seed + run.rank + run.start)
     else:
         _seed_all(tc.seed + run.rank)  # + rank: dropout differs between ranks, as it would between samples
+    # Built from the configuration and advanced to the resumed step, never loaded from the state: the same learning
+    # rates as an uninterrupted run, the new schedule after a changed train.steps, and old (LambdaLR) states resume.
+    run.scheduler = lr_scheduler(run.optimizer, tc, run.start)
     run.state = None  # applied: nothing reads it again
 
 
@@ -419,7 +416,8 @@ def _train_step(run: _RunContext, batch: Dict[str, torch.Tensor]
     _after_optimizer_step(run)
     lr = run.lr()
     with warnings.catch_warnings():  # fp16: a step the scaler skipped is still a step of the schedule
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        for message in SCHEDULE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
         run.scheduler.step()
     run.step += 1
     return losses, grad_norm, lr
