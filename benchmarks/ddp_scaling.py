@@ -35,8 +35,8 @@ class SyntheticSet(torch.utils.data.Dataset):
 
 def worker(args):
     torch.set_num_threads(args.threads)
+    from med3dinsight_plugin.pretrain import build_model, pretrain
     from med3dinsight_plugin.pretrain.config import PretrainConfig
-    from med3dinsight_plugin.pretrain.engine import build_model, pretrain
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = PretrainConfig.from_dict({

@@ -328,20 +328,26 @@ def pretrain_variants(out: Path, folders: Dict[str, Path], cache: Path, protocol
             checkpoint = run / "med3dinsight.safetensors"
         else:
             checkpoint = run_pretraining(config, progress=False).checkpoint
-        evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-                 if "eval/chance_top1" in line]
+        evals = [r for r in read_metrics(run) if "eval/chance_top1" in r]
         results[name] = (Path(checkpoint), evals[-1] if evals else {})
         log(f"pretrained {name}: {checkpoint} ({time.perf_counter() - start:.0f} s)")
     return results
 
 
+def read_metrics(run: Path) -> List[Dict[str, Any]]:
+    """The records of a pretraining run's metrics.jsonl (none when it has no such file)."""
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def logged_step(run: Path, steps: int) -> bool:
+    """A pretraining run whose metrics.jsonl logged step ``steps`` (its checkpoint may be gone once it was used)."""
+    return steps in [r.get("step") for r in read_metrics(run)]
+
+
 def _finished(run: Path, steps: int) -> bool:
     """A pretraining run that wrote its final checkpoint after ``steps`` steps."""
-    metrics = run / "metrics.jsonl"
-    if not (run / "med3dinsight.safetensors").is_file() or not metrics.is_file():
-        return False
-    logged = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if line.strip()]
-    return steps in logged
+    return (run / "med3dinsight.safetensors").is_file() and logged_step(run, steps)
 
 
 # -------------------------------------------------------------------------------------------------- fine-tuning

@@ -166,19 +166,9 @@ def teacher_validity(cache: Path, limit: float) -> Dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------------- pretraining
 
-def _logged_last_step(run: Path, steps: int) -> bool:
-    """A pretraining run whose metrics.jsonl logged its last step (its checkpoint may be gone once it was used)."""
-    return steps in [r.get("step") for r in _metrics(run)]
-
-
-def _metrics(run: Path) -> List[Dict[str, Any]]:
-    path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def balanced_weights_of(run: Path) -> Dict[str, float]:
     """The loss weights ``model.loss_balance`` set at the start of a finished run (its first metrics record)."""
-    for record in _metrics(run):
+    for record in sim.read_metrics(run):
         weights = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("loss_weight/")}
         if weights:
             return weights
@@ -224,7 +214,7 @@ def pretrain_arm(out: Path, arm: str, seed: int, caches: Dict[str, Path], folder
 
 def pretraining_record(out: Path, arm: str, seed: int) -> Dict[str, Any]:
     """Held-out retrieval, the step-0 weights and the encoder-gradient norms of one finished run."""
-    records = _metrics(out / "pretrain" / f"{arm}_seed{seed}")
+    records = sim.read_metrics(out / "pretrain" / f"{arm}_seed{seed}")
     evals = [r for r in records if "eval/chance_top1" in r]
     grads = [r for r in records if any(k.startswith("encoder_grad/") for k in r)]
     row: Dict[str, Any] = {"arm": arm, "pretrain_seed": seed}
@@ -425,25 +415,25 @@ def run(out: Path, quick: bool = False, log=print, seeds: Optional[Sequence[int]
 
     def finetune_all(arm, seed, checkpoint):
         (pool_cases, pool_x, pool_y), (_, test_x, test_y) = data(seed)
-        for readout, spec in protocol["readouts"].items():
-            for fseed in spec["finetune_seeds"]:
-                key = (arm, seed, fseed, readout)
-                if key in done:
-                    continue
-                order = np.random.default_rng(fseed).permutation(len(pool_cases))
-                pick = torch.from_numpy(order[:spec["labelled"]].copy())
-                r = sim.finetune(arm, checkpoint, pool_x[pick], pool_y[pick], test_x, test_y, protocol, fseed,
-                                 num_classes, frozen_encoder=spec["frozen_encoder"],
-                                 encoder_seed=seed if checkpoint is None else None)
-                row = {"arm": arm, "pretrain_seed": seed, "finetune_seed": fseed, "readout": readout,
-                       "labelled": spec["labelled"], "mean_dice": round(r["mean_dice"], 4),
-                       **{f"dice_{c}": round(d, 4) for c, d in zip(ORGANS, r["dice"])},
-                       "loaded_tensors": r["loaded_tensors"], "wall_time_s": r["wall_time_s"],
-                       "subjects": ",".join(pool_cases[i] for i in pick)}
-                done[key] = row
-                with open(done_file, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                log(f"{arm} seed {seed}, {readout}, fine-tune seed {fseed}: mean Dice {row['mean_dice']:.4f}")
+        for key in _finetune_keys(protocol, arm, seed):
+            if key in done:
+                continue
+            _, _, fseed, readout = key
+            spec = protocol["readouts"][readout]
+            order = np.random.default_rng(fseed).permutation(len(pool_cases))
+            pick = torch.from_numpy(order[:spec["labelled"]].copy())
+            r = sim.finetune(arm, checkpoint, pool_x[pick], pool_y[pick], test_x, test_y, protocol, fseed,
+                             num_classes, frozen_encoder=spec["frozen_encoder"],
+                             encoder_seed=seed if checkpoint is None else None)
+            row = {"arm": arm, "pretrain_seed": seed, "finetune_seed": fseed, "readout": readout,
+                   "labelled": spec["labelled"], "mean_dice": round(r["mean_dice"], 4),
+                   **{f"dice_{c}": round(d, 4) for c, d in zip(ORGANS, r["dice"])},
+                   "loaded_tensors": r["loaded_tensors"], "wall_time_s": r["wall_time_s"],
+                   "subjects": ",".join(pool_cases[i] for i in pick)}
+            done[key] = row
+            with open(done_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log(f"{arm} seed {seed}, {readout}, fine-tune seed {fseed}: mean Dice {row['mean_dice']:.4f}")
 
     def save():
         if progress is not None:
@@ -470,6 +460,8 @@ def run(out: Path, quick: bool = False, log=print, seeds: Optional[Sequence[int]
 
 
 def _finetune_keys(protocol, arm: str, seed: int):
+    """``(arm, seed, finetune seed, readout)`` of every fine-tuning of one pretraining run (or scratch init), in the
+    order they run."""
     return [(arm, seed, fseed, readout) for readout, spec in protocol["readouts"].items()
             for fseed in spec["finetune_seeds"]]
 
@@ -477,7 +469,7 @@ def _finetune_keys(protocol, arm: str, seed: int):
 def _all_done(out: Path, protocol, done, arm: str, seed: int) -> bool:
     """Every fine-tuning of this pretraining run is recorded and the run logged its last step."""
     return (all(k in done for k in _finetune_keys(protocol, arm, seed))
-            and _logged_last_step(out / "pretrain" / f"{arm}_seed{seed}", protocol["pretrain"]["steps"]))
+            and sim.logged_step(out / "pretrain" / f"{arm}_seed{seed}", protocol["pretrain"]["steps"]))
 
 
 _KEPT = ("teacher_runs.jsonl", "teacher_validity.json")
@@ -497,7 +489,7 @@ def save_progress(out: Path, dest: Path, protocol, done) -> None:
             _copy(out / name, dest / name)
     for run_dir in sorted((out / "pretrain").glob("*_seed*")) if (out / "pretrain").is_dir() else []:
         arm, seed = run_dir.name.rsplit("_seed", 1)
-        if arm not in protocol["arms"] or not _logged_last_step(run_dir, protocol["pretrain"]["steps"]):
+        if arm not in protocol["arms"] or not sim.logged_step(run_dir, protocol["pretrain"]["steps"]):
             continue
         if all(k in done for k in _finetune_keys(protocol, arm, int(seed))):  # else it is redone: its checkpoint
             _copy(run_dir / "metrics.jsonl", dest / "pretrain" / run_dir.name / "metrics.jsonl")  # is ~46 MB
@@ -528,7 +520,7 @@ def write_outputs(out: Path, protocol, done, validity, quick) -> Dict[str, Path]
 
     rows = [done[k] for k in sorted(done, key=lambda k: (str(k[0]), k[1], k[3], k[2]))]
     pre_rows = [pretraining_record(out, arm, s) for arm in protocol["arms"] for s in protocol["pretrain_seeds"][arm]
-                if _logged_last_step(out / "pretrain" / f"{arm}_seed{s}", protocol["pretrain"]["steps"])]
+                if sim.logged_step(out / "pretrain" / f"{arm}_seed{s}", protocol["pretrain"]["steps"])]
     files = {"results": out / "teacher_results.csv", "pretraining": out / "teacher_pretraining.csv",
              "summary": out / "teacher_summary.md", "plot": out / "teacher_plot.png"}
     _write_csv(files["results"], rows)

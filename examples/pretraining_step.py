@@ -9,8 +9,7 @@ import argparse
 
 import torch
 
-from med3dinsight_plugin.model import build_model
-from med3dinsight_plugin.pretrain import PretrainConfig
+from med3dinsight_plugin.pretrain import PretrainConfig, build_model
 
 
 def main():

@@ -7,14 +7,16 @@ The names below are loaded on first use (PEP 562), so that ``import med3dinsight
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _EXPORTS = {
     "alignment": ("ClipAlignment", "Med3DInsightLoss", "PartialOTAlignment", "clip_loss", "reconstruction_loss"),
     "backbones": ("Backbone", "BackboneOutput", "build_backbone", "list_backbones", "register_backbone"),
     "checkpoint": ("Checkpoint", "CheckpointError", "load_checkpoint", "save_pretrained"),
     "loading": ("IncompatibleCheckpointError", "LoadReport", "load_pretrained_encoder"),
-    "model": ("Med3DInsightModel", "build_model"),
+    "downstream": ("build_downstream_network",),
+    "model": ("Med3DInsightModel",),
+    "pretrain": ("build_model",),
     "psat": ("PlaneSliceAwareTransformer",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -38,6 +40,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .alignment import ClipAlignment, Med3DInsightLoss, PartialOTAlignment, clip_loss, reconstruction_loss  # noqa: F401
     from .backbones import Backbone, BackboneOutput, build_backbone, list_backbones, register_backbone  # noqa: F401
     from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_pretrained  # noqa: F401
+    from .downstream import build_downstream_network  # noqa: F401
     from .loading import IncompatibleCheckpointError, LoadReport, load_pretrained_encoder  # noqa: F401
     from .model import Med3DInsightModel  # noqa: F401
+    from .pretrain import build_model  # noqa: F401
     from .psat import PlaneSliceAwareTransformer  # noqa: F401

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dense import DENSE_LOSSES, dense_loss
 from .errors import Med3DInsightError
 from .ot import log_entropic_partial_wasserstein
 
@@ -196,7 +197,6 @@ class Med3DInsightLoss(nn.Module):
         super().__init__()
         if alignment not in ("ot", "clip"):
             raise Med3DInsightError(f"alignment must be 'ot' or 'clip', got {alignment!r}")
-        from .dense import DENSE_LOSSES
 
         if dense_loss not in DENSE_LOSSES:
             raise Med3DInsightError(f"dense_loss must be one of {', '.join(map(repr, DENSE_LOSSES))}, got "
@@ -264,7 +264,6 @@ class Med3DInsightLoss(nn.Module):
         if reconstruction is not None and volume is not None and self.weights["reconstruction"]:
             terms["reconstruction"] = reconstruction_loss(reconstruction, volume, reconstruction_mask)
         if dense is not None and self.weights["dense"]:
-            from .dense import dense_loss
 
             terms["dense"] = dense_loss(*dense[:3], kind=self.dense_kind, count=dense[3] if len(dense) > 3 else None)
         if not terms:

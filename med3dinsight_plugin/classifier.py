@@ -8,8 +8,11 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, build_backbone
+from .checkpoint import load_checkpoint
 from .errors import Med3DInsightError
+from .export import rebuild_backbone
 from .fileio import freeze
+from .loading import load_pretrained_encoder
 
 __all__ = ["Med3DInsightClassifier"]
 
@@ -53,9 +56,6 @@ class Med3DInsightClassifier(nn.Module):
         """Build the checkpoint's backbone (optionally for another channel count) and load its encoder.
 
         The :class:`~med3dinsight_plugin.LoadReport` is kept as ``.load_report``."""
-        from .checkpoint import load_checkpoint
-        from .export import rebuild_backbone
-        from .loading import load_pretrained_encoder
 
         ckpt = load_checkpoint(checkpoint)
         if ckpt.source_format != "med3dinsight":

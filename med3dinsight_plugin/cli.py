@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
+from ._version import __version__
 from .errors import Med3DInsightError, first_line, short_repr
 
 
@@ -97,7 +97,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_checkpoint
+    from .publish import push_checkpoint
 
     result = push_checkpoint(args.checkpoint, args.repo, revision=args.revision, private=args.private,
                              dry_run=args.dry_run, keep_paths=args.keep_paths)
@@ -302,13 +302,16 @@ def _cmd_cache_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from .pretrain.config import load_config
+    from .pretrain.config import describe_config, load_config
     from .pretrain.run import run_pretraining
 
     shortcuts = {"data.source": args.data, "data.cache": args.cache, "output": args.output,
                  "model.backbone": args.backbone, "train.steps": args.steps, "train.device": args.device}
     overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + list(args.set or [])
     config = load_config(args.config, overrides)
+    if args.print_config:  # nothing is read or written: no data, cache or output needed
+        print(describe_config(config), end="")
+        return 0
     result = run_pretraining(config, resume=not args.no_resume)
     if result.checkpoint:
         print(f"pretrained checkpoint: {result.checkpoint}")
@@ -490,7 +493,7 @@ def _parser_pretrain(sub) -> None:
                  "(torchrun for several GPUs; resumes a run folder)",
                  "Settings come from --config (YAML with sections data, model, train, output), then --set, then the\n"
                  "shortcut options below, later ones winning. A list value in --set is YAML: model.patch_size=\n"
-                 "[96,96,96]. Rerunning the same command resumes the run folder.")
+                 "[96,96,96]. Rerunning the same command resumes the run folder. --print-config lists every key.")
     p.add_argument("--config", help="YAML configuration (sections data, model, train, output)")
     p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="override config keys, e.g. train.lr=3e-4 model.patch_size=[96,96,96] (repeatable; a later "
@@ -502,6 +505,9 @@ def _parser_pretrain(sub) -> None:
     p.add_argument("--steps", type=int, help="= train.steps")
     _add_device(p, default=None, what="; = train.device")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every configuration key with its value (the defaults, or --config/--set's) and its "
+                        "meaning, as YAML to save, edit and pass back with --config; then exit without running")
 
 
 def _parser_export(sub) -> None:

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 
 from .errors import Med3DInsightError
+from .slices import body_box
+from .volumes import MIN_VOXELS, VolumeError
 
 __all__ = ["CropSource", "crop_boxes", "crop_voxels", "split_crop_case"]
 
@@ -88,7 +90,6 @@ def crop_voxels(case: str, shape: Sequence[int], spacing: Sequence[float], size_
     Raises:
         VolumeError: one line naming the case, the crop's and the volume's sizes and the fix.
     """
-    from .volumes import MIN_VOXELS, VolumeError
 
     size = [int(round(float(mm) / float(s))) for mm, s in zip(size_mm, spacing)]
     mm = "x".join(f"{float(x):g}" for x in size_mm)
@@ -152,7 +153,6 @@ class CropSource:
     def boxes(self, base: str) -> Tuple[Any, List[List[List[int]]]]:
         """The volume ``base`` (read once and kept until another is asked for) and its crop boxes."""
         if self._last[0] != base:
-            from .pretrain.data import body_box
 
             volume = self.source.read(base)
             self._last = (base, volume, crop_boxes(base, volume.shape, volume.spacing, body_box(volume),
@@ -162,7 +162,6 @@ class CropSource:
     def read(self, case: str):
         """The crop ``CASE@m``: a :class:`~med3dinsight_plugin.volumes.Volume` of the box's voxels, same spacing;
         its :meth:`~med3dinsight_plugin.volumes.Volume.native` is the whole volume's, cut to the box."""
-        from .volumes import VolumeError
 
         base, m = split_crop_case(case)
         if base not in self.source.cases or m >= self.per_volume:

@@ -19,7 +19,22 @@ import time
 from pathlib import Path
 from typing import Dict, Iterator, Mapping, Sequence
 
+from nnunet_trainers.attach import attach_checkpoint
+from nnunet_trainers.shim import nnunet_device, with_shim
+
+from .distributed import resolve_device
 from .errors import Med3DInsightError
+from .export import export_checkpoint
+from .pretrain.config import PretrainConfig
+from .pretrain.run import run_pretraining
+from .slices import RenderSettings, SlicePolicy
+from .synthetic import write_nnunet_raw_dataset
+from .teacher.cache import read_manifest, verify_cache
+from .teacher.captioner import Captioner, caption_dataset, load_vlm
+from .teacher.clip import ClipTeacher
+from .teacher.embed import embed_dataset
+from .teacher.tiny import save_tiny_llava, save_tiny_open_clip
+from .volumes import open_source
 
 __all__ = ["run_demo"]
 
@@ -90,21 +105,6 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
         Med3DInsightError: ``out`` is not empty, or a step refused its input.
         RuntimeError: one of nnU-Net's tools failed (the message names its log).
     """
-    from nnunet_trainers.attach import attach_checkpoint
-    from nnunet_trainers.shim import nnunet_device, with_shim
-
-    from .distributed import resolve_device
-    from .export import export_checkpoint
-    from .pretrain.config import PretrainConfig
-    from .pretrain.run import run_pretraining
-    from .slices import RenderSettings, SlicePolicy
-    from .synthetic import write_nnunet_raw_dataset
-    from .teacher.cache import read_manifest, verify_cache
-    from .teacher.captioner import Captioner, caption_dataset, load_vlm
-    from .teacher.clip import ClipTeacher
-    from .teacher.embed import embed_dataset
-    from .teacher.tiny import save_tiny_llava, save_tiny_open_clip
-    from .volumes import open_source
 
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()):

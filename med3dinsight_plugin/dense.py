@@ -26,7 +26,8 @@ from torch import nn
 
 from .errors import Med3DInsightError
 
-__all__ = ["DENSE_LOSSES", "DenseHead", "crop_map_target", "dense_loss", "sample_slice_features", "slice_grid"]
+__all__ = ["DENSE_LOSSES", "DenseHead", "crop_map_target", "dense_loss", "real_slice_points", "sample_slice_features",
+           "slice_grid"]
 
 DENSE_LOSSES = ("cosine", "mse")
 
@@ -131,6 +132,21 @@ class DenseHead(nn.Module):
     def forward(self, features: torch.Tensor, plane: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """(B, C3, d, h, w) features, (B, K) slices -> (B, K, R, R, out_dim) predictions on the slices' grids."""
         return self.proj(sample_slice_features(features, plane, position, self.size))
+
+
+def real_slice_points(map_valid: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The valid points of dense distillation without those of padding slices.
+
+    Args:
+        map_valid: (B, K, R, R) bool, the teacher map's valid points per slice, or ``None``.
+        mask: which of the B x K slices are real (any shape with B*K elements), or ``None``: all.
+
+    Returns:
+        ``map_valid`` with every point of a padding slice False (``map_valid`` itself when either is ``None``).
+    """
+    if map_valid is None or mask is None:
+        return map_valid
+    return map_valid & mask.reshape(map_valid.shape[:2])[..., None, None].bool()
 
 
 def dense_loss(pred: torch.Tensor, target: torch.Tensor, valid: Optional[torch.Tensor] = None,

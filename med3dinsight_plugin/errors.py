@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Med3DInsightError", "first_line", "short_repr"]
+__all__ = ["CheckpointError", "Med3DInsightError", "first_line", "short_repr"]
 
 
 class Med3DInsightError(ValueError):
     """Bad user input; the message names the file, argument or key and the fix (its first line says it all)."""
+
+
+class CheckpointError(Med3DInsightError):
+    """A checkpoint file that cannot be read or used; the message names the file and what to do."""
 
 
 def first_line(error: BaseException) -> str:

@@ -19,7 +19,9 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .backbones import backbone_family, build_backbone_from_config, family_of_network, list_families
+from .checkpoint import Checkpoint, CheckpointError, adaptation_plan, load_checkpoint
+from .downstream import build_downstream_network, building_from_metadata
 from .errors import Med3DInsightError, first_line
 from .fileio import atomic_write
 from .results import Result
@@ -67,8 +69,6 @@ def rebuild_backbone(checkpoint: Union[PathLike, Checkpoint], in_channels: Optio
     Returns:
         The :class:`~med3dinsight_plugin.backbones.Backbone`.
     """
-    from .backbones import build_backbone_from_config
-    from .backbones.family import building_from_metadata
 
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if ckpt.source_format != "med3dinsight":
@@ -118,7 +118,6 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
     ckpt = load_checkpoint(checkpoint)
     if out.exists() and os.path.samefile(out, ckpt.path):
         raise Med3DInsightError(f"-o {out} is the checkpoint being exported; write the export to another file")
-    from .backbones import backbone_family, list_families
 
     backbone = rebuild_backbone(ckpt)
     name = backbone.config["name"]
@@ -152,7 +151,6 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
             raise ExportError(f"{ckpt.path} holds a {name} backbone; nnU-Net's nnssl fine-tuning builds only "
                               f"{native}/Primus. Use --to monai (MONAI's {arch}) or nnUNetv2_train -tr "
                               f"{family.nnunet_trainer}")
-        from .checkpoint import adaptation_plan
         payload = {"network_weights": state, "nnssl_adaptation_plan": adaptation_plan(backbone, ckpt.metadata)}
     atomic_write(out, lambda tmp: torch.save(payload, tmp))
     tensors = len(payload.get("network_weights", payload))
@@ -162,7 +160,6 @@ def export_checkpoint(checkpoint: PathLike, to: str, out: PathLike, *, plans: Op
 def _check_nnunet_plans(ckpt, state, in_channels, plans, configuration, trainer):
     """Refuse unless the network the plans build has every non-segmentation key of ``state`` with its shape,
     exactly what nnU-Net's load_pretrained_weights asserts."""
-    from .backbones import build_downstream_network, family_of_network
 
     try:
         target = build_downstream_network(ckpt, plans, configuration=configuration, in_channels=in_channels)

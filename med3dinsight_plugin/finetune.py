@@ -12,8 +12,10 @@ from typing import List, Optional
 
 from torch import nn
 
+from .backbones import network_spec
 from .errors import Med3DInsightError
-from .fileio import freeze
+from .fileio import freeze, unwrap
+from .loading import target_network
 
 __all__ = ["apply_finetune_lr", "default_warmup", "finetune_lr_factor", "finetune_optimizer", "finetune_param_groups",
            "freeze_dead_parameters"]
@@ -22,8 +24,6 @@ __all__ = ["apply_finetune_lr", "default_warmup", "finetune_lr_factor", "finetun
 def freeze_dead_parameters(network: nn.Module) -> List[str]:
     """Set ``requires_grad=False`` on parameters the network never uses (MONAI UNETR's ``norm_cross_attn``), so that
     DDP does not wait for their gradients; returns their names. Call before wrapping in DDP."""
-    from .backbones import network_spec
-    from .loading import target_network
 
     target = target_network(network)
     spec = network_spec(target)
@@ -38,9 +38,6 @@ def finetune_param_groups(network: nn.Module, lr: float, encoder_lr: Optional[fl
     inside a classifier / Backbone; DDP and compile wrappers are looked through); parameters with
     ``requires_grad=False`` are left out.
     """
-    from .backbones import network_spec
-    from .fileio import unwrap
-    from .loading import target_network
 
     target = target_network(network)
     spec = network_spec(target)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import family_of_checkpoint, list_families, network_spec
+from .backbones import Backbone, family_of_checkpoint, list_families, network_spec
 from .checkpoint import Checkpoint, CheckpointError, check_finite, load_checkpoint
 from .errors import short_repr
 from .fileio import storage_id, unwrap
@@ -294,7 +294,6 @@ def _as_checkpoint(checkpoint) -> Checkpoint:
 
 def target_network(model: nn.Module) -> nn.Module:
     """The plain network weights load into: unwraps DDP / compile, a Backbone, or a model holding a ``.backbone``."""
-    from .backbones import Backbone
 
     model = unwrap(model)
     backbone = getattr(model, "backbone", None)  # Med3DInsightModel, Med3DInsightClassifier

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Med3DInsightError
+from .fileio import atomic_write
 from .planes import PLANES, plane_id, slice_position
 
-__all__ = ["DISPLAY_FLIPS", "IN_PLANE_AXES", "RenderSettings", "Slice", "SlicePolicy", "body_mask", "dataset_slices",
-           "extract_slice", "feature_map_grid", "intensity_window", "letterbox_box", "render_slice", "select_slices",
-           "slice_key", "volume_slices", "write_slice_pngs"]
+__all__ = ["DISPLAY_FLIPS", "IN_PLANE_AXES", "RenderSettings", "Slice", "SlicePolicy", "body_box", "body_mask",
+           "dataset_slices", "extract_slice", "feature_map_grid", "intensity_window", "letterbox_box", "render_slice",
+           "select_slices", "slice_key", "volume_slices", "write_slice_pngs"]
 
 CT_SOFT_TISSUE = (40.0, 400.0)  # window centre, width in HU
 # The canonical axes a slice of each plane spans, as (display rows, display columns), in increasing axis order.
@@ -136,6 +137,17 @@ def body_mask(data: np.ndarray, modality: str) -> np.ndarray:
         return data > -500.0
     lo, hi = np.percentile(data, (1.0, 99.5))
     return data > lo + 0.05 * (hi - lo)
+
+
+def body_box(volume) -> List[List[int]]:
+    """``[[start, stop], ...]`` per canonical axis of the body (:func:`body_mask` of the first channel in scanner
+    units); the whole volume when no voxel counts as body."""
+    mask = body_mask(volume.native(0), volume.modality)
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append([int(hit[0]), int(hit[-1]) + 1] if hit.size else [0, int(mask.shape[axis])])
+    return box
 
 
 def select_slices(mask: np.ndarray, policy: SlicePolicy) -> List[Tuple[int, int]]:
@@ -289,8 +301,6 @@ def write_slice_pngs(source, out, policy: SlicePolicy, settings: RenderSettings,
     from pathlib import Path
 
     from PIL import Image
-
-    from .fileio import atomic_write
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,11 @@ from typing import Any, Dict, Sequence
 
 import torch
 
+from .backbones import list_backbones
+from .distributed import resolve_device
 from .errors import Med3DInsightError, short_repr
-from .model import build_model
+from .pretrain.config import PretrainConfig
+from .pretrain.factory import build_model
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -17,7 +20,7 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 def summarize(name: str, patch_size: Sequence[int] = (64, 64, 64), batch: int = 2, slices: int = 4,
               device: str = "cpu", seed: int = 0, psat: str = "paper", **network_kwargs) -> Dict[str, Any]:
-    """Build ``name`` with a PSAT preset and the default loss (:func:`~med3dinsight_plugin.model.build_model`, as
+    """Build ``name`` with a PSAT preset and the default loss (:func:`~med3dinsight_plugin.pretrain.build_model`, as
     pretraining does); run one forward pass on random volumes and teacher embeddings.
 
     Args:
@@ -38,9 +41,6 @@ def summarize(name: str, patch_size: Sequence[int] = (64, 64, 64), batch: int = 
         Med3DInsightError: an unknown backbone, a batch or slice count below 1 (or a single slice pair), a device
             other than cpu/cuda; ConfigError: an unknown PSAT preset or backbone argument.
     """
-    from .backbones import list_backbones
-    from .distributed import resolve_device
-    from .pretrain.config import PretrainConfig
 
     for arg, value in (("batch", batch), ("slices", slices)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from med3dinsight_plugin.backbones.nnunet import architecture_from_plans
 from med3dinsight_plugin.checkpoint import CheckpointError, load_checkpoint
+from med3dinsight_plugin.downstream import build_downstream_network
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
 from med3dinsight_plugin.fileio import atomic_write, sha256_file
 from med3dinsight_plugin.hub import is_hub_spec, pinned_spec
-from med3dinsight_plugin.loading import LoadReport
+from med3dinsight_plugin.loading import IncompatibleCheckpointError, LoadReport, load_pretrained_encoder
 from med3dinsight_plugin.results import Result
 
 from .contract import ENV_CHECKPOINT as ENV_CHECKPOINT  # re-exported for older callers; its home is .contract
@@ -200,7 +202,6 @@ def _arch_name(config: Dict[str, Any]) -> str:
 def _adapt(config, configuration, family, meta, plans):
     """Put the checkpoint's architecture (and a patch size it accepts) into the configuration, as its family's
     descriptor says (:meth:`~med3dinsight_plugin.backbones.BackboneFamily.plans_architecture`)."""
-    from med3dinsight_plugin.backbones.nnunet import architecture_from_plans
 
     if "inherits_from" in config:  # resolve, so that the architecture we write is not overridden by a parent
         resolved = architecture_from_plans(plans, configuration)[1]
@@ -220,8 +221,6 @@ def _adapt(config, configuration, family, meta, plans):
 def _test_load(plans, configuration, channels, ckpt, can_adapt, guarded):
     """Build the network the trainer will build and load the checkpoint into it (strict). ``guarded``: the
     architecture came from the checkpoint's metadata, so it is built under the checkpoint's allocation guard."""
-    from med3dinsight_plugin.backbones import build_downstream_network
-    from med3dinsight_plugin.loading import IncompatibleCheckpointError, load_pretrained_encoder
 
     network = build_downstream_network(ckpt, plans, configuration=configuration, in_channels=channels, num_classes=2,
                                        guard=guarded)

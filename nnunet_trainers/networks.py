@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import List
 
+from med3dinsight_plugin.backbones import list_families
+
 __all__ = ["for_nnunet"]
 
 
@@ -37,7 +39,6 @@ def for_nnunet(network_class: type, name: str) -> type:
 
 def _wrapped() -> dict:
     """``class name -> dotted path of the wrapped class`` of every registered family nnU-Net has no class of."""
-    from med3dinsight_plugin.backbones import list_families
 
     return {path.rsplit(".", 1)[-1]: family.wrapped_network for family in list_families() if family.wrapped_network
             for path in family.nnunet_networks if path.rsplit(".", 1)[0] == __name__}

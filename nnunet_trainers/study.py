@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from med3dinsight_plugin.backbones import BackboneFamily
+from med3dinsight_plugin.checkpoint import read_checkpoint_info
 from med3dinsight_plugin.errors import Med3DInsightError, first_line
 from med3dinsight_plugin.fileio import atomic_write, sha256_file
 from med3dinsight_plugin.hub import is_hub_spec
@@ -436,7 +437,6 @@ def _labelled_counts(labelled: Sequence[Any], available: int) -> List[Tuple[int,
 
 def _family(checkpoint) -> BackboneFamily:
     """The family a checkpoint is fine-tuned as, from its header (no weights read)."""
-    from med3dinsight_plugin.checkpoint import read_checkpoint_info
 
     info = read_checkpoint_info(checkpoint)
     return checkpoint_family(info.source_format, info.metadata)

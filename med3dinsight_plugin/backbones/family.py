@@ -1,28 +1,23 @@
-"""One descriptor per backbone family, and the one registry of them.
+"""What a backbone family is: one descriptor, :class:`BackboneFamily`.
 
 A *family* is a kind of downstream network (nnU-Net's PlainConvUNet / ResidualEncoderUNet, MONAI's SwinUNETR, MONAI's
 UNETR). Everything the package needs to know about it sits in one :class:`BackboneFamily` -- as timm keeps a model's
 ``pretrained_cfg`` beside it for its one ``load_pretrained`` -- written in the family's own module
-(``backbones/<family>.py``) and registered once (:func:`register_backbone`). The loader, the exports, the pretraining
-step-0 check, ``nnunet-attach`` and the nnU-Net trainers all read these descriptors; none of them names a family.
-
-:func:`build_downstream_network` is the one place that builds the network a checkpoint is fine-tuned in, from the
-checkpoint's metadata or from nnU-Net plans. MONAI and nnU-Net are imported only inside builders.
+(``backbones/<family>.py``) and registered once (:func:`~.registry.register_backbone`). The loader, the exports, the
+pretraining step-0 check, ``nnunet-attach`` and the nnU-Net trainers all read these descriptors; none of them names a
+family. MONAI and nnU-Net are imported only inside builders.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 from torch import nn
 
 from ..errors import Med3DInsightError
 from .base import Backbone, NetworkSpec
 
-__all__ = ["BackboneFamily", "backbone_family", "build_downstream_network", "builder_names", "building_from_metadata",
-           "family_of_checkpoint", "family_of_network", "list_families", "network_of_backbone", "register_backbone"]
+__all__ = ["BackboneFamily"]
 
 # (backbone config, input channels, classes) -> the plain downstream network
 NetworkBuilder = Callable[[Dict[str, Any], int, int], nn.Module]
@@ -161,165 +156,3 @@ class BackboneFamily:
         if self.size_argument:
             kwargs[self.size_argument] = patch
         return {"network_class_name": self.nnunet_networks[0], "arch_kwargs": kwargs, "_kw_requires_import": []}, patch
-
-
-def network_of_backbone(config: Dict[str, Any], in_channels: int, num_classes: int) -> nn.Module:
-    """A :attr:`BackboneFamily.build_network` for builders that pass ``network_kwargs`` to the network's
-    constructor (the MONAI families): the backbone rebuilt from ``config`` with ``out_channels=num_classes``, its
-    plain network.
-
-    Args:
-        config: the checkpoint's ``backbone`` metadata.
-        in_channels: input channels.
-        num_classes: output channels of the segmentation head.
-
-    Returns:
-        The network, fresh weights.
-    """
-    from . import build_backbone_from_config
-
-    kwargs = {**config.get("network_kwargs", {}), "out_channels": num_classes}
-    return build_backbone_from_config({**config, "in_channels": in_channels, "network_kwargs": kwargs}).network
-
-
-# ------------------------------------------------------------------------------------------------------ registry
-
-_FAMILIES: Dict[str, BackboneFamily] = {}  # family name -> descriptor: the one registry
-
-
-def register_backbone(family: BackboneFamily) -> BackboneFamily:
-    """Register a backbone family: its builders become ``build_backbone`` names, and the loader, exports, the
-    pretraining check, ``nnunet-attach`` and the nnU-Net trainers know its networks.
-
-    Args:
-        family: the family's descriptor.
-
-    Returns:
-        ``family``.
-    """
-    if not isinstance(family, BackboneFamily):
-        raise Med3DInsightError(f"register_backbone takes a BackboneFamily, got {type(family).__name__}; describe "
-                                f"the family with BackboneFamily(...)")
-    taken = {n for f in _FAMILIES.values() for n in (f.name, *f.builders)}
-    clash = sorted(taken & {family.name, *family.builders})
-    if clash:
-        raise Med3DInsightError(f"backbone {clash[0]!r} is already registered; give the family {family.name!r} "
-                                f"another name")
-    _FAMILIES[family.name] = family
-    return family
-
-
-def list_families() -> List[BackboneFamily]:
-    """The registered families, by name."""
-    return [_FAMILIES[n] for n in sorted(_FAMILIES)]
-
-
-def builder_names() -> Iterator[Tuple[str, BackboneFamily]]:
-    """``(build_backbone name, its family)`` of every registered builder."""
-    for family in _FAMILIES.values():
-        for name in family.builders:
-            yield name, family
-
-
-def backbone_family(name: str) -> BackboneFamily:
-    """The family of a ``build_backbone`` name (``"plain_conv_unet"`` -> the ``"nnunet"`` family).
-
-    Args:
-        name: a ``build_backbone`` name or a family name.
-
-    Returns:
-        Its :class:`BackboneFamily`.
-    """
-    for builder, family in builder_names():
-        if builder == name:
-            return family
-    raise Med3DInsightError(f"unknown backbone {name!r}: expected one of {sorted(n for n, _ in builder_names())}")
-
-
-def family_of_network(network: nn.Module) -> Optional[BackboneFamily]:
-    """The family whose network ``network`` is (by class name, subclasses included), or ``None`` (a bare encoder,
-    another model)."""
-    names = {c.__name__ for c in type(network).__mro__}
-    return next((f for f in _FAMILIES.values() if names & set(f.network_classes)), None)
-
-
-def family_of_checkpoint(metadata: Mapping[str, Any]) -> Optional[BackboneFamily]:
-    """The family a med3dinsight checkpoint's metadata names (``backbone.name``), or ``None`` without it.
-
-    Args:
-        metadata: ``Checkpoint.metadata``.
-    """
-    backbone = metadata.get("backbone")
-    name = backbone.get("name") if isinstance(backbone, Mapping) else None
-    return backbone_family(name) if isinstance(name, str) else None
-
-
-# ------------------------------------------------------------------------------------------ downstream network
-
-@contextlib.contextmanager
-def building_from_metadata(ckpt) -> Iterator[None]:
-    """Context for building a network from a checkpoint's metadata: under the checkpoint's
-    :func:`~med3dinsight_plugin.checkpoint.allocation_guard` (a network far larger than the file's weights is
-    refused before it is allocated), and a builder's refusal of arguments that came from the file becomes a
-    :class:`~med3dinsight_plugin.checkpoint.CheckpointError` naming the file.
-
-    Args:
-        ckpt: the loaded :class:`~med3dinsight_plugin.checkpoint.Checkpoint`.
-    """
-    from ..checkpoint import CheckpointError, allocation_guard
-    from ..errors import first_line
-
-    try:
-        with allocation_guard(ckpt):
-            yield
-    except CheckpointError:
-        raise
-    except Med3DInsightError as e:  # the builder's own words, about arguments that came from the file
-        raise CheckpointError(f"{ckpt.path}: the backbone in its metadata cannot be built ({first_line(e)}); the "
-                              f"file was edited or written by another version: re-save the checkpoint") from None
-
-
-def build_downstream_network(checkpoint, plans: Union[str, os.PathLike, Dict[str, Any], None] = None, *,
-                             configuration: str = "3d_fullres", in_channels: Optional[int] = None,
-                             num_classes: int = 3, guard: bool = False) -> nn.Module:
-    """The plain network a checkpoint is fine-tuned in, freshly built: what every test-load loads into.
-
-    Args:
-        checkpoint: a path, ``hf-hub:ORG/REPO[@REVISION]`` or a loaded
-            :class:`~med3dinsight_plugin.checkpoint.Checkpoint`.
-        plans: nnU-Net plans (a plans.json path or dict): build the network the plans' ``configuration`` describes,
-            exactly as nnU-Net's trainer does (whatever class they name). ``None``: the network the checkpoint's own
-            metadata describes (its family's ``build_network``, under :func:`building_from_metadata`); that needs a
-            med3dinsight checkpoint.
-        configuration: the plans' configuration.
-        in_channels: input channels; default the checkpoint's.
-        num_classes: segmentation classes of the new head (never loaded, so any count; pretraining used 2).
-        guard: with ``plans``, build under the checkpoint's allocation guard too: for plans whose architecture was
-            copied from the checkpoint (``nnunet-attach --adapt-architecture``).
-
-    Returns:
-        The network (nnU-Net's or MONAI's class, or its nnU-Net adapter), with its own fresh weights.
-
-    Raises:
-        CheckpointError: the checkpoint has no med3dinsight metadata (``plans=None``), or describes a network that
-            cannot or may not be built.
-        Med3DInsightError: the plans or the configuration are unusable (the message names the configuration).
-    """
-    from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
-
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    if in_channels is None:
-        in_channels = int(ckpt.metadata.get("in_channels", 1))
-    if plans is not None:
-        from ..checkpoint import allocation_guard
-        from .nnunet import network_from_plans
-
-        with allocation_guard(ckpt) if guard else contextlib.nullcontext():
-            return network_from_plans(plans, configuration, in_channels, num_classes)
-    family = family_of_checkpoint(ckpt.metadata) if ckpt.source_format == "med3dinsight" else None
-    if family is None:
-        raise CheckpointError(f"{ckpt.path} is a {ckpt.source_format} file without med3dinsight metadata, so its "
-                              f"architecture is unknown; pass the nnU-Net plans to build instead, or use a checkpoint "
-                              f"written by save_pretrained")
-    with building_from_metadata(ckpt):
-        return family.build_network(dict(ckpt.metadata["backbone"]), in_channels, num_classes)

@@ -5,7 +5,8 @@ from typing import Optional, Sequence
 
 from ..errors import Med3DInsightError
 from .base import Backbone, positive_triple
-from .family import BackboneFamily, network_of_backbone
+from .family import BackboneFamily
+from .registry import network_of_backbone
 
 DEFAULT_PATCH_SIZE = (96, 96, 96)
 

@@ -17,7 +17,8 @@ With your own datasets (map-style, ``dataset[i]`` deterministic for any sample n
 """
 from .config import ConfigError, PretrainConfig, load_config, save_config
 from .diagnostics import evaluate, plot_metrics, retrieval_metrics
-from .engine import PretrainResult, build_model, lr_factor, pretrain
+from .engine import PretrainResult, lr_factor, pretrain
+from .factory import build_model
 from .run import check_downstream_load, run_pretraining
 
 __all__ = ["ConfigError", "PretrainConfig", "PretrainResult", "build_model", "evaluate", "load_config", "lr_factor",

@@ -1,25 +1,31 @@
 """Pretraining configuration: nested dataclasses read from YAML plus ``--set key=value`` overrides, validated.
 
-Every mistake is a :class:`ConfigError` of one line that names where it came from (the file or ``--set``), the dotted
-key and what is expected, with a close-match suggestion for misspelt keys.
+Each key is a :func:`~med3dinsight_plugin.schema.setting`: its default, its rules and its meaning in one place
+(:func:`describe_config`, ``med3dinsight pretrain --print-config``, lists them all). Every mistake is a
+:class:`ConfigError` of one line that names where it came from (the file or ``--set``), the dotted key and what is
+expected, with a close-match suggestion for misspelt keys.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import inspect
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 
+from .. import schema
+from ..backbones import backbone_family, list_backbones
 from ..errors import Med3DInsightError, short_repr
+from ..fileio import atomic_write, diff_keys
 from ..psat import PSAT_PRESETS
+from ..schema import setting
 
 __all__ = ["ConfigError", "DataConfig", "LossBalance", "LossWeights", "ModelConfig", "PretrainConfig", "TrainConfig",
-           "check_backbone_kwargs", "diff_configs", "load_config", "save_config", "RESUMABLE_CHANGES"]
+           "check_backbone_kwargs", "describe_config", "diff_configs", "load_config", "save_config",
+           "RESUMABLE_CHANGES"]
 
 # Keys that may differ between a run and its resumption: they change how long or how verbosely it runs, not what
 # a step computes (the data loader's worker count does not change the batches either).
@@ -34,117 +40,140 @@ class ConfigError(Med3DInsightError):
 _MAX_SEED = 2 ** 32 - 1  # numpy's legacy seeding (and so batchgenerators') takes no larger seed
 
 
-def _f(default, **rules):
-    """A dataclass field with validation rules in its metadata (``kind``, ``min``, ``max``, ``choices``, ...)."""
-    if isinstance(default, (list, dict)):  # mutable: every config gets its own copy
-        return field(default_factory=lambda: type(default)(default), metadata=rules)
-    return field(default=default, metadata=rules)
-
-
 @dataclass
 class DataConfig:
     """``data:`` where the volumes and teacher embeddings come from and how samples are drawn."""
-    source: Optional[str] = _f(None, kind="str", optional=True)
-    cache: Optional[str] = _f(None, kind="str", optional=True)
-    configuration: str = _f("3d_fullres", kind="str")
-    plans: str = _f("nnUNetPlans", kind="str")  # nnU-Net preprocessed sources: the plans identifier
-    # nnU-Net preprocessed sources: their raw dataset (default $nnUNet_raw/<dataset_name>), as given to embed --raw
-    raw: Optional[str] = _f(None, kind="str", optional=True)
-    modality: str = _f("auto", kind="str")
-    # crop: random patch_size crops at the volume's spacing; volume: the body box resampled to patch_size (the
-    # authors' setup; the encoder sees the whole field of view the teacher saw)
-    view: str = _f("crop", kind="str", choices=("crop", "volume"))
-    # crop view, NIfTI / nnU-Net raw sources: resample every volume once to this voxel size (mm, canonical axes:
-    # superior, posterior, left); "median": the dataset's median (nnU-Net's fingerprint target); "native": none;
-    # target_spacing, when set, is used instead
-    spacing: str = _f("median", kind="str", choices=("median", "native"))
-    target_spacing: Optional[List[float]] = _f(None, kind="floats", length=3, above=0.0, optional=True)
-    # fixed crops, each a case of its own (med3dinsight_plugin.crops): 0 = whole volumes; the teacher cache must have
-    # been made with the same crops (embed --crops N --crop-mm S P L --crop-seed K); use with view: volume
-    crops: int = _f(0, kind="int", min=0)
-    crop_mm: Optional[List[float]] = _f(None, kind="floats", length=3, above=0.0, optional=True)
-    crop_seed: int = _f(0, kind="int", min=0, max=_MAX_SEED)
-    slices_per_sample: int = _f(8, kind="int", min=1)
-    num_workers: int = _f(2, kind="int", min=0)
-    augment: bool = _f(True, kind="bool")
-    # volumes held out for the retrieval metrics (with crops: every crop of that many volumes)
-    eval_cases: int = _f(4, kind="int", min=0)
-    seed: int = _f(0, kind="int", min=0, max=_MAX_SEED)
+    source: Optional[str] = setting(None, "the volumes: a NIfTI folder, an nnU-Net raw or preprocessed dataset "
+                                          "(--data)", kind="str", nullable=True)
+    cache: Optional[str] = setting(None, "the teacher cache from med3dinsight embed (--cache)", kind="str",
+                                   nullable=True)
+    configuration: str = setting("3d_fullres", "nnU-Net preprocessed sources: the configuration", kind="str")
+    plans: str = setting("nnUNetPlans", "nnU-Net preprocessed sources: the plans identifier", kind="str")
+    raw: Optional[str] = setting(None, "nnU-Net preprocessed sources: their raw dataset (default "
+                                       "$nnUNet_raw/<dataset_name>), as given to embed --raw", kind="str",
+                                 nullable=True)
+    modality: str = setting("auto", "auto, ct or mri: how volumes are normalised (auto: nnU-Net's dataset.json "
+                                    "channel name, else guessed from the intensities)", kind="str")
+    view: str = setting("crop", "crop: random patch_size crops at the volume's spacing; volume: the body box "
+                                "resampled to patch_size (the authors' setup: the whole field of view the teacher "
+                                "saw)", kind="str", choices=("crop", "volume"))
+    spacing: str = setting("median", "crop view of NIfTI / nnU-Net raw sources: resample every volume once to the "
+                                     "dataset's median voxel size (nnU-Net's target); native: not at all",
+                           kind="str", choices=("median", "native"))
+    target_spacing: Optional[List[float]] = setting(None, "[S, P, L] voxel size in mm (superior, posterior, left) "
+                                                          "to resample to, used instead of data.spacing",
+                                                    kind="floats", length=3, above=0.0, nullable=True)
+    crops: int = setting(0, "fixed crops per volume, each a case of its own (0: whole volumes); as embed --crops "
+                            "made the cache; use with data.view: volume", kind="int", min=0)
+    crop_mm: Optional[List[float]] = setting(None, "the crops' size [S, P, L] in mm, as embed --crop-mm",
+                                             kind="floats", length=3, above=0.0, nullable=True)
+    crop_seed: int = setting(0, "the seed that placed the crops, as embed --crop-seed", kind="int", min=0,
+                             max=_MAX_SEED)
+    slices_per_sample: int = setting(8, "K: cached slices per sample", kind="int", min=1)
+    num_workers: int = setting(2, "data loader worker processes (0: load in the training process)", kind="int",
+                               min=0)
+    augment: bool = setting(True, "nnU-Net's intensity augmentations", kind="bool")
+    eval_cases: int = setting(4, "volumes held out for the retrieval metrics (with crops: every crop of that many "
+                                 "volumes)", kind="int", min=0)
+    seed: int = setting(0, "seed of the held-out split and of the samples", kind="int", min=0, max=_MAX_SEED)
 
 
 @dataclass
 class LossWeights:
     """``model.loss_weights:`` weight of each loss term (0 skips it)."""
-    image: float = _f(1.0, kind="float", min=0.0)
-    text: float = _f(1.0, kind="float", min=0.0)
-    reconstruction: float = _f(1.0, kind="float", min=0.0)
-    # dense distillation (med3dinsight_plugin.dense): needs a cache embedded with --feature-maps; off by default
-    dense: float = _f(0.0, kind="float", min=0.0)
+    image: float = setting(1.0, "weight of the slice-image alignment term (0 skips it)", kind="float", min=0.0)
+    text: float = setting(1.0, "weight of the caption-text alignment term (0 skips it)", kind="float", min=0.0)
+    reconstruction: float = setting(1.0, "weight of the reconstruction term (0 skips it)", kind="float", min=0.0)
+    dense: float = setting(0.0, "weight of dense distillation (med3dinsight_plugin.dense; needs a cache embedded "
+                                "with --feature-maps; 0 skips it)", kind="float", min=0.0)
 
 
 @dataclass
 class LossBalance:
     """``model.loss_balance:`` set a term's weight before the first step so that its gradient norm on the encoder is
     this multiple of the reconstruction term's (measured on the first batch; null: the weight in loss_weights)."""
-    image: Optional[float] = _f(None, kind="float", above=0.0, optional=True)
-    text: Optional[float] = _f(None, kind="float", above=0.0, optional=True)
-    dense: Optional[float] = _f(None, kind="float", above=0.0, optional=True)
+    image: Optional[float] = setting(None, "image term's encoder gradient norm as a multiple of reconstruction's, "
+                                           "set at step 0 (null: loss_weights.image)", kind="float", above=0.0,
+                                     nullable=True)
+    text: Optional[float] = setting(None, "text term's encoder gradient norm as a multiple of reconstruction's, set "
+                                          "at step 0 (null: loss_weights.text)", kind="float", above=0.0,
+                                    nullable=True)
+    dense: Optional[float] = setting(None, "dense term's encoder gradient norm as a multiple of reconstruction's, "
+                                           "set at step 0 (null: loss_weights.dense)", kind="float", above=0.0,
+                                     nullable=True)
 
 
 @dataclass
 class ModelConfig:
     """``model:`` backbone, PSAT and alignment (see :func:`~med3dinsight_plugin.pretrain.build_model`)."""
-    backbone: str = _f("swin_unetr", kind="str")
-    backbone_kwargs: Dict[str, Any] = _f({}, kind="dict")
-    # None: the backbone's default (96^3 for MONAI networks; the plans' patch size for backbone nnunet)
-    patch_size: Optional[List[int]] = _f(None, kind="ints", length=3, min=1, optional=True)
-    in_channels: int = _f(1, kind="int", min=1)
-    psat: str = _f("paper", kind="str", choices=tuple(PSAT_PRESETS))
-    psat_kwargs: Dict[str, Any] = _f({}, kind="dict")
-    alignment: str = _f("ot", kind="str", choices=("ot", "clip"))
-    loss_weights: LossWeights = field(default_factory=LossWeights)
-    loss_balance: LossBalance = field(default_factory=LossBalance)
-    # dense distillation's per-location distance: cosine (1 - cos) or mse
-    dense_loss: str = _f("cosine", kind="str", choices=("cosine", "mse"))
-    # plain: the decoder rebuilds the whole input it sees; masked: training inputs lose a random mask_ratio of their
-    # mask_block^3 blocks (set to 0, the z-scored mean) and the MSE is taken on those voxels only (Med3DInsightModel)
-    reconstruction: str = _f("plain", kind="str", choices=("plain", "masked"))
-    mask_ratio: float = _f(0.6, kind="float", above=0.0, below=1.0)
-    mask_block: int = _f(16, kind="int", min=1)
+    backbone: str = setting("swin_unetr", "the backbone: swin_unetr, unetr, nnunet, plain_conv_unet, resenc_unet "
+                                          "(--backbone)", kind="str")
+    backbone_kwargs: Dict[str, Any] = setting({}, "arguments of the backbone network's constructor (checked against "
+                                                  "it before any volume is prepared)", kind="dict")
+    patch_size: Optional[List[int]] = setting(None, "input patch [S, P, L] in voxels; null: the backbone's default "
+                                                    "(96^3 for MONAI networks; the plans' patch size for nnunet)",
+                                              kind="ints", length=3, min=1, nullable=True)
+    in_channels: int = setting(1, "input channels", kind="int", min=1)
+    psat: str = setting("paper", "the PSAT preset: paper (6 layers, 768 wide, 300 queries) or small", kind="str",
+                        choices=tuple(PSAT_PRESETS))
+    psat_kwargs: Dict[str, Any] = setting({}, "PSAT arguments that change the preset", kind="dict")
+    alignment: str = setting("ot", "ot (partial optimal transport) or clip (InfoNCE)", kind="str",
+                             choices=("ot", "clip"))
+    loss_weights: LossWeights = setting(LossWeights, "weight of each loss term (0 skips it)")
+    loss_balance: LossBalance = setting(LossBalance, "set a term's weight from its gradient on the encoder at step 0 "
+                                                     "(null: the weight in loss_weights)")
+    dense_loss: str = setting("cosine", "dense distillation's distance per location: cosine (1 - cos) or mse",
+                              kind="str", choices=("cosine", "mse"))
+    reconstruction: str = setting("plain", "plain: the decoder rebuilds the whole input; masked: inputs lose "
+                                           "mask_ratio of their mask_block^3 blocks (set to 0) and only those are "
+                                           "rebuilt (MAE-style)", kind="str", choices=("plain", "masked"))
+    mask_ratio: float = setting(0.6, "masked reconstruction: the share of blocks set to 0", kind="float", above=0.0,
+                                below=1.0)
+    mask_block: int = setting(16, "masked reconstruction: the edge of a block in voxels", kind="int", min=1)
 
 
 @dataclass
 class TrainConfig:
     """``train:`` optimisation, precision, and how often to log, evaluate and checkpoint."""
-    steps: int = _f(10000, kind="int", min=0)
-    batch_size: int = _f(2, kind="int", min=1)  # per process
-    lr: float = _f(1.0e-5, kind="float", min=0.0)
-    # adamw: AdamW(betas, weight_decay), decoupled weight decay; adam_l2: Adam(betas, weight_decay), the decay added
-    # to the gradient (coupled L2), as the authors train; sgd: SGD with Nesterov momentum 0.99 and weight_decay as
-    # L2, as nnU-Net trains (an update linear in the gradients; betas unused). CLIP's temperature is never decayed.
-    optimizer: str = _f("adamw", kind="str", choices=("adamw", "adam_l2", "sgd"))
-    weight_decay: float = _f(1.0e-5, kind="float", min=0.0)
-    betas: List[float] = _f([0.9, 0.999], kind="floats", length=2, min=0.0, max=0.999999)
-    warmup_steps: int = _f(500, kind="int", min=0)
-    schedule: str = _f("cosine", kind="str", choices=("cosine", "poly", "constant"))
-    min_lr_ratio: float = _f(0.0, kind="float", min=0.0, max=1.0)
-    grad_clip: float = _f(1.0, kind="float")  # <= 0: no clipping
-    amp: str = _f("auto", kind="str", choices=("auto", "bf16", "fp16", "off"))
-    compile: bool = _f(False, kind="bool")
-    seed: int = _f(0, kind="int", min=0, max=_MAX_SEED)
-    checkpoint_every: int = _f(500, kind="int", min=0)  # 0: only at the end
-    log_every: int = _f(10, kind="int", min=1)
-    eval_every: int = _f(500, kind="int", min=0)  # 0: only at the end
-    device: str = _f("auto", kind="str")
+    steps: int = setting(10000, "optimizer steps (--steps)", kind="int", min=0)
+    batch_size: int = setting(2, "volumes per step and process", kind="int", min=1)
+    lr: float = setting(1.0e-5, "peak learning rate", kind="float", min=0.0)
+    optimizer: str = setting("adamw", "adamw: decoupled weight decay; adam_l2: Adam with the decay added to the "
+                                      "gradient (the authors'); sgd: nnU-Net's, Nesterov momentum 0.99, L2 decay",
+                             kind="str", choices=("adamw", "adam_l2", "sgd"))
+    weight_decay: float = setting(1.0e-5, "weight decay (CLIP's temperature is never decayed)", kind="float",
+                                  min=0.0)
+    betas: List[float] = setting([0.9, 0.999], "Adam's betas (sgd: unused)", kind="floats", length=2, min=0.0,
+                                 max=0.999999)
+    warmup_steps: int = setting(500, "linear warm-up steps (the first step already uses lr/warmup_steps, never 0)",
+                                kind="int", min=0)
+    schedule: str = setting("cosine", "after the warm-up: cosine or poly (power 0.9) decay to min_lr_ratio x lr at "
+                                      "train.steps, or constant", kind="str", choices=("cosine", "poly", "constant"))
+    min_lr_ratio: float = setting(0.0, "the learning rate cosine / poly decay ends at, as a fraction of lr",
+                                  kind="float", min=0.0, max=1.0)
+    grad_clip: float = setting(1.0, "gradient-norm clipping; <= 0: none", kind="float")
+    amp: str = setting("auto", "auto (bf16 on a CUDA GPU that has it, else off), bf16, fp16 or off", kind="str",
+                       choices=("auto", "bf16", "fp16", "off"))
+    compile: bool = setting(False, "torch.compile the model (ignored on CPU)", kind="bool")
+    seed: int = setting(0, "seed of the initial weights, dropout and the loader", kind="int", min=0, max=_MAX_SEED)
+    checkpoint_every: int = setting(500, "steps between training-state saves (0: only at the end)", kind="int",
+                                    min=0)
+    log_every: int = setting(10, "steps between log lines (each also measures every term's encoder gradient)",
+                             kind="int", min=1)
+    eval_every: int = setting(500, "steps between held-out evaluations (0: only at the end)", kind="int", min=0)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N (--device)", kind="str")
 
 
 @dataclass
 class PretrainConfig:
-    """The whole pretraining configuration (docs/pretraining.md gives the meaning and default of each key)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    output: Optional[str] = _f(None, kind="str", optional=True)  # the run folder
+    """The whole pretraining configuration: every key with its default and meaning is in :func:`describe_config`
+    (``med3dinsight pretrain --print-config``) and docs/pretraining.md."""
+    data: DataConfig = setting(DataConfig, "where the volumes and teacher embeddings come from and how samples are "
+                                           "drawn")
+    model: ModelConfig = setting(ModelConfig, "backbone, PSAT, alignment and the loss terms")
+    train: TrainConfig = setting(TrainConfig, "optimisation, precision, and how often to log, evaluate and "
+                                              "checkpoint")
+    output: Optional[str] = setting(None, "the run folder (-o)", kind="str", nullable=True)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain nested dict (YAML/JSON-serialisable), the inverse of :meth:`from_dict`."""
@@ -154,8 +183,13 @@ class PretrainConfig:
     def from_dict(cls, values: Dict[str, Any], source: str = "<dict>") -> "PretrainConfig":
         """Validated config from a nested dict; missing keys keep their defaults."""
         config = cls()
-        _merge(config, values, "", source)
+        schema.merge(config, values, _source(source))
         return config
+
+
+def _source(name: str) -> schema.Source:
+    """Values read from ``name`` (a file name, ``--set``): text-read, each mistake a one-line :class:`ConfigError`."""
+    return schema.Source(name, ConfigError)
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -206,9 +240,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()
 
 
 def _merge_checked(config: PretrainConfig, values: Dict[str, Any], source: str) -> None:
-    """:func:`_merge` at the top level; a value nested past Python's recursion limit is a :class:`ConfigError`."""
+    """:func:`schema.merge` at the top level; a value nested past Python's recursion limit is a :class:`ConfigError`."""
     try:
-        _merge(config, values, "", source)
+        schema.merge(config, values, _source(source))
     except RecursionError:
         raise ConfigError(f"{source} nests mappings or lists too deeply to be a configuration; the config has three "
                           f"sections (data, model, train) of plain values") from None
@@ -253,8 +287,7 @@ def _load_yaml(text: str, where: str) -> Any:
 
 def _show_key(key: str, limit: int = 80) -> str:
     """A key as written, cut to ``limit`` characters for one-line messages."""
-    key = str(key)
-    return key if len(key) <= limit else key[:limit - 3] + "..."
+    return schema.cut(key, limit)
 
 
 # Backbones whose builder forwards **kwargs to a network class: where its constructor's arguments come from.
@@ -272,8 +305,6 @@ def backbone_arguments(name: str) -> Optional[Dict[str, Any]]:
         ConfigError: ``name`` is not a registered backbone.
     """
     import importlib
-
-    from ..backbones import backbone_family, list_backbones
 
     if name not in list_backbones():
         raise ConfigError(f"unknown model.backbone {short_repr(name)}; expected one of {', '.join(list_backbones())}")
@@ -322,7 +353,6 @@ def check_backbone_kwargs(model: "ModelConfig") -> None:
 
 def save_config(config: PretrainConfig, path: str | Path) -> Path:
     """Write ``config`` as YAML, atomically (a crash leaves the old file or none)."""
-    from ..fileio import atomic_write
 
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     path = Path(path)
@@ -332,148 +362,38 @@ def save_config(config: PretrainConfig, path: str | Path) -> Path:
 
 def diff_configs(old: Dict[str, Any], new: Dict[str, Any], ignore: Iterable[str] = RESUMABLE_CHANGES) -> List[str]:
     """Dotted keys whose values differ between two ``to_dict()`` configs, except ``ignore``."""
-    from ..fileio import diff_keys
 
     ignored = set(ignore)
     return [k for k in diff_keys(old, new, leaves=_WHOLE_VALUES) if k not in ignored]
 
 
-# Free-form keyword sections compared as whole values.
-_WHOLE_VALUES = ("model.backbone_kwargs", "model.psat_kwargs")
+# Free-form keyword sections (the dict settings: backbone_kwargs, psat_kwargs) compared as whole values.
+_WHOLE_VALUES = tuple(e.key for e in schema.entries(PretrainConfig) if e.rules.kind == "dict")
 
 
-def _all_keys(obj, prefix: str = "") -> List[str]:
-    keys = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        keys.append(prefix + f.name)
-        if dataclasses.is_dataclass(value):
-            keys += _all_keys(value, f"{prefix}{f.name}.")
-    return keys
+# ------------------------------------------------------------------------------------------------------- listing
+
+def describe_config(config: Optional[PretrainConfig] = None) -> str:
+    """Every key of ``config`` (default: the defaults) with its value and meaning, as YAML a user can save, edit and
+    pass back with ``--config`` (``load_config`` of it gives ``config``): ``med3dinsight pretrain --print-config``.
+
+    Each key is preceded by a comment naming it dotted, as ``--set`` takes it, and saying what it means.
+    """
+    config = config if config is not None else PretrainConfig()
+    lines = ["# med3dinsight pretraining configuration: every key, its value and its meaning. Save it, edit it and",
+             "# pass it back with --config FILE; --set KEY=VALUE takes the dotted names below."]
+    for entry in schema.entries(config):
+        depth = entry.key.count(".")
+        indent, name = "  " * depth, entry.key.rsplit(".", 1)[-1]
+        if depth == 0:
+            lines.append("")  # a blank line before each top-level key
+        lines.append(f"{indent}# {entry.key}: {entry.rules.help}")
+        lines.append(f"{indent}{name}:" if entry.rules.kind == "section" else
+                     f"{indent}{name}: {_yaml_value(entry.value)}")
+    return "\n".join(lines) + "\n"
 
 
-def _merge(obj, values: Dict[str, Any], prefix: str, source: str, root=None) -> None:
-    """Set the dataclass ``obj``'s fields from ``values``, recursing into sections; validate each value."""
-    root = root if root is not None else obj
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if not isinstance(name, str) or name not in fields:
-            match = _suggest(str(name), list(fields), prefix, _all_keys(root))
-            hint = f"; did you mean '{match}'?" if match else \
-                f"; expected one of: {', '.join(f'{prefix}{n}' for n in fields)}"
-            raise ConfigError(f"unknown key '{_show_key(key)}' in {source}{hint}")
-        current = getattr(obj, name)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"'{_show_key(key)}' in {source} must be a mapping of keys "
-                                  f"({', '.join(_all_keys(current))}), got {short_repr(value)}")
-            _merge(current, value, key + ".", source, root)
-        elif fields[name].metadata.get("kind") == "dict" and isinstance(value, dict) and isinstance(current, dict):
-            merged = dict(current)
-            _deep_update(merged, value)  # an override reaches one entry of backbone_kwargs without erasing the rest
-            setattr(obj, name, _check(merged, fields[name].metadata, key, source))
-        else:
-            setattr(obj, name, _check(value, fields[name].metadata, key, source))
-
-
-def _suggest(name: str, siblings: List[str], prefix: str, everything: List[str]) -> Optional[str]:
-    """The key a misspelt ``name`` most likely meant: a sibling it extends or abbreviates (``lr_rate`` -> ``lr``),
-    else the same name in another section, else the closest sibling, else the closest key anywhere."""
-    lowered = name.lower()
-    stems = [s for s in siblings if lowered.startswith(s + "_") or (len(lowered) >= 3 and s.startswith(lowered))]
-    if stems:
-        return prefix + max(stems, key=len)
-    elsewhere = [k for k in everything if k.rsplit(".", 1)[-1] == lowered]
-    if elsewhere:
-        return elsewhere[0]
-    match = difflib.get_close_matches(lowered, siblings, n=1, cutoff=0.6)
-    if match:
-        return prefix + match[0]
-    match = difflib.get_close_matches(name, [k.rsplit(".", 1)[-1] for k in everything], n=1, cutoff=0.8)
-    return next((k for k in everything if match and k.rsplit(".", 1)[-1] == match[0]), None)
-
-
-def _deep_update(target: dict, update: dict) -> None:
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(target.get(k), dict):
-            _deep_update(target[k], v)
-        else:
-            target[k] = v
-
-
-def _check(value: Any, rules: Dict[str, Any], key: str, source: str) -> Any:
-    """Validate (and lightly coerce) one value according to its field's rules."""
-    kind = rules["kind"]
-
-    def fail(expected: str):
-        raise ConfigError(f"'{_show_key(key)}' in {source} must be {expected}, got {short_repr(value)}")
-
-    if value is None:
-        if rules.get("optional"):
-            return None
-        fail(_describe(rules))
-    if kind == "str":
-        if not isinstance(value, str):
-            fail(_describe(rules))
-        if "choices" in rules and value not in rules["choices"]:
-            fail("one of " + ", ".join(repr(c) for c in rules["choices"]))
-        return value
-    if kind == "bool":
-        if not isinstance(value, bool):
-            fail("true or false")
-        return value
-    if kind == "dict":
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            fail("a mapping of argument names to values")
-        return value
-    if kind in ("int", "float"):
-        number = _number(value, kind)
-        if number is None or not _in_range(number, rules):
-            fail(_describe(rules))
-        return number
-    if kind in ("ints", "floats"):
-        scalar = kind[:-1]
-        items = [_number(v, scalar) for v in value] if isinstance(value, (list, tuple)) else None
-        if items is None or len(items) != rules["length"] or any(v is None or not _in_range(v, rules) for v in items):
-            fail(_describe(rules))
-        return items
-    raise AssertionError(kind)
-
-
-def _number(value: Any, kind: str):
-    """``value`` as an int/float, or ``None``; YAML reads ``3e-4`` (no dot) as a string, so numeric strings count."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return None
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    if kind == "int":
-        return int(value) if float(value).is_integer() else None
-    return float(value)
-
-
-def _in_range(v, rules) -> bool:
-    """``min``/``max`` are inclusive bounds, ``above``/``below`` exclusive ones."""
-    return (("min" not in rules or v >= rules["min"]) and ("max" not in rules or v <= rules["max"])
-            and ("above" not in rules or v > rules["above"]) and ("below" not in rules or v < rules["below"]))
-
-
-def _describe(rules: Dict[str, Any]) -> str:
-    kind = rules["kind"]
-    bounds = ""
-    if "min" in rules and "max" in rules:
-        bounds = f" in [{rules['min']}, {rules['max']}]"
-    elif "min" in rules:
-        bounds = " >= 0" if rules["min"] == 0 else f" >= {rules['min']}"
-    elif "above" in rules and "below" in rules:
-        bounds = f" strictly between {rules['above']:g} and {rules['below']:g}"
-    names = {"int": "an integer", "float": "a number", "str": "a string", "ints": "integers", "floats": "numbers"}
-    text = names.get(kind, kind) + bounds
-    if kind in ("ints", "floats"):
-        text = f"a list of {rules['length']} {text}"
-    return text + (" or null" if rules.get("optional") else "")
+def _yaml_value(value: Any) -> str:
+    """``value`` as one line of YAML (flow style) that reads back as the same value."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), sort_keys=False).strip()
+    return text[:-len("...")].strip() if text.endswith("\n...") else text

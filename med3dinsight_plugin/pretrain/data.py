@@ -39,7 +39,9 @@ from torch.utils.data import Dataset
 from ..dense import crop_map_target
 from ..errors import Med3DInsightError
 from ..fileio import atomic_write
+from ..slices import body_box
 from ..teacher.cache import StaleCacheError, TeacherCache
+from ..volumes import VolumeError
 
 __all__ = ["VIEWS", "PretrainDataset", "body_box", "compute_normalization", "median_spacing", "prepare_volumes",
            "prepared_boxes", "resample_box", "split_cases"]
@@ -59,7 +61,6 @@ def compute_normalization(source, cases: Sequence[str], seed: int = 0) -> Dict[s
     Raises:
         VolumeError: a CT case with voxels beyond +-1e6 (not Hounsfield units), naming its file.
     """
-    from ..volumes import VolumeError
 
     if source.kind == "nnunet_preprocessed":
         return {"scheme": "nnunet_preprocessed", **source.describe()}
@@ -107,19 +108,6 @@ def _normalize(array: np.ndarray, normalization: Dict[str, Any]) -> np.ndarray:
 
 
 VIEWS = ("crop", "volume")
-
-
-def body_box(volume) -> List[List[int]]:
-    """``[[start, stop], ...]`` per canonical axis of the body (:func:`~med3dinsight_plugin.slices.body_mask` of the
-    first channel in scanner units); the whole volume when no voxel counts as body."""
-    from ..slices import body_mask
-
-    mask = body_mask(volume.native(0), volume.modality)
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append([int(hit[0]), int(hit[-1]) + 1] if hit.size else [0, int(mask.shape[axis])])
-    return box
 
 
 def median_spacing(source, cases: Sequence[str]) -> List[float]:
@@ -204,7 +192,6 @@ def prepare_volumes(source, cases: Sequence[str], folder, normalization: Dict[st
         data = _normalize(volume.array, normalization)
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
-            from ..volumes import VolumeError
             raise VolumeError(f"{_files(volume, case)} gives {bad} non-finite voxels after {normalization['scheme']} "
                               f"(its values are too extreme to normalise); repair the file or remove it from the "
                               f"dataset")

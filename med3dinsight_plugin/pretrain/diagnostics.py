@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from ..fileio import atomic_write, unwrap
 from ..model import SliceOutputs
 
 __all__ = ["MetricsLog", "caption_warning", "evaluate", "metrics_figure", "plot_metrics", "retrieval_metrics"]
@@ -95,8 +96,6 @@ def evaluate(model, eval_set, batch_size: int, device, amp_dtype: Optional[torch
     """
     from torch.utils.data import default_collate
 
-    from ..fileio import unwrap
-
     model = unwrap(model)
     device = torch.device(device)
     was_training = model.training
@@ -150,7 +149,6 @@ def plot_metrics(metrics_jsonl: str | Path, png_path: str | Path) -> Path:
     Returns:
         The path written.
     """
-    from ..fileio import atomic_write
 
     records = []
     for line in Path(metrics_jsonl).read_text().splitlines():
@@ -312,7 +310,6 @@ class MetricsLog:
 
 def _rewind(path: Path, start: int) -> None:
     """Keep the lines of steps <= ``start`` (a resumed run rewrites the later ones); ``start=0``: a new file."""
-    from ..fileio import atomic_write
 
     if not path.is_file():
         return

@@ -9,14 +9,14 @@ Layout of a run folder ``OUTPUT``::
     tensorboard/                TensorBoard scalars (when tensorboard is installed)
     med3dinsight.safetensors    the pretrained model, written at the end (``save_pretrained``)
     metrics.png                 losses and retrieval accuracy against the step
+
+The loop's phases are here; the state files are :mod:`.state`'s, the optimizer and schedule :mod:`.optim`'s, and what
+every rank does around a step (sampler, forward module, collectives) :mod:`.steps`'s.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
-import random
 import sys
 import time
 import warnings
@@ -25,33 +25,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from ..balance import balanced_weights, encoder_parameters, term_gradient_norms
-from ..checkpoint import RESERVED_METADATA, CheckpointError, save_pretrained
+from ..checkpoint import RESERVED_METADATA, save_pretrained
 from ..distributed import DistributedContext, init_distributed
-from ..errors import Med3DInsightError, first_line
-from ..fileio import atomic_write, freeze
-from ..model import SliceOutputs, build_model
+from ..fileio import freeze
 from ..ot import NonFiniteCostError
 from ..results import Result
-from .config import RESUMABLE_CHANGES, ConfigError, PretrainConfig, TrainConfig, diff_configs, save_config
+from .config import ConfigError, PretrainConfig, TrainConfig, save_config
 from .diagnostics import MetricsLog, evaluate, plot_metrics
+from .optim import SCHEDULE_WARNINGS, _optimizer, _regrouped, lr_factor, lr_scheduler, warmup_note
+from .state import STATE_FORMAT, _seed_all, _set_rng, _States
+from .steps import (
+    NonFiniteError,
+    _amp_dtype,
+    _call_on_start,
+    _check_finite,
+    _diverged,
+    _grad_norm,
+    _reduce_mean,
+    _Step,
+    _StepSampler,
+)
 
-__all__ = ["NonFiniteError", "PretrainResult", "build_model", "lr_factor", "pretrain", "STATE_FORMAT"]
+__all__ = ["NonFiniteError", "PretrainResult", "lr_factor", "pretrain", "STATE_FORMAT"]
 
-STATE_FORMAT = "med3dinsight-pretrain-state"
 # Metadata keys the checkpoint format and this loop write themselves: checked before training, not after it.
 _RESERVED_METADATA = RESERVED_METADATA + ("pretraining",)
-_STATE_KEYS = ("step", "model", "optimizer", "scheduler", "scaler", "rng", "config")
-
-
-class NonFiniteError(Med3DInsightError):
-    """Training diverged: a loss or a weight became NaN/Inf (nothing non-finite is ever saved)."""
 
 
 @dataclass(frozen=True)
@@ -76,97 +80,6 @@ class PretrainResult(Result):
     global_batch: int
     losses: Dict[str, float] = field(default_factory=dict)
     eval: Dict[str, float] = field(default_factory=dict)
-
-
-def lr_factor(step: int, train: TrainConfig) -> float:
-    """Fraction of ``train.lr`` used by 0-based optimizer step ``step``.
-
-    Linear warm-up over ``warmup_steps`` (the first step already uses 1/warmup, never 0), then cosine or poly (0.9)
-    decay reaching ``min_lr_ratio`` at ``train.steps``, or constant.
-    """
-    if step < train.warmup_steps:
-        return (step + 1) / train.warmup_steps
-    if train.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if train.schedule == "cosine" else (1 - progress) ** 0.9
-    return train.min_lr_ratio + (1 - train.min_lr_ratio) * shape
-
-
-def warmup_note(train: TrainConfig, start: int = 0) -> Optional[str]:
-    """A ``note:`` line when the warm-up takes at least half of the run (``2 * warmup_steps >= steps``) and the run
-    starts inside it, else ``None``: a short run with the default 500 warm-up steps trains at a tiny learning rate
-    (4 steps: 8e-08) and its losses barely move."""
-    w, n = train.warmup_steps, train.steps
-    if n <= 0 or w <= 0 or 2 * w < n or start >= min(w, n):
-        return None
-    fix = f"set train.warmup_steps to about a tenth of train.steps (train.warmup_steps={n // 10})"
-    if n < w:
-        return (f"note: train.steps={n} < train.warmup_steps={w}: the run never leaves its warm-up and its learning "
-                f"rate reaches only {train.lr * lr_factor(n - 1, train):.2g} (train.lr {train.lr:g} x {n}/{w}); "
-                f"{fix}")
-    return (f"note: the warm-up takes {w} of the run's {n} steps (train.warmup_steps={w}, train.steps={n}): half "
-            f"of the run or more trains below train.lr; {fix}")
-
-
-class _StepSampler(Sampler):
-    """Sample numbers of one rank from ``start`` to ``steps``: step s, rank r, j-th of b is s*W*b + r*b + j, so the
-    batches depend only on the step (not on the worker count or on where a resumed run starts)."""
-
-    def __init__(self, start: int, steps: int, batch: int, rank: int, world: int):
-        self.start, self.steps, self.batch, self.rank, self.world = start, steps, batch, rank, world
-
-    def __iter__(self):
-        for s in range(self.start, self.steps):
-            first = (s * self.world + self.rank) * self.batch
-            yield from range(first, first + self.batch)
-
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start) * self.batch
-
-
-class _Step(nn.Module):
-    """One training forward (encode, gather across ranks, losses) inside one module, so that DDP's hooks see it.
-
-    The alignment losses are contrastive / OT over all pairs, so every rank gathers all predictions (with gradient:
-    the backward sums each rank's copy, and DDP's averaging then gives exactly the gradient of one process holding
-    the global batch) and all teacher embeddings. The reconstruction MSE stays a per-rank mean, which DDP averages.
-    """
-
-    def __init__(self, model: nn.Module, world: int):
-        super().__init__()
-        self.model, self.world = model, world
-
-    def forward(self, volume, plane, position, image_emb=None, text_emb=None, mask=None, map_target=None,
-                map_valid=None) -> Dict[str, torch.Tensor]:
-        z3d, reconstruction = self.model.encode(volume, plane, position)
-        if map_valid is not None and mask is not None:  # dense distillation stays per rank, like reconstruction
-            map_valid = map_valid & mask[..., None, None].bool()
-        map_count = None
-        if self.world > 1 and map_valid is not None:  # ... averaged over the global batch's valid locations
-            map_count = map_valid.sum().float()
-            dist.all_reduce(map_count)
-            map_count = map_count / self.world
-        if self.world > 1:
-            from torch.distributed.nn.functional import all_gather
-
-            def gather(t):
-                return None if t is None else torch.cat(all_gather(t), 0)
-            z3d = z3d._replace(image=gather(z3d.image), text=gather(z3d.text)) if isinstance(z3d, SliceOutputs) \
-                else gather(z3d)
-            image_emb, text_emb = _gather_plain(image_emb, self.world), _gather_plain(text_emb, self.world)
-            mask = None if mask is None else _gather_plain(mask.to(torch.uint8), self.world).bool()
-        return self.model.compute_losses(z3d, reconstruction, volume, image_emb, text_emb, mask, map_target,
-                                          map_valid, map_count)
-
-
-def _gather_plain(t: Optional[torch.Tensor], world: int) -> Optional[torch.Tensor]:
-    """Concatenation of every rank's ``t`` in rank order, without gradient (teacher embeddings and masks)."""
-    if t is None:
-        return None
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, 0)
 
 
 def pretrain(config: PretrainConfig, model: nn.Module, train_set, eval_set=None, *, metadata: Optional[dict] = None,
@@ -266,7 +179,7 @@ class _RunContext:
     params: List[nn.Parameter] = field(default_factory=list)  # the trainable parameters
     encoder_params: List[nn.Parameter] = field(default_factory=list)  # those of the pretrained encoder
     optimizer: Optional[torch.optim.Optimizer] = None
-    scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
     scaler: Optional[torch.amp.GradScaler] = None
     step_module: Optional[nn.Module] = None  # _Step around the model, DDP-wrapped with several processes
     log: Optional[MetricsLog] = None  # rank 0 only
@@ -396,15 +309,9 @@ def _prepare_optimization(run: _RunContext) -> None:
     run.params = [p for p in run.model.parameters() if p.requires_grad]
     run.encoder_params = encoder_parameters(run.model)
     run.optimizer = _optimizer(run.model.param_groups(), tc)
-    # A plain function (not a picklable object) so the scheduler's state holds no callable, and a resumed run with a
-    # changed train.steps follows the new schedule.
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: lr_factor(s, tc))
     run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
     if state:
-        optimizer_state, scheduler_state = _regrouped(state["optimizer"], state["scheduler"], run.optimizer,
-                                                      run.params)
-        run.optimizer.load_state_dict(optimizer_state)
-        run.scheduler.load_state_dict(scheduler_state)
+        run.optimizer.load_state_dict(_regrouped(state["optimizer"], run.optimizer, run.params))
         run.scaler.load_state_dict(state["scaler"])
         if len(state["rng"]) == run.world:
             _set_rng(state["rng"][run.rank], run.device)
@@ -414,6 +321,9 @@ def _prepare_optimization(run: _RunContext) -> None:
             _seed_all(tc.seed + run.rank + run.start)
     else:
         _seed_all(tc.seed + run.rank)  # + rank: dropout differs between ranks, as it would between samples
+    # Built from the configuration and advanced to the resumed step, never loaded from the state: the same learning
+    # rates as an uninterrupted run, the new schedule after a changed train.steps, and old (LambdaLR) states resume.
+    run.scheduler = lr_scheduler(run.optimizer, tc, run.start)
     run.state = None  # applied: nothing reads it again
 
 
@@ -506,7 +416,8 @@ def _train_step(run: _RunContext, batch: Dict[str, torch.Tensor]
     _after_optimizer_step(run)
     lr = run.lr()
     with warnings.catch_warnings():  # fp16: a step the scaler skipped is still a step of the schedule
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        for message in SCHEDULE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
         run.scheduler.step()
     run.step += 1
     return losses, grad_norm, lr
@@ -603,266 +514,15 @@ def _summary(run: _RunContext, final: Optional[Path]) -> PretrainResult:
                           losses=dict(run.tally.last_losses), eval=dict(run.tally.last_eval))
 
 
-class _Unusable(Exception):
-    """A state file that cannot be resumed from (unreadable, foreign, incomplete, non-finite); the reason."""
-
-
-class _States:
-    """``checkpoints/last.pt`` and the state saved before it, ``previous.pt``.
-
-    Saving moves a good ``last.pt`` (one this run wrote or resumed from) to ``previous.pt`` and writes the new state
-    atomically; resuming falls back to ``previous.pt``, with a warning, when ``last.pt`` is missing or unusable
-    (truncated by a full disk, replaced by a foreign file).
-    """
-
-    def __init__(self, folder: Path, rank: int):
-        self.folder, self.rank = folder, rank
-        self.last, self.previous = folder / "last.pt", folder / "previous.pt"
-        self.rotate = False  # last.pt is known good: keep it as previous.pt when writing the next one
-        self.saved_step: Optional[int] = None  # the step of the newest good state on disk
-
-    def resume(self, config: PretrainConfig, device: torch.device) -> Optional[Dict[str, Any]]:
-        """The newest usable state, or ``None`` when there is none to resume."""
-        candidates = [p for p in (self.last, self.previous) if p.is_file()]
-        if not candidates:
-            return None
-        problems = [] if self.last.is_file() else [f"{self.last} is missing"]
-        for path in candidates:
-            try:
-                state = _load_state(path, config, device)
-            except _Unusable as e:
-                problems.append(f"{path} {e}")
-                continue
-            if problems and self.rank == 0:
-                warnings.warn(f"{'; '.join(problems)}: resuming from {path} (step {int(state['step'])}) instead",
-                              stacklevel=5)
-            self.rotate = path == self.last
-            self.saved_step = int(state["step"])
-            return state
-        raise CheckpointError(f"{'; '.join(problems)}: cannot resume the run in {self.folder.parent}; move "
-                              f"{self.folder} out of the way, or pass --no-resume (resume=False) to start over")
-
-    def forget_previous(self) -> None:
-        """A fresh start: drop an older run's previous.pt, so no later fallback resumes another run."""
-        if self.rank == 0 and self.previous.is_file():
-            self.previous.unlink()
-
-    def save(self, model, optimizer, scheduler, scaler, step, config, world, device) -> None:
-        """All ranks' RNG states gathered; rank 0 writes atomically; the others wait so nobody runs ahead."""
-        rng = _get_rng(device)
-        rngs = [rng]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng)
-        if self.rank == 0:
-            state = {"format": STATE_FORMAT, "version": 1, "step": step, "world_size": world,
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                     "config": config.to_dict()}
-            if hasattr(model, "loss"):  # the weights in force (model.loss_balance may have set them)
-                state["loss_weights"] = dict(model.loss.weights)
-            self.folder.mkdir(parents=True, exist_ok=True)
-            if self.rotate and self.last.is_file():
-                self._keep_last_as_previous()
-            atomic_write(self.last, lambda tmp: torch.save(state, tmp))
-        self.rotate, self.saved_step = True, step
-        if world > 1:
-            dist.barrier()
-
-    def _keep_last_as_previous(self) -> None:
-        """previous.pt := last.pt, atomically, and last.pt stays in place (a hard link: no copy) until the new
-        state replaces it; where hard links are unsupported, last.pt is moved (a crash before the new one is
-        written then leaves previous.pt, which resuming falls back to)."""
-        tmp = self.folder / f".previous.pt.{os.getpid()}.tmp"
-        try:
-            if tmp.exists():
-                tmp.unlink()
-            os.link(self.last, tmp)
-            os.replace(tmp, self.previous)
-        except OSError:
-            if tmp.exists():
-                tmp.unlink()
-            os.replace(self.last, self.previous)
-
-
-def _load_state(path: Path, config: PretrainConfig, device: torch.device) -> Dict[str, Any]:
-    """The saved training state; :class:`_Unusable` if it cannot be resumed from, :class:`ConfigError` when it was
-    written with another configuration."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- truncated zip, foreign pickle, ...: torch raises assorted types
-        raise _Unusable(f"is unreadable ({type(e).__name__}: {first_line(e)[:120]})") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise _Unusable("is not a med3dinsight pretraining state")
-    missing = [k for k in _STATE_KEYS if k not in state]
-    if missing or not isinstance(state["model"], dict) or not isinstance(state["config"], dict):
-        raise _Unusable(f"is incomplete (no {', '.join(missing) or 'model/config mapping'})")
-    if not all(torch.isfinite(v).all() for v in state["model"].values()
-               if isinstance(v, torch.Tensor) and v.is_floating_point()):
-        raise _Unusable("holds non-finite weights")
-    changed = diff_configs(_with_defaults(state["config"]), config.to_dict())
-    if changed:
-        raise ConfigError(f"{path} was written with a different configuration ({', '.join(changed)} differ); use a "
-                          f"new output folder, or resume with the same configuration (only "
-                          f"{', '.join(RESUMABLE_CHANGES)} may change)")
-    return state
-
-
-def _with_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
-    """A saved configuration with the keys added since it was written at their defaults (which behave as before)."""
-    try:
-        return PretrainConfig.from_dict(saved).to_dict()
-    except ConfigError:
-        return saved  # a key since removed: the comparison names it
-
-
-def _optimizer(groups: List[Dict[str, Any]], tc: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer ``train.optimizer`` names, over ``groups`` (``Med3DInsightModel.param_groups()``: weight decay on
-    every trainable tensor but CLIP's temperature).
-
-    Args:
-        groups: optimizer parameter groups; a group without ``weight_decay`` takes ``train.weight_decay``.
-        tc: the ``train`` section: ``optimizer``, ``lr``, ``weight_decay``, ``betas``.
-
-    Returns:
-        ``adamw``: AdamW (decoupled weight decay; the package's default). ``adam_l2``: Adam with the weight decay
-        added to the gradient (coupled L2), as the authors train (``torch.optim.Adam(lr=1e-5, weight_decay=1e-5)``).
-        ``sgd``: nnU-Net's SGD, Nesterov momentum 0.99, L2 weight decay.
-    """
-    if tc.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=tc.lr, momentum=0.99, nesterov=True, weight_decay=tc.weight_decay)
-    if tc.optimizer == "adam_l2":
-        return torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
-    return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
-
-
-def _regrouped(optimizer_state: Dict[str, Any], scheduler_state: Dict[str, Any], optimizer: torch.optim.Optimizer,
-               params: List[nn.Parameter]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Saved optimizer and scheduler states in the layout of ``optimizer``'s parameter groups.
-
-    States written before CLIP's temperature had a group of its own (one group, ``params`` in model order) are
-    split like ``optimizer``'s groups, each parameter keeping its moments, and the new groups keep their own
-    ``weight_decay``; states already in the current layout are returned as they are.
-
-    Args:
-        optimizer_state, scheduler_state: the saved ``state_dict()`` of the optimizer and the LambdaLR schedule.
-        optimizer: the run's optimizer, built from ``Med3DInsightModel.param_groups()``.
-        params: the trainable parameters in model order (the saved single group's order).
-
-    Returns:
-        ``(optimizer_state, scheduler_state)`` ready for ``load_state_dict``.
-    """
-    saved_groups, groups = optimizer_state["param_groups"], optimizer.param_groups
-    if len(saved_groups) != 1 or len(groups) == 1 or len(saved_groups[0]["params"]) != len(params):
-        return optimizer_state, scheduler_state  # the current layout (or a foreign one: load_state_dict says so)
-    position = {id(p): i for i, p in enumerate(params)}
-    order = [position[id(p)] for group in groups for p in group["params"]]  # new index -> old index
-    saved_ids = saved_groups[0]["params"]
-    state = {new: optimizer_state["state"][saved_ids[old]] for new, old in enumerate(order)
-             if saved_ids[old] in optimizer_state["state"]}
-    new_groups, first = [], 0
-    for group in groups:
-        count = len(group["params"])
-        new_groups.append({**saved_groups[0], "weight_decay": group["weight_decay"],
-                           "params": list(range(first, first + count))})
-        first += count
-    scheduler_state = dict(scheduler_state)
-    for key in ("base_lrs", "_last_lr", "lr_lambdas"):  # one entry per group, all alike
-        if len(scheduler_state.get(key) or ()) == 1:
-            scheduler_state[key] = list(scheduler_state[key]) * len(groups)
-    return {"state": state, "param_groups": new_groups}, scheduler_state
-
-
-def _check_finite(window, params, step: int, lr: float, saved_step: Optional[int], world: int,
-                  device: torch.device) -> None:
-    """Raise :class:`NonFiniteError` on every rank if a loss of the last ``len(window)`` steps (on any rank) or a
-    weight is non-finite; one small collective."""
-    flags = [torch.isfinite(torch.stack([w.float() for w in window])).float() if window else
-             torch.zeros(0, device=device),
-             torch.stack([torch.isfinite(p.detach()).all() for p in params]).all().float()[None] if params else
-             torch.ones(1, device=device)]
-    flags = torch.cat([f.to(device) for f in flags])
-    if world > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    ok = flags.tolist()
-    if all(ok):
-        return
-    bad_losses = [i for i, v in enumerate(ok[:-1]) if not v]
-    what, at = ("loss", step - len(window) + 1 + bad_losses[0]) if bad_losses else ("weights", step)
-    raise _diverged(what, at, lr, saved_step)
-
-
-def _diverged(what: str, step: int, lr: float, saved_step: Optional[int]) -> NonFiniteError:
-    kept = f"the last saved state is step {saved_step}" if saved_step is not None else "no state was saved"
-    return NonFiniteError(f"the {what} became non-finite at step {step} (lr {lr:.3g}); {kept}, nothing non-finite "
-                          f"was written: lower train.lr or raise train.warmup_steps, and start over (--no-resume "
-                          f"or a new output folder)")
-
-
-def _call_on_start(on_start, model, rank: int, world: int, device: torch.device) -> None:
-    """Run the caller's check on rank 0; every rank stops if it failed (instead of waiting in a collective)."""
-    ok, error = True, None
-    if rank == 0 and on_start is not None:
-        try:
-            on_start(model)
-        except Exception as e:  # noqa: BLE001 -- re-raised below, after telling the other ranks
-            ok, error = False, e
-    if world > 1:
-        flag = torch.tensor([1.0 if ok else 0.0], device=device)
-        dist.broadcast(flag, 0)
-        ok = bool(flag.item())
-    if error is not None:
-        raise error
-    if not ok:
-        raise RuntimeError("pretraining aborted: the on_start check failed on rank 0")
-
-
 # ----------------------------------------------------------------------------------------------------- helpers
 
-def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    if amp == "auto":  # bf16 needs no loss scaling; fp16 only when asked
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def _grad_norm(params) -> torch.Tensor:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
-def _reduce_mean(sums: Dict[str, torch.Tensor], count: int, world: int) -> Dict[str, float]:
-    """Mean of each summed term over the steps since the last log and over the ranks (one collective)."""
-    keys = sorted(sums)
-    vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]) / max(count, 1)
-    if world > 1:
-        dist.all_reduce(vec)
-        vec /= world
-    return dict(zip(keys, vec.tolist()))
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
-def _get_rng(device: torch.device) -> Dict[str, Any]:
-    """RNG states as tensors / ints / lists, so that ``torch.load(weights_only=True)`` reads them back."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, py_state, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device).cpu() if device.type == "cuda" else None,
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                      "cached_gaussian": float(cached)},
-            "python": {"version": version, "state": list(py_state), "gauss": gauss}}
 
 
-def _set_rng(rng: Dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(rng["torch"].cpu())
-    if rng.get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
-    n = rng["numpy"]
-    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = rng["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))

@@ -14,14 +14,21 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..backbones import backbone_family
+from ..checkpoint import load_checkpoint, save_pretrained
+from ..crops import CropSource
 from ..distributed import init_distributed
+from ..downstream import build_downstream_network
 from ..errors import Med3DInsightError, first_line
-from ..fileio import atomic_write
+from ..fileio import atomic_write, diff_keys, unwrap
+from ..loading import load_pretrained_encoder
 from ..runlock import RunLock, RunLockedError  # re-exported: the lock moved to the shared module
-from ..teacher.cache import TeacherCache
+from ..teacher.cache import StaleCacheError, TeacherCache
+from ..volumes import open_source
 from .config import ConfigError, PretrainConfig, check_backbone_kwargs
 from .data import PretrainDataset, compute_normalization, median_spacing, prepare_volumes, prepared_boxes, split_cases
-from .engine import PretrainResult
+from .engine import PretrainResult, pretrain
+from .factory import build_model
 
 __all__ = ["PretrainResult", "RunLock", "RunLockedError", "run_pretraining", "check_downstream_load"]
 
@@ -32,7 +39,6 @@ EVAL_CROPS_PER_CASE = 4
 def _backbone_kwargs(config: PretrainConfig, source) -> None:
     """A backbone built from nnU-Net plans (``backbone: nnunet``) on an nnU-Net preprocessed dataset: build from that
     dataset's plans by default."""
-    from ..backbones import backbone_family
 
     m = config.model
     if m.backbone in backbone_family(m.backbone).plans_builders and "plans" not in m.backbone_kwargs:
@@ -54,10 +60,6 @@ def check_downstream_load(model, metadata: Dict[str, Any]):
     Returns:
         The :class:`~med3dinsight_plugin.loading.LoadReport`.
     """
-    from ..backbones import build_downstream_network
-    from ..checkpoint import load_checkpoint, save_pretrained
-    from ..fileio import unwrap
-    from ..loading import load_pretrained_encoder
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = load_checkpoint(save_pretrained(unwrap(model).backbone, Path(tmp) / "probe.safetensors", **metadata))
@@ -72,7 +74,6 @@ def _check_scanner_units(cache: TeacherCache, described: Dict[str, Any], d) -> N
     now = described.get("scanner_units")
     if d.view != "volume" or made is None or now is None or made == now:
         return
-    from ..teacher.cache import StaleCacheError
 
     if made == "raw":
         fix = f"set data.raw (or nnUNet_raw) to the raw dataset {d.source} was preprocessed from, as for embed"
@@ -97,8 +98,6 @@ def _check_output(out: Path, cache: TeacherCache) -> None:
     if record.is_file():
         started = json.loads(record.read_text())
         if started != json.loads(json.dumps(teacher)):
-            from ..fileio import diff_keys
-            from ..teacher.cache import StaleCacheError
             differ = ", ".join(diff_keys(started, teacher)[:3])
             raise StaleCacheError(f"{out} was started with another teacher cache ({differ} differ); resume with the "
                                   f"cache it started with, or use a new output folder")
@@ -218,13 +217,9 @@ def teacher_spaces(cache) -> Dict[str, Any]:
 
 def _run_locked(config: PretrainConfig, resume: bool, progress: bool, folder: Optional[_RunFolder]
                 ) -> PretrainResult:
-    from ..volumes import open_source
-    from .engine import build_model, pretrain
-
     d = config.data
     source = open_source(d.source, modality=d.modality, configuration=d.configuration, plans=d.plans, raw=d.raw)
     if d.crops:
-        from ..crops import CropSource
 
         if d.crop_mm is None:
             raise ConfigError("data.crops needs data.crop_mm (the crops' size in mm, as given to embed --crop-mm)")

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .clip import DEFAULT_TEACHER, ClipTeacher, TeacherError
+from .text import PairedTeacher, TextTeacher
+from .timm_teacher import TimmTeacher
+
 __all__ = ["build_teacher"]
 
 
@@ -39,7 +43,6 @@ def build_teacher(image_model: Optional[str] = None, image_weights=None, text_mo
         A teacher with ``identity()``, ``image_size``, ``embed_dim``, ``text_dim``, ``shared_space``, ``device``,
         ``encode_images``, ``encode_texts`` (and ``encode_images_with_maps`` / ``map_channels`` for feature maps).
     """
-    from .clip import DEFAULT_TEACHER, ClipTeacher, TeacherError
 
     if image_model is None:
         if image_weights is not None:
@@ -51,7 +54,6 @@ def build_teacher(image_model: Optional[str] = None, image_weights=None, text_mo
         if clip_model is not None or clip_pretrained is not None:
             raise TeacherError(f"--clip-model/--clip-pretrained choose an open_clip teacher, --image-model "
                                f"{image_model} a timm one; pass one of them (the timm weights as --image-weights)")
-        from .timm_teacher import TimmTeacher
 
         image = TimmTeacher(image_model, image_weights, device=device, precision=precision)
     else:
@@ -60,7 +62,6 @@ def build_teacher(image_model: Optional[str] = None, image_weights=None, text_mo
                            f"--clip-model")
     if text_model is None:
         return image
-    from .text import PairedTeacher, TextTeacher
 
     text = TextTeacher(text_model, device=device, precision=precision, trust_remote_code=trust_remote_code,
                        max_length=text_max_length)

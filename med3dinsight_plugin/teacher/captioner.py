@@ -1,9 +1,10 @@
 """Captions of 2D CT/MRI slices written by any Hugging Face vision-language model (VLM), stored resumably.
 
-``load_vlm`` loads an image-text-to-text model (hub id or local folder), ``Captioner`` prompts it with one image per
-chat message and decodes greedily, ``caption_slices`` captions an iterable of slices into a
-:class:`~.captions.CaptionFile`, skipping what an earlier (interrupted) run already wrote, and ``caption_dataset``
-captions every selected slice of a dataset in one process or sharded over ``torchrun`` processes.
+``Captioner`` prompts a loaded VLM (:mod:`.vlm`) with one image per chat message (prompts: :mod:`.prompts`) and
+decodes greedily, ``caption_slices`` captions an iterable of slices into a :class:`~.captions.CaptionFile`, skipping
+what an earlier (interrupted) run already wrote, and ``caption_dataset`` captions every selected slice of a dataset in
+one process or sharded over ``torchrun`` processes. ``load_vlm``, ``VLMError``, ``DEFAULT_PROMPTS``,
+``load_prompts`` and ``prompt_for`` are importable from here too.
 
 Sharding (``caption_dataset``): the sorted cases are cut into units of ``ceil(batch_size / slices per case)``
 consecutive cases; unit ``u`` belongs to rank ``u % world_size``, and a batch never spans two units, so every
@@ -13,32 +14,28 @@ rank 0 merges the shards into the caption file in canonical order once every ran
 captioned (in the caption file or in any shard, by a run with any number of processes) are skipped before they are
 rendered.
 
-transformers, PIL, tqdm, yaml and huggingface_hub are imported inside the functions: the core package imports only
-torch and numpy.
+PIL and tqdm are imported inside the functions: the core package imports only torch and numpy.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import numbers
 import operator
 import os
-import pickle
-import re
-import string
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from ..distributed import init_distributed
 from ..errors import Med3DInsightError
 from ..planes import PLANES, plane_id
 from ..results import Result
+from ..slices import RenderSettings, SlicePolicy, extract_slice, intensity_window, render_slice, volume_slices
 from .captions import (
     CaptionError,
     CaptionFile,
@@ -50,349 +47,20 @@ from .captions import (
     shard_folder,
     shard_path,
 )
-from .hub import hub_offline, pickle_files, unsafe_pickle_message
+from .embed import caption_settings_for
+from .prompts import (  # noqa: F401
+    DEFAULT_PROMPTS,
+    MODALITY_NAMES,  # with PROMPT_FIELDS: public, not in __all__, importable from here as before
+    PROMPT_FIELDS,
+    _check_templates,
+    load_prompts,
+    prompt_for,
+)
+from .vlm import VLM, VLMError, _first_line, load_vlm
 
 __all__ = ["VLM", "VLMError", "CaptionError", "CaptionFile", "CaptionResult", "Captioner", "DEFAULT_PROMPTS",
            "SliceRenderer", "caption_dataset", "caption_key", "caption_slices", "check_generation_args",
            "hold_caption_lock", "load_prompts", "load_vlm", "prompt_for"]
-
-
-class VLMError(Med3DInsightError):
-    """A model, prompt file or input the captioner cannot use; the one-line message names it and the fix."""
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-# ------------------------------------------------------------------------------------------------------- loading
-
-@dataclass
-class VLM:
-    """A loaded vision-language model: ``name`` as given, its ``processor`` and ``model`` (eval mode)."""
-    name: str
-    processor: Any
-    model: Any
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _resolve_dtype(dtype, device: str):
-    """float32 on CPU and bfloat16 (float16 without bf16 support) on CUDA by default; strings or torch dtypes."""
-    if dtype is None:
-        if torch.device(device).type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise VLMError(f"unknown dtype {dtype!r}: use 'auto', 'float32', 'float16' or 'bfloat16'")
-
-
-def _looks_like_path(model: str) -> bool:
-    """A string a user meant as a folder rather than a hub id ("org/name" or "name")."""
-    return (model.startswith(("/", ".", "~")) or "\\" in model or model.endswith("/") or model.count("/") > 1
-            or bool(re.match(r"^[A-Za-z]:", model)))
-
-
-def _locate(model: str) -> str:
-    """Local folder path or hub id of ``model``; fails at once for a missing folder or an uncached id offline."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise VLMError(f"{model} is a file; pass the model folder that holds config.json")
-        return str(path)
-    if _looks_like_path(model):
-        raise VLMError(f"local model folder {model} does not exist; check the path, or pass a hub id such as "
-                       f"Qwen/Qwen2-VL-2B-Instruct")
-    from huggingface_hub import try_to_load_from_cache
-    try:
-        cached = try_to_load_from_cache(model, "config.json")
-    except ValueError:  # HFValidationError: neither a folder nor a valid repo id
-        raise VLMError(f"{model} is neither an existing local folder nor a valid Hugging Face hub id") from None
-    if hub_offline() and not isinstance(cached, str):
-        # Checked here because transformers would otherwise fail later with a generic connection error.
-        raise VLMError(f"{model} is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1), "
-                       f"and there is no local folder of that name: download it on a machine with network "
-                       f"(hf download {model}) and copy the cache, or pass a local folder path")
-    return model
-
-
-def load_vlm(model: str, *, device: Union[str, torch.device] = "cpu", dtype=None,
-             trust_remote_code: bool = False) -> VLM:
-    """Load an image-text-to-text model and its processor for captioning.
-
-    Args:
-        model: hub id (e.g. ``"Qwen/Qwen2-VL-2B-Instruct"``) or local folder saved with ``save_pretrained``.
-        device: where to run it (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
-        dtype: ``None`` (float32 on CPU, bfloat16 on CUDA), ``"auto"`` (the checkpoint's), ``"float32"``,
-            ``"float16"``, ``"bfloat16"`` or a torch dtype.
-        trust_remote_code: allow the repository's own Python code to run (only for repositories you trust).
-
-    Returns:
-        a :class:`VLM` in eval mode on ``device``.
-
-    Raises:
-        VLMError: missing folder, uncached id offline, not a VLM, custom code not trusted, no chat template.
-    """
-    import transformers
-    from packaging.version import Version
-    from transformers import AutoConfig, AutoProcessor
-    try:
-        from transformers import AutoModelForImageTextToText
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
-    except ImportError:
-        raise VLMError("transformers is too old for AutoModelForImageTextToText; pip install -U transformers") \
-            from None
-    torch_dtype = _resolve_dtype(dtype, str(device))
-    where = _locate(str(model))
-    trust = bool(trust_remote_code)  # an explicit False: transformers would otherwise prompt [y/N] on custom code
-
-    def fail(e: BaseException, what: str) -> VLMError:
-        if "trust_remote_code" in str(e):
-            return VLMError(f"{model} needs its own custom code to load its {what}; pass --trust-remote-code "
-                            f"(trust_remote_code=True) if you trust that repository")
-        return VLMError(f"cannot load the {what} of {model} ({type(e).__name__}: {_first_line(e)}); check the "
-                        f"model folder's files or download the model again")
-
-    # The config is cheap: check it is a VLM before loading a processor (a CLIP folder has one too) or weights.
-    # transformers, tokenizers and safetensors raise many types for damaged files (SafetensorError, Exception from
-    # the Rust tokenizer, jinja2 errors...): each stage turns them into one line; MED3DINSIGHT_DEBUG=1 shows the cause
-    try:
-        config = AutoConfig.from_pretrained(where, trust_remote_code=trust)
-    except (OSError, ValueError, KeyError) as e:
-        raise fail(e, "config") from None
-    except Exception as e:
-        raise fail(e, "config") from e
-    remote = "AutoModelForImageTextToText" in (getattr(config, "auto_map", None) or {})
-    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING and not remote:
-        raise VLMError(f"{model} is not a vision-language model (its config is {type(config).__name__}); pass an "
-                       f"image-text-to-text model such as Qwen2-VL / LLaVA / HuatuoGPT-Vision-7B-Qwen2.5VL")
-    try:
-        processor = AutoProcessor.from_pretrained(where, trust_remote_code=trust)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise fail(e, "processor") from None
-    except Exception as e:
-        raise fail(e, "processor") from e
-    if getattr(processor, "image_processor", None) is None:
-        raise VLMError(f"{model} has no image processor (AutoProcessor gave {type(processor).__name__}); pass a "
-                       f"folder or repo that holds the model's processor files too")
-    tokenizer = getattr(processor, "tokenizer", None)
-    if getattr(processor, "chat_template", None) is None:
-        # Some repos keep the template only in tokenizer_config.json; VLM tokenizer templates handle images too.
-        processor.chat_template = getattr(tokenizer, "chat_template", None)
-    if processor.chat_template is None:
-        raise VLMError(f"the processor of {model} has no chat template, so prompts cannot be formatted for it; use "
-                       f"the model's instruct/chat variant or add a chat_template.jinja to its folder")
-    try:  # a broken template would otherwise fail at the first batch, after the weights loaded
-        probe = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]]
-        processor.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # jinja2 raises its own types
-        raise VLMError(f"the chat template of {model} does not render ({type(e).__name__}: {_first_line(e)}); fix "
-                       f"its chat_template.jinja or use the model's original files") from e
-    # transformers 4.56 renamed from_pretrained's torch_dtype to dtype (the old name warns, later goes).
-    dtype_kw = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
-    try:
-        net = AutoModelForImageTextToText.from_pretrained(where, config=config, trust_remote_code=trust,
-                                                          **{dtype_kw: torch_dtype})
-    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a foreign object: nothing ran
-        raise VLMError(unsafe_pickle_message(e, pickle_files(_snapshot_folder(where)), str(model))) from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if "Unrecognized configuration class" in str(e):
-            raise VLMError(f"{model} is not a vision-language model (its config is {type(config).__name__}); "
-                           f"pass an image-text-to-text model such as Qwen2-VL / LLaVA") from None
-        raise fail(e, "weights") from None
-    except Exception as e:
-        raise fail(e, "weights") from e
-    return VLM(name=str(model), processor=processor, model=net.to(device).eval())
-
-
-def _snapshot_folder(where: str) -> Optional[Path]:
-    """The folder holding the model's files: the local folder, or the hub id's cached snapshot."""
-    if Path(where).is_dir():
-        return Path(where)
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        cached = try_to_load_from_cache(where, "config.json")
-    except Exception:  # only used to name a file in an error message
-        return None
-    return Path(cached).parent if isinstance(cached, str) else None
-
-
-# ------------------------------------------------------------------------------------------------------- prompts
-
-MODALITY_NAMES = {"ct": "CT", "mri": "MRI"}
-PROMPT_FIELDS = ("plane", "modality", "position", "case")
-_ASK = ("Describe it concisely in radiology-report style (1-3 sentences): the anatomy visible and any abnormality, "
-        "mentioning the {plane} plane.")
-DEFAULT_PROMPTS = {
-    "*": "This is a {plane} {modality} slice at relative position {position} along the {plane} axis. " + _ASK,
-    "ct.*": "This is a {plane} CT slice (relative position {position}). Name the organs, bones and vessels "
-            "visible and any lesion, fluid or density abnormality. " + _ASK,
-    "mri.*": "This is a {plane} MRI slice (relative position {position}). Name the structures visible and any "
-             "signal abnormality or lesion. " + _ASK,
-}
-
-
-class _Position(float):
-    """Relative position that prints as ``0.42`` in ``{position}`` but still honours ``{position:.3f}``."""
-
-    def __format__(self, spec: str) -> str:
-        return float.__format__(self, spec or ".2f")
-
-    def __str__(self) -> str:
-        return format(self)
-
-
-_SAMPLE = {"plane": "axial", "modality": "CT", "position": _Position(0.5), "case": "case_0"}
-# a plain format spec: [[fill]align][sign][z][#][0][width][grouping][.precision][type], widths below 100
-_PLAIN_SPEC = re.compile(r"(?:[^{}]?[<>=^])?[-+ ]?z?#?0?\d{0,2}[,_]?(?:\.\d{1,2})?[bcdeEfFgGnosxX%]?\Z")
-_FIELDS_HINT = f"the fields are {', '.join('{' + f + '}' for f in PROMPT_FIELDS)}, optionally with a plain format " \
-               f"such as {{position:.3f}} (write {{{{ }}}} for braces)"
-
-
-@lru_cache(maxsize=256)
-def _template_problem(template: str) -> Optional[str]:
-    """Why ``template`` is not a safe prompt template (None if it is).
-
-    Only the documented fields, by plain name: ``str.format`` would otherwise follow attribute and index chains
-    (``{position.__format__.__globals__[os].environ}`` reads the process environment into a prompt).
-    """
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as e:
-        return f"bad template ({_first_line(e)})"
-    for _, field, spec, conversion in parsed:
-        if field is None:
-            continue
-        if field not in PROMPT_FIELDS:
-            shown = field if len(field) <= 40 else field[:37] + "..."
-            if field.split(".")[0].split("[")[0] in PROMPT_FIELDS:
-                return f"field {{{shown}}} uses attribute or index access, which is not allowed"
-            return f"unknown field {{{shown}}}"
-        if conversion not in (None, "s", "r", "a"):
-            return f"unknown conversion !{conversion} in {{{field}}}"
-        if spec and not _PLAIN_SPEC.match(spec):
-            return f"format spec {spec!r} of {{{field}}} is not a plain one (no nested fields, width below 100)"
-    try:
-        template.format(**_SAMPLE)
-    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
-        return f"bad template ({_first_line(e)})"
-    return None
-
-
-def _check_templates(prompts: dict, where: str) -> None:
-    for key, template in prompts.items():
-        if not isinstance(template, str):
-            raise VLMError(f"{where}: the template of {key!r} must be a string")
-        problem = _template_problem(template)
-        if problem:
-            raise VLMError(f"{where}: {problem} in the template of {key!r}; {_FIELDS_HINT}")
-
-
-def _check_key(key) -> bool:
-    if not isinstance(key, str) or key.count(".") > 1 or (key != "*" and "." not in key):
-        return False
-    if key == "*":
-        return True
-    modality, plane = key.split(".")
-    return modality in (*MODALITY_NAMES, "*") and plane in (*PLANES, "*")
-
-
-def load_prompts(path: Union[str, os.PathLike]) -> dict:
-    """Prompt templates from a JSON or YAML file, merged over :data:`DEFAULT_PROMPTS`.
-
-    Keys are ``"{modality}.{plane}"``, ``"{modality}.*"``, ``"*.{plane}"`` or ``"*"`` (modality ``ct``/``mri``);
-    values are ``str.format`` templates with fields ``{plane}``, ``{modality}``, ``{position}``, ``{case}`` by plain
-    name (no attribute or index access: it could read module globals), optionally with a plain format spec
-    (``{position:.3f}``).
-
-    Returns:
-        dict with a template for each ``"{modality}.{plane}"``: the file's most specific key for it, else the
-        default's (any key of the file beats every default key).
-
-    Raises:
-        VLMError: unreadable file, unknown key, non-string template, unknown field, attribute/index access or
-            a format spec that is not plain.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise VLMError(f"cannot read prompts file {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise VLMError(f"prompts file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except ImportError:
-        raise VLMError(f"reading the YAML prompts file {path} needs PyYAML: pip install pyyaml") from None
-    except Exception as e:  # json / yaml syntax errors have no common base class
-        raise VLMError(f"prompts file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
-                       f"{_first_line(e)}") from None
-    if not isinstance(data, dict):
-        raise VLMError(f"prompts file {path} must hold a mapping of keys like 'ct.axial' to templates")
-    for key, template in data.items():
-        if not _check_key(key):
-            raise VLMError(f"prompts file {path}: unknown key {key!r}; use 'ct.axial', 'mri.*', '*.coronal' or "
-                           f"'*' (modality ct/mri, plane axial/coronal/sagittal)")
-    _check_templates(data, f"prompts file {path}")
-    # Expanded to every modality.plane so that any user key beats every default one: a user "*.sagittal" must not
-    # be shadowed by the more specific default "ct.*".
-    merged = {}
-    for m in MODALITY_NAMES:
-        for p in PLANES:
-            mine = _lookup(data, m, p)
-            merged[f"{m}.{p}"] = mine if mine is not None else _lookup(DEFAULT_PROMPTS, m, p)
-    return merged
-
-
-def _lookup(prompts: dict, modality: str, plane: str) -> Optional[str]:
-    """The most specific template of ``prompts`` for ``modality``/``plane`` (``m.p``, ``m.*``, ``*.p``, ``*``)."""
-    for key in (f"{modality}.{plane}", f"{modality}.*", f"*.{plane}", "*"):
-        if key in prompts:
-            return prompts[key]
-    return None
-
-
-def prompt_for(prompts: Optional[dict], modality: str, plane: Union[str, int], **fields) -> str:
-    """The prompt for one slice: the most specific template of ``prompts`` filled in.
-
-    Args:
-        prompts: templates as from :func:`load_prompts` (None: :data:`DEFAULT_PROMPTS`).
-        modality: ``"ct"`` or ``"mri"``.
-        plane: plane name or id.
-        fields: ``position`` (float, printed as ``0.42``) and ``case``; a template using anything but the
-            plain fields of :data:`PROMPT_FIELDS` is refused.
-    """
-    prompts = DEFAULT_PROMPTS if prompts is None else prompts
-    mod = str(modality).strip().lower()
-    if mod not in MODALITY_NAMES:
-        raise VLMError(f"unknown modality {modality!r}: expected one of {sorted(MODALITY_NAMES)}")
-    name = PLANES[plane_id(plane)]
-    template = _lookup(prompts, mod, name)
-    if template is None:
-        raise VLMError(f"no prompt template for {mod}.{name} and no '*' fallback")
-    problem = _template_problem(template) if isinstance(template, str) else "not a string"
-    if problem:
-        raise VLMError(f"prompt template for {mod}.{name}: {problem}; {_FIELDS_HINT}")
-    if "position" in fields:
-        fields["position"] = _Position(fields["position"])
-    fields.setdefault("case", "")
-    return template.format(plane=name, modality=MODALITY_NAMES[mod], **fields)
 
 
 # ----------------------------------------------------------------------------------------------------- captioner
@@ -563,16 +231,12 @@ class SliceRenderer:
 
     def select(self, volume) -> list:
         """The selected slices of ``volume`` (:class:`~med3dinsight_plugin.slices.Slice`, without images)."""
-        from ..slices import volume_slices
-
         return list(volume_slices(volume, self.policy, self.settings, render=False))
 
     def render(self, volume, slices: Sequence) -> None:
         """Set the ``image`` of each of ``slices`` (selected from ``volume``), as ``volume_slices`` renders it."""
         if not slices:
             return  # no window either: for an MRI it takes percentiles over the whole volume
-        from ..slices import intensity_window
-
         data = volume.native(self.settings.channel)
         window = intensity_window(data, volume.modality, self.settings)
         for s in slices:
@@ -580,8 +244,6 @@ class SliceRenderer:
 
     def render_one(self, data: np.ndarray, spacing, window, s) -> np.ndarray:
         """The ``(size, size, 3)`` uint8 image of slice ``s`` of the native-unit array ``data``."""
-        from ..slices import extract_slice, render_slice
-
         return render_slice(*extract_slice(data, spacing, plane_id(s.plane), s.index), window, self.settings.size)
 
 
@@ -698,10 +360,6 @@ def caption_dataset(source, captioner: Captioner, out_path: Union[str, os.PathLi
             settings check to the merged file; :func:`hold_caption_lock`).
     """
     from tqdm.auto import tqdm
-
-    from ..distributed import init_distributed
-    from ..slices import RenderSettings, SlicePolicy
-    from .embed import caption_settings_for
 
     policy = policy or SlicePolicy()
     render = render or RenderSettings()

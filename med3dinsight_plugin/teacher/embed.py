@@ -37,6 +37,7 @@ from .cache import (
     write_manifest,
     write_shard,
 )
+from .captions import CaptionFile
 from .clip import TeacherError
 
 __all__ = ["MAX_FEATURE_MAP_SIZE", "EmbedResult", "embed_dataset", "caption_settings_for"]
@@ -75,8 +76,6 @@ def caption_settings_for(policy: SlicePolicy, render: RenderSettings) -> Dict[st
 
 
 def _load_captions(path: Path, policy: SlicePolicy, render: RenderSettings):
-    from .captions import CaptionFile
-
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"caption file {path} does not exist; run med3dinsight caption first (or embed without "

@@ -31,12 +31,14 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..crops import CropSource, split_crop_case
 from ..errors import Med3DInsightError, first_line, short_repr
 from ..fileio import sha256_file
 from ..planes import PLANES, plane_id
 from ..results import Result
 from ..slices import RenderSettings, SlicePolicy, body_mask, extract_slice, volume_slices
-from ..volumes import NIFTI_ENDINGS, VolumeError, _read_nifti, _read_sitk, _to_canonical, canonical_axes
+from ..volumes import NIFTI_ENDINGS, VolumeError, canonical_axes
+from ..volumes.image import _read_nifti, _read_sitk, _to_canonical
 from .captions import CaptionError, CaptionFile, caption_lock
 from .embed import caption_settings_for
 
@@ -519,7 +521,6 @@ def caption_from_labels(source, labels: PathLike, out: PathLike, policy: Optiona
     if render.channel >= channels:
         raise LabelCaptionError(f"{source.root} has {channels} channel(s) per case; channel {render.channel} does "
                                 f"not exist (--channel takes 0 to {channels - 1})")
-    from ..crops import CropSource, split_crop_case
 
     crops = source if isinstance(source, CropSource) else None  # crop cases: each labelled by its box of the volume
     files = _label_files(crops.source if crops else source, folder)

@@ -67,7 +67,7 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch
     target.write_bytes(b"previous")
     with pytest.raises(CheckpointError, match="JSON-serialisable"):
         save_pretrained(backbone, target, spacing=np.float32(1.0))
-    from med3dinsight_plugin import checkpoint as module
+    from med3dinsight_plugin.checkpoint import format as module  # where save_pretrained looks it up
 
     def broken(tensors, filename, metadata):
         Path(filename).write_bytes(b"half a file")

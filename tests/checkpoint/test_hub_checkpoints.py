@@ -296,7 +296,7 @@ def test_push_dry_run_writes_the_file_and_a_model_card(hub, tmp_path, capsys):
 
 def test_push_card_of_a_swin_unetr_says_how_to_build_it():
     from helpers import TINY_BACKBONES
-    from med3dinsight_plugin.hub import model_card
+    from med3dinsight_plugin.publish import model_card
 
     cfg = {k: v for k, v in TINY_BACKBONES["swin_unetr"].items() if k != "patch_size"}
     meta = {"backbone": {"name": "swin_unetr", "in_channels": 1, "network_kwargs": {"out_channels": 2, **cfg}},
@@ -334,7 +334,7 @@ def test_push_uploads_the_staged_folder_in_one_commit(hub, tmp_path, capsys, mon
     """Online push with HfApi's methods replaced by recorders: nothing can reach the network."""
     import huggingface_hub
 
-    from med3dinsight_plugin import hub as hub_module
+    from med3dinsight_plugin import publish
     from med3dinsight_plugin.cli import main
 
     calls = []
@@ -352,7 +352,7 @@ def test_push_uploads_the_staged_folder_in_one_commit(hub, tmp_path, capsys, mon
 
     for name in ("create_repo", "create_branch", "upload_folder"):
         monkeypatch.setattr(huggingface_hub.HfApi, name, record(name))
-    monkeypatch.setattr(hub_module, "hub_offline", lambda: False)
+    monkeypatch.setattr(publish, "hub_offline", lambda: False)  # where push looks it up
     source = save_pretrained(_tiny(3), tmp_path / "c.safetensors", **META)
     assert main(["push", str(source), "org/published", "--revision", "dev", "--private"]) == 0
     assert [c[0] for c in calls] == ["create_repo", "create_branch", "upload_folder"]
@@ -370,7 +370,7 @@ def test_push_uploads_the_staged_folder_in_one_commit(hub, tmp_path, capsys, mon
 
 
 def test_push_refuses_foreign_files_and_bad_targets(hub, tmp_path):
-    from med3dinsight_plugin.hub import push_checkpoint
+    from med3dinsight_plugin.publish import push_checkpoint
 
     foreign = tmp_path / "plain.pt"
     torch.save({"w": torch.zeros(2)}, foreign)
@@ -571,7 +571,7 @@ def test_push_card_states_the_spacing_the_metadata_records(hub, tmp_path, capsys
     """A checkpoint pretrained on crops resampled to 2 mm (data.target_spacing) is not described as 'not
     resampled'; nor is one pretrained on the volume view."""
     from med3dinsight_plugin.cli import main
-    from med3dinsight_plugin.hub import model_card
+    from med3dinsight_plugin.publish import model_card
 
     resampled = dict(META, data={**META["data"], "target_spacing": [2.0, 2.0, 2.0]},
                      pretraining={**META["pretraining"], "config": {"data": {"view": "crop", "spacing": "median",

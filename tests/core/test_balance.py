@@ -15,7 +15,7 @@ from helpers import (
 )
 from med3dinsight_plugin.balance import balanced_weights, encoder_parameters, term_gradient_norms
 from med3dinsight_plugin.errors import Med3DInsightError
-from med3dinsight_plugin.model import build_model
+from med3dinsight_plugin.pretrain import build_model
 
 
 def test_balanced_weights_known_answer():

@@ -15,9 +15,17 @@ from helpers import (
     tiny_pretrain_config,
     toy_overrides,
 )
-from med3dinsight_plugin.dense import DenseHead, crop_map_target, dense_loss, sample_slice_features, slice_grid
+from med3dinsight_plugin.dense import (
+    DenseHead,
+    crop_map_target,
+    dense_loss,
+    real_slice_points,
+    sample_slice_features,
+    slice_grid,
+)
 from med3dinsight_plugin.errors import Med3DInsightError
-from med3dinsight_plugin.model import SliceOutputs, build_model
+from med3dinsight_plugin.model import SliceOutputs
+from med3dinsight_plugin.pretrain import build_model
 from med3dinsight_plugin.pretrain.config import ConfigError
 
 
@@ -158,3 +166,16 @@ def test_dense_pretraining_logs_the_term_and_resumes_exactly(tmp_path, backbone)
     logged = [r for r in records if "dense" in r]
     assert len(logged) == 2 and all(r["dense"] > 0 and r["encoder_grad/dense"] > 0 for r in logged)
     assert final_weights(whole).metadata["alignment"]["dense"] == {"loss": "cosine", "channels": 6, "size": 4}
+
+
+def test_padding_slices_lose_their_points_whatever_the_mask_shape():
+    valid = torch.ones(2, 3, 4, 4, dtype=torch.bool)
+    valid[0, 0, 0, 0] = False
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    for m in (mask, mask.reshape(-1), mask.float()):  # the model's (B, K) and a flattened or float mask alike
+        out = real_slice_points(valid, m)
+        assert out.shape == valid.shape and out.dtype == torch.bool
+        assert not out[0, 1].any() and not out[1, 0].any()
+        assert out[0, 2].all() and out[1, 1].all() and out[1, 2].all()
+        assert not out[0, 0, 0, 0] and out[0, 0].sum() == 15
+    assert real_slice_points(valid, None) is valid and real_slice_points(None, mask) is None

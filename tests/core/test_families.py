@@ -14,15 +14,15 @@ from med3dinsight_plugin.backbones import (
     Backbone,
     BackboneFamily,
     backbone_family,
-    build_downstream_network,
-    family,
     family_of_network,
     list_families,
     network_of_backbone,
     network_spec,
     register_backbone,
+    registry,
 )
 from med3dinsight_plugin.checkpoint import load_checkpoint
+from med3dinsight_plugin.downstream import build_downstream_network
 from med3dinsight_plugin.export import ExportError, export_checkpoint
 
 FAMILIES = [f.name for f in list_families()]
@@ -134,7 +134,7 @@ TINY_NET = BackboneFamily(
 def tiny_net_registered(monkeypatch):
     from nnunet_trainers import networks, trainers
 
-    monkeypatch.setattr(family, "_FAMILIES", dict(family._FAMILIES))  # the registry is restored afterwards
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))  # the registry is restored afterwards
     register_backbone(TINY_NET)
     yield TINY_NET
     for module in (networks, trainers):  # classes made on first access for the family

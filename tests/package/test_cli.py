@@ -168,3 +168,44 @@ def test_nnunet_gets_its_own_device_name_and_gpu_n_through_the_environment():
     for bad in ("mps", "cuda:", "cpu:0", "cuda:x", "auto"):
         with pytest.raises(ValueError, match="not a device for nnU-Net"):
             nnunet_device(bad, {})
+
+
+def test_print_config_lists_every_key_with_its_default_and_meaning_as_a_valid_config(capsys, tmp_path, monkeypatch):
+    """``pretrain --print-config`` needs no data, cache or output, runs nothing, and prints YAML whose comments name
+    every key dotted with its help; read back with --config it is the defaults."""
+    from med3dinsight_plugin import cli, schema
+    from med3dinsight_plugin.pretrain.config import PretrainConfig, load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["pretrain", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    for entry in schema.entries(PretrainConfig):
+        assert f"# {entry.key}: {entry.rules.help}\n" in text, entry.key
+    assert "  # train.warmup_steps: linear warm-up steps" in text and "\n  warmup_steps: 500\n" in text
+    saved = tmp_path / "run.yaml"
+    saved.write_text(text)
+    assert load_config(saved).to_dict() == PretrainConfig().to_dict()
+
+
+def test_print_config_shows_the_values_of_config_set_and_the_shortcuts(capsys, tmp_path):
+    from med3dinsight_plugin import cli
+    from med3dinsight_plugin.pretrain.config import load_config
+
+    given = tmp_path / "given.yaml"
+    given.write_text("model:\n  psat: small\n  backbone_kwargs: {feature_size: 24}\ntrain:\n  lr: 3e-4\n")
+    overrides = ["train.warmup_steps=20", "model.patch_size=[64,64,64]", "model.backbone_kwargs.depths=[1,1,1,1]",
+                 "data.target_spacing=[1.5, 1, 1]", "output='runs/my run: 1'"]
+    assert cli.main(["pretrain", "--print-config", "--config", str(given), "--steps", "200", "--set",
+                     *overrides]) == 0
+    text = capsys.readouterr().out
+    for line in ("  steps: 200", "  lr: 0.0003", "  warmup_steps: 20", "  psat: small", "  patch_size: [64, 64, 64]",
+                 "  backbone_kwargs: {feature_size: 24, depths: [1, 1, 1, 1]}", "  target_spacing: [1.5, 1.0, 1.0]"):
+        assert f"\n{line}\n" in text, line
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(text)
+    expected = load_config(given, ["train.steps=200", *overrides])
+    assert load_config(printed).to_dict() == expected.to_dict()
+    assert expected.output == "runs/my run: 1"
+    assert cli.main(["pretrain", "--print-config", "--set", "train.stpes=3"]) == 2  # a bad key is still refused
+    assert "did you mean 'train.steps'?" in capsys.readouterr().err

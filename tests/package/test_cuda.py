@@ -24,7 +24,7 @@ from helpers import carries_pretrained, script, tiny_backbone, tiny_pretrain_bat
 from helpers import run_tool as run
 from med3dinsight_plugin import build_backbone, save_pretrained
 from med3dinsight_plugin.checkpoint import load_checkpoint
-from med3dinsight_plugin.pretrain.engine import build_model
+from med3dinsight_plugin.pretrain import build_model
 
 BIN = Path(sys.executable).parent
 REQUESTED = os.environ.get("MED3DINSIGHT_TEST_DEVICE", "").strip()

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from helpers import REPO_ROOT
+from med3dinsight_plugin import schema
 from med3dinsight_plugin.cli import build_parser
 from med3dinsight_plugin.pretrain.config import PretrainConfig, load_config
 
@@ -62,33 +63,55 @@ def test_pretraining_page_examples_load():
         values = yaml.safe_load(block)
         load_config(None, [f"{s}.{k}={v}" for s, keys in values.items() for k, v in keys.items()])
     for block in _blocks(PRETRAINING, "bash"):
-        command = block.replace("\\\n", " ")
-        if "--set" not in command or "..." in command:
-            continue
-        args = shlex.split(command.replace("$DATA", "data"))
-        parsed = build_parser().parse_args(args[1:])
-        load_config(None, parsed.set)
+        for command in block.replace("\\\n", " ").splitlines():
+            if "--set" not in command or "..." in command:
+                continue
+            args = shlex.split(command.replace("$DATA", "data"), comments=True)
+            args = args[:args.index(">")] if ">" in args else args  # the shell's redirection is not an argument
+            parsed = build_parser().parse_args(args[1:])
+            load_config(None, parsed.set)
 
 
-def test_pretraining_key_table_gives_the_defaults():
-    """Each row of "Every key" whose key cell names one key gives that key's default (none = null)."""
-    defaults = PretrainConfig().to_dict()
+def _cells(text: str) -> list:
+    """A table cell's comma-separated items (commas inside brackets or braces do not separate)."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return items + [current.strip()]
+
+
+def test_pretraining_key_table_gives_every_key_of_the_schema_and_its_default():
+    """The rows of "Every key" name every key the schema declares (a row may name several: `a.b`, `.c` is a.c) and
+    give each one's default (none = null; one default for all of a row's keys, or one per key)."""
+    defaults = {e.key: e.value for e in schema.entries(PretrainConfig) if e.rules.kind != "section"}
     section = PRETRAINING.read_text(encoding="utf-8").split("## Every key", 1)[1].split("\n## ", 1)[0]
-    checked = 0
-    for key, default in re.findall(r"^\| `([\w.]+)` \| ([^|]+) \|", section, re.M):
-        value = defaults
-        for part in key.split("."):
-            value = value[part]
-        text = default.strip().strip("`")
+    documented = {}
+    for names, default in re.findall(r"^\| (`[^|]+) \| ([^|]+) \|", section, re.M):
+        keys = []
+        for key in re.findall(r"`([\w.]+)`", names):
+            keys.append(keys[-1].rsplit(".", 1)[0] + key if key.startswith(".") else key)
+        texts = _cells(default)
+        texts = texts * len(keys) if len(texts) == 1 else texts
+        assert len(texts) == len(keys), f"docs/pretraining.md: the row of {names} gives {default.strip()}"
+        documented.update(zip(keys, texts))
+    assert sorted(documented) == sorted(defaults), "docs/pretraining.md's key table and the schema differ: " \
+        f"{sorted(set(documented) ^ set(defaults))}"
+    for key, text in documented.items():
+        text = text.strip("`")
         expected = None if text == "none" else {"true": True, "false": False}.get(text, text)
         if isinstance(expected, str):
             try:
                 expected = ast.literal_eval(expected)
             except (ValueError, SyntaxError):
                 pass
-        assert value == expected, f"docs/pretraining.md says {key} defaults to {text}, the code has {value!r}"
-        checked += 1
-    assert checked >= 20
+        assert defaults[key] == expected, f"docs/pretraining.md says {key} defaults to {text}, the code has " \
+                                          f"{defaults[key]!r}"
 
 
 def test_what_the_pretraining_page_says_of_a_repeated_set():

@@ -361,7 +361,7 @@ def test_a_state_saved_with_one_parameter_group_resumes_with_the_temperature_in_
     # the warm-up went on for both groups (saved at 3/4 of the peak lr, next step at the peak)
     assert groups[0]["lr"] == groups[1]["lr"] == pytest.approx(config.train.lr * lr_factor(4, config.train))
     assert lr_factor(4, config.train) == 1.0
-    assert len(state["scheduler"]["base_lrs"]) == 2
+    assert len(state["scheduler"]["_last_lr"]) == 2  # the schedule drives both groups
     steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
     assert steps == {4}  # every parameter's moments were carried over from the 2 saved steps
 

@@ -471,7 +471,7 @@ def test_run_pretraining_joins_once_and_trains_in_the_same_context(ct, tmp_path,
     real_pretrain = engine.pretrain
     monkeypatch.setattr(run, "init_distributed", init_spy)
     monkeypatch.setattr(engine, "init_distributed", init_spy)
-    monkeypatch.setattr(engine, "pretrain", pretrain_spy)
+    monkeypatch.setattr(run, "pretrain", pretrain_spy)  # where run_pretraining looks it up
     config = load_config(None, [*FAST_PRETRAIN, f"output={tmp_path / 'run'}", f"data.source={ct / 'vols'}",
                                 f"data.cache={ct / 'cache'}"])
     assert run_pretraining(config, progress=False).steps == 2
