@@ -40,7 +40,8 @@ def worker(args):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = PretrainConfig.from_dict({
-        "model": {"backbone": args.backbone, "patch_size": [args.patch] * 3, "psat": "small"},
+        "model": {"backbone": args.backbone, "patch_size": [args.patch] * 3, "psat": "small",  # the paper's loss
+                  "loss_weights": {"image": 1.0, "text": 1.0}, "loss_balance": {"dense": None}},
         "data": {"num_workers": 1},
         "train": {"steps": args.steps, "batch_size": args.global_batch // world, "log_every": 2, "warmup_steps": 1,
                   "checkpoint_every": 0, "eval_every": 0},

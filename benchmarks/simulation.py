@@ -296,6 +296,13 @@ def build_teacher_cache(out: Path, folders: Dict[str, Path], protocol: Dict[str,
 
 # ------------------------------------------------------------------------------------------------- pretraining
 
+# The loss every variant starts from: the package's defaults when these protocols were fixed (the paper's image and
+# text alignment, no dense distillation); the package's defaults have changed since (dense distillation), these runs
+# stay what they were.
+PAPER_LOSS = {"loss_weights": {"image": 1.0, "text": 1.0, "reconstruction": 1.0, "dense": 0.0},
+              "loss_balance": {"image": None, "text": None, "dense": None}}
+
+
 def pretrain_variants(out: Path, folders: Dict[str, Path], cache: Path, protocol: Dict[str, Any], log=print,
                       crops=None, crops_cache=None):
     """One pretraining run per variant; returns ``{variant: (checkpoint, last evaluation record)}``. Variants with
@@ -318,7 +325,7 @@ def pretrain_variants(out: Path, folders: Dict[str, Path], cache: Path, protocol
                      "seed": p["seed"], "view": variant.get("view", "crop"),
                      "spacing": "native"},  # as when the protocols were fixed (each subject keeps its spacing)
             "model": {"backbone": "plain_conv_unet", "backbone_kwargs": protocol["backbone_kwargs"],
-                      "patch_size": list(patch), **model},
+                      "patch_size": list(patch), **PAPER_LOSS, **model},
             "train": {"steps": p["steps"], "batch_size": p["batch_size"], "lr": p["lr"],
                       "warmup_steps": p["warmup_steps"], "seed": p["seed"], "amp": "off", "device": "cpu",
                       "checkpoint_every": 0, "eval_every": 0, "log_every": max(1, p["steps"] // 10)},

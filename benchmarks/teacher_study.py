@@ -185,10 +185,13 @@ def pretrain_arm(out: Path, arm: str, seed: int, caches: Dict[str, Path], folder
     run = out / "pretrain" / f"{arm}_seed{seed}"
     if sim._finished(run, p["steps"]):
         return run / "med3dinsight.safetensors"
-    weights, balance = dict(spec["loss_weights"]), {}
+    # every weight and balance set here, as when the protocol ran (the package's defaults have changed since: dense
+    # distillation balanced to 0.5 is the default now)
+    weights = {"image": 1.0, "text": 1.0, "reconstruction": 1.0, "dense": 0.0, **spec["loss_weights"]}
+    balance = {"image": None, "text": None, "dense": None}
     if spec["balance"]:
         if seed == protocol["balance_seed"]:
-            balance = dict(spec["balance"])
+            balance.update(spec["balance"])
         else:
             weights.update({k: v for k, v in balanced_weights_of(
                 out / "pretrain" / f"{arm}_seed{protocol['balance_seed']}").items() if k in spec["balance"]})

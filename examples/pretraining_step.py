@@ -22,8 +22,12 @@ def main():
 
     # The model section of a pretraining configuration (the same keys as a run's YAML), built as pretraining builds
     # it, with the weights drawn from train.seed:
+    # The paper's recipe (image + text alignment; the package's default is dense distillation, which needs the
+    # teacher's feature maps: docs/pretraining.md):
     config = PretrainConfig.from_dict({"model": {"backbone": args.backbone, "patch_size": [args.patch] * 3,
-                                                 "psat": "small", "alignment": args.alignment},
+                                                 "psat": "small", "alignment": args.alignment,
+                                                 "loss_weights": {"image": 1.0, "text": 1.0},
+                                                 "loss_balance": {"dense": None}},
                                        "train": {"seed": 0}})
     model = build_model(config, embed_dim=512)  # 512: the teacher's embedding width (BiomedCLIP's)
     # 1. model.backbone: the real downstream network, wrapped to give bottleneck tokens and a reconstruction.

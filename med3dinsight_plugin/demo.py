@@ -148,7 +148,8 @@ def run_demo(out, device: str = "cpu", steps: int = 12, cases: int = 6) -> Dict[
     t = _step("4/7 embed (embed_dataset: the teacher cache) + verify_cache")
     cache = out / "teacher_cache"
     teacher = ClipTeacher(str(clip), device=device, precision="bf16" if device.startswith("cuda") else "fp32")
-    embed_dataset(source, cache, teacher, policy, RenderSettings(size=224), captions=str(captions))
+    # feature maps for the default recipe (dense distillation); the captions serve the paper's recipe
+    embed_dataset(source, cache, teacher, policy, RenderSettings(size=224), captions=str(captions), feature_maps=7)
     problems = verify_cache(cache)
     if problems:
         raise Med3DInsightError(f"the teacher cache {cache} has {len(problems)} problem(s): {problems[0]}")

@@ -20,7 +20,7 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 def summarize(name: str, patch_size: Sequence[int] = (64, 64, 64), batch: int = 2, slices: int = 4,
               device: str = "cpu", seed: int = 0, psat: str = "paper", **network_kwargs) -> Dict[str, Any]:
-    """Build ``name`` with a PSAT preset and the default loss (:func:`~med3dinsight_plugin.pretrain.build_model`, as
+    """Build ``name`` with a PSAT preset and the paper's alignment loss (image and text; ``build_model``, as
     pretraining does); run one forward pass on random volumes and teacher embeddings.
 
     Args:
@@ -51,8 +51,11 @@ def summarize(name: str, patch_size: Sequence[int] = (64, 64, 64), batch: int = 
     device = str(resolve_device(str(device), option="device"))
     if name not in list_backbones():  # said as the backbone registry says it, not as a configuration key
         raise Med3DInsightError(f"unknown backbone {name!r}: expected one of {list_backbones()}")
+    # the paper's loss (PSAT's image and text alignment): what PSAT's size and the forward pass are measured with
     config = PretrainConfig.from_dict({"model": {"backbone": name, "patch_size": list(patch_size), "psat": psat,
-                                                 "backbone_kwargs": dict(network_kwargs)},
+                                                 "backbone_kwargs": dict(network_kwargs),
+                                                 "loss_weights": {"image": 1.0, "text": 1.0},
+                                                 "loss_balance": {"dense": None}},
                                        "train": {"seed": seed}}, source="summarize()")
     model = build_model(config).to(device).eval()
     backbone, transformer = model.backbone, model.psat

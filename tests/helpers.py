@@ -16,7 +16,11 @@ EMBED = 16  # teacher embedding width of the toy pretraining data
 
 # `med3dinsight pretrain --set` overrides for a tiny real model on 16^3 crops: a step takes well under a second on a
 # CPU (tests that pretrain on real files through the CLI)
-FAST_PRETRAIN = ["model.backbone=plain_conv_unet", "model.backbone_kwargs={base_features: 4, max_features: 16}",
+# The paper's recipe (global image + text alignment, no dense distillation): what most tests exercise, on caches
+# without feature maps; the default recipe (dense distillation) has tests of its own.
+PAPER_RECIPE = ["model.loss_weights.image=1", "model.loss_weights.text=1", "model.loss_balance.dense=null"]
+FAST_PRETRAIN = [*PAPER_RECIPE,
+                 "model.backbone=plain_conv_unet", "model.backbone_kwargs={base_features: 4, max_features: 16}",
                  "model.patch_size=[16,16,16]", "model.psat=small",
                  "model.psat_kwargs={width: 32, depth: 1, heads: 4, num_queries: 6, num_slice_bins: 16}",
                  "train.steps=2", "train.batch_size=1", "data.num_workers=0", "data.eval_cases=0"]
@@ -113,7 +117,8 @@ def tiny_pretrain_config(backbone: str, patch_size=None, alignment: str = "ot", 
     kwargs = {k: v for k, v in TINY_BACKBONES[backbone].items() if k != "patch_size"}
     psat = {k: v for k, v in tiny_psat_kwargs(1).items() if k not in ("in_dim", "out_dim")}
     model = {"backbone": backbone, "backbone_kwargs": kwargs, "psat": "small", "psat_kwargs": psat,
-             "patch_size": list(patch_size or TINY_BACKBONES[backbone]["patch_size"]), "alignment": alignment}
+             "patch_size": list(patch_size or TINY_BACKBONES[backbone]["patch_size"]), "alignment": alignment,
+             "loss_weights": {"image": 1.0, "text": 1.0}, "loss_balance": {"dense": None}}  # the paper's recipe
     train = {"seed": seed, **sections.pop("train", {})}
     return PretrainConfig.from_dict({"model": model, "train": train, **sections})
 
@@ -149,7 +154,7 @@ def toy_overrides(output, backbone="plain_conv_unet", **train):
                 "train.steps": 6, "train.batch_size": 2, "train.lr": 1e-3, "train.warmup_steps": 2,
                 "train.log_every": 1, "train.checkpoint_every": 2, "train.eval_every": 3}
     settings.update({k if "." in k else f"train.{k}": v for k, v in train.items()})
-    return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+    return [*PAPER_RECIPE, *(f"{k}={json.dumps(v)}" for k, v in settings.items())]
 
 
 def run_in_process(overrides, eval_cases=4, maps=None, **kwargs):

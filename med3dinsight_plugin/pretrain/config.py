@@ -81,8 +81,10 @@ class DataConfig:
 @dataclass
 class LossWeights:
     """``model.loss_weights:`` weight of each loss term (0 skips it)."""
-    image: float = setting(1.0, "weight of the slice-image alignment term (0 skips it)", kind="float", min=0.0)
-    text: float = setting(1.0, "weight of the caption-text alignment term (0 skips it)", kind="float", min=0.0)
+    image: float = setting(0.0, "weight of the paper's slice-image alignment term (0 skips it; 0 by default: it did "
+                                "not help in docs/simulation.md's teacher protocol)", kind="float", min=0.0)
+    text: float = setting(0.0, "weight of the paper's caption-text alignment term (0 skips it; 0 by default: it did "
+                               "not help in docs/simulation.md's teacher protocol)", kind="float", min=0.0)
     reconstruction: float = setting(1.0, "weight of the reconstruction term (0 skips it)", kind="float", min=0.0)
     dense: float = setting(0.0, "weight of dense distillation (med3dinsight_plugin.dense; needs a cache embedded "
                                 "with --feature-maps; 0 skips it)", kind="float", min=0.0)
@@ -98,9 +100,10 @@ class LossBalance:
     text: Optional[float] = setting(None, "text term's encoder gradient norm as a multiple of reconstruction's, set "
                                           "at step 0 (null: loss_weights.text)", kind="float", above=0.0,
                                     nullable=True)
-    dense: Optional[float] = setting(None, "dense term's encoder gradient norm as a multiple of reconstruction's, "
-                                           "set at step 0 (null: loss_weights.dense)", kind="float", above=0.0,
-                                     nullable=True)
+    dense: Optional[float] = setting(0.5, "dense term's encoder gradient norm as a multiple of reconstruction's, "
+                                          "set at step 0 (null: loss_weights.dense); 0.5 by default, the recipe "
+                                          "that helped in docs/simulation.md's teacher protocol", kind="float",
+                                     above=0.0, nullable=True)
 
 
 @dataclass

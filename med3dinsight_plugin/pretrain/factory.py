@@ -52,9 +52,11 @@ def build_model(config: PretrainConfig, embed_dim: int = 512, text_dim: Optional
     dense_head = None
     if dense_on:
         if map_shape is None:
-            raise ConfigError("dense distillation (model.loss_weights.dense / model.loss_balance.dense) needs a "
-                              "teacher cache with feature maps: rerun med3dinsight embed with --feature-maps S (and a "
-                              "timm image teacher) into a new folder, or set the dense weight to 0")
+            raise ConfigError("dense distillation (model.loss_balance.dense, on by default, or "
+                              "model.loss_weights.dense) needs a teacher cache with feature maps: rerun med3dinsight "
+                              "embed with --feature-maps 7 into a new folder, or train the paper's recipe instead: "
+                              "--set model.loss_balance.dense=null --set model.loss_weights.image=1 --set "
+                              "model.loss_weights.text=1")
         channels, size, _ = (int(v) for v in map_shape)
         dense_head = DenseHead(backbone.token_dim, channels, size)
     loss = Med3DInsightLoss(m.alignment, embed_dim=embed_dim, image_weight=w.image, text_weight=w.text,

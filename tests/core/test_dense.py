@@ -25,7 +25,7 @@ from med3dinsight_plugin.dense import (
 )
 from med3dinsight_plugin.errors import Med3DInsightError
 from med3dinsight_plugin.model import SliceOutputs
-from med3dinsight_plugin.pretrain import build_model
+from med3dinsight_plugin.pretrain import PretrainConfig, build_model
 from med3dinsight_plugin.pretrain.config import ConfigError
 
 
@@ -136,13 +136,29 @@ def test_dense_distillation_reaches_the_encoder_of_every_family(backbone):
     assert float(norms["dense"]) > 0
 
 
-def test_dense_needs_teacher_maps_and_is_off_by_default():
-    config = tiny_pretrain_config("plain_conv_unet")
+def test_dense_needs_teacher_maps_and_is_off_in_the_papers_recipe():
+    config = tiny_pretrain_config("plain_conv_unet")  # the paper's recipe
     model = build_model(config, EMBED, map_shape=(5, 3, 3))
     assert model.dense_head is None and model.loss.weights["dense"] == 0.0
     config.model.loss_weights.dense = 0.5
     with pytest.raises(ConfigError, match="--feature-maps"):
         build_model(config, EMBED)
+
+
+def test_the_default_recipe_is_reconstruction_plus_dense_distillation():
+    """What the teacher protocol found to help (docs/simulation.md) is the default: dense distillation balanced to
+    half of reconstruction's encoder gradient, the paper's global image/text alignment off."""
+    defaults = PretrainConfig().model
+    assert (defaults.loss_weights.image, defaults.loss_weights.text, defaults.loss_weights.reconstruction) == (0, 0, 1)
+    assert defaults.loss_balance.dense == 0.5 and defaults.loss_balance.image is None
+    config = tiny_pretrain_config("plain_conv_unet")
+    config.model.loss_weights = type(defaults.loss_weights)()
+    config.model.loss_balance = type(defaults.loss_balance)()
+    model = build_model(config, EMBED, map_shape=(5, 3, 3))
+    assert model.dense_head is not None
+    assert model.loss.weights["image"] == 0.0 and model.loss.weights["text"] == 0.0
+    with pytest.raises(ConfigError, match="--feature-maps 7.*model.loss_balance.dense=null"):
+        build_model(config, EMBED)  # a cache without maps: one line with both ways out
 
 
 @pytest.mark.slow

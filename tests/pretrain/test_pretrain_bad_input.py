@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import ct_like, ct_world, write_nifti
+from helpers import PAPER_RECIPE, ct_like, ct_world, write_nifti
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.teacher.tiny import save_tiny_open_clip
 
 COMMON = ["model.patch_size=[32,32,32]", "model.psat=small", "train.steps=1", "data.num_workers=0",
           "data.eval_cases=0"]
-TINY = ["--set", "model.backbone=plain_conv_unet", "model.backbone_kwargs={base_features: 4, max_features: 16}",
+TINY = ["--set", *PAPER_RECIPE,
+        "model.backbone=plain_conv_unet", "model.backbone_kwargs={base_features: 4, max_features: 16}",
         *COMMON]
 
 

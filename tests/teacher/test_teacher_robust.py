@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ct_like, ct_world
+from helpers import PAPER_RECIPE, ct_like, ct_world
 from med3dinsight_plugin.cli import main
 from med3dinsight_plugin.slices import RenderSettings, SlicePolicy, dataset_slices
 from med3dinsight_plugin.teacher.cache import (
@@ -35,7 +35,8 @@ from med3dinsight_plugin.volumes import VolumeError, open_source
 
 COMMON = ["model.patch_size=[32,32,32]", "model.psat=small", "train.steps=1", "data.num_workers=0",
           "data.eval_cases=0"]
-TINY = ["--set", "model.backbone=plain_conv_unet", "model.backbone_kwargs={base_features: 4, max_features: 16}",
+TINY = ["--set", *PAPER_RECIPE,
+        "model.backbone=plain_conv_unet", "model.backbone_kwargs={base_features: 4, max_features: 16}",
         *COMMON]
 SHARD = "shard-00000.safetensors"
 
