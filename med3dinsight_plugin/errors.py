@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CheckpointError", "Med3DInsightError", "first_line", "short_repr"]
+__all__ = ["CheckpointError", "Med3DInsightError", "cut", "first_line", "short_repr"]
 
 
 class Med3DInsightError(ValueError):
@@ -62,5 +62,10 @@ def short_repr(value: Any, limit: int = 80) -> str:
         return emit(repr(v))
 
     walk(value)
-    text = "".join(out)
+    return cut("".join(out), limit)
+
+
+def cut(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (``...`` marking the cut), for one-line messages."""
+    text = str(text)
     return text if len(text) <= limit else text[:limit - 3] + "..."

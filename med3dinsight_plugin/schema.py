@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Mapping, NamedTuple, NoReturn, Optional, Tuple, Type
 
-from .errors import short_repr
+from .errors import cut, short_repr
 
 __all__ = ["ABSENT", "REQUIRED", "Entry", "Rules", "Source", "check", "check_fields", "cut", "describe", "entries",
            "keys", "merge", "rule", "rules_of", "setting", "suggest"]
@@ -149,12 +149,6 @@ class Source:
         """Raise ``error``: ``key`` must be ``expected`` and is ``value`` (or missing)."""
         got = "it is missing" if value is ABSENT else f"got {short_repr(value, self.value_limit)}"
         raise self.error(self.template.format(key=self.show(key), source=self.name, expected=expected, got=got))
-
-
-def cut(text: str, limit: int = 80) -> str:
-    """``text`` cut to ``limit`` characters (``...`` marking the cut), for one-line messages."""
-    text = str(text)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ------------------------------------------------------------------------------------------------------ checking

@@ -18,7 +18,7 @@ import yaml
 
 from .. import schema
 from ..backbones import backbone_family, list_backbones
-from ..errors import Med3DInsightError, short_repr
+from ..errors import Med3DInsightError, cut, short_repr
 from ..fileio import atomic_write, diff_keys
 from ..psat import PSAT_PRESETS
 from ..schema import setting
@@ -232,7 +232,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE (e.g. train.lr=3e-4), got {short_repr(item)}")
         try:
-            value = _load_yaml(text, f"--set {_show_key(key)}") if text.strip() else None
+            value = _load_yaml(text, f"--set {cut(key)}") if text.strip() else None
         except yaml.YAMLError:
             value = text  # let the type check say what is wrong
         nested: Any = value
@@ -282,15 +282,10 @@ def _load_yaml(text: str, where: str) -> Any:
                           f"sections (data, model, train) of plain values") from None
     except _AliasFound as e:
         line = f" line {e.mark.line + 1}" if e.mark is not None else ""
-        raise ConfigError(f"{where}{line} uses the YAML alias *{_show_key(str(e.anchor), 40)}; aliases and anchors "
+        raise ConfigError(f"{where}{line} uses the YAML alias *{cut(str(e.anchor), 40)}; aliases and anchors "
                           f"are not supported in configurations: write the value out") from None
     finally:
         loader.dispose()
-
-
-def _show_key(key: str, limit: int = 80) -> str:
-    """A key as written, cut to ``limit`` characters for one-line messages."""
-    return schema.cut(key, limit)
 
 
 # Backbones whose builder forwards **kwargs to a network class: where its constructor's arguments come from.
@@ -335,7 +330,7 @@ def check_backbone_kwargs(model: "ModelConfig") -> None:
     """
     accepted = backbone_arguments(model.backbone)
     for key, value in model.backbone_kwargs.items():
-        where = f"model.backbone_kwargs.{_show_key(key, 60)}"
+        where = f"model.backbone_kwargs.{cut(key, 60)}"
         if key in _SET_ELSEWHERE:
             raise ConfigError(f"{where} cannot be set there; set {_SET_ELSEWHERE[key]} instead")
         if accepted is None:

@@ -38,7 +38,7 @@ from ..ot import NonFiniteCostError
 from ..results import Result
 from .config import ConfigError, PretrainConfig, TrainConfig, save_config
 from .diagnostics import MetricsLog, evaluate, plot_metrics
-from .optim import SCHEDULE_WARNINGS, _optimizer, _regrouped, lr_factor, lr_scheduler, warmup_note
+from .optim import _optimizer, _regrouped, advance_schedule, lr_factor, lr_scheduler, warmup_note
 from .state import STATE_FORMAT, _seed_all, _set_rng, _States
 from .steps import (
     NonFiniteError,
@@ -415,10 +415,7 @@ def _train_step(run: _RunContext, batch: Dict[str, torch.Tensor]
     scaler.update()
     _after_optimizer_step(run)
     lr = run.lr()
-    with warnings.catch_warnings():  # fp16: a step the scaler skipped is still a step of the schedule
-        for message in SCHEDULE_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=UserWarning)
-        run.scheduler.step()
+    advance_schedule(run.scheduler)  # fp16: a step the scaler skipped is still a step of the schedule
     run.step += 1
     return losses, grad_norm, lr
 

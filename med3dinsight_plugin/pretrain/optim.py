@@ -87,12 +87,19 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, step: int
     if warmup > 0:  # (k+1)/warmup: linear from 1/warmup at step 0 to 1 at step warmup-1
         ramp = LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
         scheduler = SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
+    advance_schedule(scheduler, step)
+    return scheduler
+
+
+def advance_schedule(scheduler: LRScheduler, steps: int = 1) -> None:
+    """Step ``scheduler`` ``steps`` times without torch's warnings about a schedule stepped without an optimizer step
+    (a resumed run catching up; an fp16 step the loss scaler skipped is still a step of the schedule) or about
+    SequentialLR's switch (:data:`SCHEDULE_WARNINGS`)."""
     with warnings.catch_warnings():
         for message in SCHEDULE_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
-        for _ in range(step):
+        for _ in range(steps):
             scheduler.step()
-    return scheduler
 
 
 class _PolynomialLR(PolynomialLR):

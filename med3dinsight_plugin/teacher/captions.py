@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
-from ..errors import Med3DInsightError
+from ..errors import Med3DInsightError, cut
 from ..fileio import atomic_write, atomic_write_text, diff_keys
 from ..planes import PLANES
 from ..runlock import RunLock
@@ -94,8 +94,7 @@ def _dotted(d: dict, key: str):
 
 
 def _short(value, n: int = 60) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= n else text[: n - 3] + "..."
+    return cut(json.dumps(value, sort_keys=True), n)
 
 
 class CaptionFile:
